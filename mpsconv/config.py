@@ -1,0 +1,43 @@
+"""Named knobs: an environment default plus a context-manager override.
+
+``MPSCONV_BACKEND``  ``auto`` (default), ``reference`` or ``torch``: which backend computes.
+``MPSCONV_DEVICE``   ``cpu``, ``cuda`` or ``cuda:N``: the default ``MTLDevice``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+_BACKENDS = ("auto", "reference", "torch")
+_local = threading.local()
+
+
+def _check_backend(name: str) -> str:
+    if name not in _BACKENDS:
+        raise ValueError(f"MPSCONV_BACKEND={name!r} is not a backend; use one of {', '.join(_BACKENDS)}")
+    return name
+
+
+def backend() -> str:
+    """The backend forced by ``use_backend`` or ``MPSCONV_BACKEND``; ``auto`` lets dispatch choose."""
+    forced = getattr(_local, "backend", None)
+    if forced is not None:
+        return forced
+    return _check_backend(os.environ.get("MPSCONV_BACKEND", "auto").strip().lower() or "auto")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend for the encodes made inside the block (on this thread)."""
+    previous = getattr(_local, "backend", None)
+    _local.backend = _check_backend(name)
+    try:
+        yield
+    finally:
+        _local.backend = previous
+
+
+def device_override() -> str | None:
+    value = os.environ.get("MPSCONV_DEVICE", "").strip().lower()
+    return value or None

@@ -1,0 +1,343 @@
+"""Pure integer geometry: from a kernel's properties and its images to one frozen ``ConvProblem``.
+
+Nothing here touches a tensor (no torch, no numpy). Public classes collect property values and
+image shapes, call ``resolve_forward`` once per encode, and hand the resulting ``ConvProblem`` to a
+backend; backends never re-derive sizes, pads or channel ranges.
+
+Conventions (spec ``kernel-image.md`` §0, §2.4, §3.2): internal tuples are ``(y, x)``; ``Kd`` is the
+dilated window extent ``(k - 1)·d + 1``; arithmetic that can see a negative numerator uses
+``tdiv`` (C division, truncating toward zero), never Python's ``//``.
+
+Window placement. For destination pixel ``(X, Y)`` of the clip region, ``u = X - clip.x``,
+``v = Y - clip.y``; its window centre in the source is ``offset + (u·sX, v·sY)`` and tap ``p``
+reads column ``offset.x + u·sX - (KdX >> 1) + p·dX``. So every output pixel's first tap is the
+clip region's first tap (``tap0``) plus ``u·sX``: the whole forward problem is a strided
+cross-correlation of the source, read through the edge mode, starting at ``tap0``.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .errors import MPSValueError
+
+
+def tdiv(a: int, b: int) -> int:
+    """C integer division: truncates toward zero (``tdiv(-1, 2) == 0``, ``tdiv(-3, 2) == -1``)."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b > 0) else -q
+
+
+def dilated_extent(k: int, d: int) -> int:
+    """``Kd = (k - 1)·d + 1``: the source pixels one window spans."""
+    return (k - 1) * d + 1
+
+
+class MPSNNPaddingMethod(enum.IntFlag):
+    """``MPSNNPaddingMethod``: how the allocating encodes size the destination and place ``offset``.
+
+    Three fields of bits (alignment, remainder, size) plus flags; raw values are Apple's. Value 0 in
+    a field is a real choice (``alignCentered``, ``addRemainderToTopLeft``, ``sizeValidOnly``).
+    """
+
+    alignCentered = 0
+    alignTopLeft = 1
+    alignBottomRight = 2
+    align_reserved = 3
+    alignMask = 3
+    addRemainderToTopLeft = 0
+    addRemainderToTopRight = 4
+    addRemainderToBottomLeft = 8
+    addRemainderToBottomRight = 12
+    addRemainderToMask = 12
+    sizeValidOnly = 0
+    sizeSame = 16
+    sizeFull = 32
+    size_reserved = 48
+    sizeMask = 0x7F0
+    customWhitelistForNodeFusion = 1 << 13
+    customAllowForNodeFusion = 1 << 13
+    custom = 1 << 14
+    excludeEdges = 1 << 15
+
+    # Swift spellings of the zero-valued members.
+    centered = 0
+    topLeft = 0
+    validOnly = 0
+
+
+#: size style per axis: -1 valid only, 0 same, +1 full
+_STYLE = {0: -1, 16: 0, 32: 1}
+
+
+def dest_size(n: int, s: int, k: int, style: int) -> int:
+    """``DestSize`` for forward kernels: ``tdiv(n + style·(K - 1) + s - 1, s)``."""
+    return tdiv(n + style * (k - 1) + s - 1, s)
+
+
+def dest_size_reverse(n: int, s: int, k: int, style: int) -> int:
+    """``DestSizeReverse`` for backwards kernels: ``(n - 1)·s + 1 + style·(K - 1)``."""
+    return (n - 1) * s + 1 + style * (k - 1)
+
+
+def padding_offset(n: int, s: int, k: int, style: int, alignment: int, rem_left: int) -> int:
+    """The ``offset`` (window centre of destination pixel 0) the padding policy chooses on one axis."""
+    d = dest_size(n, s, k, style)
+    extra = (d - 1) * s + k - n  # pixels missing (> 0) or unused (< 0)
+    if alignment == MPSNNPaddingMethod.alignTopLeft:
+        left = extra
+    elif alignment == MPSNNPaddingMethod.alignBottomRight:
+        left = 0
+    else:
+        left = tdiv(extra + rem_left, 2)
+    return (k >> 1) - left
+
+
+@dataclass(frozen=True)
+class PaddingRule:
+    """A decoded ``MPSNNPaddingMethod``."""
+
+    alignment: int
+    style: int  # -1 valid only, 0 same, +1 full
+    rem_left_x: int
+    rem_top_y: int
+    custom: bool
+
+
+def decode_padding_method(method: int, owner: str) -> PaddingRule:
+    """Split the bit field; reserved alignment or size values are errors (spec §2.8 rule 9)."""
+    method = int(method)
+    alignment = method & 3
+    if alignment == 3:
+        raise MPSValueError(
+            f"{owner}: paddingMethod=0x{method:X} uses align_reserved (3); "
+            "use alignCentered, alignTopLeft or alignBottomRight"
+        )
+    size_bits = method & 0x30
+    if size_bits == 0x30:
+        raise MPSValueError(
+            f"{owner}: paddingMethod=0x{method:X} uses size_reserved (48); use sizeValidOnly, sizeSame or sizeFull"
+        )
+    remainder = method & 12
+    return PaddingRule(
+        alignment=alignment,
+        style=_STYLE[size_bits],
+        rem_left_x=0 if remainder & 4 else 1,
+        rem_top_y=0 if remainder & 8 else 1,
+        custom=bool(method & MPSNNPaddingMethod.custom),
+    )
+
+
+def allocate_forward(
+    src_hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+    rule: PaddingRule, owner: str,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Destination size ``(H, W)`` and ``offset`` ``(y, x)`` a forward kernel's padding policy gives."""
+    sizes, offsets = [], []
+    for axis, rem in ((0, rule.rem_top_y), (1, rule.rem_left_x)):
+        n, s = src_hw[axis], stride[axis]
+        kd = dilated_extent(kernel[axis], dilation[axis])
+        d = dest_size(n, s, kd, rule.style)
+        if d < 1:
+            name = "height" if axis == 0 else "width"
+            raise MPSValueError(
+                f"{owner}: the padding policy gives destination {name} {d} for source {name} {n}, "
+                f"window {kd}, stride {s}; it must be >= 1 (use a larger source or sizeSame/sizeFull)"
+            )
+        sizes.append(d)
+        offsets.append(padding_offset(n, s, kd, rule.style, rule.alignment, rem))
+    return (sizes[0], sizes[1]), (offsets[0], offsets[1])
+
+
+class EdgeMode(enum.IntEnum):
+    """The edge modes a convolution-family kernel can read through (``MPSImageEdgeMode``)."""
+
+    zero = 0
+    clamp = 1
+
+
+@dataclass(frozen=True)
+class NeuronSpec:
+    """A resolved fused activation: type raw value and scalar parameters (PReLU data travels apart)."""
+
+    type: int = 0
+    a: float = 0.0
+    b: float = 0.0
+    c: float = 0.0
+
+
+@dataclass(frozen=True)
+class ConvProblem:
+    """One forward window operation, fully resolved to integers. Tuples are ``(y, x)``.
+
+    For ``i < n_images``, ``v < out_size[0]``, ``u < out_size[1]``, ``o < out_channels``::
+
+        dst[dst_image0 + i, out_origin + (v, u), dst_channel0 + o] = f(bias[o] +
+            Σ_{q,p,c} W[o, q, p, c] · S̃[src_image0 + i, tap0 + (v, u)·stride + (q, p)·dilation,
+                                           src_channel0 + grp(o)·Ig + c])
+
+    where ``S̃`` reads through ``edge``. ``identity`` kernels (neurons) have no weights: the one tap
+    is copied channel for channel (``in_channels == out_channels``).
+    """
+
+    n_images: int
+    src_image0: int
+    dst_image0: int
+    src_size: tuple[int, int]
+    out_origin: tuple[int, int]
+    out_size: tuple[int, int]
+    tap0: tuple[int, int]
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    src_channel0: int
+    in_channels: int
+    dst_channel0: int
+    out_channels: int
+    groups: int
+    edge: EdgeMode
+    neuron: NeuronSpec
+    identity: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return self.n_images <= 0 or self.out_size[0] <= 0 or self.out_size[1] <= 0
+
+    def extent(self, axis: int) -> int:
+        return dilated_extent(self.kernel[axis], self.dilation[axis])
+
+    def read_range(self, axis: int) -> tuple[int, int]:
+        """First and last source coordinate the clip region reads on ``axis`` (may lie outside)."""
+        first = self.tap0[axis]
+        last = first + (self.out_size[axis] - 1) * self.stride[axis] + self.extent(axis) - 1
+        return first, last
+
+    def pads(self, axis: int) -> tuple[int, int]:
+        """``(before, after)`` pixels the read range lies outside the source; negative = cropped."""
+        first, last = self.read_range(axis)
+        return -first, last - (self.src_size[axis] - 1)
+
+    def macs(self) -> int:
+        per_out = 1 if self.identity else self.kernel[0] * self.kernel[1] * (self.in_channels // self.groups)
+        return self.n_images * self.out_size[0] * self.out_size[1] * self.out_channels * per_out
+
+
+def source_region(
+    offset_yx: tuple[int, int], size_hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``sourceRegionForDestinationSize``: origin ``(y, x)`` and size ``(h, w)`` of the source read."""
+    origin, size = [], []
+    for axis in (0, 1):
+        kd = dilated_extent(kernel[axis], dilation[axis])
+        first = offset_yx[axis] - (kd >> 1)
+        last = first + (size_hw[axis] - 1) * stride[axis] + kd - 1
+        origin.append(first)
+        size.append(last - first + 1)
+    return (origin[0], origin[1]), (size[0], size[1])
+
+
+def resolve_forward(
+    *,
+    owner: str,
+    src_shape: tuple[int, int, int, int],
+    dst_shape: tuple[int, int, int, int],
+    offset: tuple[int, int, int],
+    clip: tuple[tuple[int, int, int], tuple[int, int, int]],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    src_channel_offset: int,
+    src_channel_max: int,
+    dst_channel_offset: int,
+    in_channels: int | None,
+    out_channels: int | None,
+    groups: int,
+    edge: int,
+    neuron: NeuronSpec,
+    fully_connected: bool = False,
+) -> ConvProblem:
+    """Resolve a forward encode (spec ``kernel-image.md`` §2.4) or raise naming what is wrong.
+
+    ``src_shape``/``dst_shape`` are ``(N, H, W, C)`` with ``C`` the real feature channels.
+    ``offset`` is ``(x, y, z)`` and ``clip`` ``((x, y, z), (w, h, d))`` as Metal spells them.
+    ``in_channels=None`` means "follows the source" (element-wise kernels: ``Cin = Cout = Cin_avail``).
+    """
+    ns, hs, ws, cs = src_shape
+    nd, hd, wd, cd = dst_shape
+    (ox, oy, oz) = offset
+    (cx, cy, cz), (cw, ch, cdepth) = clip
+
+    sfo, dfo = src_channel_offset, dst_channel_offset
+    if sfo % 4:
+        raise MPSValueError(f"{owner}: sourceFeatureChannelOffset={sfo} must be a multiple of 4")
+    if dfo % 4:
+        raise MPSValueError(f"{owner}: destinationFeatureChannelOffset={dfo} must be a multiple of 4")
+    if sfo > cs:
+        raise MPSValueError(
+            f"{owner}: sourceFeatureChannelOffset={sfo} is beyond the source's {cs} feature channels"
+        )
+    available = min(src_channel_max, cs - sfo)
+    identity = in_channels is None
+    if identity:
+        in_channels = out_channels = available
+        if available < 1:
+            raise MPSValueError(f"{owner}: no source channels to read at sourceFeatureChannelOffset={sfo}")
+    elif available < in_channels:
+        raise MPSValueError(
+            f"{owner}: sourceImage provides {available} feature channels from sourceFeatureChannelOffset={sfo} "
+            f"(featureChannels={cs}, sourceFeatureChannelMaxCount={src_channel_max}); the kernel reads {in_channels}"
+        )
+    if cd < dfo + out_channels:
+        raise MPSValueError(
+            f"{owner}: destinationImage has {cd} feature channels; destinationFeatureChannelOffset={dfo} + "
+            f"{out_channels} output channels needs {dfo + out_channels}"
+        )
+
+    if oz < 0:
+        raise MPSValueError(f"{owner}: offset.z={oz} must be >= 0")
+    n_images = min(cdepth, nd - cz)
+    if n_images > 0 and oz + n_images > ns:
+        raise MPSValueError(
+            f"{owner}: offset.z={oz} + {n_images} images to process exceeds the source's numberOfImages={ns}"
+        )
+
+    x1, y1 = min(cx + cw, wd), min(cy + ch, hd)
+    out_w, out_h = max(0, x1 - cx), max(0, y1 - cy)
+
+    kh, kw = kernel
+    if fully_connected:
+        if (kh, kw) != (hs, ws):
+            raise MPSValueError(
+                f"{owner}: the window {kw}x{kh} (kernelWidth x kernelHeight) must cover the whole source "
+                f"{ws}x{hs}; fully connected kernels need kernelWidth == source width and kernelHeight == height"
+            )
+        if out_w > 1 or out_h > 1:
+            raise MPSValueError(
+                f"{owner}: the clip region is {out_w}x{out_h} pixels; a fully connected kernel writes one pixel "
+                "(set clipRect to a 1x1 region or use a 1x1 destination)"
+            )
+        tap0 = (0, 0)  # offset x/y is ignored: the window is the whole source
+    else:
+        tap0 = (oy - (dilated_extent(kh, dilation[0]) >> 1), ox - (dilated_extent(kw, dilation[1]) >> 1))
+
+    return ConvProblem(
+        n_images=max(0, n_images),
+        src_image0=oz,
+        dst_image0=cz,
+        src_size=(hs, ws),
+        out_origin=(cy, cx),
+        out_size=(out_h, out_w),
+        tap0=tap0,
+        kernel=(kh, kw),
+        stride=tuple(stride),
+        dilation=tuple(dilation),
+        src_channel0=sfo,
+        in_channels=in_channels,
+        dst_channel0=dfo,
+        out_channels=out_channels,
+        groups=groups,
+        edge=EdgeMode(edge),
+        neuron=neuron,
+        identity=identity,
+    )

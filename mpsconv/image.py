@@ -1,0 +1,905 @@
+"""Images: ``MPSImageDescriptor``, ``MPSImage``, ``MPSTemporaryImage``, batches and allocators.
+
+Storage: one tensor per allocation, NHWC (``numberOfImages, height, width, channels``) on the
+image's device, channels rounded up to a multiple of 4 (Metal's texture slices; the padding lanes
+stay 0). Each feature-channel format is stored as its raw element type (uint8, uint16, float16,
+float32) and converted on read and write as Metal does (spec ``kernel-image.md`` §4).
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import warnings
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from .errors import MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValueError
+from .metal import (
+    MTLCommandBuffer, MTLCPUCacheMode, MTLDevice, MTLStorageMode, MTLTextureType, MTLTextureUsage,
+    MTLCreateSystemDefaultDevice, _byte_view,
+)
+from .types import NSIntegerMin, MTLOrigin, MTLRegion, MTLSize, as_region
+
+
+class MPSImageFeatureChannelFormat(enum.IntEnum):
+    """``MPSImageFeatureChannelFormat``."""
+
+    none = 0
+    unorm8 = 1
+    unorm16 = 2
+    float16 = 3
+    float32 = 4
+    _reserved0 = 5
+    count = 6
+
+
+class MPSDataLayout(enum.IntEnum):
+    """``MPSDataLayout``: HWC (channels innermost) or CHW (one plane per channel)."""
+
+    HeightxWidthxFeatureChannels = 0
+    featureChannelsxHeightxWidth = 1
+
+
+class MPSImageReadWriteParams(NamedTuple):
+    """``MPSImageReadWriteParams``: the channel window ``[offset, offset + count)`` of a CPU access."""
+
+    featureChannelOffset: int = 0
+    numberOfFeatureChannelsToReadWrite: int = 0
+
+
+class MPSPurgeableState(enum.IntEnum):
+    """``MPSPurgeableState``."""
+
+    allocationDeferred = 0
+    keepCurrent = 1
+    nonVolatile = 2
+    volatile = 3
+    empty = 4
+
+
+class MTLPixelFormat(enum.IntEnum):
+    """The ``MTLPixelFormat`` values an ``MPSImage`` reports."""
+
+    invalid = 0
+    r8Unorm = 10
+    r16Unorm = 20
+    r16Float = 25
+    rg8Unorm = 30
+    r32Float = 55
+    rg16Unorm = 60
+    rg16Float = 65
+    rgba8Unorm = 70
+    rg32Float = 105
+    rgba16Unorm = 110
+    rgba16Float = 115
+    rgba32Float = 125
+
+
+F = MPSImageFeatureChannelFormat
+STORAGE_DTYPE = {F.unorm8: torch.uint8, F.unorm16: torch.uint16, F.float16: torch.float16, F.float32: torch.float32}
+NUMPY_DTYPE = {F.unorm8: np.uint8, F.unorm16: np.uint16, F.float16: np.float16, F.float32: np.float32}
+_UNORM_SCALE = {F.unorm8: 255.0, F.unorm16: 65535.0}
+_PRECISION = {F.unorm8: 8, F.unorm16: 16, F.float16: 11, F.float32: 24}
+_PIXEL_FORMATS = {
+    F.unorm8: (MTLPixelFormat.r8Unorm, MTLPixelFormat.rg8Unorm, MTLPixelFormat.rgba8Unorm),
+    F.unorm16: (MTLPixelFormat.r16Unorm, MTLPixelFormat.rg16Unorm, MTLPixelFormat.rgba16Unorm),
+    F.float16: (MTLPixelFormat.r16Float, MTLPixelFormat.rg16Float, MTLPixelFormat.rgba16Float),
+    F.float32: (MTLPixelFormat.r32Float, MTLPixelFormat.rg32Float, MTLPixelFormat.rgba32Float),
+}
+_FORMAT_OF_PIXEL = {pf: (fmt, lanes) for fmt, pfs in _PIXEL_FORMATS.items() for pf, lanes in zip(pfs, (1, 2, 4))}
+
+
+def lanes_for(channels: int) -> int:
+    """Lanes per pixel of the texture: 1 or 2 for images of 1 or 2 channels, else 4."""
+    return channels if channels <= 2 else 4
+
+
+def slices_for(channels: int) -> int:
+    return (channels + 3) // 4
+
+
+# --------------------------------------------------------------------------------------------
+# Format conversions (Metal's rules, §4.1): one place, used by images and every backend.
+
+
+def storage_to_values(raw: torch.Tensor, fmt: MPSImageFeatureChannelFormat, dtype=torch.float32) -> torch.Tensor:
+    """Stored elements to feature values: unorm ``k`` reads ``k / 255`` (``k / 65535``)."""
+    if fmt in _UNORM_SCALE:
+        return raw.to(dtype) / _UNORM_SCALE[fmt]
+    return raw.to(dtype)
+
+
+def values_to_storage(values: torch.Tensor, fmt: MPSImageFeatureChannelFormat) -> torch.Tensor:
+    """Feature values to stored elements: float16 rounds to nearest even (overflow to inf); unorm
+    clamps to [0, 1], scales and rounds half to even; NaN written to unorm stores 0."""
+    if fmt in _UNORM_SCALE:
+        scaled = torch.nan_to_num(values, nan=0.0).clamp(0.0, 1.0) * _UNORM_SCALE[fmt]
+        return torch.round(scaled).to(STORAGE_DTYPE[fmt])
+    if fmt == F.float16 and values.dtype == torch.float64:
+        # numpy rounds float64 -> float16 once; torch goes through float32 (double rounding).
+        return torch.from_numpy(values.cpu().numpy().astype(np.float16)).to(values.device)
+    return values.to(STORAGE_DTYPE[fmt])
+
+
+def _check_format(fmt, owner: str) -> MPSImageFeatureChannelFormat:
+    try:
+        fmt = MPSImageFeatureChannelFormat(int(fmt))
+    except (TypeError, ValueError):
+        raise MPSValueError(f"{owner}: featureChannelFormat={fmt!r} is not an MPSImageFeatureChannelFormat") from None
+    if fmt in (F._reserved0, F.count):
+        raise MPSValueError(
+            f"{owner}: featureChannelFormat={fmt.name} cannot make an image; use unorm8, unorm16, float16 or float32"
+        )
+    return fmt
+
+
+# --------------------------------------------------------------------------------------------
+# Descriptor
+
+
+class MPSImageDescriptor:
+    """``MPSImageDescriptor``: the size, channel count and format of an image to make."""
+
+    def __init__(self, *, channelFormat=F.none, width: int = 1, height: int = 1, featureChannels: int = 1,
+                 numberOfImages: int = 1, usage=MTLTextureUsage.shaderRead | MTLTextureUsage.shaderWrite):
+        self.channelFormat = channelFormat
+        self.width = width
+        self.height = height
+        self.featureChannels = featureChannels
+        self.numberOfImages = numberOfImages
+        self.usage = usage
+        self.cpuCacheMode = MTLCPUCacheMode.defaultCache
+        self.storageMode = MTLStorageMode.shared
+
+    @classmethod
+    def imageDescriptor(cls, *, channelFormat, width, height, featureChannels, numberOfImages=1,
+                        usage=MTLTextureUsage.shaderRead | MTLTextureUsage.shaderWrite) -> "MPSImageDescriptor":
+        """ObjC ``+imageDescriptorWithChannelFormat:width:height:featureChannels:[numberOfImages:usage:]``."""
+        return cls(channelFormat=channelFormat, width=width, height=height, featureChannels=featureChannels,
+                   numberOfImages=numberOfImages, usage=usage)
+
+    @property
+    def channelFormat(self) -> MPSImageFeatureChannelFormat:
+        return self._channelFormat
+
+    @channelFormat.setter
+    def channelFormat(self, value) -> None:
+        try:
+            self._channelFormat = MPSImageFeatureChannelFormat(int(value))
+        except (TypeError, ValueError):
+            raise MPSValueError(f"MPSImageDescriptor: channelFormat={value!r} is not an MPSImageFeatureChannelFormat") from None
+
+    @property
+    def usage(self) -> MTLTextureUsage:
+        return self._usage
+
+    @usage.setter
+    def usage(self, value) -> None:
+        self._usage = MTLTextureUsage(int(value))
+
+    @property
+    def pixelFormat(self) -> MTLPixelFormat:
+        fmt = F.float16 if self._channelFormat == F.none else self._channelFormat
+        if fmt not in _PIXEL_FORMATS:
+            return MTLPixelFormat.invalid
+        return _PIXEL_FORMATS[fmt][(1, 2, 4).index(lanes_for(max(1, int(self.featureChannels))))]
+
+    def copy(self) -> "MPSImageDescriptor":
+        """NSCopying."""
+        other = MPSImageDescriptor.__new__(MPSImageDescriptor)
+        other.__dict__.update(self.__dict__)
+        return other
+
+    def _validated(self, owner: str) -> tuple[int, int, int, int, MPSImageFeatureChannelFormat]:
+        dims = {}
+        for name in ("width", "height", "featureChannels", "numberOfImages"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise MPSValueError(f"{owner}: imageDescriptor.{name}={value!r} must be an integer >= 1")
+            dims[name] = int(value)
+        fmt = _check_format(self._channelFormat, owner)
+        if fmt == F.none:
+            fmt = F.float16  # "none" means "let MPS pick"; MPS graphs pick float16
+        return dims["numberOfImages"], dims["height"], dims["width"], dims["featureChannels"], fmt
+
+    def __repr__(self) -> str:
+        return (f"MPSImageDescriptor(channelFormat={self._channelFormat.name}, width={self.width}, "
+                f"height={self.height}, featureChannels={self.featureChannels}, numberOfImages={self.numberOfImages})")
+
+
+# --------------------------------------------------------------------------------------------
+# Textures (just enough to wrap and to report what an MPSImage's texture would be)
+
+
+class MTLTextureDescriptor:
+    """``MTLTextureDescriptor`` (2D and 2D-array textures only)."""
+
+    def __init__(self, *, textureType=MTLTextureType.type2D, pixelFormat=MTLPixelFormat.rgba16Float, width: int = 1,
+                 height: int = 1, arrayLength: int = 1, usage=MTLTextureUsage.shaderRead,
+                 storageMode=MTLStorageMode.shared, depth: int = 1):
+        self.textureType = MTLTextureType(int(textureType))
+        self.pixelFormat = MTLPixelFormat(int(pixelFormat))
+        self.width, self.height, self.arrayLength, self.depth = width, height, arrayLength, depth
+        self.usage = MTLTextureUsage(int(usage))
+        self.storageMode = MTLStorageMode(int(storageMode))
+
+    @classmethod
+    def texture2DDescriptor(cls, *, pixelFormat, width, height, mipmapped=False) -> "MTLTextureDescriptor":
+        return cls(pixelFormat=pixelFormat, width=width, height=height)
+
+
+class MTLTexture:
+    """``MTLTexture``: ``arrayLength`` slices of ``width x height`` pixels with up to 4 lanes.
+
+    Its storage is one tensor ``[1, height, width, 4·arrayLength]`` or an image's NHWC tensor;
+    an ``MPSImage`` made from it is a view of that tensor.
+    """
+
+    def __init__(self, device: MTLDevice, storage: torch.Tensor, images: int, textureType, pixelFormat, usage,
+                 root, storageMode=MTLStorageMode.shared):
+        self._device = device
+        self._storage = storage  # [images, H, W, 4·slices_per_image]
+        self._images = images
+        self.textureType = MTLTextureType(int(textureType))
+        self.pixelFormat = MTLPixelFormat(int(pixelFormat))
+        self.usage = MTLTextureUsage(int(usage))
+        self.storageMode = MTLStorageMode(int(storageMode))
+        self._root = root
+        self.label = None
+
+    @property
+    def device(self) -> MTLDevice:
+        return self._device
+
+    @property
+    def width(self) -> int:
+        return self._storage.shape[2]
+
+    @property
+    def height(self) -> int:
+        return self._storage.shape[1]
+
+    @property
+    def depth(self) -> int:
+        return 1
+
+    @property
+    def arrayLength(self) -> int:
+        return self._images * (self._storage.shape[3] // 4)
+
+
+def _make_texture(device: MTLDevice, descriptor: MTLTextureDescriptor) -> MTLTexture:
+    """``MTLDevice.makeTexture(descriptor:)``."""
+    if descriptor.textureType not in (MTLTextureType.type2D, MTLTextureType.type2DArray):
+        raise MPSValueError(f"makeTexture: textureType={descriptor.textureType!r}; only type2D and type2DArray")
+    if descriptor.pixelFormat not in _FORMAT_OF_PIXEL:
+        raise MPSValueError(f"makeTexture: pixelFormat={descriptor.pixelFormat!r} is not a feature-channel format")
+    fmt, _ = _FORMAT_OF_PIXEL[descriptor.pixelFormat]
+    slices = descriptor.arrayLength if descriptor.textureType == MTLTextureType.type2DArray else 1
+    storage = torch.zeros(1, descriptor.height, descriptor.width, 4 * slices, dtype=STORAGE_DTYPE[fmt],
+                          device=device.torch_device)
+    tex = MTLTexture(device, storage, 1, descriptor.textureType, descriptor.pixelFormat, descriptor.usage, None,
+                     descriptor.storageMode)
+    tex._root = tex
+    return tex
+
+
+MTLDevice.makeTexture = lambda self, descriptor: _make_texture(self, descriptor)  # Metal puts it on the device
+
+
+# --------------------------------------------------------------------------------------------
+# MPSImage
+
+
+class MPSImage:
+    """``MPSImage``: ``numberOfImages`` images of ``width x height`` pixels with ``featureChannels``.
+
+    Initializers (keyword sets, as Swift's overloads):
+      ``MPSImage(device=, imageDescriptor=)``: a new image; storage is allocated on first use.
+      ``MPSImage(texture=, featureChannels=)``: a view of an existing texture.
+      ``MPSImage(parentImage=, sliceRange=, featureChannels=)``: a view of a parent's slices.
+    Our additions: ``MPSImage.from_numpy``, ``numpy()``, ``torch()``, ``__array__``, ``__dlpack__``.
+    """
+
+    _temporary = False
+
+    def __init__(self, **kwargs):
+        keys = frozenset(kwargs)
+        if keys == {"device", "imageDescriptor"}:
+            self._init_descriptor(kwargs["device"], kwargs["imageDescriptor"], "MPSImage")
+        elif keys == {"texture", "featureChannels"}:
+            self._init_texture(kwargs["texture"], kwargs["featureChannels"])
+        elif keys == {"parentImage", "sliceRange", "featureChannels"}:
+            self._init_parent(kwargs["parentImage"], kwargs["sliceRange"], kwargs["featureChannels"])
+        else:
+            raise MPSTypeError(
+                f"MPSImage({', '.join(sorted(keys)) or ''}): valid initializers are "
+                "MPSImage(device=, imageDescriptor=), MPSImage(texture=, featureChannels=), "
+                "MPSImage(parentImage=, sliceRange=, featureChannels=); MPSImage() is unavailable"
+            )
+
+    # -- initializers
+    def _init_common(self, device, n, h, w, c, fmt, usage, storage_mode):
+        self._device = device
+        self._n, self._h, self._w, self._c = n, h, w, c
+        self._format = fmt
+        self._usage = MTLTextureUsage(int(usage))
+        self._storage_mode = MTLStorageMode(int(storage_mode))
+        self._storage: torch.Tensor | None = None
+        self._parent: MPSImage | None = None
+        self._root = self
+        self._owns_allocation = True
+        self.label = None
+
+    def _init_descriptor(self, device, descriptor, owner):
+        if not isinstance(device, MTLDevice):
+            raise MPSTypeError(f"{owner}: device={device!r} must be an MTLDevice (e.g. MTLCreateSystemDefaultDevice())")
+        if not isinstance(descriptor, MPSImageDescriptor):
+            raise MPSTypeError(f"{owner}: imageDescriptor={descriptor!r} must be an MPSImageDescriptor")
+        n, h, w, c, fmt = descriptor._validated(owner)
+        self._init_common(device, n, h, w, c, fmt, descriptor.usage, descriptor.storageMode)
+
+    def _init_texture(self, texture, featureChannels):
+        if not isinstance(texture, MTLTexture):
+            raise MPSTypeError(f"MPSImage(texture=): {texture!r} is not an MTLTexture")
+        c = int(featureChannels)
+        if c < 1:
+            raise MPSValueError(f"MPSImage(texture=): featureChannels={c} must be >= 1")
+        spi = slices_for(c)
+        if texture.textureType == MTLTextureType.type2D:
+            if c > 4:
+                raise MPSValueError(
+                    f"MPSImage(texture=): a type2D texture holds at most 4 feature channels; featureChannels={c} "
+                    "needs a type2DArray texture"
+                )
+            n = 1
+        else:
+            if texture.arrayLength % spi:
+                raise MPSValueError(
+                    f"MPSImage(texture=): arrayLength={texture.arrayLength} is not a multiple of "
+                    f"ceil(featureChannels/4)={spi}"
+                )
+            n = texture.arrayLength // spi
+        fmt, _ = _FORMAT_OF_PIXEL.get(texture.pixelFormat, (None, 0))
+        if fmt is None:
+            raise MPSValueError(f"MPSImage(texture=): pixelFormat={texture.pixelFormat!r} has no feature-channel format")
+        src = texture._storage
+        self._init_common(texture.device, n, src.shape[1], src.shape[2], c, fmt, texture.usage, texture.storageMode)
+        if src.shape[0] == n and src.shape[3] == 4 * spi:
+            storage = src
+        elif src.shape[0] == 1:
+            # All slices on the channel axis: any split into images is a strided view.
+            hh, ww = src.shape[1], src.shape[2]
+            storage = src[0, :, :, : 4 * spi * n].reshape(hh, ww, n, 4 * spi).permute(2, 0, 1, 3)
+        else:
+            raise MPSValueError(
+                f"MPSImage(texture=): the texture holds {src.shape[0]} images of {src.shape[3]} channels; "
+                f"regrouping it into {n} images of {c} channels is not supported"
+            )
+        self._storage = storage
+        self._root = texture._root
+        self._owns_allocation = False
+
+    def _init_parent(self, parent, sliceRange, featureChannels):
+        if not isinstance(parent, MPSImage):
+            raise MPSTypeError(f"MPSImage(parentImage=): {parent!r} is not an MPSImage")
+        start, length = _as_range(sliceRange, "MPSImage(parentImage=).sliceRange")
+        parent_spi = slices_for(parent._c)
+        if parent._n != 1:
+            raise MPSValueError("MPSImage(parentImage=): slice views of multi-image parents are not supported; "
+                                "use batchRepresentation() first")
+        if start + length > parent_spi or length < 1:
+            raise MPSValueError(f"MPSImage(parentImage=): sliceRange {start}..<{start + length} is outside the "
+                                f"parent's {parent_spi} slices")
+        c = int(featureChannels)
+        if not 1 <= c <= 4 * length:
+            raise MPSValueError(f"MPSImage(parentImage=): featureChannels={c} must be 1...{4 * length}")
+        self._make_view(parent, 0, 1, 4 * start, c)
+
+    def _make_view(self, parent: "MPSImage", n0: int, n: int, c0: int, c: int) -> None:
+        storage = parent._ensure_storage()
+        self._init_common(parent._device, n, parent._h, parent._w, c, parent._format, parent._usage,
+                          parent._storage_mode)
+        self._storage = storage[n0:n0 + n, :, :, c0:c0 + 4 * slices_for(c)]
+        self._parent = parent
+        self._root = parent._root
+        self._owns_allocation = False
+
+    @classmethod
+    def from_numpy(cls, array, *, featureChannelFormat=F.float32, device: MTLDevice | None = None) -> "MPSImage":
+        """A new image holding ``array``'s values (our addition).
+
+        ``array`` is ``(H, W, C)`` or ``(N, H, W, C)`` (a NumPy array, tensor or nested list) of
+        feature values; they are converted to the format as a GPU write would (float16 rounds,
+        unorm clamps to [0, 1] and scales).
+        """
+        values = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array)
+        if values.dim() == 3:
+            values = values.unsqueeze(0)
+        if values.dim() != 4:
+            raise MPSValueError(f"MPSImage.from_numpy: array of shape {tuple(values.shape)} must be (H, W, C) or (N, H, W, C)")
+        n, h, w, c = values.shape
+        device = device or MTLCreateSystemDefaultDevice()
+        image = cls(device=device, imageDescriptor=MPSImageDescriptor(
+            channelFormat=featureChannelFormat, width=w, height=h, featureChannels=c, numberOfImages=n))
+        if not values.is_floating_point():
+            values = values.to(torch.float64)
+        image._ensure_storage()[..., :c].copy_(values_to_storage(values.to(device.torch_device), image._format))
+        return image
+
+    # -- storage
+    def _ensure_storage(self) -> torch.Tensor:
+        if self._storage is None:
+            self._check_alive("MPSImage")
+            self._storage = torch.zeros(self._n, self._h, self._w, 4 * slices_for(self._c),
+                                        dtype=STORAGE_DTYPE[self._format], device=self._device.torch_device)
+        return self._storage
+
+    def _check_alive(self, owner: str) -> None:
+        pass
+
+    # -- read-only properties
+    @property
+    def device(self) -> MTLDevice:
+        return self._device
+
+    @property
+    def width(self) -> int:
+        return self._w
+
+    @property
+    def height(self) -> int:
+        return self._h
+
+    @property
+    def featureChannels(self) -> int:
+        return self._c
+
+    @property
+    def numberOfImages(self) -> int:
+        return self._n
+
+    @property
+    def featureChannelFormat(self) -> MPSImageFeatureChannelFormat:
+        return self._format
+
+    @property
+    def textureType(self) -> MTLTextureType:
+        return MTLTextureType.type2D if self._c <= 4 and self._n == 1 else MTLTextureType.type2DArray
+
+    @property
+    def pixelFormat(self) -> MTLPixelFormat:
+        return _PIXEL_FORMATS[self._format][(1, 2, 4).index(lanes_for(self._c))]
+
+    @property
+    def precision(self) -> int:
+        return _PRECISION[self._format]
+
+    @property
+    def usage(self) -> MTLTextureUsage:
+        return self._usage
+
+    @property
+    def pixelSize(self) -> int:
+        return lanes_for(self._c) * torch.tensor([], dtype=STORAGE_DTYPE[self._format]).element_size()
+
+    @property
+    def storageMode(self) -> MTLStorageMode:
+        return self._storage_mode
+
+    @property
+    def parent(self) -> "MPSImage | None":
+        return self._parent
+
+    @property
+    def texture(self) -> MTLTexture:
+        """The backing storage as a texture; requesting it allocates."""
+        return MTLTexture(self._device, self._ensure_storage(), self._n, self.textureType, self.pixelFormat,
+                          self._usage, self._root, self._storage_mode)
+
+    def resourceSize(self) -> int:
+        """Bytes of backing storage (0 for views and wrapped textures); never allocates."""
+        if not self._owns_allocation:
+            return 0
+        return self._n * slices_for(self._c) * self._w * self._h * self.pixelSize
+
+    def setPurgeableState(self, state) -> MPSPurgeableState:
+        """``setPurgeableState(_:)``: returns the previous state."""
+        state = MPSPurgeableState(int(state))
+        if self._storage is None:
+            return MPSPurgeableState.allocationDeferred
+        previous = getattr(self, "_purgeable", MPSPurgeableState.nonVolatile)
+        if state != MPSPurgeableState.keepCurrent:
+            self._purgeable = state
+        return previous
+
+    def synchronize(self, on: MTLCommandBuffer) -> None:
+        """``synchronize(on:)``: our storage needs no flush; accepted on any open command buffer."""
+        on._check_open("MPSImage.synchronize")
+
+    # -- views
+    def subImage(self, featureChannelRange) -> "MPSImage":
+        """``subImage(featureChannelRange:)``: a view of channels ``[loc, loc + len)`` (multiples of 4)."""
+        loc, length = _as_range(featureChannelRange, "MPSImage.subImage")
+        if loc % 4 or length % 4:
+            raise MPSValueError(
+                f"MPSImage.subImage: featureChannelRange {loc}..<{loc + length} must start and have a length "
+                "that are multiples of 4"
+            )
+        if loc >= self._c or length < 1:
+            raise MPSValueError(f"MPSImage.subImage: featureChannelRange {loc}..<{loc + length} is outside the "
+                                f"image's {self._c} feature channels")
+        view = self._view_class()
+        view._make_view(self, 0, self._n, loc, min(length, self._c - loc))
+        view._adopt_parent_lifetime(self)
+        return view
+
+    def batchRepresentation(self, withSubRange=None) -> list["MPSImage"]:
+        """``batchRepresentation()`` / ``batchRepresentation(withSubRange:)``: one view per image."""
+        if withSubRange is None:
+            start, length = 0, self._n
+        else:
+            start, length = _as_range(withSubRange, "MPSImage.batchRepresentation")
+            if start + length > self._n or length < 0:
+                raise MPSValueError(f"MPSImage.batchRepresentation: subRange {start}..<{start + length} is outside "
+                                    f"the image's {self._n} images")
+        views = []
+        for i in range(start, start + length):
+            view = self._view_class()
+            view._make_view(self, i, 1, 0, self._c)
+            view._adopt_parent_lifetime(self)
+            views.append(view)
+        return views
+
+    def _view_class(self) -> "MPSImage":
+        return MPSImage.__new__(MPSImage)
+
+    def _adopt_parent_lifetime(self, parent: "MPSImage") -> None:
+        pass
+
+    # -- encode-time checks (used by kernels)
+    def _check_for_encode(self, cb: MTLCommandBuffer, owner: str, role: str) -> None:
+        if self._device is not cb.device:
+            raise MPSDeviceError(f"{owner}: {role} is on {self._device.torch_device}, the command buffer on "
+                                 f"{cb.device.torch_device}")
+        needed = MTLTextureUsage.shaderRead if role.startswith("source") else MTLTextureUsage.shaderWrite
+        if not self._usage & needed:
+            raise MPSValueError(f"{owner}: {role} was made without {needed.name} usage")
+
+    def _consume_read(self) -> None:
+        pass
+
+    # -- CPU access
+    def _cpu_check(self, owner: str) -> None:
+        if self._storage_mode == MTLStorageMode.private:
+            raise MPSValueError(f"{owner}: the image has private storage; the CPU cannot read or write it")
+
+    def readBytes(self, dataBytes, /, *, dataLayout=MPSDataLayout.HeightxWidthxFeatureChannels, imageIndex: int = 0,
+                  bytesPerRow: int | None = None, bytesPerImage: int | None = None, region=None,
+                  featureChannelInfo: MPSImageReadWriteParams | None = None) -> None:
+        """``readBytes(_:dataLayout:[bytesPerRow:[bytesPerImage:]region:featureChannelInfo:]imageIndex:)``.
+
+        Copies raw stored elements (uint8, uint16, float16 or float32; no conversion) into
+        ``dataBytes`` (a writable NumPy array, tensor, bytearray or ``MTLBuffer``).
+        """
+        self._access("MPSImage.readBytes", dataBytes, dataLayout, imageIndex, None, bytesPerRow, bytesPerImage,
+                     region, featureChannelInfo, write=False)
+
+    def writeBytes(self, dataBytes, /, *, dataLayout=MPSDataLayout.HeightxWidthxFeatureChannels, imageIndex: int = 0,
+                   bytesPerColumn: int | None = None, bytesPerRow: int | None = None,
+                   bytesPerImage: int | None = None, region=None,
+                   featureChannelInfo: MPSImageReadWriteParams | None = None) -> None:
+        """``writeBytes(_:dataLayout:[bytesPerColumn:][bytesPerRow:[bytesPerImage:]region:featureChannelInfo:]imageIndex:)``."""
+        self._access("MPSImage.writeBytes", dataBytes, dataLayout, imageIndex, bytesPerColumn, bytesPerRow,
+                     bytesPerImage, region, featureChannelInfo, write=True)
+
+    def _access(self, owner, data, layout, image_index, bpc, bpr, bpi, region, info, write):
+        self._cpu_check(owner)
+        layout = MPSDataLayout(int(layout))
+        hwc = layout == MPSDataLayout.HeightxWidthxFeatureChannels
+        region = MTLRegion(MTLOrigin(0, 0, 0), MTLSize(self._w, self._h, 1)) if region is None \
+            else as_region(region, owner, "region")
+        (x0, y0, z0), (w, h, depth) = region
+        if x0 + w > self._w or y0 + h > self._h:
+            raise MPSValueError(f"{owner}: region x {x0}..<{x0 + w}, y {y0}..<{y0 + h} is outside the "
+                                f"{self._w}x{self._h} image")
+        first = int(image_index) + z0
+        if int(image_index) < 0 or first + depth > self._n:
+            raise MPSValueError(f"{owner}: imageIndex={image_index} (+ region.origin.z={z0}, depth {depth}) is "
+                                f"outside the image's {self._n} images")
+        if info is None:
+            off, cnt = 0, self._c
+        else:
+            off, cnt = int(info[0]), int(info[1])
+            if off % 4:
+                raise MPSValueError(f"{owner}: featureChannelInfo.featureChannelOffset={off} must be a multiple of 4")
+            if cnt <= 0:
+                raise MPSValueError(f"{owner}: featureChannelInfo.numberOfFeatureChannelsToReadWrite={cnt} must be > 0")
+            if off + cnt > self._c:
+                raise MPSValueError(f"{owner}: channels {off}..<{off + cnt} exceed the image's {self._c} channels")
+            if off > 0 and cnt % 4 and off + cnt != self._c:
+                raise MPSValueError(f"{owner}: numberOfFeatureChannelsToReadWrite={cnt} must be a multiple of 4 "
+                                    "when featureChannelOffset > 0 (unless it reaches the last channel)")
+        e = np.dtype(NUMPY_DTYPE[self._format]).itemsize
+        if bpc is None:
+            bpc = cnt * e if hwc else e
+        if bpr is None:
+            bpr = (w * bpc) if hwc else w * bpc
+        if bpi is None:
+            bpi = h * bpr if hwc else cnt * h * bpr
+        if hwc and bpc < cnt * e:
+            raise MPSValueError(f"{owner}: bytesPerColumn={bpc} is smaller than one pixel ({cnt * e} bytes)")
+        if bpr < w * bpc:
+            raise MPSValueError(f"{owner}: bytesPerRow={bpr} is smaller than one row of data ({w * bpc} bytes)")
+        k = np.arange(depth).reshape(-1, 1, 1, 1)
+        r = np.arange(h).reshape(1, -1, 1, 1)
+        q = np.arange(w).reshape(1, 1, -1, 1)
+        j = np.arange(cnt).reshape(1, 1, 1, -1)
+        if hwc:
+            offsets = k * bpi + r * bpr + q * bpc + j * e
+        else:
+            offsets = k * bpi + j * (h * bpr) + r * bpr + q * bpc
+        buf = _byte_view(data, owner, writable=not write)
+        if offsets.size and offsets.max() + e > buf.size:
+            raise MPSValueError(f"{owner}: the data needs {int(offsets.max()) + e} bytes; the buffer holds {buf.size}")
+        byte_index = (offsets[..., None] + np.arange(e)).reshape(-1)
+        storage = self._ensure_storage()
+        window = storage[first:first + depth, y0:y0 + h, x0:x0 + w, off:off + cnt]
+        if write:
+            raw = buf[byte_index].view(NUMPY_DTYPE[self._format]).reshape(depth, h, w, cnt)
+            window.copy_(torch.from_numpy(raw.copy()).to(storage.device))
+        else:
+            raw = np.ascontiguousarray(window.cpu().numpy()).view(np.uint8).reshape(-1)
+            buf[byte_index] = raw
+
+    # -- interop (our additions)
+    def torch(self) -> torch.Tensor:
+        """The feature values as an NHWC tensor on the image's device (a view for float formats)."""
+        self._cpu_check("MPSImage.torch")
+        view = self._ensure_storage()[..., : self._c]
+        return view if self._format in (F.float16, F.float32) else storage_to_values(view, self._format)
+
+    def numpy(self) -> np.ndarray:
+        """The feature values as an NHWC NumPy array (float32 for unorm formats)."""
+        return self.torch().detach().cpu().numpy()
+
+    def __array__(self, dtype=None, copy=None):
+        values = self.numpy()
+        return values if dtype is None else values.astype(dtype)
+
+    def __dlpack__(self, *args, **kwargs):
+        return self.torch().__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self.torch().__dlpack_device__()
+
+    def __repr__(self) -> str:
+        kind = type(self).__name__
+        return (f"<{kind} {self._w}x{self._h}x{self._c} {self._format.name} x{self._n} "
+                f"on {self._device.torch_device}{' label=' + repr(self.label) if self.label else ''}>")
+
+    # -- allocators
+    @classmethod
+    def defaultAllocator(cls) -> "MPSImageAllocator":
+        """``MPSImage.defaultAllocator()``: makes non-temporary images."""
+        return _DEFAULT_ALLOCATOR
+
+
+def _as_range(value, owner: str) -> tuple[int, int]:
+    """An ``NSRange``: a ``range`` with step 1 or a ``(location, length)`` pair."""
+    if isinstance(value, range):
+        if value.step != 1:
+            raise MPSValueError(f"{owner}: range {value!r} must have step 1")
+        return value.start, max(0, value.stop - value.start)
+    try:
+        loc, length = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise MPSTypeError(f"{owner}: {value!r} must be a range or a (location, length) pair") from None
+    if loc < 0 or length < 0:
+        raise MPSValueError(f"{owner}: range ({loc}, {length}) must not be negative")
+    return loc, length
+
+
+# --------------------------------------------------------------------------------------------
+# Temporary images
+
+
+class MPSTemporaryImage(MPSImage):
+    """``MPSTemporaryImage``: an image that lives inside one command buffer, read ``readCount`` times.
+
+    ``MPSTemporaryImage(commandBuffer=, imageDescriptor=)``,
+    ``MPSTemporaryImage(commandBuffer=, textureDescriptor=[, featureChannels=])``.
+    """
+
+    _temporary = True
+
+    def __init__(self, **kwargs):
+        keys = frozenset(kwargs)
+        cb = kwargs.get("commandBuffer")
+        if keys == {"commandBuffer", "imageDescriptor"}:
+            _check_cb(cb, "MPSTemporaryImage")
+            self._init_descriptor(cb.device, kwargs["imageDescriptor"], "MPSTemporaryImage")
+        elif keys in ({"commandBuffer", "textureDescriptor"}, {"commandBuffer", "textureDescriptor", "featureChannels"}):
+            _check_cb(cb, "MPSTemporaryImage")
+            td = kwargs["textureDescriptor"]
+            if td.textureType not in (MTLTextureType.type2D, MTLTextureType.type2DArray) or td.depth != 1:
+                raise MPSValueError("MPSTemporaryImage: textureDescriptor must be type2D or type2DArray with depth 1")
+            if not td.usage & (MTLTextureUsage.shaderRead | MTLTextureUsage.shaderWrite):
+                raise MPSValueError("MPSTemporaryImage: textureDescriptor.usage must include shaderRead or shaderWrite")
+            if td.pixelFormat not in _FORMAT_OF_PIXEL:
+                raise MPSValueError(f"MPSTemporaryImage: pixelFormat={td.pixelFormat!r} is not a feature-channel format")
+            fmt, lanes = _FORMAT_OF_PIXEL[td.pixelFormat]
+            slices = td.arrayLength if td.textureType == MTLTextureType.type2DArray else 1
+            c = int(kwargs.get("featureChannels", lanes if slices == 1 else 4 * slices))
+            if slices % slices_for(c):
+                raise MPSValueError(f"MPSTemporaryImage: arrayLength={slices} is not a multiple of "
+                                    f"ceil(featureChannels/4)={slices_for(c)}")
+            self._init_descriptor(cb.device, MPSImageDescriptor(
+                channelFormat=fmt, width=td.width, height=td.height, featureChannels=c,
+                numberOfImages=slices // slices_for(c), usage=td.usage), "MPSTemporaryImage")
+        else:
+            raise MPSTypeError(
+                f"MPSTemporaryImage({', '.join(sorted(keys))}): valid initializers are "
+                "MPSTemporaryImage(commandBuffer=, imageDescriptor=) and "
+                "MPSTemporaryImage(commandBuffer=, textureDescriptor=[, featureChannels=]); "
+                "init(device:imageDescriptor:) and init(texture:featureChannels:) are unavailable"
+            )
+        self._cb = cb
+        self._storage_mode = MTLStorageMode.private
+        self._read_count = 1
+        self._lifetime_parent: MPSTemporaryImage | None = None
+
+    @classmethod
+    def temporaryImage(cls, *, commandBuffer, imageDescriptor) -> "MPSTemporaryImage":
+        """ObjC ``+temporaryImageWithCommandBuffer:imageDescriptor:``."""
+        return cls(commandBuffer=commandBuffer, imageDescriptor=imageDescriptor)
+
+    @classmethod
+    def prefetchStorage(cls, *, commandBuffer, imageDescriptorList) -> None:
+        """``prefetchStorage(with:imageDescriptorList:)``: a hint; no effect."""
+
+    @classmethod
+    def defaultAllocator(cls) -> "MPSImageAllocator":
+        """``MPSTemporaryImage.defaultAllocator()``: makes temporary images with ``readCount == 1``."""
+        return _TEMPORARY_ALLOCATOR
+
+    @property
+    def readCount(self) -> int:
+        return self._read_count
+
+    @readCount.setter
+    def readCount(self, value: int) -> None:
+        value = int(value)
+        if self._read_count == 0:
+            raise MPSCommandBufferError("MPSTemporaryImage.readCount: the image was released (readCount is 0); "
+                                        "its readCount cannot change any more")
+        if value < 0:
+            raise MPSValueError(f"MPSTemporaryImage.readCount={value} must be >= 0")
+        self._read_count = value
+        if value == 0:
+            self._release()
+
+    def _release(self) -> None:
+        self._storage = None
+        parent = self._lifetime_parent
+        if parent is not None and parent._read_count > 0:
+            parent.readCount = parent._read_count - 1
+
+    def _check_alive(self, owner: str) -> None:
+        if getattr(self, "_read_count", 1) == 0:
+            raise MPSCommandBufferError(f"{owner}: the temporary image was released (readCount reached 0)")
+
+    def _view_class(self) -> "MPSImage":
+        return MPSTemporaryImage.__new__(MPSTemporaryImage)
+
+    def _adopt_parent_lifetime(self, parent: "MPSImage") -> None:
+        self._cb = parent._cb
+        self._storage_mode = MTLStorageMode.private
+        self._read_count = 1
+        self._lifetime_parent = parent
+        parent._read_count += 1  # each view holds one read of its parent
+
+    def _check_for_encode(self, cb: MTLCommandBuffer, owner: str, role: str) -> None:
+        super()._check_for_encode(cb, owner, role)
+        if cb is not self._cb:
+            raise MPSCommandBufferError(f"{owner}: {role} is a temporary image of another command buffer")
+        self._check_alive(f"{owner}: {role}")
+
+    def _consume_read(self) -> None:
+        if self._read_count > 0:
+            self.readCount = self._read_count - 1
+
+    def _cpu_check(self, owner: str) -> None:
+        raise MPSValueError(f"{owner}: an MPSTemporaryImage has no CPU access; copy it into an MPSImage first")
+
+    def __del__(self):
+        if getattr(self, "_read_count", 0) > 0 and getattr(self, "_lifetime_parent", None) is None:
+            cb = getattr(self, "_cb", None)
+            if cb is not None and cb.status < 2:
+                warnings.warn("MPSTemporaryImage destroyed with readCount > 0 before its command buffer was "
+                              "committed: a leak on Metal", ResourceWarning, stacklevel=2)
+
+
+def _check_cb(cb, owner: str) -> None:
+    if not isinstance(cb, MTLCommandBuffer):
+        raise MPSTypeError(f"{owner}: commandBuffer={cb!r} must be an MTLCommandBuffer")
+    cb._check_open(owner)
+
+
+# --------------------------------------------------------------------------------------------
+# Allocators and batches
+
+
+class MPSImageAllocator:
+    """``MPSImageAllocator`` protocol: ``image(cmdBuf, imageDescriptor=, kernel=)`` makes an image.
+
+    Optional: ``imageBatch(cmdBuf, imageDescriptor=, kernel=, count=)``.
+    """
+
+    def image(self, commandBuffer, /, imageDescriptor, kernel):
+        raise NotImplementedError("an MPSImageAllocator must implement image(commandBuffer, imageDescriptor=, kernel=)")
+
+
+class _DefaultAllocator(MPSImageAllocator):
+    def __init__(self, temporary: bool):
+        self.temporary = temporary
+
+    def image(self, commandBuffer, /, imageDescriptor, kernel=None):
+        if self.temporary:
+            return MPSTemporaryImage(commandBuffer=commandBuffer, imageDescriptor=imageDescriptor)
+        return MPSImage(device=commandBuffer.device, imageDescriptor=imageDescriptor)
+
+    def imageBatch(self, commandBuffer, /, imageDescriptor, kernel=None, count=1):
+        return [self.image(commandBuffer, imageDescriptor=imageDescriptor, kernel=kernel) for _ in range(count)]
+
+    def __repr__(self) -> str:
+        return "MPSTemporaryImage.defaultAllocator()" if self.temporary else "MPSImage.defaultAllocator()"
+
+
+_DEFAULT_ALLOCATOR = _DefaultAllocator(temporary=False)
+_TEMPORARY_ALLOCATOR = _DefaultAllocator(temporary=True)
+
+MPSImageBatch = list  # ``MPSImageBatch`` is ``[MPSImage]``
+
+
+def _distinct(batch: Sequence) -> list:
+    seen, out = set(), []
+    for item in batch or ():
+        if id(item) not in seen:
+            seen.add(id(item))
+            out.append(item)
+    return out
+
+
+def MPSImageBatchIncrementReadCount(batch: Sequence[MPSImage], amount: int) -> int:
+    """Adds ``amount`` to each distinct temporary image's ``readCount`` (skipping released ones)."""
+    distinct = _distinct(batch)
+    for image in distinct:
+        if isinstance(image, MPSTemporaryImage) and image.readCount > 0:
+            image.readCount = image.readCount + int(amount)
+    return len(distinct)
+
+
+def MPSImageBatchSynchronize(batch: Sequence[MPSImage], commandBuffer: MTLCommandBuffer) -> None:
+    for image in _distinct(batch):
+        image.synchronize(on=commandBuffer)
+
+
+def MPSImageBatchResourceSize(batch: Sequence[MPSImage]) -> int:
+    return sum(image.resourceSize() for image in _distinct(batch))
+
+
+def MPSImageBatchIterate(batch: Sequence[MPSImage], block: Callable[[MPSImage, int], int]) -> int:
+    """Calls ``block(image, firstIndex)`` per distinct image; stops when it returns > ``NSIntegerMin``."""
+    result = NSIntegerMin
+    seen = set()
+    for index, image in enumerate(batch or ()):
+        if id(image) in seen:
+            continue
+        seen.add(id(image))
+        result = block(image, index)
+        if result > NSIntegerMin:
+            break
+    return result

@@ -1,0 +1,579 @@
+"""The Metal objects the MPS API takes: devices, command queues, command buffers, buffers.
+
+A ``MTLDevice`` is a compute device (the CPU, or a CUDA GPU). A command buffer records the work
+that encodes describe; ``commit`` runs it, in the order the queue enqueued its buffers; completed
+handlers then run once, in registration order, on the queue's handler thread (never on the thread
+that called ``commit``). Spec: ``kernel-image.md`` §7.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+import platform
+import threading
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import config
+from .errors import MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValueError
+
+
+class MTLCommandBufferStatus(enum.IntEnum):
+    """``MTLCommandBufferStatus``."""
+
+    notEnqueued = 0
+    enqueued = 1
+    committed = 2
+    scheduled = 3
+    completed = 4
+    error = 5
+
+
+class MTLCommandBufferError(enum.IntEnum):
+    """``MTLCommandBufferError`` codes (domain ``MTLCommandBufferErrorDomain``)."""
+
+    none = 0
+    internal = 1
+    timeout = 2
+    pageFault = 3
+    accessRevoked = 4
+    blacklisted = 4
+    notPermitted = 7
+    outOfMemory = 8
+    invalidResource = 9
+    memoryless = 10
+    deviceRemoved = 11
+    stackOverflow = 12
+
+
+MTLCommandBufferErrorDomain = "MTLCommandBufferErrorDomain"
+
+
+class NSError:
+    """``NSError``: what a failed command buffer reports in ``error``."""
+
+    def __init__(self, domain: str, code: int, localizedDescription: str, underlying: BaseException | None = None):
+        self.domain = domain
+        self.code = code
+        self.localizedDescription = localizedDescription
+        self.underlyingError = underlying
+
+    def __repr__(self) -> str:
+        return f"NSError(domain={self.domain!r}, code={int(self.code)}, {self.localizedDescription!r})"
+
+
+class MTLStorageMode(enum.IntEnum):
+    """``MTLStorageMode``."""
+
+    shared = 0
+    managed = 1
+    private = 2
+    memoryless = 3
+
+
+class MTLCPUCacheMode(enum.IntEnum):
+    """``MTLCPUCacheMode``."""
+
+    defaultCache = 0
+    writeCombined = 1
+
+
+class MTLResourceOptions(enum.IntFlag):
+    """``MTLResourceOptions``."""
+
+    storageModeShared = 0
+    cpuCacheModeDefaultCache = 0
+    cpuCacheModeWriteCombined = 1
+    storageModeManaged = 1 << 4
+    storageModePrivate = 2 << 4
+    storageModeMemoryless = 3 << 4
+
+
+class MTLTextureUsage(enum.IntFlag):
+    """``MTLTextureUsage``."""
+
+    unknown = 0
+    shaderRead = 1
+    shaderWrite = 2
+    renderTarget = 4
+    pixelFormatView = 0x10
+
+
+class MTLTextureType(enum.IntEnum):
+    """``MTLTextureType`` (the two an ``MPSImage`` uses)."""
+
+    type2D = 2
+    type2DArray = 3
+
+
+class MPSDeviceOptions(enum.IntFlag):
+    """``MPSDeviceOptions``."""
+
+    default = 0
+    lowPower = 1
+    skipRemovable = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Devices
+
+
+class MTLDevice:
+    """``MTLDevice``: a compute device, the CPU or one CUDA GPU. One object per device."""
+
+    def __init__(self, kind: str, index: int = 0):
+        self._kind = kind
+        self._index = index
+        self._torch_device = torch.device("cpu") if kind == "cpu" else torch.device("cuda", index)
+        if kind == "cpu":
+            self._name = f"CPU ({platform.machine() or 'unknown'})"
+        else:
+            self._name = torch.cuda.get_device_name(index)
+        self.label = None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def registryID(self) -> int:
+        return 0 if self._kind == "cpu" else 1 + self._index
+
+    @property
+    def is_cuda(self) -> bool:
+        return self._kind == "cuda"
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The torch device this ``MTLDevice`` stands for (our addition)."""
+        return self._torch_device
+
+    def makeCommandQueue(self, maxCommandBufferCount: int | None = None) -> "MTLCommandQueue":
+        """``makeCommandQueue()`` / ``makeCommandQueue(maxCommandBufferCount:)``."""
+        if maxCommandBufferCount is not None and int(maxCommandBufferCount) < 1:
+            raise MPSValueError(f"MTLDevice.makeCommandQueue: maxCommandBufferCount={maxCommandBufferCount} must be >= 1")
+        return MTLCommandQueue(self)
+
+    def makeBuffer(self, *, length: int | None = None, bytes=None, bytesNoCopy=None,
+                   options: int = MTLResourceOptions.storageModeShared, deallocator=None) -> "MTLBuffer":
+        """``makeBuffer(length:options:)``, ``makeBuffer(bytes:length:options:)``,
+        ``makeBuffer(bytesNoCopy:length:options:deallocator:)``."""
+        if bytes is not None and bytesNoCopy is not None:
+            raise MPSTypeError("MTLDevice.makeBuffer: pass bytes= or bytesNoCopy=, not both")
+        if length is None:
+            raise MPSTypeError("MTLDevice.makeBuffer: length= is required")
+        length = int(length)
+        if length < 1:
+            raise MPSValueError(f"MTLDevice.makeBuffer: length={length} must be >= 1")
+        if bytesNoCopy is not None:
+            view = _byte_view(bytesNoCopy, "MTLDevice.makeBuffer(bytesNoCopy:)", writable=True)
+            if view.size < length:
+                raise MPSValueError(f"MTLDevice.makeBuffer: bytesNoCopy holds {view.size} bytes; length={length}")
+            return MTLBuffer(self, torch.from_numpy(view[:length]), options, deallocator)
+        data = torch.zeros(length, dtype=torch.uint8)
+        if bytes is not None:
+            view = _byte_view(bytes, "MTLDevice.makeBuffer(bytes:)")
+            if view.size < length:
+                raise MPSValueError(f"MTLDevice.makeBuffer: bytes holds {view.size} bytes; length={length}")
+            data.copy_(torch.from_numpy(view[:length].copy()))
+        return MTLBuffer(self, data, options, None)
+
+    def __repr__(self) -> str:
+        return f"<MTLDevice {self._torch_device} {self._name!r}>"
+
+
+_devices_lock = threading.Lock()
+_devices: dict[str, MTLDevice] = {}
+
+
+def _device(kind: str, index: int = 0) -> MTLDevice:
+    key = "cpu" if kind == "cpu" else f"cuda:{index}"
+    with _devices_lock:
+        if key not in _devices:
+            _devices[key] = MTLDevice(kind, index)
+        return _devices[key]
+
+
+def _cuda_count() -> int:
+    try:
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # a broken driver means no usable GPU, not a crash at import
+        return 0
+
+
+def MTLCopyAllDevices() -> list[MTLDevice]:
+    """``MTLCopyAllDevices()``: every CUDA GPU, then the CPU."""
+    return [_device("cuda", i) for i in range(_cuda_count())] + [_device("cpu")]
+
+
+def device_from_name(name: str) -> MTLDevice:
+    """``cpu``, ``cuda`` or ``cuda:N`` to its ``MTLDevice`` (our addition; ``MPSCONV_DEVICE`` uses it)."""
+    name = name.strip().lower()
+    if name == "cpu":
+        return _device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        index = 0 if name == "cuda" else name.split(":", 1)[1]
+        try:
+            index = int(index)
+        except ValueError:
+            raise MPSDeviceError(f"device {name!r} is not cpu, cuda or cuda:N") from None
+        count = _cuda_count()
+        if index >= count:
+            raise MPSDeviceError(f"device {name!r} is not usable: {count} CUDA GPU(s) found; use cpu")
+        return _device("cuda", index)
+    raise MPSDeviceError(f"device {name!r} is not cpu, cuda or cuda:N")
+
+
+def MTLCreateSystemDefaultDevice() -> MTLDevice:
+    """``MTLCreateSystemDefaultDevice()``: the first usable CUDA GPU, else the CPU.
+
+    ``MPSCONV_DEVICE=cpu|cuda|cuda:N`` overrides the choice.
+    """
+    override = config.device_override()
+    if override is not None:
+        return device_from_name(override)
+    return _device("cuda", 0) if _cuda_count() else _device("cpu")
+
+
+def MPSSupportsMTLDevice(device) -> bool:
+    """``MPSSupportsMTLDevice``: True for every device mpsconv made, False for None."""
+    return isinstance(device, MTLDevice)
+
+
+def MPSGetPreferredDevice(options: int = MPSDeviceOptions.default) -> MTLDevice:
+    """``MPSGetPreferredDevice``: the default device (every device we list is supported)."""
+    return MTLCreateSystemDefaultDevice()
+
+
+def MPSHintTemporaryMemoryHighWaterMark(cmdBuf: "MTLCommandBuffer", bytes: int) -> None:
+    """``MPSHintTemporaryMemoryHighWaterMark``: a hint; no observable effect."""
+    cmdBuf._check_open("MPSHintTemporaryMemoryHighWaterMark")
+
+
+def MPSSetHeapCacheDuration(cmdBuf: "MTLCommandBuffer", seconds: float) -> None:
+    """``MPSSetHeapCacheDuration``: a hint; raises after commit (undefined on Metal)."""
+    cmdBuf._check_open("MPSSetHeapCacheDuration")
+
+
+# --------------------------------------------------------------------------------------------
+# Buffers
+
+
+def _byte_view(obj, owner: str, writable: bool = False) -> np.ndarray:
+    """A flat uint8 NumPy view of a buffer-like object (NumPy array, tensor, bytes, MTLBuffer)."""
+    if isinstance(obj, MTLBuffer):
+        return obj.contents()
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type != "cpu":
+            raise MPSTypeError(f"{owner}: a {obj.device} tensor has no host bytes; pass a CPU tensor")
+        if not obj.is_contiguous():
+            raise MPSTypeError(f"{owner}: the tensor must be contiguous")
+        obj = obj.detach().numpy()
+    if isinstance(obj, np.ndarray):
+        if not obj.flags.c_contiguous:
+            raise MPSTypeError(f"{owner}: the array must be C-contiguous")
+        if writable and not obj.flags.writeable:
+            raise MPSTypeError(f"{owner}: the array is read-only")
+        return obj.reshape(-1).view(np.uint8)
+    try:
+        mv = memoryview(obj)
+    except TypeError:
+        raise MPSTypeError(f"{owner}: {type(obj).__name__} is not a buffer (use a NumPy array, tensor or bytes)") from None
+    if writable and mv.readonly:
+        raise MPSTypeError(f"{owner}: the buffer is read-only; pass a bytearray or a writable array")
+    return np.frombuffer(mv.cast("B"), dtype=np.uint8) if not mv.readonly else np.frombuffer(mv.tobytes(), np.uint8)
+
+
+class MTLBuffer:
+    """``MTLBuffer``: bytes on a device. ``contents()`` is a writable host view (shared storage)."""
+
+    def __init__(self, device: MTLDevice, data: torch.Tensor, options: int, deallocator: Callable | None):
+        self._device = device
+        self._data = data
+        self._options = MTLResourceOptions(int(options))
+        self._deallocator = deallocator
+        self.label = None
+
+    @property
+    def device(self) -> MTLDevice:
+        return self._device
+
+    @property
+    def length(self) -> int:
+        return self._data.numel()
+
+    @property
+    def resourceOptions(self) -> MTLResourceOptions:
+        return self._options
+
+    @property
+    def storageMode(self) -> MTLStorageMode:
+        return MTLStorageMode((int(self._options) >> 4) & 3)
+
+    @property
+    def cpuCacheMode(self) -> MTLCPUCacheMode:
+        return MTLCPUCacheMode(int(self._options) & 1)
+
+    def contents(self) -> np.ndarray:
+        """A writable uint8 NumPy view of the buffer's bytes."""
+        if self.storageMode == MTLStorageMode.private:
+            raise MPSValueError("MTLBuffer.contents: a buffer with storageModePrivate has no CPU view")
+        return self._data.numpy()
+
+    def didModifyRange(self, range) -> None:
+        """``didModifyRange(_:)``: accepted; our storage needs no flush."""
+
+    def as_float32(self, offset: int, count: int, owner: str) -> torch.Tensor:
+        """``count`` float32 values from byte ``offset`` (a view, our addition)."""
+        if offset % 4:
+            raise MPSValueError(f"{owner}: byte offset {offset} must be a multiple of 4")
+        if offset + 4 * count > self.length:
+            raise MPSValueError(f"{owner}: {count} floats from byte {offset} need {offset + 4 * count} bytes; "
+                                f"the buffer has {self.length}")
+        return self._data[offset: offset + 4 * count].view(torch.float32)
+
+    def __del__(self):
+        if self._deallocator is not None:
+            try:
+                self._deallocator(self._data, self.length)
+            except Exception:
+                pass
+
+
+# --------------------------------------------------------------------------------------------
+# Queues and command buffers
+
+
+class MTLCommandQueue:
+    """``MTLCommandQueue``: runs its command buffers in the order they were enqueued."""
+
+    def __init__(self, device: MTLDevice):
+        self._device = device
+        self.label = None
+        self._lock = threading.RLock()
+        self._pending: list[MTLCommandBuffer] = []
+        self._handlers: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @property
+    def device(self) -> MTLDevice:
+        return self._device
+
+    def makeCommandBuffer(self) -> "MTLCommandBuffer":
+        """``makeCommandBuffer()``."""
+        return MTLCommandBuffer(self, retained=True)
+
+    def makeCommandBufferWithUnretainedReferences(self) -> "MTLCommandBuffer":
+        """``makeCommandBufferWithUnretainedReferences()``."""
+        return MTLCommandBuffer(self, retained=False)
+
+    def commandBuffer(self) -> "MTLCommandBuffer":
+        """ObjC spelling of ``makeCommandBuffer()``."""
+        return self.makeCommandBuffer()
+
+    def _enqueue(self, cb: "MTLCommandBuffer") -> None:
+        with self._lock:
+            self._pending.append(cb)
+
+    def _drain(self) -> None:
+        """Run every committed buffer at the head of the queue, in order."""
+        with self._lock:
+            while self._pending and self._pending[0]._status >= MTLCommandBufferStatus.committed:
+                self._pending.pop(0)._run()
+
+    def _handler_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._handlers is None:
+                self._handlers = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="mpsconv-handlers")
+            return self._handlers
+
+
+class MTLComputeCommandEncoder:
+    """``MTLComputeCommandEncoder``: user work on a command buffer; end it before an MPS encode."""
+
+    def __init__(self, cb: "MTLCommandBuffer"):
+        self._cb = cb
+        self.label = None
+
+    @property
+    def device(self) -> MTLDevice:
+        return self._cb.device
+
+    def endEncoding(self) -> None:
+        if self._cb._open_encoder is self:
+            self._cb._open_encoder = None
+
+
+_handler_thread = threading.local()
+
+
+class MTLCommandBuffer:
+    """``MTLCommandBuffer``: encodes record work here; ``commit`` runs it."""
+
+    def __init__(self, queue: MTLCommandQueue, retained: bool = True):
+        self._queue = queue
+        self._retained = retained
+        self._status = MTLCommandBufferStatus.notEnqueued
+        self._error: NSError | None = None
+        self._work: list[Callable[[], None]] = []
+        self._scheduled_handlers: list[Callable] = []
+        self._completed_handlers: list[Callable] = []
+        self._completed = threading.Event()
+        self._handlers_done = threading.Event()
+        self._scheduled = threading.Event()
+        self._open_encoder: MTLComputeCommandEncoder | None = None
+        self._encode_lock = threading.Lock()
+        self.label = None
+
+    # -- properties
+    @property
+    def device(self) -> MTLDevice:
+        return self._queue.device
+
+    @property
+    def commandQueue(self) -> MTLCommandQueue:
+        return self._queue
+
+    @property
+    def retainedReferences(self) -> bool:
+        return self._retained
+
+    @property
+    def status(self) -> MTLCommandBufferStatus:
+        return self._status
+
+    @property
+    def error(self) -> NSError | None:
+        return self._error
+
+    # -- encoding (internal API used by kernels)
+    def _check_open(self, what: str) -> None:
+        if self._status >= MTLCommandBufferStatus.committed:
+            raise MPSCommandBufferError(
+                f"{what}: the command buffer is already committed (status {self._status.name}); "
+                "make a new one with queue.makeCommandBuffer()"
+            )
+
+    def _begin_encode(self, what: str) -> None:
+        """Start an MPS encode: raises if committed, if a user encoder is open, or if another encode is running."""
+        self._check_open(what)
+        if self._open_encoder is not None:
+            raise MPSCommandBufferError(
+                f"{what}: a compute command encoder is still open on this command buffer; call endEncoding() first"
+            )
+        if not self._encode_lock.acquire(blocking=False):
+            raise MPSCommandBufferError(
+                f"{what}: another encode into this command buffer is in progress; a command buffer is encoded "
+                "by one thread at a time (give each thread its own command buffer)"
+            )
+
+    def _end_encode(self) -> None:
+        self._encode_lock.release()
+
+    def _record(self, work: Callable[[], None]) -> None:
+        self._work.append(work)
+
+    # -- Metal API
+    def computeCommandEncoder(self) -> MTLComputeCommandEncoder:
+        """``makeComputeCommandEncoder()``: an encoder for user work (must be ended before MPS encodes)."""
+        self._check_open("MTLCommandBuffer.computeCommandEncoder")
+        if self._open_encoder is not None:
+            raise MPSCommandBufferError("MTLCommandBuffer.computeCommandEncoder: another encoder is still open")
+        self._open_encoder = MTLComputeCommandEncoder(self)
+        return self._open_encoder
+
+    makeComputeCommandEncoder = computeCommandEncoder
+
+    def addScheduledHandler(self, block: Callable) -> None:
+        """``addScheduledHandler(_:)``: must be called before ``commit()``."""
+        self._check_open("MTLCommandBuffer.addScheduledHandler")
+        self._scheduled_handlers.append(block)
+
+    def addCompletedHandler(self, block: Callable) -> None:
+        """``addCompletedHandler(_:)``: must be called before ``commit()``; runs once, after the work."""
+        self._check_open("MTLCommandBuffer.addCompletedHandler")
+        if not callable(block):
+            raise MPSTypeError(f"MTLCommandBuffer.addCompletedHandler: {block!r} is not callable")
+        self._completed_handlers.append(block)
+
+    def enqueue(self) -> None:
+        """``enqueue()``: reserve this buffer's place in its queue's order."""
+        if self._status != MTLCommandBufferStatus.notEnqueued:
+            if self._status >= MTLCommandBufferStatus.committed:
+                raise MPSCommandBufferError("MTLCommandBuffer.enqueue: the command buffer is already committed")
+            return
+        self._status = MTLCommandBufferStatus.enqueued
+        self._queue._enqueue(self)
+
+    def commit(self) -> None:
+        """``commit()``: submit. Buffers of one queue run in enqueue order."""
+        if self._status >= MTLCommandBufferStatus.committed:
+            raise MPSCommandBufferError("MTLCommandBuffer.commit: the command buffer was already committed")
+        if self._open_encoder is not None:
+            raise MPSCommandBufferError("MTLCommandBuffer.commit: a compute command encoder is still open")
+        self.enqueue()
+        self._status = MTLCommandBufferStatus.committed
+        self._queue._drain()
+
+    def _run(self) -> None:
+        self._status = MTLCommandBufferStatus.scheduled
+        self._scheduled.set()
+        work, self._work = self._work, []
+        try:
+            for item in work:
+                item()
+            if self.device.is_cuda:
+                torch.cuda.synchronize(self.device.torch_device)
+        except Exception as exc:  # the error lands in status/error, as on Metal
+            self._error = NSError(MTLCommandBufferErrorDomain, MTLCommandBufferError.internal,
+                                  f"{type(exc).__name__}: {exc}", exc)
+            self._status = MTLCommandBufferStatus.error
+        else:
+            self._status = MTLCommandBufferStatus.completed
+        self._completed.set()
+        handlers = self._scheduled_handlers + self._completed_handlers
+        if handlers:
+            self._queue._handler_pool().submit(self._run_handlers, handlers)
+        else:
+            self._handlers_done.set()
+
+    def _run_handlers(self, handlers) -> None:
+        _handler_thread.active = True
+        try:
+            for handler in handlers:
+                try:
+                    handler(self)
+                except Exception as exc:  # a user handler's failure must not stop the others
+                    import warnings
+
+                    warnings.warn(f"mpsconv: a command buffer handler raised {type(exc).__name__}: {exc}")
+        finally:
+            _handler_thread.active = False
+            self._handlers_done.set()
+
+    def waitUntilScheduled(self) -> None:
+        """``waitUntilScheduled()``."""
+        if self._status < MTLCommandBufferStatus.committed:
+            raise MPSCommandBufferError("MTLCommandBuffer.waitUntilScheduled: commit() the command buffer first")
+        self._scheduled.wait()
+
+    def waitUntilCompleted(self) -> None:
+        """``waitUntilCompleted()``: blocks until the work and its completed handlers are done.
+
+        Raises ``MPSCommandBufferError`` before ``commit()`` (Metal would deadlock) and when the
+        buffer failed (``status == .error``; the cause is in ``error``).
+        """
+        if self._status < MTLCommandBufferStatus.committed:
+            raise MPSCommandBufferError("MTLCommandBuffer.waitUntilCompleted: commit() the command buffer first")
+        self._completed.wait()
+        if not getattr(_handler_thread, "active", False):
+            self._handlers_done.wait()
+        if self._status == MTLCommandBufferStatus.error:
+            raise MPSCommandBufferError(
+                f"MTLCommandBuffer: the command buffer failed: {self._error.localizedDescription}"
+            ) from self._error.underlyingError
+
+    def __repr__(self) -> str:
+        return f"<MTLCommandBuffer {self.label or ''} status={self._status.name} on {self.device.torch_device}>"
