@@ -198,6 +198,8 @@ class ConvProblem:
     edge: EdgeMode
     neuron: NeuronSpec
     identity: bool = False
+    src_format: int = 4  # MPSImageFeatureChannelFormat raw values (float32)
+    dst_format: int = 4
 
     @property
     def empty(self) -> bool:
@@ -256,6 +258,7 @@ def resolve_forward(
     edge: int,
     neuron: NeuronSpec,
     fully_connected: bool = False,
+    formats: tuple[int, int] = (4, 4),
 ) -> ConvProblem:
     """Resolve a forward encode (spec ``kernel-image.md`` §2.4) or raise naming what is wrong.
 
@@ -340,4 +343,6 @@ def resolve_forward(
         edge=EdgeMode(edge),
         neuron=neuron,
         identity=identity,
+        src_format=formats[0],
+        dst_format=formats[1],
     )

@@ -1,0 +1,53 @@
+"""mpsconv: Apple's Metal Performance Shaders convolution family for Python, on CUDA GPUs and any CPU.
+
+Public names keep Apple's Swift spellings (``MPSCNNConvolution``, ``kernelWidth``,
+``encode(commandBuffer=, sourceImage=, destinationImage=)``); our own additions read as Python
+(``MPSImage.from_numpy``, ``image.numpy()``, ``mpsconv.save``).
+"""
+from .coding import NSCoder, NSKeyedArchiver, NSKeyedUnarchiver, load, save
+from .config import use_backend
+from .convolution import MPSCNNConvolution, MPSCNNFullyConnected
+from .datasource import MPSCNNConvolutionDataSource
+from .descriptor import (
+    MPSCNNBinaryConvolutionFlags, MPSCNNBinaryConvolutionType, MPSCNNConvolutionDescriptor,
+    MPSCNNConvolutionFlags, MPSCNNConvolutionGradientOption, MPSCNNConvolutionWeightsLayout,
+    MPSCNNDepthWiseConvolutionDescriptor, MPSCNNSubPixelConvolutionDescriptor, MPSCNNWeightsQuantizationType,
+    MPSNNConvolutionAccumulatorPrecisionOption,
+)
+from .errors import (
+    MPSArchiveError, MPSCommandBufferError, MPSConvError, MPSDeviceError, MPSTypeError, MPSValueError,
+)
+from .geometry import MPSNNPaddingMethod
+from .image import (
+    MPSDataLayout, MPSImage, MPSImageAllocator, MPSImageBatch, MPSImageBatchIncrementReadCount,
+    MPSImageBatchIterate, MPSImageBatchResourceSize, MPSImageBatchSynchronize, MPSImageDescriptor,
+    MPSImageFeatureChannelFormat, MPSImageReadWriteParams, MPSPurgeableState, MPSTemporaryImage, MTLPixelFormat,
+    MTLTexture, MTLTextureDescriptor,
+)
+from .kernel import (
+    MPSCNNKernel, MPSImageEdgeMode, MPSKernel, MPSKernelOptions, MPSNNDefaultPadding, MPSNNPadding, MPSOrigin,
+    MPSRegion, MPSSize,
+)
+from .metal import (
+    MPSDeviceOptions, MPSGetPreferredDevice, MPSHintTemporaryMemoryHighWaterMark, MPSSetHeapCacheDuration,
+    MPSSupportsMTLDevice, MTLBuffer, MTLCommandBuffer, MTLCommandBufferError, MTLCommandBufferErrorDomain,
+    MTLCommandBufferStatus, MTLCommandQueue, MTLComputeCommandEncoder, MTLCopyAllDevices, MTLCPUCacheMode,
+    MTLCreateSystemDefaultDevice, MTLDevice, MTLResourceOptions, MTLStorageMode, MTLTextureType, MTLTextureUsage,
+    NSError,
+)
+from .neuron import (
+    MPSCNNNeuron, MPSCNNNeuronAbsolute, MPSCNNNeuronELU, MPSCNNNeuronExponential, MPSCNNNeuronHardSigmoid,
+    MPSCNNNeuronLinear, MPSCNNNeuronLogarithm, MPSCNNNeuronPower, MPSCNNNeuronPReLU, MPSCNNNeuronReLU,
+    MPSCNNNeuronReLUN, MPSCNNNeuronSigmoid, MPSCNNNeuronSoftPlus, MPSCNNNeuronSoftSign, MPSCNNNeuronTanH,
+    MPSCNNNeuronType, MPSNNNeuronDescriptor,
+)
+from .types import (
+    MPSDataType, MPSOffset, MPSRectNoClip, MTLOrigin, MTLRegion, MTLRegionMake2D, MTLRegionMake3D, MTLSize,
+    NSIntegerMin, NSUIntegerMax,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [name for name in dir() if not name.startswith("_") and name not in {
+    "coding", "config", "convolution", "datasource", "descriptor", "errors", "geometry", "image", "kernel",
+    "metal", "neuron", "types", "backends"}]

@@ -1,0 +1,81 @@
+"""The reference backend: NumPy, float64, written from the spec to be obviously correct.
+
+It gathers every window tap of the clip region through the edge mode (an index view of the
+source) and contracts it with the weights in one ``einsum`` per problem. It is the oracle every
+test compares the fast paths against, and it covers every feature.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..geometry import ConvProblem, EdgeMode
+from ..image import MPSImageFeatureChannelFormat as F, storage_to_values, values_to_storage
+from ..neuron import NUMPY_OPS, apply_neuron
+
+
+class Prepared:
+    def __init__(self, weights, bias, prelu):
+        self.weights = None if weights is None else np.asarray(weights, np.float64)  # [O, kH, kW, Ig]
+        self.bias = None if bias is None else np.asarray(bias, np.float64)
+        self.prelu = None if prelu is None else np.asarray(prelu, np.float64)
+
+
+def taps(first: int, count: int, stride: int, k: int, dilation: int, size: int, edge: EdgeMode):
+    """Source coordinates ``[count, k]`` of each output's taps on one axis, and where they are inside."""
+    coords = first + np.arange(count)[:, None] * stride + np.arange(k)[None, :] * dilation
+    inside = (coords >= 0) & (coords < size)
+    return np.clip(coords, 0, size - 1), inside if edge == EdgeMode.zero else np.ones_like(inside)
+
+
+def gather_windows(x: np.ndarray, problem: ConvProblem) -> np.ndarray:
+    """``[n, oh, ow, kH, kW, C]``: every tap of every output pixel, read through the edge mode."""
+    (oh, ow), (kh, kw) = problem.out_size, problem.kernel
+    ys, y_in = taps(problem.tap0[0], oh, problem.stride[0], kh, problem.dilation[0], x.shape[1], problem.edge)
+    xs, x_in = taps(problem.tap0[1], ow, problem.stride[1], kw, problem.dilation[1], x.shape[2], problem.edge)
+    windows = x[:, ys[:, None, :, None], xs[None, :, None, :], :]  # [n, oh, ow, kh, kw, C]
+    mask = y_in[:, None, :, None] & x_in[None, :, None, :]
+    return windows * mask[None, :, :, :, :, None]
+
+
+def forward(problem: ConvProblem, src: torch.Tensor, dst: torch.Tensor, prepared: Prepared) -> None:
+    if problem.empty:
+        return
+    n, i0, c0 = problem.n_images, problem.src_image0, problem.src_channel0
+    raw = src[i0:i0 + n, :, :, c0:c0 + problem.in_channels].cpu()
+    x = storage_to_values(raw, F(problem.src_format), torch.float64).numpy()
+    windows = gather_windows(x, problem)
+    if problem.identity:
+        out = windows[:, :, :, 0, 0, :]
+    else:
+        g = problem.groups
+        nb, oh, ow, kh, kw, _ = windows.shape
+        grouped = windows.reshape(nb, oh, ow, kh, kw, g, -1)
+        w = prepared.weights.reshape(g, problem.out_channels // g, kh, kw, -1)
+        out = np.einsum("nyxqpgc,goqpc->nyxgo", grouped, w, optimize=True).reshape(nb, oh, ow, -1)
+        if prepared.bias is not None:
+            out = out + prepared.bias
+    with np.errstate(all="ignore"):
+        prelu = None if prepared.prelu is None else prepared.prelu[: out.shape[-1]]
+        out = apply_neuron(out, problem.neuron, prelu, NUMPY_OPS)
+    (y0, x0), (oh, ow), d0 = problem.out_origin, problem.out_size, problem.dst_channel0
+    stored = values_to_storage(torch.from_numpy(np.ascontiguousarray(out)), F(problem.dst_format))
+    dst[problem.dst_image0:problem.dst_image0 + n, y0:y0 + oh, x0:x0 + ow, d0:d0 + out.shape[-1]] = \
+        stored.to(dst.device)
+
+
+class _Reference:
+    name = "reference"
+
+    @staticmethod
+    def supports(problem, device) -> bool:
+        return True
+
+    @staticmethod
+    def prepare(weights, bias, prelu, device) -> Prepared:
+        return Prepared(weights, bias, prelu)
+
+    forward = staticmethod(forward)
+
+
+BACKEND = _Reference()

@@ -1,0 +1,245 @@
+"""``MPSCNNConvolution`` and ``MPSCNNFullyConnected`` (spec ``convolution.md`` §6–§9)."""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+
+from .datasource import LoadedWeights, _ArrayDataSource, load_weights, read_array
+from .descriptor import (
+    MPSCNNConvolutionDescriptor, MPSCNNConvolutionFlags, MPSNNConvolutionAccumulatorPrecisionOption,
+)
+from .errors import MPSTypeError, MPSValueError, not_implemented
+from .geometry import MPSNNPaddingMethod, NeuronSpec
+from .kernel import MPSCNNKernel
+from .metal import MTLDevice
+from .neuron import MPSCNNNeuronType, MPSNNNeuronDescriptor, _deprecated
+from .types import MPSDataType
+
+Accumulator = MPSNNConvolutionAccumulatorPrecisionOption
+
+_INITIALIZERS = (
+    "MPSCNNConvolution(device=, weights=dataSource)",
+    "MPSCNNConvolution(device=, convolutionDescriptor=, kernelWeights=, biasTerms=, flags=) (deprecated)",
+    "MPSCNNConvolution(coder=, device=)",
+)
+
+
+class MPSCNNConvolution(MPSCNNKernel):
+    """``MPSCNNConvolution``: cross-correlation + bias + inference batch norm + fused neuron.
+
+    For each destination pixel of the clip region and output channel ``o``::
+
+        D(X, Y, dfo + o) = f(B'[o] + Σ_{q,p,c} W'[o][q][p][c] · S̃(xs(u, p), ys(v, q), sfo + grp(o)·Ig + c))
+
+    with the window centred at ``offset + (u·strideX, v·strideY)`` (spec §1.2) and ``W'``, ``B'`` the
+    effective weights (batch norm folded, float16-rounded unless the data source asks for float32).
+
+    Initializers (keyword sets, as Swift's overloads):
+      ``MPSCNNConvolution(device=, weights=dataSource)``: the designated one.
+      ``MPSCNNConvolution(device=, convolutionDescriptor=, kernelWeights=, biasTerms=, flags=)``:
+      deprecated; float32 OHWI weights, always rounded to float16; cannot be archived.
+      ``MPSCNNConvolution(coder=, device=)``: from an archive (see ``mpsconv.coding``).
+
+    Example:
+        >>> import numpy as np
+        >>> from mpsconv import *
+        >>> dev = MTLCreateSystemDefaultDevice()
+        >>> desc = MPSCNNConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=1,
+        ...                                    outputFeatureChannels=1)
+        >>> conv = MPSCNNConvolution(device=dev, convolutionDescriptor=desc, kernelWeights=np.ones(9),
+        ...                          biasTerms=None, flags=MPSCNNConvolutionFlags.none)  # doctest: +SKIP
+    """
+
+    _default_padding_method = MPSNNPaddingMethod.sizeSame
+
+    def __init__(self, **kwargs):
+        keys = frozenset(kwargs)
+        owner = type(self).__name__
+        if keys == {"device", "weights"}:
+            self._init_data_source(kwargs["device"], kwargs["weights"])
+        elif keys in ({"device", "convolutionDescriptor", "kernelWeights", "biasTerms", "flags"},
+                      {"device", "convolutionDescriptor", "kernelWeights", "biasTerms"}):
+            _deprecated(f"{owner}(device:convolutionDescriptor:kernelWeights:biasTerms:flags:)",
+                        f"{owner}(device=, weights=dataSource)")
+            self._init_pointers(kwargs["device"], kwargs["convolutionDescriptor"], kwargs["kernelWeights"],
+                                kwargs["biasTerms"], kwargs.get("flags", MPSCNNConvolutionFlags.none))
+        elif keys in ({"coder", "device"}, {"coder"}):
+            kwargs["coder"].decodeInto(self, kwargs.get("device"))
+        else:
+            unavailable = " (init(device:) alone is unavailable)" if keys == {"device"} else ""
+            raise MPSTypeError(f"{owner}({', '.join(sorted(keys))}){unavailable}: valid initializers are "
+                               + "; ".join(i.replace("MPSCNNConvolution", owner) for i in _INITIALIZERS))
+
+    # -- construction
+    def _init_data_source(self, device, data_source, archivable: bool = True) -> None:
+        self._init_cnn_kernel(device)
+        self._accumulator = Accumulator.float
+        self._data_source = data_source
+        self._archivable = archivable
+        self._install(self._load())
+        self.label = self._loaded.label
+
+    def _init_pointers(self, device, descriptor, kernel_weights, bias_terms, flags) -> None:
+        owner = type(self).__name__
+        if not isinstance(descriptor, MPSCNNConvolutionDescriptor):
+            raise MPSTypeError(f"{owner}: convolutionDescriptor={descriptor!r} must be an MPSCNNConvolutionDescriptor")
+        try:
+            flags = MPSCNNConvolutionFlags(int(flags))
+        except (TypeError, ValueError):
+            raise MPSValueError(f"{owner}: flags={flags!r}; MPSCNNConvolutionFlags.none (0) is the only value") from None
+        desc = descriptor.copy()
+        desc._check_for_kernel(owner)
+        count = desc.outputFeatureChannels * desc.kernelHeight * desc.kernelWidth * \
+            (desc.inputFeatureChannels // desc.groups)
+        weights = read_array(kernel_weights, np.float32, count, owner, "kernelWeights")
+        bias = None if bias_terms is None else \
+            read_array(bias_terms, np.float32, desc.outputFeatureChannels, owner, "biasTerms")
+        self._init_data_source(device, _ArrayDataSource(desc, weights, bias), archivable=False)
+
+    def _load(self) -> LoadedWeights:
+        return load_weights(self._data_source, type(self).__name__, accumulator=self._accumulator,
+                            check_descriptor=self._check_descriptor)
+
+    def _install(self, loaded: LoadedWeights) -> None:
+        self._loaded = loaded
+        self._param_tuple = (loaded.weights, loaded.bias, loaded.prelu)
+
+    def _check_descriptor(self, descriptor: MPSCNNConvolutionDescriptor) -> None:
+        """Class-specific descriptor rules (subclasses add theirs)."""
+        if type(descriptor) is not MPSCNNConvolutionDescriptor:
+            raise not_implemented(f"{type(descriptor).__name__} kernels", 3)
+
+    def _copy_into(self, other, device) -> None:
+        """Spec §6.5: the data source's ``copy(zone, device)`` if it takes a device, else
+        ``copy(zone)``, else the copy shares the data source."""
+        copy = getattr(self._data_source, "copy", None)
+        if callable(copy):
+            if "device" in inspect.signature(copy).parameters:
+                other._data_source = copy(None, device=device or self._device)
+            else:
+                other._data_source = copy(None)
+        other.__dict__.pop("_prepared_cache", None)
+
+    # -- properties
+    @property
+    def _desc(self) -> MPSCNNConvolutionDescriptor:
+        return self._loaded.descriptor
+
+    inputFeatureChannels = property(lambda self: self._desc.inputFeatureChannels)
+    outputFeatureChannels = property(lambda self: self._desc.outputFeatureChannels)
+    groups = property(lambda self: self._desc.groups)
+    kernelWidth = property(lambda self: self._desc.kernelWidth)
+    kernelHeight = property(lambda self: self._desc.kernelHeight)
+    strideInPixelsX = property(lambda self: self._desc.strideInPixelsX)
+    strideInPixelsY = property(lambda self: self._desc.strideInPixelsY)
+    dilationRateX = property(lambda self: self._desc.dilationRateX)
+    dilationRateY = property(lambda self: self._desc.dilationRateY)
+    dataSource = property(lambda self: self._data_source)
+    subPixelScaleFactor = property(lambda self: 1)
+    channelMultiplier = property(lambda self: 0)
+
+    @property
+    def accumulatorPrecisionOption(self) -> Accumulator:
+        return self._accumulator
+
+    @accumulatorPrecisionOption.setter
+    def accumulatorPrecisionOption(self, value) -> None:
+        value = Accumulator(int(value) & 1)
+        if value == Accumulator.half and self._loaded.kernel_weights_type == MPSDataType.float32:
+            raise MPSValueError(f"{type(self).__name__}: accumulatorPrecisionOption=.half is not allowed with "
+                                "float32 kernel weights (kernelWeightsDataType() == float32)")
+        self._accumulator = value
+
+    @property
+    def fusedNeuronDescriptor(self) -> MPSNNNeuronDescriptor:
+        return self._desc._active_neuron().copy()
+
+    @property
+    def neuron(self):
+        _deprecated(f"{type(self).__name__}.neuron", "fusedNeuronDescriptor")
+        return self._desc._neuron
+
+    @property
+    def neuronType(self) -> MPSCNNNeuronType:
+        _deprecated(f"{type(self).__name__}.neuronType", "fusedNeuronDescriptor.neuronType")
+        return self._desc._active_neuron().neuronType
+
+    def _legacy_parameter(self, name: str) -> float:
+        _deprecated(f"{type(self).__name__}.neuronParameter{name.upper()}", f"fusedNeuronDescriptor.{name}")
+        neuron = self._desc._active_neuron()
+        return 1.0 if neuron.neuronType == MPSCNNNeuronType.none else getattr(neuron, name)
+
+    neuronParameterA = property(lambda self: self._legacy_parameter("a"))
+    neuronParameterB = property(lambda self: self._legacy_parameter("b"))
+    neuronParameterC = property(lambda self: self._legacy_parameter("c"))
+
+    # -- kernel interface
+    def _channels(self):
+        d = self._desc
+        return d.inputFeatureChannels, d.outputFeatureChannels, d.groups
+
+    def _neuron(self) -> NeuronSpec:
+        return self._loaded.neuron
+
+    def _params(self):
+        return self._param_tuple
+
+    def encodingStorageSize(self, *, sourceImage, sourceStates=None, destinationImage=None) -> int:
+        """The float32 intermediate the backends allocate: ``O x H x W`` of the destination."""
+        image = destinationImage if destinationImage is not None else sourceImage
+        return 4 * self.outputFeatureChannels * image.width * image.height * image.numberOfImages
+
+    # -- weights
+    def reloadWeightsAndBiasesFromDataSource(self) -> None:
+        """Re-run the data-source cycle; encodes issued afterwards use the new weights."""
+        if not self._archivable:
+            raise MPSValueError(f"{type(self).__name__}.reloadWeightsAndBiasesFromDataSource: a kernel made with "
+                                "the deprecated pointer initializer has no data source to reload")
+        self._install(self._load())
+
+    def reloadWeightsAndBiases(self, with_=None, /, **kwargs) -> None:
+        """``reloadWeightsAndBiases(with: dataSource)`` (deprecated; the argument is ignored) and
+        ``reloadWeightsAndBiases(with: commandBuffer, state:)`` (training, issue 4)."""
+        if "state" in kwargs:
+            raise not_implemented("reloadWeightsAndBiases(with:state:)", 4)
+        _deprecated("reloadWeightsAndBiases(with: dataSource)", "reloadWeightsAndBiasesFromDataSource()")
+        self.reloadWeightsAndBiasesFromDataSource()
+
+    reloadWeightsAndBiasesWithDataSource = reloadWeightsAndBiases
+
+    def exportWeightsAndBiases(self, *args, **kwargs):
+        """``exportWeightsAndBiases(with:resultStateCanBeTemporary:)``: waits for issue 4."""
+        raise not_implemented("exportWeightsAndBiases (MPSCNNConvolutionWeightsAndBiasesState)", 4)
+
+    def resultState(self, *, sourceImage, sourceStates=None, destinationImage=None):
+        raise not_implemented("MPSCNNConvolution.resultState (MPSCNNConvolutionGradientState)", 4)
+
+    resultStateBatch = temporaryResultState = temporaryResultStateBatch = resultState
+
+
+class MPSCNNFullyConnected(MPSCNNConvolution):
+    """``MPSCNNFullyConnected``: a convolution whose window is the whole source; writes one pixel.
+
+    ``r(o) = B'[o] + Σ_{y,x,c} W'[o][y][x][c] · S(x, y, sfo + c)``, i.e. a matrix-vector product
+    per image. The window must equal the source (``kernelWidth == width``, ``kernelHeight ==
+    height``, checked at encode); ``offset`` x/y is ignored; the clip region is one pixel. The
+    default padding policy is valid-only, so the allocating encode returns a 1x1 image.
+    """
+
+    _default_padding_method = MPSNNPaddingMethod.sizeValidOnly
+    _fully_connected = True
+
+    def _check_descriptor(self, descriptor) -> None:
+        super()._check_descriptor(descriptor)
+        owner = type(self).__name__
+        if descriptor.strideInPixelsX != 1 or descriptor.strideInPixelsY != 1:
+            raise MPSValueError(f"{owner}: strideInPixelsX={descriptor.strideInPixelsX}, strideInPixelsY="
+                                f"{descriptor.strideInPixelsY}; a fully connected kernel has stride 1")
+        if descriptor.groups != 1:
+            raise MPSValueError(f"{owner}: groups={descriptor.groups}; a fully connected kernel has groups 1")
+        if descriptor.dilationRateX != 1 or descriptor.dilationRateY != 1:
+            raise MPSValueError(f"{owner}: dilation {descriptor.dilationRateX}x{descriptor.dilationRateY}; the "
+                                "window of a fully connected kernel is the whole source (dilation 1)")
+
+

@@ -1,0 +1,247 @@
+"""The ``MPSCNNConvolutionDataSource`` protocol and the one weight-loading cycle (spec §6, §7).
+
+``load_weights`` runs ``load()`` -> reads -> ``purge()`` (balanced even when a read fails), then
+turns what the data source returned into the kernel's *effective* weights: dequantize (uint8) ->
+fold inference batch norm (float32) -> round to the kernel weight type (float16 unless the data
+source asks for float32). Everything a kernel computes with is copied; the data source may free
+its memory after ``purge()``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .descriptor import (
+    MPSCNNConvolutionDescriptor, MPSCNNConvolutionWeightsLayout, MPSCNNWeightsQuantizationType,
+    MPSNNConvolutionAccumulatorPrecisionOption,
+)
+from .errors import MPSTypeError, MPSValueError
+from .geometry import NeuronSpec
+from .types import MPSDataType
+
+_REQUIRED = ("dataType", "descriptor", "weights", "biasTerms", "load", "purge", "label")
+
+
+class MPSCNNConvolutionDataSource:
+    """``MPSCNNConvolutionDataSource``: subclass it (or duck-type it) to supply a kernel's parameters.
+
+    Required: ``dataType()``, ``descriptor()``, ``weights()``, ``biasTerms()``, ``load()``,
+    ``purge()``, ``label()``, ``copy(zone)``. Optional: ``weightsQuantizationType()``,
+    ``rangesForUInt8Kernel()``, ``lookupTableForUInt8Kernel()``, ``weightsLayout()``,
+    ``kernelWeightsDataType()``, ``update(...)``, ``copy(zone, device)``.
+
+    ``weights()`` returns ``O·kH·kW·(I/G)`` values of ``dataType()`` in ``[O][kH][kW][I/G]`` order:
+    a NumPy array, tensor, list, or raw bytes. ``biasTerms()`` returns ``O`` float32 values or None.
+    """
+
+    def dataType(self) -> MPSDataType:
+        raise NotImplementedError
+
+    def descriptor(self) -> MPSCNNConvolutionDescriptor:
+        raise NotImplementedError
+
+    def weights(self):
+        raise NotImplementedError
+
+    def biasTerms(self):
+        return None
+
+    def load(self) -> bool:
+        return True
+
+    def purge(self) -> None:
+        return None
+
+    def label(self) -> str | None:
+        return None
+
+    def copy(self, zone=None, /, device=None):
+        return self
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What a kernel keeps from its data source: effective parameters and a descriptor snapshot."""
+
+    descriptor: MPSCNNConvolutionDescriptor
+    weights: np.ndarray  # float32 [O, kH, kW, Ig], effective (folded, rounded)
+    bias: np.ndarray  # float32 [O]
+    neuron: NeuronSpec
+    prelu: np.ndarray | None  # float32 [O] for pReLU
+    label: str | None
+    kernel_weights_type: MPSDataType  # float16 or float32
+
+
+_NUMPY = {MPSDataType.float32: np.float32, MPSDataType.float16: np.float16, MPSDataType.uInt8: np.uint8}
+
+
+def read_array(data, dtype, count: int, owner: str, what: str) -> np.ndarray:
+    """``count`` elements of ``dtype`` from a pointer-like value (array, tensor, list, bytes), copied."""
+    if data is None:
+        raise MPSValueError(f"{owner}: {what} is None")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raw = bytes(data)
+        itemsize = np.dtype(dtype).itemsize
+        if len(raw) != count * itemsize:
+            raise MPSValueError(f"{owner}: {what} holds {len(raw)} bytes; {count} elements of "
+                                f"{np.dtype(dtype).name} need {count * itemsize}")
+        return np.frombuffer(raw, dtype=dtype).copy()
+    if isinstance(data, torch.Tensor):
+        data = data.detach().cpu().numpy()
+    try:
+        values = np.asarray(data)
+    except (TypeError, ValueError):
+        raise MPSTypeError(f"{owner}: {what} must be an array, tensor, list or bytes, not {type(data).__name__}") from None
+    if values.size != count:
+        raise MPSValueError(f"{owner}: {what} holds {values.size} elements; expected {count}")
+    if values.dtype.kind not in "fiub":
+        raise MPSTypeError(f"{owner}: {what} has dtype {values.dtype}; expected numbers")
+    return values.reshape(-1).astype(dtype, copy=True)
+
+
+def _optional(ds, name: str):
+    method = getattr(ds, name, None)
+    return method if callable(method) else None
+
+
+def _data_type(value, owner: str, what: str) -> MPSDataType:
+    try:
+        return MPSDataType(int(value))
+    except (TypeError, ValueError):
+        raise MPSValueError(f"{owner}: {what}={value!r} is not an MPSDataType") from None
+
+
+def check_protocol(ds, owner: str) -> None:
+    missing = [name for name in _REQUIRED if not callable(getattr(ds, name, None))]
+    if missing:
+        raise MPSTypeError(f"{owner}: weights={type(ds).__name__} does not implement the MPSCNNConvolutionDataSource "
+                           f"method(s) {', '.join(missing)}")
+
+
+def load_weights(ds, owner: str, *, accumulator: MPSNNConvolutionAccumulatorPrecisionOption,
+                 check_descriptor) -> LoadedWeights:
+    """Run the data-source cycle once and return the effective parameters (spec §6.1, §7).
+
+    ``check_descriptor(descriptor)`` applies the kernel class's own rules to the descriptor.
+    """
+    check_protocol(ds, owner)
+    if not ds.load():
+        raise MPSValueError(f"{owner}: dataSource.load() returned False; the kernel cannot be built")
+    try:
+        desc = ds.descriptor()
+        if not isinstance(desc, MPSCNNConvolutionDescriptor):
+            raise MPSTypeError(f"{owner}: dataSource.descriptor() returned {type(desc).__name__}; expected an "
+                               "MPSCNNConvolutionDescriptor")
+        desc = desc.copy()  # a snapshot: later changes to the data source's descriptor do not reach the kernel
+        desc._check_for_kernel(owner)
+        check_descriptor(desc)
+        neuron, prelu = desc._resolve_neuron(owner)
+        o, i, g = desc.outputFeatureChannels, desc.inputFeatureChannels, desc.groups
+        shape = (o, desc.kernelHeight, desc.kernelWidth, i // g)
+        count = int(np.prod(shape))
+
+        layout = _optional(ds, "weightsLayout")
+        if layout is not None and int(layout()) != MPSCNNConvolutionWeightsLayout.OHWI:
+            raise MPSValueError(f"{owner}: dataSource.weightsLayout()={layout()!r}; only OHWI (0) exists")
+
+        data_type = _data_type(ds.dataType(), owner, "dataSource.dataType()")
+        if data_type not in _NUMPY:
+            raise MPSValueError(f"{owner}: dataSource.dataType()={data_type.name} is not accepted for weights; "
+                                "use float32, float16 or uInt8")
+        kernel_type_method = _optional(ds, "kernelWeightsDataType")
+        kernel_type = MPSDataType.float16 if kernel_type_method is None else \
+            _data_type(kernel_type_method(), owner, "dataSource.kernelWeightsDataType()")
+        if kernel_type not in (MPSDataType.float16, MPSDataType.float32):
+            raise MPSValueError(f"{owner}: kernelWeightsDataType()={kernel_type.name}; use float16 or float32")
+        if kernel_type == MPSDataType.float32:
+            if data_type != MPSDataType.float32:
+                raise MPSValueError(f"{owner}: kernelWeightsDataType()=float32 needs dataType()=float32, not "
+                                    f"{data_type.name}")
+            if accumulator == MPSNNConvolutionAccumulatorPrecisionOption.half:
+                raise MPSValueError(f"{owner}: float32 kernel weights need accumulatorPrecisionOption=.float")
+
+        raw = read_array(ds.weights(), _NUMPY[data_type], count, owner, "dataSource.weights()")
+        if data_type == MPSDataType.uInt8:
+            weights = _dequantize(ds, raw.reshape(o, -1), owner).reshape(shape)
+        else:
+            weights = raw.astype(np.float32).reshape(shape)
+        bias_data = ds.biasTerms()
+        bias = np.zeros(o, np.float32) if bias_data is None else \
+            read_array(bias_data, np.float32, o, owner, "dataSource.biasTerms()")
+        label = ds.label()
+    finally:
+        ds.purge()
+
+    if desc._batch_norm is not None:
+        scale, shift = desc._batch_norm.fold()
+        weights = weights * scale.reshape(-1, 1, 1, 1)
+        bias = bias * scale + shift
+    weights = round_weights(weights, kernel_type)
+    return LoadedWeights(desc, weights, bias.astype(np.float32), neuron, prelu, label, kernel_type)
+
+
+def round_weights(weights: np.ndarray, kernel_type: MPSDataType) -> np.ndarray:
+    """The weight-precision rule (§0.2): float16 round-to-nearest-even unless float32 is asked for."""
+    weights = weights.astype(np.float32)
+    if kernel_type == MPSDataType.float16:
+        weights = weights.astype(np.float16).astype(np.float32)
+    return weights
+
+
+def _dequantize(ds, raw: np.ndarray, owner: str) -> np.ndarray:
+    """uint8 weights -> float32, per output channel row (spec §7.2, §7.3)."""
+    ranges, table = _optional(ds, "rangesForUInt8Kernel"), _optional(ds, "lookupTableForUInt8Kernel")
+    qtype_method = _optional(ds, "weightsQuantizationType")
+    if qtype_method is not None:
+        qtype = MPSCNNWeightsQuantizationType(int(qtype_method()))
+    elif ranges is not None:
+        qtype = MPSCNNWeightsQuantizationType.linear
+    elif table is not None:
+        qtype = MPSCNNWeightsQuantizationType.lookupTable
+    else:
+        qtype = MPSCNNWeightsQuantizationType.none
+    o = raw.shape[0]
+    if qtype == MPSCNNWeightsQuantizationType.linear:
+        if ranges is None:
+            raise MPSValueError(f"{owner}: linear uInt8 weights need dataSource.rangesForUInt8Kernel()")
+        mm = read_array(ranges(), np.float32, 2 * o, owner, "rangesForUInt8Kernel()").reshape(o, 2)
+        lo, hi = mm[:, :1], mm[:, 1:]
+        return (raw.astype(np.float32) / np.float32(255.0)) * (hi - lo) + lo
+    if qtype == MPSCNNWeightsQuantizationType.lookupTable:
+        if table is None:
+            raise MPSValueError(f"{owner}: lookup-table uInt8 weights need dataSource.lookupTableForUInt8Kernel()")
+        lut = read_array(table(), np.float32, 256, owner, "lookupTableForUInt8Kernel()")
+        return lut[raw]
+    raise MPSValueError(f"{owner}: uInt8 weights need weightsQuantizationType() linear or lookupTable")
+
+
+class _ArrayDataSource(MPSCNNConvolutionDataSource):
+    """The data source a kernel synthesizes for the deprecated pointer initializer and for archives."""
+
+    def __init__(self, descriptor, weights: np.ndarray, bias: np.ndarray | None, kernel_type=MPSDataType.float16,
+                 label=None):
+        self._descriptor = descriptor
+        self._weights = weights
+        self._bias = bias
+        self._kernel_type = kernel_type
+        self._label = label
+
+    def dataType(self):
+        return MPSDataType.float32
+
+    def descriptor(self):
+        return self._descriptor
+
+    def weights(self):
+        return self._weights
+
+    def biasTerms(self):
+        return self._bias
+
+    def label(self):
+        return self._label
+
+    def kernelWeightsDataType(self):
+        return self._kernel_type

@@ -1,0 +1,618 @@
+"""``MPSKernel`` and ``MPSCNNKernel``: offset, clipRect, channel offsets, edgeMode, padding, encode.
+
+The public properties are validated when set; ``encode`` validates everything else (devices,
+command buffer state, aliasing, temporary read counts, channel and image ranges, edge mode), asks
+``geometry.resolve_forward`` for the ``ConvProblem`` and only then records the backend call in the
+command buffer. A call that raises records nothing and changes no image, state or read count.
+Spec: ``kernel-image.md`` §2, §3.
+"""
+from __future__ import annotations
+
+import enum
+import sys
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from . import backends
+from .errors import (
+    MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValueError, not_implemented,
+)
+from .geometry import (
+    ConvProblem, MPSNNPaddingMethod, NeuronSpec, allocate_forward, decode_padding_method, resolve_forward,
+    source_region,
+)
+from .image import MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat, MPSTemporaryImage
+from .metal import MTLCommandBuffer, MTLDevice, MTLCreateSystemDefaultDevice
+from .types import NSUIntegerMax, MPSOffset, MPSRectNoClip, MTLRegion, MTLSize, as_offset, as_region
+
+
+class MPSImageEdgeMode(enum.IntEnum):
+    """``MPSImageEdgeMode``: what reads outside the source image return."""
+
+    zero = 0
+    clamp = 1
+    mirror = 2
+    mirrorWithEdge = 3
+    constant = 4
+
+
+class MPSKernelOptions(enum.IntFlag):
+    """``MPSKernelOptions``."""
+
+    none = 0
+    skipAPIValidation = 1 << 0
+    allowReducedPrecision = 1 << 1
+    disableInternalTiling = 1 << 2
+    insertDebugGroups = 1 << 3
+    verbose = 1 << 4
+
+
+class MPSOrigin(NamedTuple):
+    """``MPSOrigin``: a position in pixels (may be fractional or negative)."""
+
+    x: float = 0.0
+    y: float = 0.0
+    z: float = 0.0
+
+
+class MPSSize(NamedTuple):
+    """``MPSSize``."""
+
+    width: float = 0.0
+    height: float = 0.0
+    depth: float = 0.0
+
+
+class MPSRegion(NamedTuple):
+    """``MPSRegion``: the source region a destination size reads."""
+
+    origin: MPSOrigin = MPSOrigin()
+    size: MPSSize = MPSSize()
+
+
+# --------------------------------------------------------------------------------------------
+# Padding policies
+
+
+class MPSNNPadding:
+    """``MPSNNPadding`` protocol: subclass it for a custom policy.
+
+    Required: ``paddingMethod() -> MPSNNPaddingMethod``. Optional: ``label()``, ``inverse()``, and,
+    when the method has the ``custom`` bit, ``destinationImageDescriptor(sourceImages, sourceStates,
+    kernel, suggestedDescriptor) -> MPSImageDescriptor`` (Swift
+    ``destinationImageDescriptor(forSourceImages:sourceStates:for:suggestedDescriptor:)``), which may
+    change any kernel property, including ``offset``.
+    """
+
+    def paddingMethod(self) -> MPSNNPaddingMethod:
+        raise NotImplementedError("an MPSNNPadding must implement paddingMethod()")
+
+
+class MPSNNDefaultPadding(MPSNNPadding):
+    """``MPSNNDefaultPadding``: a policy that is just a ``MPSNNPaddingMethod``.
+
+    ``MPSNNDefaultPadding(method=...)`` (ObjC ``+paddingWithMethod:``).
+    """
+
+    def __init__(self, method=MPSNNPaddingMethod.sizeSame, *, _custom_edge: bool = False):
+        try:
+            self._method = MPSNNPaddingMethod(int(method))
+        except (TypeError, ValueError):
+            raise MPSTypeError(f"MPSNNDefaultPadding: method={method!r} must be an MPSNNPaddingMethod") from None
+        self._custom_edge = _custom_edge
+
+    @classmethod
+    def padding(cls, method) -> "MPSNNDefaultPadding":
+        """ObjC ``+paddingWithMethod:``."""
+        return cls(method)
+
+    @classmethod
+    def paddingForTensorflowAveragePooling(cls) -> "MPSNNDefaultPadding":
+        """TensorFlow average-pooling SAME policy: ``0x401C``; sets ``edgeMode = clamp``."""
+        return cls(MPSNNPaddingMethod.custom | MPSNNPaddingMethod.sizeSame
+                   | MPSNNPaddingMethod.addRemainderToBottomRight, _custom_edge=True)
+
+    @classmethod
+    def paddingForTensorflowAveragePoolingValidOnly(cls) -> "MPSNNDefaultPadding":
+        """TensorFlow average-pooling VALID policy: ``0x400C``; sets ``edgeMode = clamp``."""
+        return cls(MPSNNPaddingMethod.custom | MPSNNPaddingMethod.sizeValidOnly
+                   | MPSNNPaddingMethod.addRemainderToBottomRight, _custom_edge=True)
+
+    def paddingMethod(self) -> MPSNNPaddingMethod:
+        return self._method
+
+    def label(self) -> str:
+        m = int(self._method)
+        align = ("centered", "topLeft", "bottomRight", "reserved")[m & 3]
+        rem = ("topLeft", "topRight", "bottomLeft", "bottomRight")[(m >> 2) & 3]
+        size = ("validOnly", "same", "full", "reserved")[(m >> 4) & 3]
+        flags = [name for name, bit in (("custom", 1 << 14), ("excludeEdges", 1 << 15), ("allowFusion", 1 << 13))
+                 if m & bit]
+        return f"MPSNNDefaultPadding(align {align}, remainder {rem}, size {size}{''.join(', ' + f for f in flags)})"
+
+    def inverse(self) -> "MPSNNDefaultPadding":
+        """Swaps valid-only and full, keeps same, alignment and remainder (spec §3.4 OPEN)."""
+        m = int(self._method)
+        size = m & 0x30
+        swapped = {0x00: 0x20, 0x20: 0x00}.get(size, size)
+        return MPSNNDefaultPadding((m & ~0x30) | swapped, _custom_edge=self._custom_edge)
+
+    def destinationImageDescriptor(self, sourceImages, sourceStates, kernel, suggestedDescriptor):
+        if not self._custom_edge:
+            raise MPSValueError(
+                f"MPSNNDefaultPadding: paddingMethod 0x{int(self._method):X} has the custom bit, but "
+                "MPSNNDefaultPadding implements no custom descriptor method; drop the custom bit or use your "
+                "own MPSNNPadding"
+            )
+        kernel.edgeMode = MPSImageEdgeMode.clamp
+        return suggestedDescriptor
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, MPSNNDefaultPadding) and (self._method, self._custom_edge) == \
+            (other._method, other._custom_edge)
+
+    def __hash__(self) -> int:
+        return hash((int(self._method), self._custom_edge))
+
+    def __repr__(self) -> str:
+        return self.label()
+
+
+_DEFAULT_METHOD = MPSNNPaddingMethod.alignCentered | MPSNNPaddingMethod.addRemainderToTopLeft | \
+    MPSNNPaddingMethod.sizeSame
+
+
+# --------------------------------------------------------------------------------------------
+# MPSKernel
+
+
+class MPSKernel:
+    """``MPSKernel``: the root of every kernel: device, options, label, copying, archiving."""
+
+    _archivable = True
+
+    def _init_kernel(self, device) -> None:
+        if not isinstance(device, MTLDevice):
+            raise MPSTypeError(f"{type(self).__name__}: device={device!r} must be an MTLDevice "
+                               "(e.g. MTLCreateSystemDefaultDevice())")
+        self._device = device
+        self._options = MPSKernelOptions.none
+        self.label = None
+
+    @property
+    def device(self) -> MTLDevice:
+        return self._device
+
+    @property
+    def options(self) -> MPSKernelOptions:
+        return self._options
+
+    @options.setter
+    def options(self, value) -> None:
+        self._options = MPSKernelOptions(int(value) & 0x1F)  # unknown bits are ignored
+
+    @classmethod
+    def supportsSecureCoding(cls) -> bool:
+        return True
+
+    def copy(self, zone=None, /, device: MTLDevice | None = None):
+        """``copy(with:device:)`` / ``copy()``: an independent kernel with the same configuration."""
+        if device is not None and not isinstance(device, MTLDevice):
+            raise MPSTypeError(f"{type(self).__name__}.copy: device={device!r} must be an MTLDevice or None")
+        other = type(self).__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other._device = device or self._device
+        self._copy_into(other, device)
+        return other
+
+    def _copy_into(self, other, device) -> None:
+        """Subclass hook: make the copy independent where a shallow copy would share mutable state."""
+
+    def encode(self, *args, **kwargs):
+        """``encode(with:)`` (positional ``NSCoder``) archives the kernel; the MPS encode forms take keywords."""
+        from .coding import NSCoder
+
+        if len(args) == 1 and not kwargs and isinstance(args[0], NSCoder):
+            args[0].encodeRootObject(self)
+            return None
+        if args:
+            raise MPSTypeError(f"{type(self).__name__}.encode: pass commandBuffer=, sourceImage=, ... as keywords "
+                               "(or one NSCoder positionally to archive)")
+        return self._encode_kw(**kwargs)
+
+    def _encode_kw(self, **kwargs):
+        raise MPSTypeError(f"{type(self).__name__} has no encode method")
+
+
+# --------------------------------------------------------------------------------------------
+# MPSCNNKernel
+
+
+class _Pending(NamedTuple):
+    problem: ConvProblem
+    source: MPSImage
+    destination: MPSImage
+
+
+class MPSCNNKernel(MPSKernel):
+    """``MPSCNNKernel``: a kernel reading one source image and writing one destination image.
+
+    Encode forms (keywords, as Swift labels):
+      ``encode(commandBuffer=, sourceImage=, destinationImage=)``: uses the current ``offset``.
+      ``encode(commandBuffer=, sourceImage=) -> MPSImage``: runs the padding policy (sets ``offset``),
+      allocates through ``destinationImageAllocator``.
+      ``encodeBatch(commandBuffer=, sourceImages=, destinationImages=)`` and
+      ``encodeBatch(commandBuffer=, sourceImages=) -> [MPSImage]``.
+      The ``destinationState`` forms record training state (issue 4).
+    """
+
+    _default_padding_method = _DEFAULT_METHOD
+    _edge_modes = (MPSImageEdgeMode.zero, MPSImageEdgeMode.clamp)
+
+    def _init_cnn_kernel(self, device) -> None:
+        self._init_kernel(device)
+        self._offset = MPSOffset(0, 0, 0)
+        self._clipRect = MPSRectNoClip
+        self._dfo = 0
+        self._sfo = 0
+        self._sfmax = NSUIntegerMax
+        self._edgeMode = MPSImageEdgeMode.zero
+        self._padding = MPSNNDefaultPadding(self._default_padding_method)
+        self._allocator = MPSTemporaryImage.defaultAllocator()
+
+    # -- properties
+    @property
+    def offset(self) -> MPSOffset:
+        return self._offset
+
+    @offset.setter
+    def offset(self, value) -> None:
+        self._offset = as_offset(value, type(self).__name__)
+
+    @property
+    def clipRect(self) -> MTLRegion:
+        return self._clipRect
+
+    @clipRect.setter
+    def clipRect(self, value) -> None:
+        self._clipRect = as_region(value, type(self).__name__)
+
+    def _channel_prop(attr: str, name: str, minimum: int = 0):
+        def get(self):
+            return getattr(self, attr)
+
+        def set_(self, value):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise MPSTypeError(f"{type(self).__name__}: {name}={value!r} must be an integer")
+            if not minimum <= value <= NSUIntegerMax:
+                raise MPSValueError(f"{type(self).__name__}: {name}={value} must be in 0...2**64-1")
+            setattr(self, attr, int(value))
+
+        return property(get, set_)
+
+    destinationFeatureChannelOffset = _channel_prop("_dfo", "destinationFeatureChannelOffset")
+    sourceFeatureChannelOffset = _channel_prop("_sfo", "sourceFeatureChannelOffset")
+    sourceFeatureChannelMaxCount = _channel_prop("_sfmax", "sourceFeatureChannelMaxCount")
+    del _channel_prop
+
+    @property
+    def edgeMode(self) -> MPSImageEdgeMode:
+        return self._edgeMode
+
+    @edgeMode.setter
+    def edgeMode(self, value) -> None:
+        try:
+            self._edgeMode = MPSImageEdgeMode(int(value))
+        except (TypeError, ValueError):
+            raise MPSValueError(f"{type(self).__name__}: edgeMode={value!r} is not an MPSImageEdgeMode (0...4)") from None
+
+    @property
+    def padding(self) -> MPSNNPadding:
+        return self._padding
+
+    @padding.setter
+    def padding(self, value) -> None:
+        if value is None or not callable(getattr(value, "paddingMethod", None)):
+            raise MPSTypeError(f"{type(self).__name__}: padding={value!r} must be an MPSNNPadding (never None)")
+        self._padding = value
+
+    @property
+    def destinationImageAllocator(self):
+        return self._allocator
+
+    @destinationImageAllocator.setter
+    def destinationImageAllocator(self, value) -> None:
+        if value is None or not callable(getattr(value, "image", None)):
+            raise MPSTypeError(f"{type(self).__name__}: destinationImageAllocator={value!r} must implement "
+                               "image(commandBuffer, imageDescriptor=, kernel=) (never None)")
+        self._allocator = value
+
+    # Window geometry: 1 for kernels without a window (subclasses override).
+    kernelWidth = property(lambda self: 1)
+    kernelHeight = property(lambda self: 1)
+    strideInPixelsX = property(lambda self: 1)
+    strideInPixelsY = property(lambda self: 1)
+    dilationRateX = property(lambda self: 1)
+    dilationRateY = property(lambda self: 1)
+    isBackwards = property(lambda self: False)
+    isStateModified = property(lambda self: False)
+
+    # -- subclass interface
+    def _window(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """``(kernel, stride, dilation)`` as ``(y, x)`` pairs."""
+        return (self.kernelHeight, self.kernelWidth), (self.strideInPixelsY, self.strideInPixelsX), \
+            (self.dilationRateY, self.dilationRateX)
+
+    def _channels(self) -> tuple[int | None, int | None, int]:
+        """``(in_channels, out_channels, groups)``; ``None`` channels follow the source."""
+        raise NotImplementedError
+
+    def _output_channels(self, source: MPSImage) -> int:
+        cin, cout, _ = self._channels()
+        if cout is not None:
+            return cout
+        return max(0, min(self._sfmax, source.featureChannels - self._sfo))
+
+    def _neuron(self) -> NeuronSpec:
+        return NeuronSpec()
+
+    def _params(self):
+        """``(weights, bias, prelu)`` as effective float32 arrays (``None`` weights: identity)."""
+        raise NotImplementedError
+
+    _fully_connected = False
+
+    # -- geometry queries
+    def sourceRegion(self, destinationSize) -> MPSRegion:
+        """``sourceRegion(destinationSize:)``: the source pixels a destination of that size reads."""
+        w, h, d = (int(v) for v in destinationSize)
+        kernel, stride, dilation = self._window()
+        (oy, ox), (sh, sw) = source_region((self._offset.y, self._offset.x), (h, w), kernel, stride, dilation)
+        return MPSRegion(MPSOrigin(ox, oy, self._offset.z), MPSSize(sw, sh, d))
+
+    def sourceRegionForDestinationSize(self, destinationSize) -> MPSRegion:
+        """ObjC spelling of ``sourceRegion(destinationSize:)``."""
+        return self.sourceRegion(destinationSize)
+
+    # -- states (training comes with issue 4)
+    def isResultStateReusedAcrossBatch(self) -> bool:
+        return False
+
+    def appendBatchBarrier(self) -> bool:
+        return False
+
+    def resultState(self, *, sourceImage, sourceStates=None, destinationImage=None):
+        """Base class: this kernel makes no state."""
+        return None
+
+    def resultStateBatch(self, *, sourceImage, sourceStates=None, destinationImage=None):
+        return None
+
+    def temporaryResultState(self, *, commandBuffer, sourceImage, sourceStates=None, destinationImage=None):
+        return None
+
+    def temporaryResultStateBatch(self, *, commandBuffer, sourceImage, sourceStates=None, destinationImage=None):
+        return None
+
+    def encodingStorageSize(self, *, sourceImage, sourceStates=None, destinationImage=None) -> int:
+        """Bytes of scratch memory the encode allocates (the backend's float32 intermediate)."""
+        return 0
+
+    def batchEncodingStorageSize(self, *, sourceImage, sourceStates=None, destinationImage=None) -> int:
+        return sum(self.encodingStorageSize(sourceImage=s) for s in sourceImage)
+
+    # -- descriptor pipeline
+    def destinationImageDescriptor(self, *, sourceImages: Sequence[MPSImage], sourceStates=None) -> MPSImageDescriptor:
+        """``destinationImageDescriptor(sourceImages:sourceStates:)``: runs the padding policy, **sets
+        ``offset``** and returns the descriptor an allocating encode would use."""
+        owner = f"{type(self).__name__}.destinationImageDescriptor"
+        sources = list(sourceImages) if sourceImages is not None else []
+        if len(sources) != 1 or not isinstance(sources[0], MPSImage):
+            raise MPSValueError(f"{owner}: sourceImages must hold exactly one MPSImage for a unary kernel; "
+                                f"got {len(sources)}")
+        source = sources[0]
+        method = self._padding.paddingMethod()
+        rule = decode_padding_method(method, owner)
+        kernel, stride, dilation = self._window()
+        (h, w), (oy, ox) = self._allocated_geometry(source, kernel, stride, dilation, rule, owner)
+        self._offset = MPSOffset(ox, oy, 0)
+        fmt = source.featureChannelFormat
+        descriptor = MPSImageDescriptor(
+            channelFormat=fmt if fmt != MPSImageFeatureChannelFormat.none else MPSImageFeatureChannelFormat.float16,
+            width=w, height=h, featureChannels=self._dfo + self._output_channels(source), numberOfImages=1)
+        for state in sourceStates or ():
+            hook = getattr(state, "destinationImageDescriptor", None)
+            if hook is not None:
+                descriptor = hook(sources, sourceStates, self, descriptor)
+        if rule.custom:
+            custom = getattr(self._padding, "destinationImageDescriptor", None)
+            if custom is None:
+                raise MPSValueError(f"{owner}: the padding policy sets the custom bit (0x4000) but does not "
+                                    "implement destinationImageDescriptor(sourceImages, sourceStates, kernel, "
+                                    "suggestedDescriptor)")
+            descriptor = custom(sources, sourceStates, self, descriptor)
+            if not isinstance(descriptor, MPSImageDescriptor):
+                raise MPSTypeError(f"{owner}: the custom padding policy returned {descriptor!r}, not an "
+                                   "MPSImageDescriptor")
+        return descriptor
+
+    def _allocated_geometry(self, source, kernel, stride, dilation, rule, owner):
+        return allocate_forward((source.height, source.width), kernel, stride, dilation, rule, owner)
+
+    # -- encode: validation and recording
+    def _owner(self, what: str = "encode") -> str:
+        return f"{type(self).__name__}.{what}"
+
+    def _resolve(self, source: MPSImage, destination: MPSImage, owner: str) -> ConvProblem:
+        if self._edgeMode not in self._edge_modes:
+            allowed = " and ".join(m.name for m in self._edge_modes)
+            raise MPSValueError(f"{owner}: edgeMode={self._edgeMode.name} is not defined for this kernel; use "
+                                f"{allowed}")
+        cin, cout, groups = self._channels()
+        kernel, stride, dilation = self._window()
+        return resolve_forward(
+            owner=owner,
+            src_shape=(source.numberOfImages, source.height, source.width, source.featureChannels),
+            dst_shape=(destination.numberOfImages, destination.height, destination.width,
+                       destination.featureChannels),
+            offset=tuple(self._offset), clip=(tuple(self._clipRect.origin), tuple(self._clipRect.size)),
+            kernel=kernel, stride=stride, dilation=dilation,
+            src_channel_offset=self._sfo, src_channel_max=self._sfmax, dst_channel_offset=self._dfo,
+            in_channels=cin, out_channels=cout, groups=groups, edge=int(self._edgeMode), neuron=self._neuron(),
+            fully_connected=self._fully_connected,
+            formats=(int(source.featureChannelFormat), int(destination.featureChannelFormat)),
+        )
+
+    def _check_pair(self, cb, source, destination, owner: str, index: str = "") -> None:
+        if not isinstance(source, MPSImage):
+            raise MPSTypeError(f"{owner}: sourceImage{index}={source!r} must be an MPSImage")
+        if not isinstance(destination, MPSImage):
+            raise MPSTypeError(f"{owner}: destinationImage{index}={destination!r} must be an MPSImage")
+        for image, role in ((source, "sourceImage" + index), (destination, "destinationImage" + index)):
+            if image.device is not self._device:
+                raise MPSDeviceError(f"{owner}: {role} is on {image.device.torch_device}; the kernel is on "
+                                     f"{self._device.torch_device}")
+            image._check_for_encode(cb, owner, role)
+
+    def _check_cb(self, cb, owner: str) -> None:
+        if not isinstance(cb, MTLCommandBuffer):
+            raise MPSTypeError(f"{owner}: commandBuffer={cb!r} must be an MTLCommandBuffer")
+        if cb.device is not self._device:
+            raise MPSDeviceError(f"{owner}: the command buffer is on {cb.device.torch_device}; the kernel is on "
+                                 f"{self._device.torch_device}")
+
+    def _record(self, cb: MTLCommandBuffer, pending: list[_Pending]) -> None:
+        """Record validated work, then consume one read of each distinct temporary source."""
+        params = self._params()
+        for item in pending:
+            if item.problem.empty:
+                continue
+            backend = backends.select(item.problem, self._device)
+            prepared = self._prepared(backend, params)
+            work = _Work(backend, item.problem, item.source._ensure_storage(), item.destination._ensure_storage(),
+                         prepared, self)
+            cb._record(work)
+        seen = set()
+        for item in pending:
+            if id(item.source) not in seen:
+                seen.add(id(item.source))
+                item.source._consume_read()
+
+    def _prepared(self, backend, params):
+        cache = self.__dict__.setdefault("_prepared_cache", {})
+        key = (backend.name, id(params), self._device.torch_device)
+        if key not in cache:
+            cache.clear() if len(cache) > 8 else None
+            cache[key] = (params, backend.prepare(*params, self._device))
+        return cache[key][1]
+
+    def _encode_pairs(self, cb, sources, destinations, owner) -> None:
+        """Validate every pair, then record them all (nothing is recorded if any pair is bad)."""
+        self._check_cb(cb, owner)
+        cb._begin_encode(owner)
+        try:
+            batch = len(sources) > 1
+            roots = {id(s._root) for s in sources if isinstance(s, MPSImage)}
+            pending = []
+            for i, (src, dst) in enumerate(zip(sources, destinations)):
+                index = f"[{i}]" if batch else ""
+                self._check_pair(cb, src, dst, owner, index)
+                if id(dst._root) in roots:
+                    what = "a source image of the batch" if batch else "the source image"
+                    raise MPSValueError(f"{owner}: destinationImage{index} shares storage with {what}; the "
+                                        "destination may not alias a source")
+                pending.append(_Pending(self._resolve(src, dst, owner), src, dst))
+            if batch:
+                _check_uniform_batch(sources, owner, "sourceImages")
+            self._record(cb, pending)
+        finally:
+            cb._end_encode()
+
+    def _encode_kw(self, *, commandBuffer, sourceImage, destinationImage=None, destinationState=None,
+                   destinationStateIsTemporary=None):
+        if destinationState is not None or destinationStateIsTemporary is not None:
+            raise not_implemented(f"{type(self).__name__}.encode with a destinationState (training states)", 4)
+        if destinationImage is None:
+            return self._encode_allocating(commandBuffer, [sourceImage], self._owner())[0]
+        self._encode_pairs(commandBuffer, [sourceImage], [destinationImage], self._owner())
+        return None
+
+    def encodeBatch(self, *, commandBuffer, sourceImages, destinationImages=None, destinationStates=None,
+                    destinationStateIsTemporary=None):
+        """``encodeBatch(commandBuffer:sourceImages:[destinationImages:])``."""
+        owner = self._owner("encodeBatch")
+        if destinationStates is not None or destinationStateIsTemporary is not None:
+            raise not_implemented(f"{owner} with destinationStates (training states)", 4)
+        sources = list(sourceImages)
+        if destinationImages is None:
+            return self._encode_allocating(commandBuffer, sources, owner)
+        destinations = list(destinationImages)
+        if len(sources) != len(destinations):
+            raise MPSValueError(f"{owner}: sourceImages has {len(sources)} images, destinationImages "
+                                f"{len(destinations)}; they must have the same length")
+        if sources:
+            self._encode_pairs(commandBuffer, sources, destinations, owner)
+        return None
+
+    def _encode_allocating(self, cb, sources: list, owner: str) -> list:
+        """Padding policy -> allocator -> manual encode, per source (spec §2.7)."""
+        self._check_cb(cb, owner)
+        cb._check_open(owner)
+        for i, source in enumerate(sources):
+            if not isinstance(source, MPSImage):
+                raise MPSTypeError(f"{owner}: sourceImage={source!r} must be an MPSImage")
+            if source.numberOfImages != 1:
+                raise MPSValueError(f"{owner}: the allocating encode needs sources with numberOfImages == 1; "
+                                    f"sourceImage{'[%d]' % i if len(sources) > 1 else ''} has "
+                                    f"{source.numberOfImages} (use batchRepresentation())")
+        if len(sources) > 1:
+            _check_uniform_batch(sources, owner, "sourceImages")
+        saved = (self._offset, self._edgeMode)
+        destinations = []
+        try:
+            descriptor = self.destinationImageDescriptor(sourceImages=sources[:1])
+            batch_alloc = getattr(self._allocator, "imageBatch", None)
+            if len(sources) > 1 and batch_alloc is not None:
+                destinations = list(batch_alloc(cb, imageDescriptor=descriptor, kernel=self, count=len(sources)))
+            else:
+                destinations = [self._allocator.image(cb, imageDescriptor=descriptor, kernel=self) for _ in sources]
+            self._encode_pairs(cb, sources, destinations, owner)
+        except Exception:
+            self._offset, self._edgeMode = saved
+            for image in destinations:  # never used: release without a leak warning
+                if isinstance(image, MPSTemporaryImage) and image.readCount > 0:
+                    image._read_count = 0
+            raise
+        return destinations
+
+
+def _check_uniform_batch(images: list, owner: str, name: str) -> None:
+    first = images[0]
+    for i, image in enumerate(images[1:], 1):
+        if (image.width, image.height, image.featureChannels, image.featureChannelFormat) != \
+                (first.width, first.height, first.featureChannels, first.featureChannelFormat):
+            raise MPSValueError(f"{owner}: {name}[{i}] is {image.width}x{image.height}x{image.featureChannels} "
+                                f"{image.featureChannelFormat.name}; {name}[0] is {first.width}x{first.height}x"
+                                f"{first.featureChannels} {first.featureChannelFormat.name}; a batch must agree")
+
+
+class _Work:
+    """One recorded backend call; runs when its command buffer is committed."""
+
+    __slots__ = ("backend", "problem", "src", "dst", "prepared", "label", "options")
+
+    def __init__(self, backend, problem, src, dst, prepared, kernel):
+        self.backend, self.problem, self.src, self.dst, self.prepared = backend, problem, src, dst, prepared
+        self.label = kernel.label or type(kernel).__name__
+        self.options = kernel.options
+        if self.options & MPSKernelOptions.verbose:
+            print(f"mpsconv: {self.label}: {problem} on {backend.name}", file=sys.stderr)
+
+    def __call__(self) -> None:
+        if self.options & MPSKernelOptions.insertDebugGroups:
+            with torch.autograd.profiler.record_function(self.label):
+                self.backend.forward(self.problem, self.src, self.dst, self.prepared)
+        else:
+            self.backend.forward(self.problem, self.src, self.dst, self.prepared)

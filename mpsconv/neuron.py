@@ -1,0 +1,325 @@
+"""Neurons: ``MPSCNNNeuronType``, the one formula table, ``MPSNNNeuronDescriptor``, ``MPSCNNNeuron*``.
+
+``FORMULAS[type](x, a, b, c, ops)`` is the activation of spec ``kernel-image.md`` §5.1, written once
+against a small array namespace (``NUMPY_OPS`` for the float64 reference, ``TORCH_OPS`` for the
+fast paths), so every backend evaluates the same expression.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from .errors import MPSTypeError, MPSValueError
+from .geometry import NeuronSpec
+
+
+class MPSCNNNeuronType(enum.IntEnum):
+    """``MPSCNNNeuronType``: activation functions with Apple's raw values."""
+
+    none = 0
+    reLU = 1
+    linear = 2
+    sigmoid = 3
+    hardSigmoid = 4
+    tanH = 5
+    absolute = 6
+    softPlus = 7
+    softSign = 8
+    ELU = 9
+    pReLU = 10
+    reLUN = 11
+    power = 12
+    exponential = 13
+    logarithm = 14
+    geLU = 15
+    count = 16
+
+
+T = MPSCNNNeuronType
+
+#: Parameter values used for every parameter a constructor does not receive (spec §5.1 OPEN).
+DEFAULT_PARAMETERS = {
+    T.reLU: (0.0, 0.0, 0.0),
+    T.linear: (1.0, 0.0, 0.0),
+    T.hardSigmoid: (0.2, 0.5, 0.0),
+    T.tanH: (1.0, 1.0, 0.0),
+    T.softPlus: (1.0, 1.0, 0.0),
+    T.ELU: (1.0, 0.0, 0.0),
+    T.reLUN: (1.0, 6.0, 0.0),
+    T.power: (1.0, 0.0, 1.0),
+    T.exponential: (1.0, 0.0, -1.0),
+    T.logarithm: (1.0, 0.0, -1.0),
+}
+
+
+def default_parameters(neuron_type) -> tuple[float, float, float]:
+    return DEFAULT_PARAMETERS.get(MPSCNNNeuronType(neuron_type), (0.0, 0.0, 0.0))
+
+
+_np_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+NUMPY_OPS = SimpleNamespace(
+    where=np.where, exp=np.exp, expm1=np.expm1, log=np.log, tanh=np.tanh, abs=np.abs, erf=_np_erf,
+    minimum=np.minimum, clip=np.clip, power=np.power, logaddexp=np.logaddexp, rpow=np.power,
+)
+
+
+def _torch_minimum(x, b):
+    return torch.clamp(x, max=b)
+
+
+TORCH_OPS = SimpleNamespace(
+    where=torch.where, exp=torch.exp, expm1=torch.expm1, log=torch.log, tanh=torch.tanh, abs=torch.abs,
+    erf=torch.erf, minimum=_torch_minimum, clip=lambda x, lo, hi: torch.clamp(x, lo, hi), power=torch.pow,
+    logaddexp=lambda lhs, y: torch.logaddexp(y.new_tensor(lhs), y), rpow=torch.pow,
+)
+
+
+def _exponential(x, a, b, c, ops):
+    y = a * x + b
+    return ops.exp(y) if c == -1 else ops.rpow(c, y)
+
+
+def _logarithm(x, a, b, c, ops):
+    y = ops.log(a * x + b)
+    if c == -1:
+        return y
+    return y / math.log(c) if c > 0 else y * math.nan  # no real logarithm to a non-positive base
+
+
+#: f(x, a, b, c, ops): the activation of each type; ``a`` is an array broadcast over channels for PReLU.
+FORMULAS = {
+    T.none: lambda x, a, b, c, ops: x,
+    T.reLU: lambda x, a, b, c, ops: ops.where(x >= 0, x, a * x),
+    T.linear: lambda x, a, b, c, ops: a * x + b,
+    T.sigmoid: lambda x, a, b, c, ops: 1.0 / (1.0 + ops.exp(-x)),
+    T.hardSigmoid: lambda x, a, b, c, ops: ops.clip(a * x + b, 0.0, 1.0),
+    T.tanH: lambda x, a, b, c, ops: a * ops.tanh(b * x),
+    T.absolute: lambda x, a, b, c, ops: ops.abs(x),
+    T.softPlus: lambda x, a, b, c, ops: a * ops.logaddexp(0.0, b * x),
+    T.softSign: lambda x, a, b, c, ops: x / (1.0 + ops.abs(x)),
+    T.ELU: lambda x, a, b, c, ops: ops.where(x >= 0, x, a * ops.expm1(x)),
+    T.pReLU: lambda x, a, b, c, ops: ops.where(x >= 0, x, a * x),
+    T.reLUN: lambda x, a, b, c, ops: ops.minimum(ops.where(x >= 0, x, a * x), b),
+    T.power: lambda x, a, b, c, ops: ops.power(a * x + b, c),
+    T.exponential: _exponential,
+    T.logarithm: _logarithm,
+    T.geLU: lambda x, a, b, c, ops: 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0)))),
+}
+
+
+def apply_neuron(x, spec: NeuronSpec, prelu, ops):
+    """``f(x)`` for a resolved neuron; ``prelu`` is the per-channel ``a`` (broadcast on the last axis)."""
+    neuron_type = MPSCNNNeuronType(spec.type)
+    a = prelu if neuron_type == T.pReLU else spec.a
+    return FORMULAS[neuron_type](x, a, spec.b, spec.c, ops)
+
+
+def _check_type(value, owner: str) -> MPSCNNNeuronType:
+    try:
+        neuron_type = MPSCNNNeuronType(int(value))
+    except (TypeError, ValueError):
+        raise MPSValueError(f"{owner}: neuronType={value!r} is not an MPSCNNNeuronType (0...15)") from None
+    if neuron_type == T.count:
+        raise MPSValueError(f"{owner}: neuronType=count is a sentinel, not an activation")
+    return neuron_type
+
+
+def float32_values(data, owner: str, prop: str) -> np.ndarray:
+    """An ``NSData`` / pointer argument read as float32 values (a copy)."""
+    if data is None:
+        raise MPSValueError(f"{owner}: {prop} is None")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raw = bytes(data)
+        if len(raw) % 4:
+            raise MPSValueError(f"{owner}: {prop} holds {len(raw)} bytes; float32 data needs a multiple of 4")
+        return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if isinstance(data, torch.Tensor):
+        data = data.detach().cpu().numpy()
+    try:
+        return np.array(data, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        raise MPSTypeError(f"{owner}: {prop} must be bytes or an array of floats, not {type(data).__name__}") from None
+
+
+class MPSNNNeuronDescriptor:
+    """``MPSNNNeuronDescriptor``: an activation type and its parameters.
+
+    Made by ``cnnNeuronDescriptor(type, a=, b=, c=)`` or ``cnnNeuronPReLUDescriptor(data, noCopy=)``;
+    ``MPSNNNeuronDescriptor()`` is unavailable.
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise MPSTypeError("MPSNNNeuronDescriptor() is unavailable; use MPSNNNeuronDescriptor.cnnNeuronDescriptor("
+                           "type, a=, b=, c=) or cnnNeuronPReLUDescriptor(data, noCopy=)")
+
+    @classmethod
+    def _make(cls, neuron_type, a, b, c, data=None) -> "MPSNNNeuronDescriptor":
+        self = object.__new__(cls)
+        self._type = neuron_type
+        self.a, self.b, self.c = float(a), float(b), float(c)
+        self.data = data
+        return self
+
+    @classmethod
+    def cnnNeuronDescriptor(cls, type, /, a: float | None = None, b: float | None = None,
+                            c: float | None = None) -> "MPSNNNeuronDescriptor":
+        """``cnnNeuronDescriptor(with:[a:[b:[c:]]])``: parameters not given take the type's defaults."""
+        neuron_type = _check_type(type, "MPSNNNeuronDescriptor.cnnNeuronDescriptor")
+        da, db, dc = default_parameters(neuron_type)
+        return cls._make(neuron_type, da if a is None else a, db if b is None else b, dc if c is None else c)
+
+    @classmethod
+    def cnnNeuronPReLUDescriptor(cls, data, /, noCopy: bool = False) -> "MPSNNNeuronDescriptor":
+        """``cnnNeuronPReLUDescriptor(with:noCopy:)``: per-channel ``a`` as packed float32 bytes."""
+        values = float32_values(data, "MPSNNNeuronDescriptor.cnnNeuronPReLUDescriptor", "data")
+        if values.size == 0:
+            raise MPSValueError("MPSNNNeuronDescriptor.cnnNeuronPReLUDescriptor: data must hold at least one float")
+        return cls._make(T.pReLU, 0.0, 0.0, 0.0, data)
+
+    @property
+    def neuronType(self) -> MPSCNNNeuronType:
+        return self._type
+
+    @neuronType.setter
+    def neuronType(self, value) -> None:
+        self._type = _check_type(value, "MPSNNNeuronDescriptor")
+
+    def copy(self) -> "MPSNNNeuronDescriptor":
+        """NSCopying (``data`` is retained, as Metal does)."""
+        return MPSNNNeuronDescriptor._make(self._type, self.a, self.b, self.c, self.data)
+
+    def resolve(self, owner: str, channels: int | None) -> tuple[NeuronSpec, np.ndarray | None]:
+        """Snapshot: the scalar spec and, for PReLU, ``channels`` float32 coefficients (a copy).
+
+        ``channels=None`` keeps every coefficient (checked later against the processed channels).
+        """
+        spec = NeuronSpec(int(self._type), self.a, self.b, self.c)
+        if self._type != T.pReLU:
+            return spec, None
+        if self.data is None:
+            raise MPSValueError(f"{owner}: a pReLU neuron needs per-channel data (cnnNeuronPReLUDescriptor)")
+        values = float32_values(self.data, owner, "pReLU data")
+        if channels is not None and values.size != channels:
+            raise MPSValueError(f"{owner}: pReLU data holds {values.size} floats; outputFeatureChannels={channels} "
+                                "needs exactly that many")
+        return NeuronSpec(int(T.pReLU), 0.0, 0.0, 0.0), values
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, MPSNNNeuronDescriptor):
+            return NotImplemented
+        same_data = (self.data is None and other.data is None) or (
+            self.data is not None and other.data is not None
+            and np.array_equal(float32_values(self.data, "", ""), float32_values(other.data, "", "")))
+        return (self._type, self.a, self.b, self.c) == (other._type, other.a, other.b, other.c) and same_data
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        extra = f", data={len(float32_values(self.data, '', ''))} floats" if self.data is not None else ""
+        return f"MPSNNNeuronDescriptor({self._type.name}, a={self.a}, b={self.b}, c={self.c}{extra})"
+
+
+def _deprecated(what: str, instead: str) -> None:
+    warnings.warn(f"{what} is deprecated; use {instead}", DeprecationWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------
+# Neuron kernels (spec §5.4). Deprecated subclasses carry a neuron into a convolution descriptor.
+
+from .kernel import MPSCNNKernel  # noqa: E402  (kernel.py does not import this module)
+
+
+class MPSCNNNeuron(MPSCNNKernel):
+    """``MPSCNNNeuron``: applies an activation to each feature channel of each pixel.
+
+    ``MPSCNNNeuron(device=, neuronDescriptor=)``. A 1x1 window: destination pixel ``(X, Y)`` reads
+    source pixel ``offset + (u, v)`` through ``edgeMode``; channels follow the source
+    (``min(sourceFeatureChannelMaxCount, featureChannels - sourceFeatureChannelOffset)``).
+    """
+
+    def __init__(self, **kwargs):
+        if set(kwargs) in ({"coder"}, {"coder", "device"}):  # init?(coder:device:)
+            kwargs["coder"].decodeInto(self, kwargs.get("device"))
+            return
+        if set(kwargs) != {"device", "neuronDescriptor"}:
+            raise MPSTypeError(f"{type(self).__name__}({', '.join(sorted(kwargs))}): use "
+                               "MPSCNNNeuron(device=, neuronDescriptor=) or MPSCNNNeuron(coder=, device=); "
+                               "init(device:) is unavailable")
+        descriptor = kwargs["neuronDescriptor"]
+        if not isinstance(descriptor, MPSNNNeuronDescriptor):
+            raise MPSTypeError(f"MPSCNNNeuron: neuronDescriptor={descriptor!r} must be an MPSNNNeuronDescriptor")
+        self._init_neuron(kwargs["device"], descriptor)
+
+    def _init_neuron(self, device, descriptor: MPSNNNeuronDescriptor) -> None:
+        self._init_cnn_kernel(device)
+        self._descriptor = descriptor.copy()
+        self._spec, self._prelu = self._descriptor.resolve(type(self).__name__, None)
+        if self._prelu is not None:
+            self._descriptor.data = self._prelu.tobytes()  # a snapshot: later changes do not reach the kernel
+        self._param_tuple = (None, None, self._prelu)
+
+    neuronType = property(lambda self: self._descriptor.neuronType)
+    a = property(lambda self: self._descriptor.a)
+    b = property(lambda self: self._descriptor.b)
+    c = property(lambda self: self._descriptor.c)
+    data = property(lambda self: self._descriptor.data)
+
+    def _channels(self):
+        return None, None, 1
+
+    def _neuron(self) -> NeuronSpec:
+        return self._spec
+
+    def _params(self):
+        return self._param_tuple
+
+    def _resolve(self, source, destination, owner):
+        problem = super()._resolve(source, destination, owner)
+        if self._prelu is not None and self._prelu.size < problem.out_channels:
+            raise MPSValueError(f"{owner}: pReLU data holds {self._prelu.size} floats; the neuron processes "
+                                f"{problem.out_channels} channels and needs at least that many")
+        return problem
+
+
+def _legacy(name: str, neuron_type, params: tuple[str, ...]):
+    def __init__(self, **kwargs):
+        expected = {"device", *params}
+        if set(kwargs) != expected:
+            raise MPSTypeError(f"{name}({', '.join(sorted(kwargs))}): use {name}("
+                               f"{', '.join(p + '=' for p in ('device', *params))})")
+        _deprecated(name, "MPSCNNNeuron(device=, neuronDescriptor=)")
+        values = {p: kwargs[p] for p in params}
+        if neuron_type == T.pReLU:
+            count = int(values.pop("count"))
+            coefficients = float32_values(values["a"], name, "a")
+            if coefficients.size < count or count < 1:
+                raise MPSValueError(f"{name}: a holds {coefficients.size} floats; count={count}")
+            descriptor = MPSNNNeuronDescriptor.cnnNeuronPReLUDescriptor(coefficients[:count].tobytes())
+        else:
+            descriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(neuron_type, **values)
+        self._init_neuron(kwargs["device"], descriptor)
+
+    doc = f"``{name}`` (deprecated): ``MPSCNNNeuron`` of type ``{neuron_type.name}``."
+    return type(name, (MPSCNNNeuron,), {"__init__": __init__, "__doc__": doc})
+
+
+MPSCNNNeuronLinear = _legacy("MPSCNNNeuronLinear", T.linear, ("a", "b"))
+MPSCNNNeuronReLU = _legacy("MPSCNNNeuronReLU", T.reLU, ("a",))
+MPSCNNNeuronPReLU = _legacy("MPSCNNNeuronPReLU", T.pReLU, ("a", "count"))
+MPSCNNNeuronSigmoid = _legacy("MPSCNNNeuronSigmoid", T.sigmoid, ())
+MPSCNNNeuronHardSigmoid = _legacy("MPSCNNNeuronHardSigmoid", T.hardSigmoid, ("a", "b"))
+MPSCNNNeuronTanH = _legacy("MPSCNNNeuronTanH", T.tanH, ("a", "b"))
+MPSCNNNeuronAbsolute = _legacy("MPSCNNNeuronAbsolute", T.absolute, ())
+MPSCNNNeuronSoftPlus = _legacy("MPSCNNNeuronSoftPlus", T.softPlus, ("a", "b"))
+MPSCNNNeuronSoftSign = _legacy("MPSCNNNeuronSoftSign", T.softSign, ())
+MPSCNNNeuronELU = _legacy("MPSCNNNeuronELU", T.ELU, ("a",))
+MPSCNNNeuronReLUN = _legacy("MPSCNNNeuronReLUN", T.reLUN, ("a", "b"))
+MPSCNNNeuronPower = _legacy("MPSCNNNeuronPower", T.power, ("a", "b", "c"))
+MPSCNNNeuronExponential = _legacy("MPSCNNNeuronExponential", T.exponential, ("a", "b", "c"))
+MPSCNNNeuronLogarithm = _legacy("MPSCNNNeuronLogarithm", T.logarithm, ("a", "b", "c"))
