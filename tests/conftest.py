@@ -1,0 +1,22 @@
+import os
+import sys
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--backend", default="torch", choices=("torch",),
+                     help="fast backend compared against the reference in property tests")
+
+
+@pytest.fixture(scope="session")
+def fast_backend(request):
+    return request.config.getoption("--backend")

@@ -1,0 +1,116 @@
+"""Shared test helpers: devices, images, data sources, one-call encode-and-run."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from mpsconv import (
+    MPSCNNConvolution, MPSCNNConvolutionDataSource, MPSCNNConvolutionDescriptor, MPSDataType, MPSImage,
+    MPSImageDescriptor, MPSImageFeatureChannelFormat, MTLCreateSystemDefaultDevice, use_backend,
+)
+
+FMT = MPSImageFeatureChannelFormat
+DEVICE = MTLCreateSystemDefaultDevice()
+QUEUE = DEVICE.makeCommandQueue()
+
+
+def image(values, fmt=FMT.float32) -> MPSImage:
+    """An image holding ``values`` ((H, W, C) or (N, H, W, C))."""
+    return MPSImage.from_numpy(np.asarray(values, dtype=np.float64), featureChannelFormat=fmt, device=DEVICE)
+
+
+def blank(width, height, channels, images=1, fmt=FMT.float32, fill=None, rng=None) -> MPSImage:
+    """A new image, zero-filled, filled with ``fill``, or random when ``rng`` is given."""
+    if rng is not None:
+        return image(rng.uniform(-1, 1, (images, height, width, channels)), fmt)
+    if fill is not None:
+        return image(np.full((images, height, width, channels), float(fill)), fmt)
+    return MPSImage(device=DEVICE, imageDescriptor=MPSImageDescriptor(
+        channelFormat=fmt, width=width, height=height, featureChannels=channels, numberOfImages=images))
+
+
+class ArraySource(MPSCNNConvolutionDataSource):
+    """A data source over NumPy arrays that counts its lifecycle calls."""
+
+    def __init__(self, descriptor, weights, bias=None, data_type=MPSDataType.float32, kernel_type=None, label=None,
+                 **optional):
+        self.desc, self.w, self.b, self.data_type, self._label = descriptor, weights, bias, data_type, label
+        self.kernel_type = kernel_type
+        self.calls: list[str] = []
+        self.load_result = True
+        for name, value in optional.items():
+            setattr(self, name, (lambda v: (lambda: v))(value))
+
+    def dataType(self):
+        self.calls.append("dataType")
+        return self.data_type
+
+    def descriptor(self):
+        self.calls.append("descriptor")
+        return self.desc
+
+    def weights(self):
+        self.calls.append("weights")
+        return self.w
+
+    def biasTerms(self):
+        self.calls.append("biasTerms")
+        return self.b
+
+    def load(self):
+        self.calls.append("load")
+        return self.load_result
+
+    def purge(self):
+        self.calls.append("purge")
+
+    def label(self):
+        self.calls.append("label")
+        return self._label
+
+    def __getattr__(self, name):
+        if name == "kernelWeightsDataType" and self.__dict__.get("kernel_type") is not None:
+            return lambda: self.kernel_type
+        raise AttributeError(name)
+
+
+def descriptor(kw=3, kh=3, cin=1, cout=1, **props) -> MPSCNNConvolutionDescriptor:
+    d = MPSCNNConvolutionDescriptor(kernelWidth=kw, kernelHeight=kh, inputFeatureChannels=cin,
+                                    outputFeatureChannels=cout)
+    for name, value in props.items():
+        setattr(d, name, value)
+    return d
+
+
+def conv(kw=3, kh=3, cin=1, cout=1, weights=None, bias=None, cls=MPSCNNConvolution, kernel_type=None, **props):
+    """A convolution kernel; weights default to all ones (OHWI)."""
+    d = descriptor(kw, kh, cin, cout, **props)
+    count = cout * kh * kw * (cin // d.groups)
+    w = np.ones(count, np.float32) if weights is None else np.asarray(weights, np.float32).reshape(-1)
+    return cls(device=DEVICE, weights=ArraySource(d, w, bias, kernel_type=kernel_type))
+
+
+def run(kernel, src, dst=None, backend=None, **kwargs):
+    """Encode (allocating when ``dst`` is None), commit, wait; returns the destination."""
+    with use_backend(backend or "auto"):
+        cb = QUEUE.makeCommandBuffer()
+        if dst is None:
+            dst = kernel.encode(commandBuffer=cb, sourceImage=src, **kwargs)
+        else:
+            kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst, **kwargs)
+        cb.commit()
+        cb.waitUntilCompleted()
+    return dst
+
+
+def values(img) -> np.ndarray:
+    """An image's feature values, NHWC float64."""
+    return np.asarray(img.numpy(), dtype=np.float64)
+
+
+def quiet(fn, *args, **kwargs):
+    """Call a deprecated API without the DeprecationWarning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return fn(*args, **kwargs)
