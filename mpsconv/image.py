@@ -415,7 +415,7 @@ class MPSImage:
         feature values; they are converted to the format as a GPU write would (float16 rounds,
         unorm clamps to [0, 1] and scales).
         """
-        values = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array)
+        values = array.detach() if isinstance(array, torch.Tensor) else torch.from_numpy(np.array(array))
         if values.dim() == 3:
             values = values.unsqueeze(0)
         if values.dim() != 4:
