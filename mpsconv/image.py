@@ -119,7 +119,8 @@ def values_to_storage(values: torch.Tensor, fmt: MPSImageFeatureChannelFormat) -
         return torch.round(scaled).to(STORAGE_DTYPE[fmt])
     if fmt == F.float16 and values.dtype == torch.float64:
         # numpy rounds float64 -> float16 once; torch goes through float32 (double rounding).
-        return torch.from_numpy(values.cpu().numpy().astype(np.float16)).to(values.device)
+        with np.errstate(over="ignore"):  # overflow to +-inf is the specified result
+            return torch.from_numpy(values.cpu().numpy().astype(np.float16)).to(values.device)
     return values.to(STORAGE_DTYPE[fmt])
 
 

@@ -1,0 +1,278 @@
+"""kernel-image.md checklist: images (65–88) and Metal's format conversions (§4.1)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import DEVICE, QUEUE, blank, conv, image, run, values
+from mpsconv import *
+
+FMT = MPSImageFeatureChannelFormat
+NUMPY = {FMT.unorm8: np.uint8, FMT.unorm16: np.uint16, FMT.float16: np.float16, FMT.float32: np.float32}
+
+
+def make(width=3, height=2, channels=9, images=1, fmt=FMT.float32):
+    return MPSImage(device=DEVICE, imageDescriptor=MPSImageDescriptor(
+        channelFormat=fmt, width=width, height=height, featureChannels=channels, numberOfImages=images))
+
+
+def test_ki_checklist_65_format_raw_values():
+    assert [int(FMT[n]) for n in ("none", "unorm8", "unorm16", "float16", "float32", "_reserved0", "count")] == \
+        [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_ki_checklist_66_bare_descriptor():
+    d = MPSImageDescriptor()
+    assert (d.width, d.height, d.featureChannels, d.numberOfImages, int(d.usage)) == (1, 1, 1, 1, 3)
+    assert d.channelFormat == FMT.none and make(fmt=FMT.none).featureChannelFormat == FMT.float16
+
+
+def test_ki_checklist_67_texture_type():
+    img = make(channels=9, images=2)
+    assert img.textureType == MTLTextureType.type2DArray and img.texture.arrayLength == 6
+    assert make(channels=4).textureType == MTLTextureType.type2D
+
+
+def test_ki_checklist_68_to_70_pixel_format_precision_pixel_size():
+    assert [make(channels=c, fmt=FMT.float16).pixelFormat for c in (1, 2, 3, 9)] == [25, 65, 115, 115]
+    assert [make(fmt=f).precision for f in (FMT.unorm8, FMT.unorm16, FMT.float16, FMT.float32)] == [8, 16, 11, 24]
+    assert make(channels=3, fmt=FMT.float16).pixelSize == 8 and make(channels=1).pixelSize == 4
+
+
+@pytest.mark.parametrize("fmt", [FMT.unorm8, FMT.unorm16, FMT.float16, FMT.float32])
+def test_ki_checklist_71_write_read_round_trip_bytes(fmt):
+    img = make(4, 3, 7, fmt=fmt)
+    raw = np.random.default_rng(71).integers(0, 256, 4 * 3 * 7 * np.dtype(NUMPY[fmt]).itemsize, dtype=np.uint8)
+    img.writeBytes(raw, dataLayout=MPSDataLayout.HeightxWidthxFeatureChannels, imageIndex=0)
+    back = np.zeros_like(raw)
+    img.readBytes(back, dataLayout=MPSDataLayout.HeightxWidthxFeatureChannels, imageIndex=0)
+    np.testing.assert_array_equal(back, raw)
+
+
+def test_ki_checklist_72_hwc_and_chw_are_transposes():
+    img = image(np.random.default_rng(72).uniform(-1, 1, (3, 4, 6)))
+    hwc, chw = np.zeros((3, 4, 6), np.float32), np.zeros((6, 3, 4), np.float32)
+    img.readBytes(hwc, dataLayout=MPSDataLayout.HeightxWidthxFeatureChannels, imageIndex=0)
+    img.readBytes(chw, dataLayout=MPSDataLayout.featureChannelsxHeightxWidth, imageIndex=0)
+    np.testing.assert_array_equal(chw, hwc.transpose(2, 0, 1))
+
+
+def full_region(img):
+    return MTLRegionMake2D(0, 0, img.width, img.height)
+
+
+def test_ki_checklist_73_channel_window():
+    src = np.broadcast_to(np.arange(12.0), (2, 3, 12))
+    img = image(src)
+    out = np.zeros((2, 3, 4), np.float32)
+    img.readBytes(out, dataLayout=0, bytesPerRow=3 * 4 * 4, region=full_region(img),
+                  featureChannelInfo=MPSImageReadWriteParams(4, 4), imageIndex=0)
+    assert (out == np.arange(4, 8)).all()
+
+
+@pytest.mark.parametrize("offset, count, match", [(2, 4, "multiple of 4"), (0, 0, "must be > 0"),
+                                                  (4, 6, "must be a multiple of 4 when featureChannelOffset > 0")])
+def test_ki_checklist_74_channel_window_errors(offset, count, match):
+    img = make(3, 2, 12)
+    with pytest.raises(MPSValueError, match=match):
+        img.readBytes(np.zeros(100, np.float32), dataLayout=0, bytesPerRow=3 * 4 * 4, region=full_region(img),
+                      featureChannelInfo=MPSImageReadWriteParams(offset, count), imageIndex=0)
+
+
+def test_trailing_partial_channel_group_is_allowed():
+    """OPEN §4.5: offset 4, count 3 on a 7-channel image reaches the last channel and is allowed."""
+    img = image(np.broadcast_to(np.arange(7.0), (1, 1, 7)))
+    out = np.zeros(3, np.float32)
+    img.readBytes(out, dataLayout=0, bytesPerRow=12, region=full_region(img),
+                  featureChannelInfo=MPSImageReadWriteParams(4, 3), imageIndex=0)
+    assert out.tolist() == [4, 5, 6]
+
+
+def test_ki_checklist_75_bytes_per_row_gap_untouched():
+    img = image(np.ones((2, 2, 1)))
+    buf = np.full(2 * 16, -7.0, np.float32)  # 64 bytes per row, 8 used
+    img.readBytes(buf, dataLayout=0, bytesPerRow=64, region=full_region(img),
+                  featureChannelInfo=MPSImageReadWriteParams(0, 1), imageIndex=0)
+    assert buf[[0, 1, 16, 17]].tolist() == [1, 1, 1, 1]
+    assert (np.delete(buf, [0, 1, 16, 17]) == -7).all()
+
+
+def test_ki_checklist_76_image_index():
+    data = np.random.default_rng(76).uniform(-1, 1, (2, 2, 3, 5))
+    img = image(data)
+    out = np.zeros((2, 3, 5), np.float32)
+    img.readBytes(out, dataLayout=0, imageIndex=1)
+    np.testing.assert_array_equal(out, data[1].astype(np.float32))
+    with pytest.raises(MPSValueError, match="imageIndex=2"):
+        img.readBytes(out, dataLayout=0, imageIndex=2)
+
+
+def test_ki_checklist_77_temporary_image_has_no_cpu_access():
+    t = MPSTemporaryImage(commandBuffer=QUEUE.makeCommandBuffer(), imageDescriptor=MPSImageDescriptor(
+        channelFormat=FMT.float32, width=2, height=2, featureChannels=1))
+    for method in (t.readBytes, t.writeBytes):
+        with pytest.raises(MPSValueError, match="no CPU access"):
+            method(np.zeros(4, np.float32), dataLayout=0, imageIndex=0)
+    t.readCount = 0
+
+
+def test_ki_checklist_78_padding_lanes_stay_zero():
+    img = make(2, 2, 9)
+    img.writeBytes(np.full(2 * 2 * 9, 3.0, np.float32), dataLayout=0, imageIndex=0)
+    lanes = img.texture._storage[..., 9:]
+    assert lanes.shape[-1] == 3 and (lanes == 0).all()
+    n = MPSCNNNeuron(device=DEVICE, neuronDescriptor=MPSNNNeuronDescriptor.cnnNeuronDescriptor(
+        MPSCNNNeuronType.linear, a=1.0, b=5.0))
+    out = run(n, img, make(2, 2, 9))
+    assert (out.texture._storage[..., 9:] == 0).all() and (values(out) == 8).all()
+
+
+def test_ki_checklist_79_resource_size():
+    img = make(3, 2, 9, images=2, fmt=FMT.float16)
+    expected = 2 * 3 * 3 * 2 * 8
+    assert img.resourceSize() == expected and img._storage is None  # does not allocate
+    img.texture
+    assert img.resourceSize() == expected
+    assert make(3, 2, 12).subImage(featureChannelRange=range(4, 8)).resourceSize() == 0
+
+
+def test_ki_checklist_80_sub_image():
+    img = image(np.broadcast_to(np.arange(12.0), (2, 2, 12)))
+    view = img.subImage(featureChannelRange=range(4, 8))
+    assert view.featureChannels == 4 and (values(view) == np.arange(4, 8)).all() and view.parent is img
+    with pytest.raises(MPSValueError, match="multiples of 4"):
+        img.subImage(featureChannelRange=range(2, 6))
+    assert img.subImage(featureChannelRange=(4, 12)).featureChannels == 8
+
+
+def test_ki_checklist_81_batch_representation_shares_storage():
+    img = image(np.zeros((3, 2, 2, 4)))
+    views = img.batchRepresentation()
+    assert len(views) == 3 and all(v.numberOfImages == 1 for v in views)
+    views[1].writeBytes(np.full(16, 9.0, np.float32), dataLayout=0, imageIndex=0)
+    assert (values(img)[1] == 9).all() and (values(img)[[0, 2]] == 0).all()
+    assert len(img.batchRepresentation(withSubRange=range(1, 3))) == 2
+
+
+def test_ki_checklist_82_image_from_texture():
+    tex = DEVICE.makeTexture(MTLTextureDescriptor(textureType=MTLTextureType.type2DArray,
+                                                  pixelFormat=MTLPixelFormat.rgba32Float, width=3, height=2,
+                                                  arrayLength=6, usage=MTLTextureUsage.shaderRead | 2))
+    img = MPSImage(texture=tex, featureChannels=9)
+    assert img.numberOfImages == 2 and img.resourceSize() == 0
+    img.writeBytes(np.arange(2 * 3 * 9, dtype=np.float32), dataLayout=0, imageIndex=1)
+    again = MPSImage(texture=tex, featureChannels=9)  # a second view sees the write
+    out = np.zeros(2 * 3 * 9, np.float32)
+    again.readBytes(out, dataLayout=0, imageIndex=1)
+    assert (out == np.arange(2 * 3 * 9)).all()
+    with pytest.raises(MPSValueError, match="not a multiple"):
+        MPSImage(texture=tex, featureChannels=13)
+
+
+def temporary(cb, channels=1):
+    return MPSTemporaryImage(commandBuffer=cb, imageDescriptor=MPSImageDescriptor(
+        channelFormat=FMT.float32, width=3, height=3, featureChannels=channels))
+
+
+def test_ki_checklist_83_batch_increment_read_count():
+    cb = QUEUE.makeCommandBuffer()
+    t, u, plain = temporary(cb), temporary(cb), make()
+    assert MPSImageBatchIncrementReadCount([t, t, u, plain], 2) == 3
+    assert (t.readCount, u.readCount) == (3, 3)
+    t.readCount = u.readCount = 0
+    assert MPSImageBatchResourceSize([plain, plain]) == plain.resourceSize()
+    seen = []
+    MPSImageBatchIterate([t, t, u], lambda img, i: seen.append(i) or NSIntegerMin)
+    assert seen == [0, 2]
+
+
+def test_ki_checklist_84_85_read_count():
+    cb = QUEUE.makeCommandBuffer()
+    t = temporary(cb)
+    assert t.readCount == 1
+    k = conv()
+    k.encode(commandBuffer=cb, sourceImage=blank(3, 3, 1), destinationImage=t)
+    assert t.readCount == 1  # a write does not count
+    k.encode(commandBuffer=cb, sourceImage=t, destinationImage=blank(3, 3, 1))
+    assert t.readCount == 0
+    with pytest.raises(MPSCommandBufferError, match="released"):
+        k.encode(commandBuffer=cb, sourceImage=t, destinationImage=blank(3, 3, 1))
+    cb.commit()
+
+
+def test_ki_checklist_86_temporary_on_other_or_committed_buffer():
+    cb, other = QUEUE.makeCommandBuffer(), QUEUE.makeCommandBuffer()
+    t = temporary(cb)
+    with pytest.raises(MPSCommandBufferError, match="another command buffer"):
+        conv().encode(commandBuffer=other, sourceImage=t, destinationImage=blank(3, 3, 1))
+    cb.commit()
+    with pytest.raises(MPSCommandBufferError, match="already committed"):
+        conv().encode(commandBuffer=cb, sourceImage=t, destinationImage=blank(3, 3, 1))
+    assert t.readCount == 1
+
+
+def test_ki_checklist_87_read_count_frozen_at_zero():
+    t = temporary(QUEUE.makeCommandBuffer())
+    t.readCount = 0
+    with pytest.raises(MPSCommandBufferError, match="readCount is 0"):
+        t.readCount = 2
+
+
+def test_ki_checklist_88_allocated_destination_kinds():
+    k = conv()
+    cb = QUEUE.makeCommandBuffer()
+    out = k.encode(commandBuffer=cb, sourceImage=image(np.ones((3, 3, 1))))
+    assert isinstance(out, MPSTemporaryImage) and out.readCount == 1
+    out.readCount = 0
+    k.destinationImageAllocator = MPSImage.defaultAllocator()
+    out = k.encode(commandBuffer=cb, sourceImage=image(np.ones((3, 3, 1))))
+    cb.commit()
+    cb.waitUntilCompleted()
+    assert type(out) is MPSImage and values(out)[0, 1, 1, 0] == 9
+
+
+def test_temporary_views_hold_their_parent():
+    cb = QUEUE.makeCommandBuffer()
+    t = temporary(cb, channels=8)
+    view = t.subImage(featureChannelRange=range(4, 8))
+    assert isinstance(view, MPSTemporaryImage) and t.readCount == 2
+    view.readCount = 0
+    assert t.readCount == 1
+    t.readCount = 0
+
+
+# -- conversions (§4.1)
+
+
+def test_unorm_conversion_clamps_rounds_and_maps_nan_to_zero():
+    img = image(np.array([[[-0.5, 0.0, 0.5, 1.0, 2.0, np.nan, 0.5 / 255, 1.5 / 255]]]), FMT.unorm8)
+    raw = np.zeros(8, np.uint8)
+    img.readBytes(raw, dataLayout=0, imageIndex=0)
+    assert raw.tolist() == [0, 0, 128, 255, 255, 0, 0, 2]  # ties to even: 0.5 -> 0, 1.5 -> 2
+    assert values(img)[0, 0, 0, 2] == np.float32(128 / 255)
+
+
+def test_float16_conversion_rounds_to_nearest_even_and_overflows_to_inf():
+    img = image(np.array([[[1 + 2**-11, 1 + 3 * 2**-11, 70000.0, -70000.0]]]), FMT.float16)
+    assert values(img)[0, 0, 0].tolist() == [1.0, 1 + 2**-9, np.inf, -np.inf]
+
+
+def test_interop_numpy_torch_dlpack():
+    data = np.random.default_rng(1).uniform(-1, 1, (2, 3, 4, 5)).astype(np.float32)
+    img = image(data)
+    np.testing.assert_array_equal(np.asarray(img), data)
+    np.testing.assert_array_equal(torch.from_dlpack(img).numpy(), data)
+    assert img.torch().data_ptr() == img.texture._storage.data_ptr()  # a view, not a copy
+    half = image(data[0], FMT.float16)
+    assert half.numpy().dtype == np.float16 and image(data[0] * 0 + 0.5, FMT.unorm8).numpy().dtype == np.float32
+
+
+def test_reading_before_completion_shows_old_data():
+    dst = blank(3, 3, 1, fill=-1)
+    cb = QUEUE.makeCommandBuffer()
+    conv().encode(commandBuffer=cb, sourceImage=image(np.ones((3, 3, 1))), destinationImage=dst)
+    assert (values(dst) == -1).all()
+    cb.commit()
+    cb.waitUntilCompleted()
+    assert values(dst)[0, 1, 1, 0] == 9
