@@ -319,7 +319,7 @@ class MTLBuffer:
     def contents(self) -> np.ndarray:
         """A writable uint8 NumPy view of the buffer's bytes."""
         if self.storageMode == MTLStorageMode.private:
-            raise MPSValueError("MTLBuffer.contents: a buffer with storageModePrivate has no CPU view")
+            raise MPSValueError("MTLBuffer.contents: a buffer with private storage (storageModePrivate) has no CPU view")
         return self._data.numpy()
 
     def didModifyRange(self, range) -> None:

@@ -1,6 +1,7 @@
 """Shared test helpers: devices, images, data sources, one-call encode-and-run."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -93,7 +94,7 @@ def conv(kw=3, kh=3, cin=1, cout=1, weights=None, bias=None, cls=MPSCNNConvoluti
 
 def run(kernel, src, dst=None, backend=None, **kwargs):
     """Encode (allocating when ``dst`` is None), commit, wait; returns the destination."""
-    with use_backend(backend or "auto"):
+    with use_backend(backend) if backend else contextlib.nullcontext():
         cb = QUEUE.makeCommandBuffer()
         if dst is None:
             dst = kernel.encode(commandBuffer=cb, sourceImage=src, **kwargs)
