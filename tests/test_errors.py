@@ -1,0 +1,263 @@
+"""Invalid inputs: one row each, with the error type and message it must give.
+
+After the error, the test commits the command buffer the call was made with (if it is still
+open) and checks that every watched image kept its contents: a refused call records nothing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import DEVICE, QUEUE, ArraySource, blank, conv, descriptor, image, quiet, values
+from mpsconv import *
+from mpsconv.metal import MTLDevice
+
+rng = np.random.default_rng(0)
+FMT = MPSImageFeatureChannelFormat
+
+
+def box():
+    return conv(3, 3, 4, 4, weights=rng.uniform(-1, 1, 144))
+
+
+def encode_case(kernel=None, src=None, dst=None, **props):
+    """A manual encode of ``kernel`` (default: 3x3, 4 -> 4) after setting ``props``."""
+    kernel = kernel or box()
+    for name, value in props.items():
+        setattr(kernel, name, value)
+    src = src if src is not None else blank(5, 5, 4, rng=rng)
+    dst = dst if dst is not None else blank(5, 5, 4, rng=rng)
+    cb = QUEUE.makeCommandBuffer()
+    return (lambda: kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)), [src, dst], cb
+
+
+def make(fn):
+    return (fn, [], None)
+
+
+def archive(obj=None):
+    return NSKeyedArchiver.archivedData(withRootObject=obj or box())
+
+
+def tampered():
+    data = bytearray(archive())
+    data[-5] ^= 0xFF
+    return bytes(data)
+
+
+def batch_case(sources, destinations):
+    cb = QUEUE.makeCommandBuffer()
+    k = box()
+    return (lambda: k.encodeBatch(commandBuffer=cb, sourceImages=sources, destinationImages=destinations),
+            list(sources) + list(destinations), cb)
+
+
+def committed_case():
+    src, dst = blank(5, 5, 4, rng=rng), blank(5, 5, 4, rng=rng)
+    cb = QUEUE.makeCommandBuffer()
+    cb.commit()
+    return (lambda: box().encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)), [src, dst], None
+
+
+def open_encoder_case():
+    action, watched, cb = encode_case()
+    encoder = cb.computeCommandEncoder()
+
+    def act():
+        try:
+            action()
+        finally:
+            encoder.endEncoding()
+    return act, watched, cb
+
+
+def temporary_case(released: bool):
+    cb, other = QUEUE.makeCommandBuffer(), QUEUE.makeCommandBuffer()
+    t = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=MPSImageDescriptor(
+        channelFormat=FMT.float32, width=5, height=5, featureChannels=4))
+    dst = blank(5, 5, 4, rng=rng)
+    if released:
+        t.readCount = 0
+        target = cb
+    else:
+        target = other
+    return (lambda: box().encode(commandBuffer=target, sourceImage=t, destinationImage=dst)), [dst], target
+
+
+def other_device_case():
+    stranger = MTLDevice("cpu")  # a second device object: images on it are not the kernel's
+    src = MPSImage(device=stranger, imageDescriptor=MPSImageDescriptor(
+        channelFormat=FMT.float32, width=5, height=5, featureChannels=4))
+    dst = blank(5, 5, 4, rng=rng)
+    cb = QUEUE.makeCommandBuffer()
+    return (lambda: box().encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)), [dst], cb
+
+
+def fc_case(src_hw, dst_hw):
+    k = conv(3, 3, 4, 2, cls=MPSCNNFullyConnected)
+    return encode_case(k, blank(src_hw[1], src_hw[0], 4, rng=rng), blank(dst_hw[1], dst_hw[0], 2, rng=rng))
+
+
+def allocating_case(kernel, src):
+    cb = QUEUE.makeCommandBuffer()
+    return (lambda: kernel.encode(commandBuffer=cb, sourceImage=src)), [src], cb
+
+
+def padded(method):
+    k = box()
+    k.padding = MPSNNDefaultPadding(method)
+    return k
+
+
+class NoDescriptorMethod(MPSNNPadding):
+    def paddingMethod(self):
+        return MPSNNPaddingMethod.custom | MPSNNPaddingMethod.sizeSame
+
+
+def custom_padding_kernel():
+    k = box()
+    k.padding = NoDescriptorMethod()
+    return k
+
+
+def source(**kwargs):
+    return ArraySource(descriptor(3, 3, 4, 4), kwargs.pop("weights", np.ones(144)), **kwargs)
+
+
+def load_false():
+    ds = source()
+    ds.load_result = False
+    return ds
+
+
+class Incomplete:
+    def descriptor(self):
+        return descriptor(3, 3, 4, 4)
+
+
+def bn(**arrays):
+    d = descriptor(1, 1, 1, 2)
+    args = dict(variance=[1, 1], gamma=[1, 1], beta=[0, 0], epsilon=1e-3)
+    args.update(arrays)
+    mean = args.pop("mean", [0, 0])
+    return lambda: d.setBatchNormalizationParametersForInferenceWithMean(mean, **args)
+
+
+def prelu_conv():
+    d = descriptor(1, 1, 1, 3)
+    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronPReLUDescriptor(np.ones(2, np.float32))
+    return MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, np.ones(3)))
+
+
+def fp32_kernel():
+    return MPSCNNConvolution(device=DEVICE, weights=ArraySource(descriptor(1, 1, 1, 1), [1.0],
+                                                                kernel_type=MPSDataType.float32))
+
+
+def set_attr(obj, name, value):
+    return lambda: setattr(obj, name, value)
+
+
+def prelu_neuron_case():
+    n = MPSCNNNeuron(device=DEVICE, neuronDescriptor=MPSNNNeuronDescriptor.cnnNeuronPReLUDescriptor(np.ones(2, np.float32)))
+    return encode_case(n)
+
+
+E, T = MPSValueError, TypeError
+ROWS = [
+    # -- descriptor and kernel construction
+    ("zero kernel", lambda: make(set_attr(MPSCNNConvolutionDescriptor(), "kernelWidth", 0)), E, "kernelWidth=0 must be >= 1"),
+    ("zero stride", lambda: make(set_attr(MPSCNNConvolutionDescriptor(), "strideInPixelsY", 0)), E, "strideInPixelsY=0"),
+    ("zero dilation", lambda: make(set_attr(MPSCNNConvolutionDescriptor(), "dilationRateX", 0)), E, "dilationRateX=0"),
+    ("non-integer kernel", lambda: make(set_attr(MPSCNNConvolutionDescriptor(), "kernelHeight", 2.5)), T, "must be an integer"),
+    ("groups not dividing", lambda: make(lambda: conv(3, 3, 8, 12, groups=3)), E, "groups=3 must divide inputFeatureChannels=8"),
+    ("channels per group", lambda: make(lambda: conv(3, 3, 6, 8, groups=2)), E, "multiples of 4; got 3 input"),
+    ("zero channels", lambda: make(lambda: MPSCNNConvolution(device=DEVICE, weights=ArraySource(MPSCNNConvolutionDescriptor(), []))), E, "must both be >= 1"),
+    ("wrong weight count", lambda: make(lambda: conv(3, 3, 4, 4, weights=np.ones(143))), E, "holds 143 elements; expected 144"),
+    ("wrong bias count", lambda: make(lambda: conv(3, 3, 4, 4, bias=np.ones(3))), E, r"biasTerms\(\) holds 3 elements; expected 4"),
+    ("weights as bytes of the wrong size", lambda: make(lambda: MPSCNNConvolution(device=DEVICE, weights=ArraySource(descriptor(1, 1, 1, 2), b"\0" * 12))), E, "holds 12 bytes"),
+    ("weights of strings", lambda: make(lambda: MPSCNNConvolution(device=DEVICE, weights=ArraySource(descriptor(1, 1, 1, 1), ["a"]))), T, "expected numbers"),
+    ("NaN epsilon", lambda: make(bn(epsilon=float("nan"))), E, "epsilon=nan must be a finite float"),
+    ("partial batch norm", lambda: make(bn(gamma=None)), E, "gamma is None; pass all four"),
+    ("batch norm length", lambda: make(bn(beta=[0, 0, 0])), E, "beta holds 3 floats; outputFeatureChannels=2"),
+    ("load returns False", lambda: make(lambda: MPSCNNConvolution(device=DEVICE, weights=load_false())), E, r"load\(\) returned False"),
+    ("incomplete data source", lambda: make(lambda: MPSCNNConvolution(device=DEVICE, weights=Incomplete())), T, "does not implement"),
+    ("int8 weights", lambda: make(lambda: MPSCNNConvolution(device=DEVICE, weights=source(data_type=MPSDataType.int8))), E, "int8 is not accepted"),
+    ("half data, float kernel", lambda: make(lambda: MPSCNNConvolution(device=DEVICE, weights=source(weights=np.ones(144, np.float16), data_type=MPSDataType.float16, kernel_type=MPSDataType.float32))), E, "needs dataType"),
+    ("uint8 without quantization", lambda: make(lambda: MPSCNNConvolution(device=DEVICE, weights=source(weights=np.ones(144, np.uint8), data_type=MPSDataType.uInt8))), E, "linear or lookupTable"),
+    ("weights layout", lambda: make(lambda: MPSCNNConvolution(device=DEVICE, weights=source(weightsLayout=7))), E, "only OHWI"),
+    ("pReLU count", lambda: make(prelu_conv), E, "pReLU data holds 2 floats; outputFeatureChannels=3"),
+    ("accumulator half with float32 weights", lambda: make(set_attr(fp32_kernel(), "accumulatorPrecisionOption", 0)), E, "not allowed with float32"),
+    ("deprecated init flags", lambda: make(lambda: quiet(MPSCNNConvolution, device=DEVICE, convolutionDescriptor=descriptor(1, 1, 1, 1), kernelWeights=[1], biasTerms=None, flags=1)), E, "flags=1"),
+    ("initializer keywords", lambda: make(lambda: MPSCNNConvolution(device=DEVICE, descriptor=descriptor())), T, "valid initializers are"),
+    ("fully connected stride", lambda: make(lambda: conv(3, 3, 4, 2, cls=MPSCNNFullyConnected, strideInPixelsX=2)), E, "stride 1"),
+    ("None neuron descriptor", lambda: make(set_attr(MPSCNNConvolutionDescriptor(), "fusedNeuronDescriptor", None)), T, "never None"),
+    ("neuron type out of range", lambda: make(lambda: MPSNNNeuronDescriptor.cnnNeuronDescriptor(16)), E, "sentinel"),
+    ("image of zero width", lambda: make(lambda: MPSImage(device=DEVICE, imageDescriptor=MPSImageDescriptor(channelFormat=FMT.float32, width=0, height=1, featureChannels=1))), E, "width=0 must be an integer >= 1"),
+    ("reserved image format", lambda: make(lambda: MPSImage(device=DEVICE, imageDescriptor=MPSImageDescriptor(channelFormat=FMT._reserved0))), E, "cannot make an image"),
+    # -- kernel properties
+    ("negative clip", lambda: make(set_attr(box(), "clipRect", MTLRegion(MTLOrigin(-1, 0, 0), MTLSize(1, 1, 1)))), E, "negative component"),
+    ("offset of strings", lambda: make(set_attr(box(), "offset", ("a", 0, 0))), T, "MPSOffset"),
+    ("negative channel offset", lambda: make(set_attr(box(), "destinationFeatureChannelOffset", -4)), E, "must be in 0...2\\*\\*64-1"),
+    ("None padding", lambda: make(set_attr(box(), "padding", None)), T, "never None"),
+    ("None allocator", lambda: make(set_attr(box(), "destinationImageAllocator", None)), T, "never None"),
+    # -- encode
+    ("source offset not multiple of 4", lambda: encode_case(sourceFeatureChannelOffset=2, src=blank(5, 5, 8, rng=rng)), E, "sourceFeatureChannelOffset=2 must be a multiple of 4"),
+    ("destination offset not multiple of 4", lambda: encode_case(destinationFeatureChannelOffset=6, dst=blank(5, 5, 12, rng=rng)), E, "destinationFeatureChannelOffset=6"),
+    ("too few source channels", lambda: encode_case(src=blank(5, 5, 3, rng=rng)), E, "provides 3 feature channels"),
+    ("source offset past the channels", lambda: encode_case(sourceFeatureChannelOffset=8), E, "beyond the source's 4 feature channels"),
+    ("destination too small", lambda: encode_case(destinationFeatureChannelOffset=4, dst=blank(5, 5, 6, rng=rng)), E, "needs 8"),
+    ("source is destination", lambda: (lambda s: encode_case(src=s, dst=s))(blank(5, 5, 4, rng=rng)), E, "shares storage"),
+    ("destination is a view of the source", lambda: (lambda s: encode_case(src=s, dst=s.subImage(featureChannelRange=range(4, 8))))(blank(5, 5, 8, rng=rng)), E, "shares storage"),
+    ("mirror edge", lambda: encode_case(edgeMode=MPSImageEdgeMode.mirror), E, "edgeMode=mirror is not defined"),
+    ("negative offset.z", lambda: encode_case(offset=MPSOffset(0, 0, -1)), E, "offset.z=-1"),
+    ("too few source images", lambda: encode_case(offset=MPSOffset(0, 0, 1)), E, "exceeds the source's numberOfImages=1"),
+    ("encode after commit", committed_case, MPSCommandBufferError, "already committed"),
+    ("open compute encoder", open_encoder_case, MPSCommandBufferError, "endEncoding"),
+    ("temporary image of another buffer", lambda: temporary_case(False), MPSCommandBufferError, "another command buffer"),
+    ("released temporary image", lambda: temporary_case(True), MPSCommandBufferError, "released"),
+    ("image of another device", other_device_case, MPSDeviceError, "the kernel is on"),
+    ("not a command buffer", lambda: (lambda a, w, cb: ((lambda: box().encode(commandBuffer=QUEUE, sourceImage=w[0], destinationImage=w[1])), w, cb))(*encode_case()), T, "must be an MTLCommandBuffer"),
+    ("not an image", lambda: (lambda a, w, cb: ((lambda: box().encode(commandBuffer=cb, sourceImage=np.zeros((5, 5, 4)), destinationImage=w[1])), w, cb))(*encode_case()), T, "must be an MPSImage"),
+    ("positional encode", lambda: (lambda a, w, cb: ((lambda: box().encode(cb, w[0], w[1])), w, cb))(*encode_case()), T, "as keywords"),
+    ("batch lengths", lambda: batch_case([blank(5, 5, 4, rng=rng)] * 2, [blank(5, 5, 4, rng=rng)]), E, "same length"),
+    ("batch alias", lambda: (lambda a, b: batch_case([a, b], [blank(5, 5, 4, rng=rng), a]))(blank(5, 5, 4, rng=rng), blank(5, 5, 4, rng=rng)), E, r"destinationImage\[1\] shares storage"),
+    ("batch of mixed sizes", lambda: batch_case([blank(5, 5, 4, rng=rng), blank(6, 5, 4, rng=rng)], [blank(5, 5, 4, rng=rng), blank(5, 5, 4, rng=rng)]), E, "a batch must agree"),
+    ("fully connected window", lambda: fc_case((4, 3), (1, 1)), E, "must cover the whole source"),
+    ("fully connected clip", lambda: fc_case((3, 3), (2, 2)), E, "writes one pixel"),
+    ("pReLU neuron channels", prelu_neuron_case, E, "needs at least"),
+    ("allocating encode of two images", lambda: allocating_case(box(), blank(5, 5, 4, images=2, rng=rng)), E, "numberOfImages == 1"),
+    ("reserved padding", lambda: allocating_case(padded(MPSNNPaddingMethod.size_reserved), blank(5, 5, 4, rng=rng)), E, "size_reserved"),
+    ("custom padding without method", lambda: allocating_case(custom_padding_kernel(), blank(5, 5, 4, rng=rng)), E, "custom bit"),
+    ("valid-only too small", lambda: allocating_case(padded(MPSNNPaddingMethod.sizeValidOnly), blank(2, 2, 4, rng=rng)), E, "destination height 0"),
+    # -- images and archives
+    ("sub-image range", lambda: make(lambda: blank(2, 2, 12).subImage(featureChannelRange=range(2, 6))), E, "multiples of 4"),
+    ("read region outside", lambda: (lambda img: ((lambda: img.readBytes(np.zeros(64, np.float32), dataLayout=0, bytesPerRow=64, region=MTLRegionMake2D(1, 0, 2, 2), featureChannelInfo=MPSImageReadWriteParams(0, 4), imageIndex=0)), [img], None))(blank(2, 2, 4, rng=rng)), E, "outside the 2x2 image"),
+    ("read buffer too small", lambda: (lambda img: ((lambda: img.readBytes(np.zeros(3, np.float32), dataLayout=0, imageIndex=0)), [img], None))(blank(2, 2, 4, rng=rng)), E, "needs 64 bytes; the buffer holds 12"),
+    ("write from a read-only buffer", lambda: (lambda img: ((lambda: img.readBytes(b"\0" * 64, dataLayout=0, imageIndex=0)), [img], None))(blank(2, 2, 4, rng=rng)), T, "read-only"),
+    ("truncated archive", lambda: make(lambda: NSKeyedUnarchiver.unarchivedObject(MPSCNNConvolution, archive()[:-10])), MPSArchiveError, "corrupt|truncated"),
+    ("truncated header", lambda: make(lambda: NSKeyedUnarchiver.unarchivedObject(MPSCNNConvolution, archive()[:20])), MPSArchiveError, "truncated"),
+    ("tampered archive", lambda: make(lambda: NSKeyedUnarchiver.unarchivedObject(MPSCNNConvolution, tampered())), MPSArchiveError, "digest does not match"),
+    ("wrong class", lambda: make(lambda: NSKeyedUnarchiver.unarchivedObject(MPSCNNFullyConnected, archive())), MPSArchiveError, "holds a MPSCNNConvolution, not a MPSCNNFullyConnected"),
+    ("wrong class through coder", lambda: make(lambda: MPSCNNNeuron(coder=NSKeyedUnarchiver(forReadingFrom=archive()))), MPSArchiveError, "cannot decode it as MPSCNNNeuron"),
+    ("not an archive", lambda: make(lambda: NSKeyedUnarchiver(forReadingFrom=bytes(rng.integers(0, 256, 100, dtype=np.uint8)))), MPSArchiveError, "truncated|not valid|not an mpsconv"),
+    ("archive a custom padding", lambda: make(lambda: archive(custom_padding_kernel())), MPSArchiveError, "cannot be archived"),
+]
+
+
+@pytest.mark.parametrize("case, error, message", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
+def test_invalid_input(case, error, message):
+    action, watched, cb = case()
+    before = [values(img) for img in watched]
+    with pytest.raises(error, match=message):
+        action()
+    if cb is not None and cb.status < MTLCommandBufferStatus.committed:
+        assert cb._work == [], "a refused call recorded work"
+        cb.commit()
+        cb.waitUntilCompleted()
+    for img, prior in zip(watched, before):
+        np.testing.assert_array_equal(values(img), prior)
+
+
+def test_table_has_at_least_40_rows():
+    assert len(ROWS) >= 40
