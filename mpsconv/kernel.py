@@ -9,13 +9,14 @@ Spec: ``kernel-image.md`` §2, §3.
 from __future__ import annotations
 
 import enum
+import os
 import sys
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from . import backends
+from . import backends, config
 from .errors import (
     MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValueError, not_implemented,
 )
@@ -232,6 +233,8 @@ class MPSKernel:
 
 class _Pending(NamedTuple):
     problem: ConvProblem
+    backend: object
+    plan: object
     source: MPSImage
     destination: MPSImage
 
@@ -483,17 +486,34 @@ class MPSCNNKernel(MPSKernel):
             raise MPSDeviceError(f"{owner}: the command buffer is on {cb.device.torch_device}; the kernel is on "
                                  f"{self._device.torch_device}")
 
+    def _plan(self, source: MPSImage, destination: MPSImage, owner: str) -> tuple:
+        """``(problem, backend, plan)`` for this encode, resolved once per distinct configuration.
+
+        The key holds everything ``_resolve`` and backend selection read, so a hit is exactly
+        what resolving again would give; only successful resolutions are cached.
+        """
+        key = (source._n, source._h, source._w, source._c, source._format, destination._n, destination._h,
+               destination._w, destination._c, destination._format, self._offset, self._clipRect, self._sfo,
+               self._sfmax, self._dfo, self._edgeMode, id(self._params()), config.backend())
+        cache = self.__dict__.setdefault("_plan_cache", {})
+        entry = cache.get(key)
+        if entry is None:
+            problem = self._resolve(source, destination, owner)
+            backend = backends.select(problem, self._device)
+            entry = (problem, backend, None if problem.empty else backend.plan(problem, self._device))
+            if len(cache) >= 64:
+                cache.clear()
+            cache[key] = entry
+        return entry
+
     def _record(self, cb: MTLCommandBuffer, pending: list[_Pending]) -> None:
         """Record validated work, then consume one read of each distinct temporary source."""
         params = self._params()
         for item in pending:
-            if item.problem.empty:
-                continue
-            backend = backends.select(item.problem, self._device)
-            prepared = self._prepared(backend, params)
-            work = _Work(backend, item.problem, item.source._ensure_storage(), item.destination._ensure_storage(),
-                         prepared, self)
-            cb._record(work)
+            if not item.problem.empty:
+                prepared = self._prepared(item.backend, params)
+                cb._record(_Work(item.backend, item.plan, item.source._ensure_storage(),
+                                 item.destination._ensure_storage(), prepared, self))
         seen = set()
         for item in pending:
             if id(item.source) not in seen:
@@ -501,11 +521,13 @@ class MPSCNNKernel(MPSKernel):
                 item.source._consume_read()
 
     def _prepared(self, backend, params):
+        """The kernel's parameters in ``backend``'s layout (kept until the weights change)."""
         cache = self.__dict__.setdefault("_prepared_cache", {})
-        key = (backend.name, id(params), self._device.torch_device)
+        key = (backend.name, id(params))
         if key not in cache:
-            cache.clear() if len(cache) > 8 else None
-            cache[key] = (params, backend.prepare(*params, self._device))
+            if len(cache) >= 8:
+                cache.clear()
+            cache[key] = (params, backend.prepare(*params, self._device))  # params kept alive: ids stay unique
         return cache[key][1]
 
     def _encode_pairs(self, cb, sources, destinations, owner) -> None:
@@ -523,7 +545,7 @@ class MPSCNNKernel(MPSKernel):
                     what = "a source image of the batch" if batch else "the source image"
                     raise MPSValueError(f"{owner}: destinationImage{index} shares storage with {what}; the "
                                         "destination may not alias a source")
-                pending.append(_Pending(self._resolve(src, dst, owner), src, dst))
+                pending.append(_Pending(*self._plan(src, dst, owner), src, dst))
             if batch:
                 _check_uniform_batch(sources, owner, "sourceImages")
             self._record(cb, pending)
@@ -601,18 +623,21 @@ def _check_uniform_batch(images: list, owner: str, name: str) -> None:
 class _Work:
     """One recorded backend call; runs when its command buffer is committed."""
 
-    __slots__ = ("backend", "problem", "src", "dst", "prepared", "label", "options")
+    __slots__ = ("forward", "plan", "src", "dst", "prepared", "label")
 
-    def __init__(self, backend, problem, src, dst, prepared, kernel):
-        self.backend, self.problem, self.src, self.dst, self.prepared = backend, problem, src, dst, prepared
-        self.label = kernel.label or type(kernel).__name__
-        self.options = kernel.options
-        if self.options & MPSKernelOptions.verbose:
-            print(f"mpsconv: {self.label}: {problem} on {backend.name}", file=sys.stderr)
+    def __init__(self, backend, plan, src, dst, prepared, kernel):
+        self.forward, self.plan, self.src, self.dst, self.prepared = backend.forward, plan, src, dst, prepared
+        options = kernel.options
+        self.label = (kernel.label or type(kernel).__name__) if options & MPSKernelOptions.insertDebugGroups else None
+        if options & MPSKernelOptions.verbose or _LOG_INFO:
+            print(f"mpsconv: {kernel.label or type(kernel).__name__}: {plan} on {backend.name}", file=sys.stderr)
 
     def __call__(self) -> None:
-        if self.options & MPSKernelOptions.insertDebugGroups:
-            with torch.autograd.profiler.record_function(self.label):
-                self.backend.forward(self.problem, self.src, self.dst, self.prepared)
+        if self.label is None:
+            self.forward(self.plan, self.src, self.dst, self.prepared)
         else:
-            self.backend.forward(self.problem, self.src, self.dst, self.prepared)
+            with torch.autograd.profiler.record_function(self.label):  # debug group -> profiler range
+                self.forward(self.plan, self.src, self.dst, self.prepared)
+
+
+_LOG_INFO = bool(os.environ.get("MPS_LOG_INFO"))

@@ -353,6 +353,7 @@ class MTLCommandQueue:
         self._device = device
         self.label = None
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # a buffer of this queue changed status
         self._pending: list[MTLCommandBuffer] = []
         self._handlers: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -420,11 +421,9 @@ class MTLCommandBuffer:
         self._work: list[Callable[[], None]] = []
         self._scheduled_handlers: list[Callable] = []
         self._completed_handlers: list[Callable] = []
-        self._completed = threading.Event()
-        self._handlers_done = threading.Event()
-        self._scheduled = threading.Event()
+        self._handlers_done = False
         self._open_encoder: MTLComputeCommandEncoder | None = None
-        self._encode_lock = threading.Lock()
+        self._encoding = False
         self.label = None
 
     # -- properties
@@ -463,14 +462,15 @@ class MTLCommandBuffer:
             raise MPSCommandBufferError(
                 f"{what}: a compute command encoder is still open on this command buffer; call endEncoding() first"
             )
-        if not self._encode_lock.acquire(blocking=False):
+        if self._encoding:
             raise MPSCommandBufferError(
                 f"{what}: another encode into this command buffer is in progress; a command buffer is encoded "
                 "by one thread at a time (give each thread its own command buffer)"
             )
+        self._encoding = True
 
     def _end_encode(self) -> None:
-        self._encode_lock.release()
+        self._encoding = False
 
     def _record(self, work: Callable[[], None]) -> None:
         self._work.append(work)
@@ -518,8 +518,8 @@ class MTLCommandBuffer:
         self._queue._drain()
 
     def _run(self) -> None:
+        """Run the recorded work (called by the queue, in order, holding its lock)."""
         self._status = MTLCommandBufferStatus.scheduled
-        self._scheduled.set()
         work, self._work = self._work, []
         try:
             for item in work:
@@ -532,12 +532,12 @@ class MTLCommandBuffer:
             self._status = MTLCommandBufferStatus.error
         else:
             self._status = MTLCommandBufferStatus.completed
-        self._completed.set()
         handlers = self._scheduled_handlers + self._completed_handlers
         if handlers:
             self._queue._handler_pool().submit(self._run_handlers, handlers)
         else:
-            self._handlers_done.set()
+            self._handlers_done = True
+        self._queue._changed.notify_all()
 
     def _run_handlers(self, handlers) -> None:
         _handler_thread.active = True
@@ -551,25 +551,31 @@ class MTLCommandBuffer:
                     warnings.warn(f"mpsconv: a command buffer handler raised {type(exc).__name__}: {exc}")
         finally:
             _handler_thread.active = False
-            self._handlers_done.set()
+            with self._queue._changed:
+                self._handlers_done = True
+                self._queue._changed.notify_all()
+
+    def _wait(self, done: Callable[[], bool], what: str) -> None:
+        if self._status < MTLCommandBufferStatus.committed:
+            raise MPSCommandBufferError(f"MTLCommandBuffer.{what}: commit() the command buffer first")
+        if not done():
+            with self._queue._changed:
+                self._queue._changed.wait_for(done)
 
     def waitUntilScheduled(self) -> None:
         """``waitUntilScheduled()``."""
-        if self._status < MTLCommandBufferStatus.committed:
-            raise MPSCommandBufferError("MTLCommandBuffer.waitUntilScheduled: commit() the command buffer first")
-        self._scheduled.wait()
+        self._wait(lambda: self._status >= MTLCommandBufferStatus.scheduled, "waitUntilScheduled")
 
     def waitUntilCompleted(self) -> None:
         """``waitUntilCompleted()``: blocks until the work and its completed handlers are done.
 
         Raises ``MPSCommandBufferError`` before ``commit()`` (Metal would deadlock) and when the
-        buffer failed (``status == .error``; the cause is in ``error``).
+        buffer failed (``status == .error``; the cause is in ``error``). Called from a completed
+        handler, it does not wait for the handlers themselves.
         """
-        if self._status < MTLCommandBufferStatus.committed:
-            raise MPSCommandBufferError("MTLCommandBuffer.waitUntilCompleted: commit() the command buffer first")
-        self._completed.wait()
-        if not getattr(_handler_thread, "active", False):
-            self._handlers_done.wait()
+        in_handler = getattr(_handler_thread, "active", False)
+        self._wait(lambda: self._status >= MTLCommandBufferStatus.completed and (self._handlers_done or in_handler),
+                   "waitUntilCompleted")
         if self._status == MTLCommandBufferStatus.error:
             raise MPSCommandBufferError(
                 f"MTLCommandBuffer: the command buffer failed: {self._error.localizedDescription}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from helpers import FMT, DEVICE, ArraySource, blank, conv, descriptor, image, run, values
 from mpsconv import (
@@ -198,3 +198,27 @@ def test_fused_neuron_equals_neuron_of_convolution(backend, neuron_type):
     expected = run(MPSCNNNeuron(device=DEVICE, neuronDescriptor=neuron), run(plain, src, blank(5, 6, 4), backend),
                    blank(5, 6, 4), backend)
     assert_close(values(run(fused, src, blank(5, 6, 4), backend)), values(expected), "float32", neuron_type.name)
+
+
+@pytest.fixture
+def onednn_everywhere(monkeypatch):
+    """Route every eligible problem through the prepacked oneDNN path (normally only large weights)."""
+    from mpsconv.backends import torch as torch_backend
+
+    if not torch_backend.onednn_usable():
+        pytest.skip("this PyTorch build has no usable oneDNN pointwise convolution; conv2d runs instead")
+    monkeypatch.setattr(torch_backend, "ONEDNN_MIN_WEIGHTS", 0)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(p=problems())
+def test_onednn_path_matches_reference(onednn_everywhere, p):
+    kernel, src, prior = build(p)
+    check_against_reference(p, kernel, src, prior, "torch")
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(p=problems(fully_connected=True))
+def test_onednn_path_fully_connected_matches_reference(onednn_everywhere, p):
+    kernel, src, prior = build(p, MPSCNNFullyConnected)
+    check_against_reference(p, kernel, src, prior, "torch")

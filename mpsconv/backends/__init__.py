@@ -1,8 +1,9 @@
 """Backends: functions of a ``ConvProblem`` and tensors. ``select`` is the one dispatch point.
 
 A backend has ``name``, ``supports(problem, device) -> bool``, ``prepare(weights, bias, prelu,
-device)`` (converts a kernel's effective parameters once into its layout) and
-``forward(problem, src, dst, prepared)`` (reads the source storage, writes the destination storage).
+device)`` (converts a kernel's effective parameters once into its layout), ``plan(problem, device)``
+(whatever it can work out once per problem) and ``forward(plan, src, dst, prepared)`` (reads the
+source storage, writes the destination storage). Kernels cache plans and prepared parameters.
 """
 from __future__ import annotations
 

@@ -1,10 +1,17 @@
 """The torch backend: oneDNN on the CPU, cuDNN on CUDA, through ``torch.nn.functional.conv2d``.
 
 Images are NHWC, so ``permute(0, 3, 1, 2)`` of a channel slice is a channels-last NCHW view that
-the convolution reads without a copy. Asymmetric or negative pads (Metal's ``offset`` can place
-the window anywhere) become a crop plus a zero pad, the clamp edge mode an index gather; bias is
-fused into the convolution, and the neuron and the format conversion are written straight into
-the destination's channel slice and clip region (one pass, no intermediate copy for ReLU).
+the convolution reads without a copy. Metal's ``offset`` can place the window anywhere: the read
+window becomes a crop plus zero pads (symmetric pads go to the convolution itself), and the clamp
+edge mode an index gather. Bias is fused into the convolution; the neuron and the format
+conversion write straight into the destination's channel slice and clip region, in one pass for
+ReLU. Everything that depends only on the problem is worked out once, in ``Plan``.
+
+On the CPU, when PyTorch's oneDNN operators are there, weights are reordered once into oneDNN's
+blocked layout per geometry (``mkldnn_reorder_conv2d_weight``) and the convolution runs through
+``mkldnn._convolution_pointwise`` with ReLU as a fused post-op: the same oneDNN kernels as
+``conv2d``, bit for bit, without reordering the weights on every call (what inductor does for
+frozen CPU models). Elsewhere ``torch.nn.functional.conv2d`` runs.
 """
 from __future__ import annotations
 
@@ -19,96 +26,154 @@ from ..image import MPSImageFeatureChannelFormat as F, storage_to_values, values
 from ..neuron import MPSCNNNeuronType, TORCH_OPS, apply_neuron
 
 _FLOAT_FORMATS = (F.float16, F.float32)
+_COPY, _RELU, _GENERAL = 0, 1, 2
+_ONEDNN: bool | None = None  # whether the prepacked oneDNN path works in this PyTorch build
+#: Weights smaller than this (elements) go through conv2d: reordering them per call is cheaper than
+#: the private operator's own overhead. Tests lower it to exercise the oneDNN path on small shapes.
+ONEDNN_MIN_WEIGHTS = 16384
+
+
+def onednn_usable() -> bool:
+    """Probe once: PyTorch's private oneDNN operators may be absent or change between versions."""
+    global _ONEDNN
+    if _ONEDNN is None:
+        try:
+            x = torch.ones(1, 4, 2, 2).to(memory_format=torch.channels_last)
+            w = _reorder(torch.ones(4, 4, 1, 1), (0, 0), (1, 1), (1, 1), 1, (1, 4, 2, 2))
+            y = torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 0], [1, 1], [1, 1], 1, "relu", [], "")
+            _ONEDNN = bool(torch.backends.mkldnn.is_available()) and bool((y == 4).all())
+        except Exception:
+            _ONEDNN = False
+    return _ONEDNN
+
+
+def _reorder(weights, padding, stride, dilation, groups, input_shape):
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(weights.contiguous().to_mkldnn(), list(padding), list(stride),
+                                                      list(dilation), groups, list(input_shape))
 
 
 class Prepared:
+    """A kernel's effective parameters in this backend's layout, on the kernel's device."""
+
     def __init__(self, weights, bias, prelu, device):
         dev = device.torch_device
         self.weights = None
-        if weights is not None:  # OHWI -> OIHW, kept channels-last (which is OHWI in memory)
+        if weights is not None:  # OHWI -> OIHW view, channels-last (OHWI is its memory order)
             w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(dev)
             self.weights = w.permute(0, 3, 1, 2)
         self.bias = None if bias is None or not np.any(bias) else torch.from_numpy(
             np.asarray(bias, np.float32)).to(dev)
         self.prelu = None if prelu is None else torch.from_numpy(np.asarray(prelu, np.float32)).to(dev).view(-1, 1, 1)
+        self._packed: dict = {}
+
+    def packed(self, plan: "Plan"):
+        """The weights in oneDNN's layout for ``plan``'s geometry, reordered once."""
+        weights = self._packed.get(plan.pack_key)
+        if weights is None:
+            if len(self._packed) >= 16:
+                self._packed.clear()
+            weights = self._packed[plan.pack_key] = _reorder(self.weights, *plan.pack_key)
+        return weights
 
 
-def _axis_window(x: torch.Tensor, dim: int, first: int, last: int, size: int, edge: EdgeMode):
-    """Source rows/columns ``first..last`` along ``dim`` (NCHW): a slice plus ``(before, after)`` zero
-    pads, or for the clamp edge mode a gather with clamped indices."""
-    if edge == EdgeMode.clamp:
-        if first >= 0 and last < size:
-            return x.narrow(dim, first, last - first + 1), (0, 0)
-        index = torch.arange(first, last + 1, device=x.device).clamp_(0, size - 1)
-        return x.index_select(dim, index), (0, 0)
-    lo, hi = max(first, 0), min(last, size - 1)
-    if lo > hi:  # the window never touches the source: all taps read 0
-        shape = list(x.shape)
-        shape[dim] = 0
-        return x.new_zeros(shape), (last - first + 1, 0)
-    return x.narrow(dim, lo, hi - lo + 1), (lo - first, last - hi)
+class Plan:
+    """Indexing, pads and epilogue of one ``ConvProblem``, resolved once."""
+
+    def __init__(self, problem: ConvProblem, device):
+        p = problem
+        n, i0, c0 = p.n_images, p.src_image0, p.src_channel0
+        self.problem = p
+        self.src_index = (slice(i0, i0 + n), slice(None), slice(None), slice(c0, c0 + p.in_channels))
+        self.src_format = F(p.src_format)
+        crop, self.gathers, pads, self.zeros_shape = [slice(None)] * 4, [], [], None
+        for axis, dim in ((0, 2), (1, 3)):
+            first, last = p.read_range(axis)
+            size = p.src_size[axis]
+            if p.edge == EdgeMode.clamp:
+                if first >= 0 and last < size:
+                    crop[dim] = slice(first, last + 1)
+                else:
+                    index = torch.arange(first, last + 1).clamp_(0, size - 1).to(device.torch_device)
+                    self.gathers.append((dim, index))
+                pads.append((0, 0))
+            else:
+                lo, hi = max(first, 0), min(last, size - 1)
+                if lo > hi:  # the window never touches the source: every tap reads 0
+                    self.zeros_shape = (n, p.in_channels, *(r[1] - r[0] + 1 for r in map(p.read_range, (0, 1))))
+                crop[dim] = slice(lo, hi + 1)
+                pads.append((lo - first, last - hi))
+        self.crop = tuple(crop) if any(c != slice(None) for c in crop) else None
+        if self.zeros_shape is not None:
+            pads = [(0, 0), (0, 0)]
+        (top, bottom), (left, right) = pads
+        if top == bottom and left == right and not p.identity:
+            self.conv_padding, self.pad = (top, left), None
+        else:
+            self.conv_padding = (0, 0)
+            self.pad = (left, right, top, bottom) if any((left, right, top, bottom)) else None
+        (y0, x0), (oh, ow) = p.out_origin, p.out_size
+        d0, z0 = p.dst_channel0, p.dst_image0
+        self.dst_index = (slice(z0, z0 + n), slice(y0, y0 + oh), slice(x0, x0 + ow), slice(d0, d0 + p.out_channels))
+        self.dst_format = F(p.dst_format)
+        neuron = p.neuron
+        if self.dst_format in _FLOAT_FORMATS and neuron.type == MPSCNNNeuronType.none:
+            self.epilogue = _COPY
+        elif self.dst_format in _FLOAT_FORMATS and neuron.type == MPSCNNNeuronType.reLU and neuron.a == 0.0:
+            self.epilogue = _RELU
+        else:
+            self.epilogue = _GENERAL
+        # cuDNN would use TF32 for float32 by default; MPS numerics need full fp32 accumulation
+        self.precision = (lambda: torch.backends.cudnn.flags(enabled=True, allow_tf32=False)) if device.is_cuda \
+            else contextlib.nullcontext
+        shape = (n, p.in_channels, *(r[1] - r[0] + 1 for r in map(p.read_range, (0, 1))))
+        if self.pad is None and self.conv_padding != (0, 0):
+            shape = (n, p.in_channels, shape[2] - 2 * top, shape[3] - 2 * left)
+        weights = p.out_channels * p.kernel[0] * p.kernel[1] * (p.in_channels // p.groups)
+        # _convolution_pointwise gives wrong results when channels-last strides are ambiguous (one
+        # channel or one pixel, e.g. N=2, 1x1 output, 1 output channel in PyTorch 2.13): keep it to
+        # layouts where they are not.
+        unambiguous = min(p.out_channels, p.in_channels, shape[2] * shape[3], oh * ow) > 1
+        self.onednn = (not device.is_cuda and not p.identity and unambiguous and weights >= ONEDNN_MIN_WEIGHTS
+                       and onednn_usable())
+        self.post_op = "none"
+        if self.onednn:
+            self.pack_key = (self.conv_padding, p.stride, p.dilation, p.groups, shape)
+            if self.epilogue == _RELU:
+                self.post_op, self.epilogue = "relu", _COPY
 
 
-def _read_source(problem: ConvProblem, src: torch.Tensor):
-    """The source slice as float NCHW, cropped to the read window, and the pads still to apply."""
-    n, i0, c0 = problem.n_images, problem.src_image0, problem.src_channel0
-    x = src[i0:i0 + n, :, :, c0:c0 + problem.in_channels].permute(0, 3, 1, 2)
-    fmt = F(problem.src_format)
-    if fmt != F.float32:
-        x = storage_to_values(x, fmt, torch.float32)
-    pads = []
-    for axis, dim in ((0, 2), (1, 3)):
-        first, last = problem.read_range(axis)
-        x, pad = _axis_window(x, dim, first, last, problem.src_size[axis], problem.edge)
-        pads.append(pad)
-    return x, pads
-
-
-def forward(problem: ConvProblem, src: torch.Tensor, dst: torch.Tensor, prepared: Prepared) -> None:
-    if problem.empty:
-        return
-    x, ((top, bottom), (left, right)) = _read_source(problem, src)
-    if top == bottom and left == right:
-        conv_padding = (top, left)
+def forward(plan: Plan, src: torch.Tensor, dst: torch.Tensor, prepared: Prepared) -> None:
+    p = plan.problem
+    if plan.zeros_shape is not None:
+        x = src.new_zeros(plan.zeros_shape, dtype=torch.float32)
     else:
-        x = Fn.pad(x, (left, right, top, bottom))
-        conv_padding = (0, 0)
-    if problem.identity:
-        if conv_padding != (0, 0):
-            x = Fn.pad(x, (left, right, top, bottom))
-        y = x[:, :, :: problem.stride[0], :: problem.stride[1]]
+        x = src[plan.src_index].permute(0, 3, 1, 2)
+        if plan.src_format != F.float32:
+            x = storage_to_values(x, plan.src_format, torch.float32)
+        if plan.crop is not None:
+            x = x[plan.crop]
+        for dim, index in plan.gathers:
+            x = x.index_select(dim, index)
+    if plan.pad is not None:
+        x = Fn.pad(x, plan.pad)
+    if p.identity:
+        y = x[:, :, :: p.stride[0], :: p.stride[1]]
+    elif plan.onednn:
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.ops.mkldnn._convolution_pointwise(x, prepared.packed(plan), prepared.bias, plan.conv_padding,
+                                                    p.stride, p.dilation, p.groups, plan.post_op, [], "")
     else:
-        with _precision(x.device):
-            y = Fn.conv2d(x, prepared.weights, prepared.bias, problem.stride, conv_padding, problem.dilation,
-                          problem.groups)
-    (y0, x0), (oh, ow) = problem.out_origin, problem.out_size
-    d0, n = problem.dst_channel0, problem.n_images
-    out = dst[problem.dst_image0:problem.dst_image0 + n, y0:y0 + oh, x0:x0 + ow, d0:d0 + y.shape[1]]
-    out = out.permute(0, 3, 1, 2)
-    _epilogue(problem, y, out, prepared)
-
-
-def _epilogue(problem: ConvProblem, y: torch.Tensor, out: torch.Tensor, prepared: Prepared) -> None:
-    """``out = store(f(y))``: the neuron and the format conversion in as few passes as possible."""
-    neuron = problem.neuron
-    fmt = F(problem.dst_format)
-    if fmt in _FLOAT_FORMATS:
-        if neuron.type == MPSCNNNeuronType.none:
-            out.copy_(y)
-            return
-        if neuron.type == MPSCNNNeuronType.reLU and neuron.a == 0.0:
-            torch.clamp_min(y, 0.0, out=out)  # ReLU and the write into the slice in one pass
-            return
-    if neuron.type != MPSCNNNeuronType.none:
+        with plan.precision():
+            y = Fn.conv2d(x, prepared.weights, prepared.bias, p.stride, plan.conv_padding, p.dilation, p.groups)
+    out = dst[plan.dst_index].permute(0, 3, 1, 2)
+    if plan.epilogue == _COPY:
+        out.copy_(y)
+    elif plan.epilogue == _RELU:
+        torch.clamp_min(y, 0.0, out=out)  # ReLU and the write into the slice in one pass
+    else:
         prelu = None if prepared.prelu is None else prepared.prelu[: y.shape[1]]
-        y = apply_neuron(y, neuron, prelu, TORCH_OPS)
-    out.copy_(y if fmt in _FLOAT_FORMATS else values_to_storage(y, fmt))
-
-
-def _precision(device: torch.device):
-    if device.type == "cuda":  # cuDNN would use TF32 for float32 by default; MPS numerics need full fp32
-        return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
-    return contextlib.nullcontext()
+        y = apply_neuron(y, p.neuron, prelu, TORCH_OPS)
+        out.copy_(y if plan.dst_format in _FLOAT_FORMATS else values_to_storage(y, plan.dst_format))
 
 
 class _Torch:
@@ -122,6 +187,7 @@ class _Torch:
     def prepare(weights, bias, prelu, device) -> Prepared:
         return Prepared(weights, bias, prelu, device)
 
+    plan = staticmethod(Plan)
     forward = staticmethod(forward)
 
 
