@@ -59,8 +59,12 @@ class Prepared:
         dev = device.torch_device
         self.weights = None
         if weights is not None:  # OHWI -> OIHW view, channels-last (OHWI is its memory order)
-            w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(dev)
-            self.weights = w.permute(0, 3, 1, 2)
+            w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(dev).permute(0, 3, 1, 2)
+            if w.shape[1] == 1 or w.shape[2] * w.shape[3] == 1:
+                # Such strides read as both layouts, and PyTorch 2.13's CPU conv2d then gives wrong
+                # results for batches of 2 or more: use the canonical contiguous layout instead.
+                w = w.clone(memory_format=torch.contiguous_format)
+            self.weights = w
         self.bias = None if bias is None or not np.any(bias) else torch.from_numpy(
             np.asarray(bias, np.float32)).to(dev)
         self.prelu = None if prelu is None else torch.from_numpy(np.asarray(prelu, np.float32)).to(dev).view(-1, 1, 1)
@@ -106,12 +110,23 @@ class Plan:
         if self.zeros_shape is not None:
             pads = [(0, 0), (0, 0)]
         (top, bottom), (left, right) = pads
-        if top == bottom and left == right and not p.identity:
-            self.conv_padding, self.pad = (top, left), None
-        else:
-            self.conv_padding = (0, 0)
-            self.pad = (left, right, top, bottom) if any((left, right, top, bottom)) else None
         (y0, x0), (oh, ow) = p.out_origin, p.out_size
+        self.conv_padding, self.pad, self.out_crop = (0, 0), None, None
+        symmetric = (max(top, bottom), max(left, right))
+        shift = (symmetric[0] - top, symmetric[1] - left)
+        # Convolution padding stays below the window (oneDNN crashes on far larger pads, which an
+        # offset far outside the source produces); anything else is an explicit zero pad.
+        in_range = symmetric[0] < p.extent(0) and symmetric[1] < p.extent(1)
+        if not p.identity and in_range and shift[0] % p.stride[0] == 0 and shift[1] % p.stride[1] == 0:
+            # Pad both sides by the larger pad and drop the outputs the extra rows/columns make:
+            # output j of the padded convolution starts at j·s - P; ours at v·s - before, so
+            # j = v + (P - before)/s, and the last one needed exists because after <= P.
+            self.conv_padding = symmetric
+            if shift != (0, 0) or (symmetric[0] > bottom or symmetric[1] > right):
+                dy, dx = shift[0] // p.stride[0], shift[1] // p.stride[1]
+                self.out_crop = (slice(None), slice(None), slice(dy, dy + oh), slice(dx, dx + ow))
+        elif any((left, right, top, bottom)):
+            self.pad = (left, right, top, bottom)
         d0, z0 = p.dst_channel0, p.dst_image0
         self.dst_index = (slice(z0, z0 + n), slice(y0, y0 + oh), slice(x0, x0 + ow), slice(d0, d0 + p.out_channels))
         self.dst_format = F(p.dst_format)
@@ -126,8 +141,8 @@ class Plan:
         self.precision = (lambda: torch.backends.cudnn.flags(enabled=True, allow_tf32=False)) if device.is_cuda \
             else contextlib.nullcontext
         shape = (n, p.in_channels, *(r[1] - r[0] + 1 for r in map(p.read_range, (0, 1))))
-        if self.pad is None and self.conv_padding != (0, 0):
-            shape = (n, p.in_channels, shape[2] - 2 * top, shape[3] - 2 * left)
+        if self.pad is None:  # the convolution's input is the crop, without the pads
+            shape = (n, p.in_channels, shape[2] - top - bottom, shape[3] - left - right)
         weights = p.out_channels * p.kernel[0] * p.kernel[1] * (p.in_channels // p.groups)
         # _convolution_pointwise gives wrong results when channels-last strides are ambiguous (one
         # channel or one pixel, e.g. N=2, 1x1 output, 1 output channel in PyTorch 2.13): keep it to
@@ -156,15 +171,17 @@ def forward(plan: Plan, src: torch.Tensor, dst: torch.Tensor, prepared: Prepared
             x = x.index_select(dim, index)
     if plan.pad is not None:
         x = Fn.pad(x, plan.pad)
+    x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's fast layout; a no-op for NHWC slices
     if p.identity:
         y = x[:, :, :: p.stride[0], :: p.stride[1]]
     elif plan.onednn:
-        x = x.contiguous(memory_format=torch.channels_last)
         y = torch.ops.mkldnn._convolution_pointwise(x, prepared.packed(plan), prepared.bias, plan.conv_padding,
                                                     p.stride, p.dilation, p.groups, plan.post_op, [], "")
     else:
         with plan.precision():
             y = Fn.conv2d(x, prepared.weights, prepared.bias, p.stride, plan.conv_padding, p.dilation, p.groups)
+    if plan.out_crop is not None:
+        y = y[plan.out_crop]
     out = dst[plan.dst_index].permute(0, 3, 1, 2)
     if plan.epilogue == _COPY:
         out.copy_(y)
