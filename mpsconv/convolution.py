@@ -41,14 +41,23 @@ class MPSCNNConvolution(MPSCNNKernel):
       deprecated; float32 OHWI weights, always rounded to float16; cannot be archived.
       ``MPSCNNConvolution(coder=, device=)``: from an archive (see ``mpsconv.coding``).
 
-    Example:
-        >>> import numpy as np
+    Example (a 3x3 box sum; out-of-image taps read 0):
+        >>> import numpy as np, warnings
         >>> from mpsconv import *
         >>> dev = MTLCreateSystemDefaultDevice()
         >>> desc = MPSCNNConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=1,
         ...                                    outputFeatureChannels=1)
-        >>> conv = MPSCNNConvolution(device=dev, convolutionDescriptor=desc, kernelWeights=np.ones(9),
-        ...                          biasTerms=None, flags=MPSCNNConvolutionFlags.none)  # doctest: +SKIP
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore", DeprecationWarning)
+        ...     conv = MPSCNNConvolution(device=dev, convolutionDescriptor=desc, kernelWeights=np.ones(9),
+        ...                              biasTerms=None, flags=MPSCNNConvolutionFlags.none)
+        >>> src = MPSImage.from_numpy(np.ones((3, 3, 1)), device=dev)
+        >>> with use_backend("reference"):
+        ...     cb = dev.makeCommandQueue().makeCommandBuffer()
+        ...     dst = conv.encode(commandBuffer=cb, sourceImage=src)
+        ...     cb.commit(); cb.waitUntilCompleted()
+        >>> dst.featureChannels, conv.offset
+        (1, MPSOffset(x=0, y=0, z=0))
     """
 
     _default_padding_method = MPSNNPaddingMethod.sizeSame

@@ -23,7 +23,11 @@ from .errors import MPSValueError
 
 
 def tdiv(a: int, b: int) -> int:
-    """C integer division: truncates toward zero (``tdiv(-1, 2) == 0``, ``tdiv(-3, 2) == -1``)."""
+    """C integer division: truncates toward zero, where Python's ``//`` floors.
+
+    >>> tdiv(-1, 2), tdiv(-3, 2), -1 // 2
+    (0, -1, -1)
+    """
     q = abs(a) // abs(b)
     return q if (a >= 0) == (b > 0) else -q
 
