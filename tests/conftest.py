@@ -20,3 +20,13 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def fast_backend(request):
     return request.config.getoption("--backend")
+
+
+@pytest.fixture
+def onednn_everywhere(monkeypatch):
+    """Route every eligible problem through the prepacked oneDNN path (normally only large weights)."""
+    from mpsconv.backends import torch as torch_backend
+
+    if not torch_backend.onednn_usable():
+        pytest.skip("this PyTorch build has no usable oneDNN pointwise convolution; conv2d runs instead")
+    monkeypatch.setattr(torch_backend, "ONEDNN_MIN_WEIGHTS", 0)

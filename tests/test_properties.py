@@ -200,16 +200,6 @@ def test_fused_neuron_equals_neuron_of_convolution(backend, neuron_type):
     assert_close(values(run(fused, src, blank(5, 6, 4), backend)), values(expected), "float32", neuron_type.name)
 
 
-@pytest.fixture
-def onednn_everywhere(monkeypatch):
-    """Route every eligible problem through the prepacked oneDNN path (normally only large weights)."""
-    from mpsconv.backends import torch as torch_backend
-
-    if not torch_backend.onednn_usable():
-        pytest.skip("this PyTorch build has no usable oneDNN pointwise convolution; conv2d runs instead")
-    monkeypatch.setattr(torch_backend, "ONEDNN_MIN_WEIGHTS", 0)
-
-
 @settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(p=problems())
 def test_onednn_path_matches_reference(onednn_everywhere, p):

@@ -157,6 +157,21 @@ class Plan:
                 self.post_op, self.epilogue = "relu", _COPY
 
 
+def _canonical(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the strides PyTorch itself would give it: channels-last (oneDNN's fast layout, a
+    no-op for NHWC slices) where that layout is unambiguous, else plain contiguous.
+
+    PyTorch 2.13's CPU convolution miscomputes for inputs whose strides are legal only because of
+    size-1 dimensions (one channel, or one pixel, sliced from a 4-lane image): never give it one.
+    """
+    n, c, h, w = x.shape
+    if c > 1 and h * w > 1:
+        return x.contiguous(memory_format=torch.channels_last)
+    if x.stride() == (c * h * w, h * w, w, 1):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def forward(plan: Plan, src: torch.Tensor, dst: torch.Tensor, prepared: Prepared) -> None:
     p = plan.problem
     if plan.zeros_shape is not None:
@@ -171,7 +186,7 @@ def forward(plan: Plan, src: torch.Tensor, dst: torch.Tensor, prepared: Prepared
             x = x.index_select(dim, index)
     if plan.pad is not None:
         x = Fn.pad(x, plan.pad)
-    x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's fast layout; a no-op for NHWC slices
+    x = _canonical(x)
     if p.identity:
         y = x[:, :, :: p.stride[0], :: p.stride[1]]
     elif plan.onednn:
