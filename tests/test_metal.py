@@ -184,3 +184,30 @@ def test_backend_override(monkeypatch):
     monkeypatch.setattr(reference.BACKEND, "forward", lambda *a: calls.append(a))
     run(conv(), image(np.ones((3, 3, 1))), blank(3, 3, 1))
     assert len(calls) == 1
+
+
+def test_ki_checklist_112_results_correct_after_completion():
+    rng = np.random.default_rng(112)
+    src = image(rng.uniform(-1, 1, (6, 6, 1)))
+    k = conv(weights=rng.uniform(-1, 1, 9))
+    expected = values(run(k, src, blank(6, 6, 1), "reference"))
+    dst = blank(6, 6, 1, fill=3)
+    cb = QUEUE.makeCommandBuffer()
+    k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+    cb.commit()
+    cb.waitUntilCompleted()
+    np.testing.assert_allclose(values(dst), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ki_checklist_118_other_device_raises():
+    from mpsconv.metal import MTLDevice
+
+    other = MTLDevice("cpu")  # a second device object
+    k = conv()
+    foreign_cb = other.makeCommandQueue().makeCommandBuffer()
+    with pytest.raises(MPSDeviceError, match="the command buffer is on"):
+        k.encode(commandBuffer=foreign_cb, sourceImage=blank(3, 3, 1), destinationImage=blank(3, 3, 1))
+    foreign_image = MPSImage(device=other, imageDescriptor=MPSImageDescriptor(
+        channelFormat=MPSImageFeatureChannelFormat.float32, width=3, height=3, featureChannels=1))
+    with pytest.raises(MPSDeviceError, match="the kernel is on"):
+        k.encode(commandBuffer=QUEUE.makeCommandBuffer(), sourceImage=foreign_image, destinationImage=blank(3, 3, 1))

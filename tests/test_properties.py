@@ -158,7 +158,7 @@ def test_neuron_kernel_matches_reference(p, fast_backend):
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @given(g=st.integers(2, 3), cig=st.sampled_from([4, 8]), cog=st.sampled_from([4, 8]), seed=st.integers(0, 999))
-def test_groups_equal_independent_convolutions(backend, g, cig, cog, seed):
+def test_conv_checklist_36_groups_equal_independent_convolutions(backend, g, cig, cog, seed):
     """Property: ``groups = g`` equals ``g`` convolutions on channel slices (convolution.md #36)."""
     rng = np.random.default_rng(seed)
     w = rng.uniform(-1, 1, (g * cog, 3, 3, cig)).astype(np.float16).astype(np.float32)
@@ -173,7 +173,7 @@ def test_groups_equal_independent_convolutions(backend, g, cig, cog, seed):
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @given(cin=st.integers(1, 9), cout=st.integers(1, 9), seed=st.integers(0, 999))
-def test_1x1_equals_matmul(backend, cin, cout, seed):
+def test_conv_checklist_37_1x1_equals_matmul(backend, cin, cout, seed):
     """Property: a 1x1 convolution is ``D = W[:, 0, 0, :] @ S`` per pixel (convolution.md #37)."""
     rng = np.random.default_rng(seed)
     w = rng.uniform(-1, 1, (cout, 1, 1, cin)).astype(np.float16).astype(np.float32)
