@@ -113,6 +113,7 @@ class MPSCNNConvolution(MPSCNNKernel):
     def _install(self, loaded: LoadedWeights) -> None:
         self._loaded = loaded
         self._param_tuple = (loaded.weights, loaded.bias, loaded.prelu)
+        self._drop_caches()
 
     def _check_descriptor(self, descriptor: MPSCNNConvolutionDescriptor) -> None:
         """Class-specific descriptor rules (subclasses add theirs)."""
@@ -128,7 +129,6 @@ class MPSCNNConvolution(MPSCNNKernel):
                 other._data_source = copy(None, device=device or self._device)
             else:
                 other._data_source = copy(None)
-        other.__dict__.pop("_prepared_cache", None)
 
     # -- properties
     @property

@@ -223,10 +223,6 @@ class ConvProblem:
         first, last = self.read_range(axis)
         return -first, last - (self.src_size[axis] - 1)
 
-    def macs(self) -> int:
-        per_out = 1 if self.identity else self.kernel[0] * self.kernel[1] * (self.in_channels // self.groups)
-        return self.n_images * self.out_size[0] * self.out_size[1] * self.out_channels * per_out
-
 
 def source_region(
     offset_yx: tuple[int, int], size_hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],

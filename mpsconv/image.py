@@ -271,8 +271,8 @@ class MTLTexture:
         return self._images * (self._storage.shape[3] // 4)
 
 
-def _make_texture(device: MTLDevice, descriptor: MTLTextureDescriptor) -> MTLTexture:
-    """``MTLDevice.makeTexture(descriptor:)``."""
+def make_texture(device: MTLDevice, descriptor: MTLTextureDescriptor) -> MTLTexture:
+    """``MTLDevice.makeTexture(descriptor:)`` (the device method calls this)."""
     if descriptor.textureType not in (MTLTextureType.type2D, MTLTextureType.type2DArray):
         raise MPSValueError(f"makeTexture: textureType={descriptor.textureType!r}; only type2D and type2DArray")
     if descriptor.pixelFormat not in _FORMAT_OF_PIXEL:
@@ -285,9 +285,6 @@ def _make_texture(device: MTLDevice, descriptor: MTLTextureDescriptor) -> MTLTex
                      descriptor.storageMode)
     tex._root = tex
     return tex
-
-
-MTLDevice.makeTexture = lambda self, descriptor: _make_texture(self, descriptor)  # Metal puts it on the device
 
 
 # --------------------------------------------------------------------------------------------

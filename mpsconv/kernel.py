@@ -205,8 +205,13 @@ class MPSKernel:
         other = type(self).__new__(type(self))
         other.__dict__.update(self.__dict__)
         other._device = device or self._device
+        other._drop_caches()  # plans and prepared weights are bound to one kernel and one device
         self._copy_into(other, device)
         return other
+
+    def _drop_caches(self) -> None:
+        self.__dict__.pop("_plan_cache", None)
+        self.__dict__.pop("_prepared_cache", None)
 
     def _copy_into(self, other, device) -> None:
         """Subclass hook: make the copy independent where a shallow copy would share mutable state."""
@@ -489,12 +494,13 @@ class MPSCNNKernel(MPSKernel):
     def _plan(self, source: MPSImage, destination: MPSImage, owner: str) -> tuple:
         """``(problem, backend, plan)`` for this encode, resolved once per distinct configuration.
 
-        The key holds everything ``_resolve`` and backend selection read, so a hit is exactly
-        what resolving again would give; only successful resolutions are cached.
+        The key holds everything ``_resolve`` and backend selection read apart from the kernel's
+        weights and descriptor, whose changes drop the cache (``_drop_caches``); so a hit is exactly
+        what resolving again would give. Only successful resolutions are cached.
         """
         key = (source._n, source._h, source._w, source._c, source._format, destination._n, destination._h,
                destination._w, destination._c, destination._format, self._offset, self._clipRect, self._sfo,
-               self._sfmax, self._dfo, self._edgeMode, id(self._params()), config.backend())
+               self._sfmax, self._dfo, self._edgeMode, config.backend())
         cache = self.__dict__.setdefault("_plan_cache", {})
         entry = cache.get(key)
         if entry is None:
@@ -523,12 +529,9 @@ class MPSCNNKernel(MPSKernel):
     def _prepared(self, backend, params):
         """The kernel's parameters in ``backend``'s layout (kept until the weights change)."""
         cache = self.__dict__.setdefault("_prepared_cache", {})
-        key = (backend.name, id(params))
-        if key not in cache:
-            if len(cache) >= 8:
-                cache.clear()
-            cache[key] = (params, backend.prepare(*params, self._device))  # params kept alive: ids stay unique
-        return cache[key][1]
+        if backend.name not in cache:
+            cache[backend.name] = backend.prepare(*params, self._device)
+        return cache[backend.name]
 
     def _encode_pairs(self, cb, sources, destinations, owner) -> None:
         """Validate every pair, then record them all (nothing is recorded if any pair is bad)."""

@@ -180,6 +180,12 @@ class MTLDevice:
             data.copy_(torch.from_numpy(view[:length].copy()))
         return MTLBuffer(self, data, options, None)
 
+    def makeTexture(self, descriptor):
+        """``makeTexture(descriptor:)``: a 2D or 2D-array texture (``MTLTextureDescriptor``)."""
+        from .image import make_texture  # textures are image storage; image.py builds on this module
+
+        return make_texture(self, descriptor)
+
     def __repr__(self) -> str:
         return f"<MTLDevice {self._torch_device} {self._name!r}>"
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
+from .errors import MPSTypeError, MPSValueError
+
 NSUIntegerMax = 2**64 - 1
 NSIntegerMin = -(2**63)
 
@@ -74,8 +76,6 @@ class MPSDataType(enum.IntEnum):
 
 
 def as_offset(value, owner: str) -> MPSOffset:
-    from .errors import MPSTypeError
-
     if isinstance(value, MPSOffset):
         return value
     try:
@@ -86,8 +86,6 @@ def as_offset(value, owner: str) -> MPSOffset:
 
 
 def as_region(value, owner: str, prop: str = "clipRect") -> MTLRegion:
-    from .errors import MPSTypeError, MPSValueError
-
     try:
         origin, size = value
         origin = MTLOrigin(*(int(v) for v in origin))

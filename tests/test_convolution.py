@@ -486,3 +486,24 @@ def test_training_state_methods_name_their_issue():
     cb = QUEUE.makeCommandBuffer()
     with pytest.raises(NotImplementedError, match="issue 4"):
         k.encode(commandBuffer=cb, sourceImage=blank(3, 3, 1), destinationStateIsTemporary=True)
+
+
+def test_reload_with_a_changed_descriptor_is_used_by_the_next_encode():
+    """Plans cached for the old weights are dropped when the weights or descriptor change."""
+    d = descriptor(1, 1, 1, 1)
+    ds = ArraySource(d, np.array([1.0], np.float32))
+    k = MPSCNNConvolution(device=DEVICE, weights=ds)
+    src = image([[[-3.0]]])
+    assert values(run(k, src, blank(1, 1, 1)))[0, 0, 0, 0] == -3.0
+    changed = d.copy()
+    changed.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.absolute)
+    ds.desc = changed
+    k.reloadWeightsAndBiasesFromDataSource()
+    assert values(run(k, src, blank(1, 1, 1)))[0, 0, 0, 0] == 3.0
+
+
+def test_copies_do_not_share_cached_plans():
+    k = conv()
+    run(k, image(np.ones((3, 3, 1))), blank(3, 3, 1))
+    other = k.copy()
+    assert "_plan_cache" not in other.__dict__ and "_prepared_cache" not in other.__dict__
