@@ -19,12 +19,19 @@ def _check_backend(name: str) -> str:
     return name
 
 
+_env_cache: tuple[str | None, str] = (None, "auto")
+
+
 def backend() -> str:
     """The backend forced by ``use_backend`` or ``MPSCONV_BACKEND``; ``auto`` lets dispatch choose."""
+    global _env_cache
     forced = getattr(_local, "backend", None)
     if forced is not None:
         return forced
-    return _check_backend(os.environ.get("MPSCONV_BACKEND", "auto").strip().lower() or "auto")
+    raw = os.environ.get("MPSCONV_BACKEND")
+    if raw != _env_cache[0]:  # parsed once per value: this runs on every encode
+        _env_cache = (raw, _check_backend((raw or "auto").strip().lower() or "auto"))
+    return _env_cache[1]
 
 
 @contextlib.contextmanager

@@ -559,12 +559,12 @@ class MPSImage:
 
     # -- encode-time checks (used by kernels)
     def _check_for_encode(self, cb: MTLCommandBuffer, owner: str, role: str) -> None:
-        if self._device is not cb.device:
+        if self._device is not cb._device:
             raise MPSDeviceError(f"{owner}: {role} is on {self._device.torch_device}, the command buffer on "
                                  f"{cb.device.torch_device}")
-        needed = MTLTextureUsage.shaderRead if role.startswith("source") else MTLTextureUsage.shaderWrite
-        if not self._usage & needed:
-            raise MPSValueError(f"{owner}: {role} was made without {needed.name} usage")
+        needed = 1 if role[0] == "s" else 2  # shaderRead for sources, shaderWrite for destinations
+        if not int(self._usage) & needed:
+            raise MPSValueError(f"{owner}: {role} was made without {MTLTextureUsage(needed).name} usage")
 
     def _consume_read(self) -> None:
         pass

@@ -487,7 +487,7 @@ class MPSCNNKernel(MPSKernel):
     def _check_cb(self, cb, owner: str) -> None:
         if not isinstance(cb, MTLCommandBuffer):
             raise MPSTypeError(f"{owner}: commandBuffer={cb!r} must be an MTLCommandBuffer")
-        if cb.device is not self._device:
+        if cb._device is not self._device:
             raise MPSDeviceError(f"{owner}: the command buffer is on {cb.device.torch_device}; the kernel is on "
                                  f"{self._device.torch_device}")
 
@@ -630,9 +630,9 @@ class _Work:
 
     def __init__(self, backend, plan, src, dst, prepared, kernel):
         self.forward, self.plan, self.src, self.dst, self.prepared = backend.forward, plan, src, dst, prepared
-        options = kernel.options
-        self.label = (kernel.label or type(kernel).__name__) if options & MPSKernelOptions.insertDebugGroups else None
-        if options & MPSKernelOptions.verbose or _LOG_INFO:
+        options = int(kernel._options)
+        self.label = (kernel.label or type(kernel).__name__) if options & _DEBUG_GROUPS else None
+        if options & _VERBOSE or _LOG_INFO:
             print(f"mpsconv: {kernel.label or type(kernel).__name__}: {plan} on {backend.name}", file=sys.stderr)
 
     def __call__(self) -> None:
@@ -644,3 +644,4 @@ class _Work:
 
 
 _LOG_INFO = bool(os.environ.get("MPS_LOG_INFO"))
+_DEBUG_GROUPS, _VERBOSE = int(MPSKernelOptions.insertDebugGroups), int(MPSKernelOptions.verbose)

@@ -421,6 +421,7 @@ class MTLCommandBuffer:
 
     def __init__(self, queue: MTLCommandQueue, retained: bool = True):
         self._queue = queue
+        self._device = queue.device
         self._retained = retained
         self._status = MTLCommandBufferStatus.notEnqueued
         self._error: NSError | None = None
@@ -435,7 +436,7 @@ class MTLCommandBuffer:
     # -- properties
     @property
     def device(self) -> MTLDevice:
-        return self._queue.device
+        return self._device
 
     @property
     def commandQueue(self) -> MTLCommandQueue:
@@ -530,8 +531,8 @@ class MTLCommandBuffer:
         try:
             for item in work:
                 item()
-            if self.device.is_cuda:
-                torch.cuda.synchronize(self.device.torch_device)
+            if self._device.is_cuda:
+                torch.cuda.synchronize(self._device.torch_device)
         except Exception as exc:  # the error lands in status/error, as on Metal
             self._error = NSError(MTLCommandBufferErrorDomain, MTLCommandBufferError.internal,
                                   f"{type(exc).__name__}: {exc}", exc)
