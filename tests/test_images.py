@@ -262,7 +262,7 @@ def test_interop_numpy_torch_dlpack():
     data = np.random.default_rng(1).uniform(-1, 1, (2, 3, 4, 5)).astype(np.float32)
     img = image(data)
     np.testing.assert_array_equal(np.asarray(img), data)
-    np.testing.assert_array_equal(torch.from_dlpack(img).numpy(), data)
+    np.testing.assert_array_equal(torch.from_dlpack(img).cpu().numpy(), data)
     assert img.torch().data_ptr() == img.texture._storage.data_ptr()  # a view, not a copy
     half = image(data[0], FMT.float16)
     assert half.numpy().dtype == np.float16 and image(data[0] * 0 + 0.5, FMT.unorm8).numpy().dtype == np.float32
