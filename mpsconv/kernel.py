@@ -210,8 +210,8 @@ class MPSKernel:
         return other
 
     def _drop_caches(self) -> None:
-        self.__dict__.pop("_plan_cache", None)
-        self.__dict__.pop("_prepared_cache", None)
+        for cache in ("_plan_cache", "_prepared_cache", "_bound_cache"):
+            self.__dict__.pop(cache, None)
 
     def _copy_into(self, other, device) -> None:
         """Subclass hook: make the copy independent where a shallow copy would share mutable state."""
@@ -518,13 +518,25 @@ class MPSCNNKernel(MPSKernel):
         for item in pending:
             if not item.problem.empty:
                 prepared = self._prepared(item.backend, params)
-                cb._record(_Work(item.backend, item.plan, item.source._ensure_storage(),
-                                 item.destination._ensure_storage(), prepared, self))
+                cb._record(_Work(item.backend, self._bound(item), prepared, self))
         seen = set()
         for item in pending:
             if id(item.source) not in seen:
                 seen.add(id(item.source))
                 item.source._consume_read()
+
+    def _bound(self, item: _Pending):
+        """The backend's views of this encode's storages; reused while the kernel encodes the same images
+        (each entry holds its storages, so their ids cannot be reused while it is cached)."""
+        src, dst = item.source._ensure_storage(), item.destination._ensure_storage()
+        cache = self.__dict__.setdefault("_bound_cache", {})
+        key = (id(item.plan), id(src), id(dst))
+        entry = cache.get(key)
+        if entry is None or entry[0] is not item.plan:
+            if len(cache) >= 8:
+                cache.clear()
+            entry = cache[key] = (item.plan, item.backend.bind(item.plan, src, dst))
+        return entry[1]
 
     def _prepared(self, backend, params):
         """The kernel's parameters in ``backend``'s layout (kept until the weights change)."""
@@ -626,21 +638,21 @@ def _check_uniform_batch(images: list, owner: str, name: str) -> None:
 class _Work:
     """One recorded backend call; runs when its command buffer is committed."""
 
-    __slots__ = ("forward", "plan", "src", "dst", "prepared", "label")
+    __slots__ = ("run", "bound", "prepared", "label")
 
-    def __init__(self, backend, plan, src, dst, prepared, kernel):
-        self.forward, self.plan, self.src, self.dst, self.prepared = backend.forward, plan, src, dst, prepared
+    def __init__(self, backend, bound, prepared, kernel):
+        self.run, self.bound, self.prepared = backend.run, bound, prepared
         options = int(kernel._options)
         self.label = (kernel.label or type(kernel).__name__) if options & _DEBUG_GROUPS else None
         if options & _VERBOSE or _LOG_INFO:
-            print(f"mpsconv: {kernel.label or type(kernel).__name__}: {plan} on {backend.name}", file=sys.stderr)
+            print(f"mpsconv: {kernel.label or type(kernel).__name__}: {bound} on {backend.name}", file=sys.stderr)
 
     def __call__(self) -> None:
         if self.label is None:
-            self.forward(self.plan, self.src, self.dst, self.prepared)
+            self.run(self.bound, self.prepared)
         else:
             with torch.autograd.profiler.record_function(self.label):  # debug group -> profiler range
-                self.forward(self.plan, self.src, self.dst, self.prepared)
+                self.run(self.bound, self.prepared)
 
 
 _LOG_INFO = bool(os.environ.get("MPS_LOG_INFO"))

@@ -181,7 +181,7 @@ def test_backend_override(monkeypatch):
     calls = []
     from mpsconv.backends import reference
 
-    monkeypatch.setattr(reference.BACKEND, "forward", lambda *a: calls.append(a))
+    monkeypatch.setattr(reference.BACKEND, "run", lambda *a: calls.append(a))
     run(conv(), image(np.ones((3, 3, 1))), blank(3, 3, 1))
     assert len(calls) == 1
 

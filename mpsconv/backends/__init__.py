@@ -2,8 +2,10 @@
 
 A backend has ``name``, ``supports(problem, device) -> bool``, ``prepare(weights, bias, prelu,
 device)`` (converts a kernel's effective parameters once into its layout), ``plan(problem, device)``
-(whatever it can work out once per problem) and ``forward(plan, src, dst, prepared)`` (reads the
-source storage, writes the destination storage). Kernels cache plans and prepared parameters.
+(whatever it can work out once per problem), ``bind(plan, src, dst)`` (whatever it can work out
+once per encode: views of the source and destination storage) and ``run(bound, prepared)`` (at
+commit: reads the source storage, writes the destination storage). Kernels cache plans and
+prepared parameters; an encode records one bound call.
 """
 from __future__ import annotations
 

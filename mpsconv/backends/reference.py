@@ -79,7 +79,13 @@ class _Reference:
     def plan(problem, device) -> ConvProblem:
         return problem
 
-    forward = staticmethod(forward)
+    @staticmethod
+    def bind(plan, src, dst):
+        return plan, src, dst
+
+    @staticmethod
+    def run(bound, prepared) -> None:
+        forward(*bound, prepared)
 
 
 BACKEND = _Reference()

@@ -15,8 +15,6 @@ frozen CPU models). Elsewhere ``torch.nn.functional.conv2d`` runs.
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 import torch.nn.functional as Fn
@@ -137,9 +135,7 @@ class Plan:
             self.epilogue = _RELU
         else:
             self.epilogue = _GENERAL
-        # cuDNN would use TF32 for float32 by default; MPS numerics need full fp32 accumulation
-        self.precision = (lambda: torch.backends.cudnn.flags(enabled=True, allow_tf32=False)) if device.is_cuda \
-            else contextlib.nullcontext
+        self.conv2d = _conv2d_full_fp32 if device.is_cuda else Fn.conv2d
         shape = (n, p.in_channels, *(r[1] - r[0] + 1 for r in map(p.read_range, (0, 1))))
         if self.pad is None:  # the convolution's input is the crop, without the pads
             shape = (n, p.in_channels, shape[2] - top - bottom, shape[3] - left - right)
@@ -157,9 +153,10 @@ class Plan:
                 self.post_op, self.epilogue = "relu", _COPY
 
 
-def _canonical(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with the strides PyTorch itself would give it: channels-last (oneDNN's fast layout, a
-    no-op for NHWC slices) where that layout is unambiguous, else plain contiguous.
+def _restrided(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as a view with the strides PyTorch itself would give it, or None where only a copy can:
+    channels-last (oneDNN's fast layout, a no-op for NHWC slices) where that layout is
+    unambiguous, else plain contiguous.
 
     PyTorch 2.13's CPU convolution miscomputes for inputs whose strides are legal only because of
     size-1 dimensions (one channel, or one pixel, sliced from a 4-lane image): never give it one.
@@ -167,42 +164,81 @@ def _canonical(x: torch.Tensor) -> torch.Tensor:
     """
     n, c, h, w = x.shape
     if c > 1 and h * w > 1:
-        return x.contiguous(memory_format=torch.channels_last)
+        return x if x.is_contiguous(memory_format=torch.channels_last) else None
     canonical = (c * h * w, h * w, w, 1)
     strides = x.stride()
     if strides == canonical:
         return x
     if all(size == 1 or a == b for size, a, b in zip(x.shape, strides, canonical)):
         return x.as_strided(x.shape, canonical, x.storage_offset())
-    return x.clone(memory_format=torch.contiguous_format)
+    return None
 
 
-def forward(plan: Plan, src: torch.Tensor, dst: torch.Tensor, prepared: Prepared) -> None:
+def _canonical(x: torch.Tensor) -> torch.Tensor:
+    view = _restrided(x)
+    if view is not None:
+        return view
+    n, c, h, w = x.shape
+    return x.contiguous(memory_format=torch.channels_last if c > 1 and h * w > 1 else torch.contiguous_format)
+
+
+def _nchw_view(storage: torch.Tensor, images: slice, rows: slice, cols: slice, channels: slice) -> torch.Tensor:
+    """``storage[images, rows, cols, channels].permute(0, 3, 1, 2)`` as one ``as_strided`` call
+    (steps of 1 only): a view of an NHWC storage as channels-last NCHW."""
+    sn, sh, sw, sc = storage.stride()
+    n, h, w, c = storage.shape
+    i0, i1, _ = images.indices(n)
+    y0, y1, _ = rows.indices(h)
+    x0, x1, _ = cols.indices(w)
+    c0, c1, _ = channels.indices(c)
+    offset = storage.storage_offset() + i0 * sn + y0 * sh + x0 * sw + c0 * sc
+    return storage.as_strided((i1 - i0, c1 - c0, y1 - y0, x1 - x0), (sn, sc, sh, sw), offset)
+
+
+class Bound:
+    """A plan bound to one source and one destination storage: the views, made once per encode."""
+
+    __slots__ = ("plan", "x", "ready", "out")
+
+    def __init__(self, plan: Plan, src: torch.Tensor, dst: torch.Tensor):
+        self.plan = plan
+        if plan.zeros_shape is not None:  # the window misses the source: the input is zeros, always
+            x = src.new_zeros(plan.zeros_shape, dtype=torch.float32)
+        else:
+            crop = plan.crop or (slice(None),) * 4
+            images, _, _, channels = plan.src_index
+            x = _nchw_view(src, images, crop[2], crop[3], channels)
+        self.ready = False
+        if plan.zeros_shape is not None or (plan.src_format == F.float32 and not plan.gathers and plan.pad is None):
+            view = _restrided(x)  # no work left on the input at run time, unless it needs a copy
+            if view is not None:
+                x, self.ready = view, True
+        self.x = x
+        self.out = _nchw_view(dst, *plan.dst_index)
+
+
+def run(bound: Bound, prepared: Prepared) -> None:
+    plan = bound.plan
     p = plan.problem
-    if plan.zeros_shape is not None:
-        x = src.new_zeros(plan.zeros_shape, dtype=torch.float32)
-    else:
-        x = src[plan.src_index].permute(0, 3, 1, 2)
+    x = bound.x
+    if not bound.ready:
         if plan.src_format != F.float32:
             x = storage_to_values(x, plan.src_format, torch.float32)
-        if plan.crop is not None:
-            x = x[plan.crop]
         for dim, index in plan.gathers:
             x = x.index_select(dim, index)
-    if plan.pad is not None:
-        x = Fn.pad(x, plan.pad)
-    x = _canonical(x)
+        if plan.pad is not None:
+            x = Fn.pad(x, plan.pad)
+        x = _canonical(x)
     if p.identity:
         y = x[:, :, :: p.stride[0], :: p.stride[1]]
     elif plan.onednn:
         y = torch.ops.mkldnn._convolution_pointwise(x, prepared.packed(plan), prepared.bias, plan.conv_padding,
                                                     p.stride, p.dilation, p.groups, plan.post_op, [], "")
     else:
-        with plan.precision():
-            y = Fn.conv2d(x, prepared.weights, prepared.bias, p.stride, plan.conv_padding, p.dilation, p.groups)
+        y = plan.conv2d(x, prepared.weights, prepared.bias, p.stride, plan.conv_padding, p.dilation, p.groups)
     if plan.out_crop is not None:
         y = y[plan.out_crop]
-    out = dst[plan.dst_index].permute(0, 3, 1, 2)
+    out = bound.out
     if plan.epilogue == _COPY:
         out.copy_(y)
     elif plan.epilogue == _RELU:
@@ -211,6 +247,12 @@ def forward(plan: Plan, src: torch.Tensor, dst: torch.Tensor, prepared: Prepared
         prelu = None if prepared.prelu is None else prepared.prelu[: y.shape[1]]
         y = apply_neuron(y, p.neuron, prelu, TORCH_OPS)
         out.copy_(y if plan.dst_format in _FLOAT_FORMATS else values_to_storage(y, plan.dst_format))
+
+
+def _conv2d_full_fp32(*args):
+    # cuDNN would use TF32 for float32 by default; MPS numerics need full fp32 accumulation
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        return Fn.conv2d(*args)
 
 
 class _Torch:
@@ -225,7 +267,8 @@ class _Torch:
         return Prepared(weights, bias, prelu, device)
 
     plan = staticmethod(Plan)
-    forward = staticmethod(forward)
+    bind = staticmethod(Bound)
+    run = staticmethod(run)
 
 
 BACKEND = _Torch()
