@@ -242,3 +242,30 @@ def test_view_images_match_reference(seed, fast_backend):
         np.testing.assert_array_equal(got[1][..., 8:], prior[1][..., 8:])
         results.append(got)
     assert_close(results[1], results[0], "float32", f"views seed={seed}")
+
+
+EPILOGUES = {"none": (T.none, ()), "relu": (T.reLU, (0.0,)), "leaky": (T.reLU, (0.1,)), "sigmoid": (T.sigmoid, ())}
+
+
+@pytest.mark.parametrize("path", ["conv2d", "onednn"])
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+@pytest.mark.parametrize("dst_fmt", [FMT.float32, FMT.float16, FMT.unorm8, FMT.unorm16])
+def test_epilogue_paths_match_reference(path, epilogue, dst_fmt, monkeypatch):
+    """Every destination format with every epilogue kind, through both CPU convolution paths."""
+    from mpsconv.backends import torch as torch_backend
+
+    if path == "onednn":
+        if not torch_backend.onednn_usable():
+            pytest.skip("no usable oneDNN pointwise convolution in this PyTorch build")
+        monkeypatch.setattr(torch_backend, "ONEDNN_MIN_WEIGHTS", 0)
+    neuron_type, params = EPILOGUES[epilogue]
+    p = dict(g=1, cin=4, cout=8, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), src=(2, 6, 5, 4), dst=(2, 6, 5, 12),
+             sfo=0, dfo=4, clip=MPSRectNoClip, offset=MPSOffset(0, 0, 0), edge=MPSImageEdgeMode.zero,
+             neuron=neuron_type, bias=True, src_fmt=FMT.float16, dst_fmt=dst_fmt, seed=7)
+    _, src, prior = build(p)  # its kernel's neuron comes from NEURON_PARAMS; this test needs its own
+    d = descriptor(3, 3, 4, 8)
+    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(neuron_type, **dict(zip("abc", params)))
+    rng = np.random.default_rng(7)
+    kernel = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, 288), rng.uniform(-1, 1, 8)))
+    kernel.destinationFeatureChannelOffset = 4
+    check_against_reference(p, kernel, src, prior, "torch")

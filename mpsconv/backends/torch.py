@@ -129,9 +129,10 @@ class Plan:
         self.dst_index = (slice(z0, z0 + n), slice(y0, y0 + oh), slice(x0, x0 + ow), slice(d0, d0 + p.out_channels))
         self.dst_format = F(p.dst_format)
         neuron = p.neuron
+        relu = neuron.type == MPSCNNNeuronType.reLU and neuron.a == 0.0
         if self.dst_format in _FLOAT_FORMATS and neuron.type == MPSCNNNeuronType.none:
             self.epilogue = _COPY
-        elif self.dst_format in _FLOAT_FORMATS and neuron.type == MPSCNNNeuronType.reLU and neuron.a == 0.0:
+        elif self.dst_format == F.float32 and relu:  # clamp_min(out=) needs out's dtype to be y's
             self.epilogue = _RELU
         else:
             self.epilogue = _GENERAL
@@ -149,7 +150,7 @@ class Plan:
         self.post_op = "none"
         if self.onednn:
             self.pack_key = (self.conv_padding, p.stride, p.dilation, p.groups, shape)
-            if self.epilogue == _RELU:
+            if relu and self.dst_format in _FLOAT_FORMATS:  # fused into the convolution
                 self.post_op, self.epilogue = "relu", _COPY
 
 
