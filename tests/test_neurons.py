@@ -135,3 +135,16 @@ def test_neuron_allocating_encode_keeps_size():
         d = n.destinationImageDescriptor(sourceImages=[blank(5, 4, 6)])
         assert (d.width, d.height, d.featureChannels, n.offset) == (5, 4, 6, MPSOffset(0, 0, 0))
     assert n.encodingStorageSize(sourceImage=blank(5, 4, 6)) == 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("neuron_type, params", [(t, p) for t, p, _ in WORKED] + [(T.reLU, (0.0,))],
+                         ids=[f"{w[0].name}{w[1]}" for w in WORKED] + ["reLU(0.0,)"])
+@pytest.mark.parametrize("fmt", [MPSImageFeatureChannelFormat.float32, MPSImageFeatureChannelFormat.float16])
+@pytest.mark.parametrize("channels", [4, 5])  # 4 float32 channels are read in place, without a copy
+def test_kernels_never_modify_their_source(backend, neuron_type, params, fmt, channels):
+    data = np.random.default_rng(5).uniform(-2, 2, (2, 3, 4, channels))
+    src = image(data, fmt)
+    before = values(src)
+    run(neuron(neuron_type, *params), src, blank(4, 3, channels, images=2, fmt=fmt), backend)
+    np.testing.assert_array_equal(values(src), before)
