@@ -220,6 +220,23 @@ def framework_problems(draw):
     return k, s, d, kd, n, draw(st.integers(0, 999))
 
 
+def recipe(p, begin, size, backend, channels=3):
+    """The manual-encode recipe ``offset = (Kd >> 1) - pad_begin``, against PyTorch on the same data.
+
+    Returns ``(ours, x, w)``: our ``size x size`` result and the float64 input and weights as NCHW/OIHW
+    tensors for the framework side.
+    """
+    k, s, d, kd, n, seed = p
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(-1, 1, (2, k, k, channels)).astype(np.float16).astype(np.float32)
+    x = rng.uniform(-1, 1, (n, n, channels))
+    kernel = conv(k, k, channels, 2, weights=w, strideInPixelsX=s, strideInPixelsY=s, dilationRateX=d,
+                  dilationRateY=d)
+    kernel.offset = MPSOffset((kd >> 1) - begin, (kd >> 1) - begin, 0)
+    ours = values(run(kernel, image(x), blank(size, size, 2), backend))[0]
+    return ours, torch.from_numpy(x).permute(2, 0, 1)[None], torch.from_numpy(w).double().permute(0, 3, 1, 2)
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @given(p=framework_problems(), pad=st.integers(0, 4))
 def test_ki_checklist_63_pytorch_padding_recipe(backend, p, pad):
@@ -227,15 +244,9 @@ def test_ki_checklist_63_pytorch_padding_recipe(backend, p, pad):
     size = (n + 2 * pad - kd) // s + 1
     if size < 1:
         return
-    rng = np.random.default_rng(seed)
-    w = rng.uniform(-1, 1, (2, k, k, 3)).astype(np.float16).astype(np.float32)
-    x = rng.uniform(-1, 1, (n, n, 3))
-    kernel = conv(k, k, 3, 2, weights=w, strideInPixelsX=s, strideInPixelsY=s, dilationRateX=d, dilationRateY=d)
-    kernel.offset = MPSOffset((kd >> 1) - pad, (kd >> 1) - pad, 0)
-    got = values(run(kernel, image(x), blank(size, size, 2), backend))[0]
-    expected = Fn.conv2d(torch.from_numpy(x).permute(2, 0, 1)[None], torch.from_numpy(w).double().permute(0, 3, 1, 2),
-                         stride=s, padding=pad, dilation=d)[0].permute(1, 2, 0).numpy()
-    assert_close(got, expected, "float32", f"k={k} s={s} d={d} n={n} pad={pad}")
+    ours, x, w = recipe(p, pad, size, backend)
+    expected = Fn.conv2d(x, w, stride=s, padding=pad, dilation=d)[0].permute(1, 2, 0).numpy()
+    assert_close(ours, expected, "float32", f"k={k} s={s} d={d} n={n} pad={pad}")
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -245,12 +256,6 @@ def test_ki_checklist_64_tensorflow_same_recipe(backend, p):
     size = -(-n // s)
     total = max((size - 1) * s + kd - n, 0)
     begin = total // 2
-    rng = np.random.default_rng(seed)
-    w = rng.uniform(-1, 1, (1, k, k, 1)).astype(np.float16).astype(np.float32)
-    x = rng.uniform(-1, 1, (n, n, 1))
-    kernel = conv(k, k, 1, 1, weights=w, strideInPixelsX=s, strideInPixelsY=s, dilationRateX=d, dilationRateY=d)
-    kernel.offset = MPSOffset((kd >> 1) - begin, (kd >> 1) - begin, 0)
-    got = values(run(kernel, image(x), blank(size, size, 1), backend))[0]
-    padded = Fn.pad(torch.from_numpy(x).permute(2, 0, 1)[None], (begin, total - begin, begin, total - begin))
-    expected = Fn.conv2d(padded, torch.from_numpy(w).double().permute(0, 3, 1, 2), stride=s, dilation=d)
-    assert_close(got, expected[0].permute(1, 2, 0).numpy(), "float32", f"k={k} s={s} d={d} n={n}")
+    ours, x, w = recipe(p, begin, size, backend, channels=1)
+    expected = Fn.conv2d(Fn.pad(x, (begin, total - begin, begin, total - begin)), w, stride=s, dilation=d)
+    assert_close(ours, expected[0].permute(1, 2, 0).numpy(), "float32", f"k={k} s={s} d={d} n={n}")
