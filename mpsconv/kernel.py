@@ -405,7 +405,7 @@ class MPSCNNKernel(MPSKernel):
         return None
 
     def encodingStorageSize(self, *, sourceImage, sourceStates=None, destinationImage=None) -> int:
-        """Bytes of scratch memory the encode allocates (the backend's float32 intermediate)."""
+        """Bytes of scratch memory the encode allocates: none for the base class (subclasses say theirs)."""
         return 0
 
     def batchEncodingStorageSize(self, *, sourceImage, sourceStates=None, destinationImage=None) -> int:
