@@ -23,6 +23,8 @@ def _classes() -> dict:
     classes = {
         "MPSNNNeuronDescriptor": neuron.MPSNNNeuronDescriptor,
         "MPSCNNConvolutionDescriptor": descriptor.MPSCNNConvolutionDescriptor,
+        "MPSCNNDepthWiseConvolutionDescriptor": descriptor.MPSCNNDepthWiseConvolutionDescriptor,
+        "MPSCNNSubPixelConvolutionDescriptor": descriptor.MPSCNNSubPixelConvolutionDescriptor,
         "MPSCNNConvolution": convolution.MPSCNNConvolution,
         "MPSCNNFullyConnected": convolution.MPSCNNFullyConnected,
         "MPSCNNNeuron": neuron.MPSCNNNeuron,
@@ -84,6 +86,9 @@ _DESCRIPTOR_INTS = ("kernelWidth", "kernelHeight", "inputFeatureChannels", "outp
 
 def _encode_descriptor(d, prefix: str, tensors: dict) -> dict:
     fields = {name: getattr(d, name) for name in _DESCRIPTOR_INTS}
+    fields["class"] = type(d).__name__
+    if hasattr(d, "subPixelScaleFactor"):
+        fields["subPixelScaleFactor"] = d.subPixelScaleFactor
     fields["fused"] = _encode_neuron(d._fused, prefix + "fused.", tensors)
     fields["legacy"] = None if d._neuron is None else _encode_neuron(d._neuron._descriptor, prefix + "legacy.", tensors)
     fields["neuron_source"] = d._neuron_source
@@ -99,9 +104,9 @@ def _decode_descriptor(d, fields: dict, prefix: str, tensors: dict, device) -> N
     from .descriptor import MPSCNNConvolutionDescriptor, _BatchNorm
     from .neuron import MPSCNNNeuron
 
-    MPSCNNConvolutionDescriptor.__init__(d)
+    type(d).__init__(d)
     try:
-        for name in _DESCRIPTOR_INTS:
+        for name in _DESCRIPTOR_INTS + (("subPixelScaleFactor",) if "subPixelScaleFactor" in fields else ()):
             setattr(d, name, _field(fields, name))
     except (TypeError, ValueError) as exc:
         raise MPSArchiveError(f"NSKeyedUnarchiver: invalid descriptor field: {exc}") from None
@@ -178,8 +183,12 @@ def _decode_convolution(k, fields: dict, tensors: dict, device) -> None:
     from .descriptor import MPSCNNConvolutionDescriptor
     from .types import MPSDataType
 
-    descriptor = MPSCNNConvolutionDescriptor.__new__(MPSCNNConvolutionDescriptor)
-    _decode_descriptor(descriptor, _field(fields, "descriptor"), "descriptor.", tensors, device)
+    descriptor_fields = _field(fields, "descriptor")
+    cls = class_named(descriptor_fields.get("class", "MPSCNNConvolutionDescriptor"))
+    if cls is None or not issubclass(cls, MPSCNNConvolutionDescriptor):
+        raise MPSArchiveError(f"NSKeyedUnarchiver: invalid descriptor class {descriptor_fields.get('class')!r}")
+    descriptor = cls.__new__(cls)
+    _decode_descriptor(descriptor, descriptor_fields, "descriptor.", tensors, device)
     descriptor._batch_norm = None  # the archived weights are the effective ones: batch norm is folded in
     weights = _tensor(tensors, "weights")
     try:

@@ -99,9 +99,7 @@ class MPSCNNConvolution(MPSCNNKernel):
             raise MPSValueError(f"{owner}: flags={flags!r}; MPSCNNConvolutionFlags.none (0) is the only value") from None
         desc = descriptor.copy()
         desc._check_for_kernel(owner)
-        count = desc.outputFeatureChannels * desc.kernelHeight * desc.kernelWidth * \
-            (desc.inputFeatureChannels // desc.groups)
-        weights = read_array(kernel_weights, np.float32, count, owner, "kernelWeights")
+        weights = read_array(kernel_weights, np.float32, int(np.prod(desc._weight_shape())), owner, "kernelWeights")
         bias = None if bias_terms is None else \
             read_array(bias_terms, np.float32, desc.outputFeatureChannels, owner, "biasTerms")
         self._init_data_source(device, _ArrayDataSource(desc, weights, bias), archivable=False)
@@ -117,8 +115,6 @@ class MPSCNNConvolution(MPSCNNKernel):
 
     def _check_descriptor(self, descriptor: MPSCNNConvolutionDescriptor) -> None:
         """Class-specific descriptor rules (subclasses add theirs)."""
-        if type(descriptor) is not MPSCNNConvolutionDescriptor:
-            raise not_implemented(f"{type(descriptor).__name__} kernels", 3)
 
     def _copy_into(self, other, device) -> None:
         """Spec §6.5: the data source's ``copy(zone, device)`` if it takes a device, else
@@ -145,8 +141,12 @@ class MPSCNNConvolution(MPSCNNKernel):
     dilationRateX = property(lambda self: self._desc.dilationRateX)
     dilationRateY = property(lambda self: self._desc.dilationRateY)
     dataSource = property(lambda self: self._data_source)
-    subPixelScaleFactor = property(lambda self: 1)
-    channelMultiplier = property(lambda self: 0)
+    subPixelScaleFactor = property(lambda self: getattr(self._desc, "subPixelScaleFactor", 1))
+
+    @property
+    def channelMultiplier(self) -> int:
+        """``M`` for a depthwise kernel, 0 for every other kernel."""
+        return getattr(self._desc, "channelMultiplier", 0)
 
     @property
     def accumulatorPrecisionOption(self) -> Accumulator:
@@ -186,10 +186,19 @@ class MPSCNNConvolution(MPSCNNKernel):
     # -- kernel interface
     def _channels(self):
         d = self._desc
-        return d.inputFeatureChannels, d.outputFeatureChannels, d.groups
+        return d.inputFeatureChannels, d.outputFeatureChannels, d._kernel_groups()
 
     def _neuron(self) -> NeuronSpec:
         return self._loaded.neuron
+
+    def _subpixel(self) -> int:
+        return self.subPixelScaleFactor
+
+    def _allocated_geometry(self, source, kernel, stride, dilation, rule, owner):
+        """Sub-pixel kernels allocate ``r ·`` the forward size (spec §5 OPEN); ``offset`` as forward."""
+        (h, w), offset = super()._allocated_geometry(source, kernel, stride, dilation, rule, owner)
+        r = self._subpixel()
+        return (h * r, w * r), offset
 
     def _params(self):
         return self._param_tuple
@@ -242,6 +251,9 @@ class MPSCNNFullyConnected(MPSCNNConvolution):
     def _check_descriptor(self, descriptor) -> None:
         super()._check_descriptor(descriptor)
         owner = type(self).__name__
+        if type(descriptor) is not MPSCNNConvolutionDescriptor:
+            raise MPSTypeError(f"{owner}: a fully connected kernel takes a plain MPSCNNConvolutionDescriptor, not "
+                               f"{type(descriptor).__name__}")
         if descriptor.strideInPixelsX != 1 or descriptor.strideInPixelsY != 1:
             raise MPSValueError(f"{owner}: strideInPixelsX={descriptor.strideInPixelsX}, strideInPixelsY="
                                 f"{descriptor.strideInPixelsY}; a fully connected kernel has stride 1")

@@ -138,8 +138,8 @@ def load_weights(ds, owner: str, *, accumulator: MPSNNConvolutionAccumulatorPrec
         desc._check_for_kernel(owner)
         check_descriptor(desc)
         neuron, prelu = desc._resolve_neuron(owner)
-        o, i, g = desc.outputFeatureChannels, desc.inputFeatureChannels, desc.groups
-        shape = (o, desc.kernelHeight, desc.kernelWidth, i // g)
+        o = desc.outputFeatureChannels
+        shape = desc._weight_shape()  # [O][kH][kW][I/G]; depthwise [O][kH][kW] (stored with a last axis of 1)
         count = int(np.prod(shape))
 
         layout = _optional(ds, "weightsLayout")

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .errors import MPSTypeError, MPSValueError, not_implemented
+from .errors import MPSTypeError, MPSValueError
 from .geometry import NeuronSpec
 from .neuron import (
     MPSCNNNeuronType, MPSNNNeuronDescriptor, _deprecated, float32_values,
@@ -319,16 +319,83 @@ class MPSCNNConvolutionDescriptor:
     def _resolve_neuron(self, owner: str) -> tuple[NeuronSpec, np.ndarray | None]:
         return self._active_neuron().resolve(owner, self._outputFeatureChannels)
 
+    def _weight_shape(self) -> tuple[int, int, int, int]:
+        """The effective weights' shape, OHWI: ``[O][kH][kW][I/G]``."""
+        return (self._outputFeatureChannels, self._kernelHeight, self._kernelWidth,
+                self._inputFeatureChannels // self._groups)
+
+    def _kernel_groups(self) -> int:
+        """The groups the convolution runs with (depthwise: one per channel)."""
+        return self._groups
+
 
 class MPSCNNDepthWiseConvolutionDescriptor(MPSCNNConvolutionDescriptor):
-    """``MPSCNNDepthWiseConvolutionDescriptor``: waits for issue 3."""
+    """``MPSCNNDepthWiseConvolutionDescriptor``: each input channel filtered on its own (spec §4).
 
-    def __init__(self, **kwargs):
-        raise not_implemented("MPSCNNDepthWiseConvolutionDescriptor", 3)
+    Output channel ``k·M + m`` reads input channel ``k`` only, with weights ``[O][kH][kW]`` (no
+    input-channel axis). ``channelMultiplier = O / I``; only ``M = 1`` is supported, and ``groups``
+    must stay 1.
+    """
+
+    _owner = "MPSCNNDepthWiseConvolutionDescriptor"
+
+    @property
+    def channelMultiplier(self) -> int:
+        i = self._inputFeatureChannels
+        return self._outputFeatureChannels // i if i else 0
+
+    def _check_for_kernel(self, owner: str) -> None:
+        i, o = self._inputFeatureChannels, self._outputFeatureChannels
+        if i < 1 or o < 1:
+            raise MPSValueError(f"{owner}: inputFeatureChannels={i} and outputFeatureChannels={o} must both be >= 1")
+        if self._groups != 1:
+            raise MPSValueError(f"{owner}: groups={self._groups}; a depthwise descriptor has groups 1 (each channel "
+                                "is its own group already)")
+        if o % i:
+            raise MPSValueError(f"{owner}: outputFeatureChannels={o} must be a multiple of inputFeatureChannels={i}")
+        if o != i:
+            raise MPSValueError(f"{owner}: channelMultiplier={o // i} is not supported; a depthwise descriptor needs "
+                                f"outputFeatureChannels == inputFeatureChannels (got {o} and {i})")
+
+    def _weight_shape(self) -> tuple[int, int, int, int]:
+        return self._outputFeatureChannels, self._kernelHeight, self._kernelWidth, 1
+
+    def _kernel_groups(self) -> int:
+        return self._inputFeatureChannels
 
 
 class MPSCNNSubPixelConvolutionDescriptor(MPSCNNConvolutionDescriptor):
-    """``MPSCNNSubPixelConvolutionDescriptor``: waits for issue 3."""
+    """``MPSCNNSubPixelConvolutionDescriptor``: a convolution of ``N = outputFeatureChannels`` channels
+    fused with depth-to-space by ``r = subPixelScaleFactor`` (spec §5).
+
+    Destination pixel ``(x, y)`` of the clip region, channel ``c < N/r²``, is intermediate pixel
+    ``(x // r, y // r)``, channel ``(N/r²)·(r·(y mod r) + (x mod r)) + c``: TensorFlow's NHWC
+    ``depth_to_space``, not PyTorch's ``pixel_shuffle`` (whose channel is ``c·r² + sub``).
+    """
+
+    _owner = "MPSCNNSubPixelConvolutionDescriptor"
 
     def __init__(self, **kwargs):
-        raise not_implemented("MPSCNNSubPixelConvolutionDescriptor", 3)
+        self._subPixelScaleFactor = 1
+        super().__init__(**kwargs)
+
+    @property
+    def subPixelScaleFactor(self) -> int:
+        return self._subPixelScaleFactor
+
+    @subPixelScaleFactor.setter
+    def subPixelScaleFactor(self, value) -> None:
+        self._subPixelScaleFactor = positive_int(value, self._owner, "subPixelScaleFactor")
+
+    def _fields(self) -> dict:
+        return {**super()._fields(), "subPixelScaleFactor": self._subPixelScaleFactor}
+
+    def _check_for_kernel(self, owner: str) -> None:
+        super()._check_for_kernel(owner)
+        n, r = self._outputFeatureChannels, self._subPixelScaleFactor
+        if n % (r * r):
+            raise MPSValueError(f"{owner}: outputFeatureChannels={n} must be a multiple of subPixelScaleFactor² = "
+                                f"{r * r}")
+        if self._groups > 1 and (n // (r * r)) % 4:
+            raise MPSValueError(f"{owner}: with groups={self._groups}, outputFeatureChannels / subPixelScaleFactor² = "
+                                f"{n // (r * r)} must be a multiple of 4")

@@ -181,7 +181,10 @@ class ConvProblem:
                                            src_channel0 + grp(o)·Ig + c])
 
     where ``S̃`` reads through ``edge``. ``identity`` kernels (neurons) have no weights: the one tap
-    is copied channel for channel (``in_channels == out_channels``).
+    is copied channel for channel (``in_channels == out_channels``). Sub-pixel kernels (``subpixel =
+    r > 1``) compute that on the ``grid`` (``ceil(out_size / r)``) and write destination pixel
+    ``(v, u)`` of the clip region, channel ``c < out_channels / r²``, from grid pixel
+    ``(v // r, u // r)``, channel ``(out_channels / r²)·(r·(v mod r) + (u mod r)) + c``.
     """
 
     n_images: int
@@ -204,6 +207,18 @@ class ConvProblem:
     identity: bool = False
     src_format: int = 4  # MPSImageFeatureChannelFormat raw values (float32)
     dst_format: int = 4
+    subpixel: int = 1  # r: the convolution's output is rearranged depth-to-space into r x r blocks
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The convolution's output size: the clip region, or ``ceil(clip / r)`` for sub-pixel kernels."""
+        r = self.subpixel
+        return -(-self.out_size[0] // r), -(-self.out_size[1] // r)
+
+    @property
+    def dst_channels(self) -> int:
+        """Channels written to the destination: ``out_channels / r²``."""
+        return self.out_channels // (self.subpixel * self.subpixel)
 
     @property
     def empty(self) -> bool:
@@ -215,7 +230,7 @@ class ConvProblem:
     def read_range(self, axis: int) -> tuple[int, int]:
         """First and last source coordinate the clip region reads on ``axis`` (may lie outside)."""
         first = self.tap0[axis]
-        last = first + (self.out_size[axis] - 1) * self.stride[axis] + self.extent(axis) - 1
+        last = first + (self.grid[axis] - 1) * self.stride[axis] + self.extent(axis) - 1
         return first, last
 
     def pads(self, axis: int) -> tuple[int, int]:
@@ -259,6 +274,7 @@ def resolve_forward(
     neuron: NeuronSpec,
     fully_connected: bool = False,
     formats: tuple[int, int] = (4, 4),
+    subpixel: int = 1,
 ) -> ConvProblem:
     """Resolve a forward encode (spec ``kernel-image.md`` §2.4) or raise naming what is wrong.
 
@@ -291,10 +307,11 @@ def resolve_forward(
             f"{owner}: sourceImage provides {available} feature channels from sourceFeatureChannelOffset={sfo} "
             f"(featureChannels={cs}, sourceFeatureChannelMaxCount={src_channel_max}); the kernel reads {in_channels}"
         )
-    if cd < dfo + out_channels:
+    written = out_channels // (subpixel * subpixel)
+    if cd < dfo + written:
         raise MPSValueError(
             f"{owner}: destinationImage has {cd} feature channels; destinationFeatureChannelOffset={dfo} + "
-            f"{out_channels} output channels needs {dfo + out_channels}"
+            f"{written} output channels needs {dfo + written}"
         )
 
     if oz < 0:
@@ -345,4 +362,5 @@ def resolve_forward(
         identity=identity,
         src_format=formats[0],
         dst_format=formats[1],
+        subpixel=subpixel,
     )

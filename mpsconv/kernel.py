@@ -358,13 +358,18 @@ class MPSCNNKernel(MPSKernel):
         raise NotImplementedError
 
     def _output_channels(self, source: MPSImage) -> int:
+        """Channels the kernel writes into the destination."""
         cin, cout, _ = self._channels()
         if cout is not None:
-            return cout
+            return cout // self._subpixel() ** 2
         return max(0, min(self._sfmax, source.featureChannels - self._sfo))
 
     def _neuron(self) -> NeuronSpec:
         return NeuronSpec()
+
+    def _subpixel(self) -> int:
+        """``r`` of a sub-pixel kernel (its output is rearranged into r x r blocks), else 1."""
+        return 1
 
     def _params(self):
         """``(weights, bias, prelu)`` as effective float32 arrays (``None`` weights: identity)."""
@@ -471,6 +476,7 @@ class MPSCNNKernel(MPSKernel):
             in_channels=cin, out_channels=cout, groups=groups, edge=int(self._edgeMode), neuron=self._neuron(),
             fully_connected=self._fully_connected,
             formats=(int(source.featureChannelFormat), int(destination.featureChannelFormat)),
+            subpixel=self._subpixel(),
         )
 
     def _check_pair(self, cb, source, destination, owner: str, index: str = "") -> None:

@@ -198,9 +198,3 @@ def test_conv_checklist_115_deprecated_members_warn():
     with pytest.warns(DeprecationWarning):
         MPSCNNNeuronSigmoid(device=DEVICE)
     assert values(run(k, image([[[3.0]]]), blank(1, 1, 1)))[0, 0, 0, 0] == 7.0
-
-
-def test_not_yet_built_descriptors_name_their_issue():
-    for cls in (MPSCNNDepthWiseConvolutionDescriptor, MPSCNNSubPixelConvolutionDescriptor):
-        with pytest.raises(NotImplementedError, match="issue 3"):
-            cls(kernelWidth=3, kernelHeight=3, inputFeatureChannels=4, outputFeatureChannels=4)

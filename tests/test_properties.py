@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from helpers import FMT, DEVICE, ArraySource, blank, conv, descriptor, image, run, values
 from mpsconv import (
-    MPSCNNConvolution, MPSCNNFullyConnected, MPSCNNNeuron, MPSCNNNeuronType, MPSImageEdgeMode,
-    MPSNNNeuronDescriptor, MPSOffset, MPSRectNoClip, MTLOrigin, MTLRegion, MTLSize,
+    MPSCNNConvolution, MPSCNNConvolutionDescriptor, MPSCNNDepthWiseConvolutionDescriptor, MPSCNNFullyConnected,
+    MPSCNNNeuron, MPSCNNNeuronType, MPSCNNSubPixelConvolutionDescriptor, MPSImageEdgeMode, MPSNNNeuronDescriptor,
+    MPSOffset, MPSRectNoClip, MTLOrigin, MTLRegion, MTLSize,
 )
 from tolerances import assert_close
 
@@ -35,10 +36,16 @@ def neuron_descriptor(neuron_type, channels, rng):
 
 
 @st.composite
-def problems(draw, fully_connected=False):
-    g = 1 if fully_connected else draw(st.sampled_from([1, 1, 2, 3]))
+def problems(draw, fully_connected=False, kind="plain"):
+    """``kind``: ``plain``, ``depthwise`` (I = O, one filter per channel) or ``subpixel`` (r = 2 or 3)."""
+    g = 1 if fully_connected or kind != "plain" else draw(st.sampled_from([1, 1, 2, 3]))
+    r = draw(st.sampled_from([2, 3])) if kind == "subpixel" else 1
     if g > 1:
         cin, cout = g * draw(st.sampled_from([4, 8])), g * draw(st.sampled_from([4, 8]))
+    elif kind == "depthwise":
+        cin = cout = draw(st.integers(1, 9))
+    elif kind == "subpixel":
+        cin, cout = draw(st.integers(1, 6)), r * r * draw(st.integers(1, 3))
     else:
         cin, cout = draw(st.integers(1, 6)), draw(st.integers(1, 6))
     kh, kw = draw(st.integers(1, 7)), draw(st.integers(1, 7))
@@ -50,9 +57,11 @@ def problems(draw, fully_connected=False):
         dy, dx = draw(st.integers(1, 3)), draw(st.integers(1, 3))
         hs, ws = draw(st.integers(1, 10)), draw(st.integers(1, 10))
     hd, wd = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    if kind == "subpixel":
+        hd, wd = draw(st.integers(1, 3 * r + 1)), draw(st.integers(1, 3 * r + 1))
     sfo, dfo = draw(st.sampled_from([0, 4])), draw(st.sampled_from([0, 4, 8]))
     cs = sfo + cin + draw(st.integers(0, 3))
-    cd = dfo + cout + draw(st.integers(0, 2))
+    cd = dfo + cout // (r * r) + draw(st.integers(0, 2))
     ns, nd = draw(st.integers(1, 2)), draw(st.integers(1, 3))
     if draw(st.booleans()):
         clip = MPSRectNoClip
@@ -68,6 +77,7 @@ def problems(draw, fully_connected=False):
     if n_images > ns:  # keep every draw valid: process no more images than the source has
         clip = MTLRegion(clip.origin, MTLSize(clip.size.width, clip.size.height, ns))
     return dict(
+        kind=kind, r=r,
         g=g, cin=cin, cout=cout, kernel=(kh, kw), stride=(sy, sx), dilation=(dy, dx), src=(ns, hs, ws, cs),
         dst=(nd, hd, wd, cd), sfo=sfo, dfo=dfo, clip=clip,
         offset=MPSOffset(draw(st.integers(-4, ws + 3)), draw(st.integers(-4, hs + 3)), oz),
@@ -79,13 +89,23 @@ def problems(draw, fully_connected=False):
     )
 
 
+DESCRIPTORS = {"plain": MPSCNNConvolutionDescriptor, "depthwise": MPSCNNDepthWiseConvolutionDescriptor,
+               "subpixel": MPSCNNSubPixelConvolutionDescriptor}
+
+
 def build(p, cls=MPSCNNConvolution):
     rng = np.random.default_rng(p["seed"])
     kh, kw = p["kernel"]
-    d = descriptor(kw, kh, p["cin"], p["cout"], groups=p["g"], strideInPixelsY=p["stride"][0],
-                   strideInPixelsX=p["stride"][1], dilationRateY=p["dilation"][0], dilationRateX=p["dilation"][1])
+    kind = p.get("kind", "plain")
+    d = DESCRIPTORS[kind](kernelWidth=kw, kernelHeight=kh, inputFeatureChannels=p["cin"],
+                          outputFeatureChannels=p["cout"])
+    d.groups, d.strideInPixelsY, d.strideInPixelsX = p["g"], p["stride"][0], p["stride"][1]
+    d.dilationRateY, d.dilationRateX = p["dilation"]
+    if kind == "subpixel":
+        d.subPixelScaleFactor = p["r"]
     d.fusedNeuronDescriptor = neuron_descriptor(p["neuron"], p["cout"], rng)
-    weights = rng.uniform(-1, 1, (p["cout"], kh, kw, p["cin"] // p["g"])).astype(np.float32)
+    per_output = 1 if kind == "depthwise" else p["cin"] // p["g"]
+    weights = rng.uniform(-1, 1, (p["cout"], kh, kw, per_output)).astype(np.float32)
     bias = rng.uniform(-1, 1, p["cout"]).astype(np.float32) if p["bias"] else None
     kernel = cls(device=DEVICE, weights=ArraySource(d, weights, bias))
     kernel.offset, kernel.clipRect, kernel.edgeMode = p["offset"], p["clip"], p["edge"]
@@ -103,7 +123,8 @@ def written_mask(p, shape) -> np.ndarray:
     (x0, y0, z0), (w, h, d) = p["clip"]
     n = min(d, nd - z0)
     mask = np.zeros(shape, bool)
-    mask[z0:z0 + max(n, 0), y0:min(y0 + h, hd), x0:min(x0 + w, wd), p["dfo"]:p["dfo"] + p["cout"]] = True
+    written = p["cout"] // p.get("r", 1) ** 2
+    mask[z0:z0 + max(n, 0), y0:min(y0 + h, hd), x0:min(x0 + w, wd), p["dfo"]:p["dfo"] + written] = True
     return mask
 
 
@@ -122,6 +143,15 @@ def check_against_reference(p, kernel, src, prior, fast_backend):
 
 @given(p=problems())
 def test_convolution_matches_reference(p, fast_backend):
+    kernel, src, prior = build(p)
+    check_against_reference(p, kernel, src, prior, fast_backend)
+
+
+@pytest.mark.parametrize("kind", ["depthwise", "subpixel"])
+@given(data=st.data())
+def test_family_matches_reference(kind, data, fast_backend):
+    """Depthwise and sub-pixel kernels, torch backend against the reference, random geometry."""
+    p = data.draw(problems(kind=kind))
     kernel, src, prior = build(p)
     check_against_reference(p, kernel, src, prior, fast_backend)
 

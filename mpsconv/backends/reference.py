@@ -30,12 +30,20 @@ def taps(first: int, count: int, stride: int, k: int, dilation: int, size: int, 
 
 def gather_windows(x: np.ndarray, problem: ConvProblem) -> np.ndarray:
     """``[n, oh, ow, kH, kW, C]``: every tap of every output pixel, read through the edge mode."""
-    (oh, ow), (kh, kw) = problem.out_size, problem.kernel
+    (oh, ow), (kh, kw) = problem.grid, problem.kernel
     ys, y_in = taps(problem.tap0[0], oh, problem.stride[0], kh, problem.dilation[0], x.shape[1], problem.edge)
     xs, x_in = taps(problem.tap0[1], ow, problem.stride[1], kw, problem.dilation[1], x.shape[2], problem.edge)
     windows = x[:, ys[:, None, :, None], xs[None, :, None, :], :]  # [n, oh, ow, kh, kw, C]
     mask = y_in[:, None, :, None] & x_in[None, :, None, :]
     return windows * mask[None, :, :, :, :, None]
+
+
+def depth_to_space(x: np.ndarray, r: int) -> np.ndarray:
+    """NHWC depth-to-space (spec §5): channel ``(C/r²)·(r·dy + dx) + c`` of pixel ``(Y, X)`` becomes
+    channel ``c`` of pixel ``(r·Y + dy, r·X + dx)``."""
+    n, h, w, c = x.shape
+    blocks = x.reshape(n, h, w, r, r, c // (r * r))  # [.., dy, dx, c]
+    return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(n, h * r, w * r, c // (r * r))
 
 
 def forward(problem: ConvProblem, src: torch.Tensor, dst: torch.Tensor, prepared: Prepared) -> None:
@@ -59,6 +67,8 @@ def forward(problem: ConvProblem, src: torch.Tensor, dst: torch.Tensor, prepared
         prelu = None if prepared.prelu is None else prepared.prelu[: out.shape[-1]]
         out = apply_neuron(out, problem.neuron, prelu, NUMPY_OPS)
     (y0, x0), (oh, ow), d0 = problem.out_origin, problem.out_size, problem.dst_channel0
+    if problem.subpixel > 1:
+        out = depth_to_space(out, problem.subpixel)[:, :oh, :ow]
     stored = values_to_storage(torch.from_numpy(np.ascontiguousarray(out)), F(problem.dst_format))
     dst[problem.dst_image0:problem.dst_image0 + n, y0:y0 + oh, x0:x0 + ow, d0:d0 + out.shape[-1]] = \
         stored.to(dst.device)

@@ -109,6 +109,7 @@ class Plan:
             pads = [(0, 0), (0, 0)]
         (top, bottom), (left, right) = pads
         (y0, x0), (oh, ow) = p.out_origin, p.out_size
+        gh, gw = p.grid
         self.conv_padding, self.pad, self.out_crop = (0, 0), None, None
         symmetric = (max(top, bottom), max(left, right))
         shift = (symmetric[0] - top, symmetric[1] - left)
@@ -122,20 +123,13 @@ class Plan:
             self.conv_padding = symmetric
             if shift != (0, 0) or (symmetric[0] > bottom or symmetric[1] > right):
                 dy, dx = shift[0] // p.stride[0], shift[1] // p.stride[1]
-                self.out_crop = (slice(None), slice(None), slice(dy, dy + oh), slice(dx, dx + ow))
+                self.out_crop = (slice(None), slice(None), slice(dy, dy + gh), slice(dx, dx + gw))
         elif any((left, right, top, bottom)):
             self.pad = (left, right, top, bottom)
         d0, z0 = p.dst_channel0, p.dst_image0
-        self.dst_index = (slice(z0, z0 + n), slice(y0, y0 + oh), slice(x0, x0 + ow), slice(d0, d0 + p.out_channels))
+        self.dst_index = (slice(z0, z0 + n), slice(y0, y0 + oh), slice(x0, x0 + ow), slice(d0, d0 + p.dst_channels))
         self.dst_format = F(p.dst_format)
-        neuron = p.neuron
-        relu = neuron.type == MPSCNNNeuronType.reLU and neuron.a == 0.0
-        if self.dst_format in _FLOAT_FORMATS and neuron.type == MPSCNNNeuronType.none:
-            self.epilogue = _COPY
-        elif self.dst_format == F.float32 and relu:  # clamp_min(out=) needs out's dtype to be y's
-            self.epilogue = _RELU
-        else:
-            self.epilogue = _GENERAL
+        self.subpixel = p.subpixel
         self.conv2d = _conv2d_full_fp32 if device.is_cuda else Fn.conv2d
         shape = (n, p.in_channels, *(r[1] - r[0] + 1 for r in map(p.read_range, (0, 1))))
         if self.pad is None:  # the convolution's input is the crop, without the pads
@@ -144,14 +138,25 @@ class Plan:
         # _convolution_pointwise gives wrong results when channels-last strides are ambiguous (one
         # channel or one pixel, e.g. N=2, 1x1 output, 1 output channel in PyTorch 2.13): keep it to
         # layouts where they are not.
-        unambiguous = min(p.out_channels, p.in_channels, shape[2] * shape[3], oh * ow) > 1
+        unambiguous = min(p.out_channels, p.in_channels, shape[2] * shape[3], gh * gw) > 1
         self.onednn = (not device.is_cuda and not p.identity and unambiguous and weights >= ONEDNN_MIN_WEIGHTS
                        and onednn_usable())
-        self.post_op = "none"
         if self.onednn:
             self.pack_key = (self.conv_padding, p.stride, p.dilation, p.groups, shape)
-            if relu and self.dst_format in _FLOAT_FORMATS:  # fused into the convolution
-                self.post_op, self.epilogue = "relu", _COPY
+
+        # Epilogue: what is left after the convolution (and its bias).
+        neuron = p.neuron
+        relu = neuron.type == MPSCNNNeuronType.reLU and neuron.a == 0.0
+        self.post_op = "relu" if self.onednn and relu else "none"  # oneDNN applies it as a post-op
+        self.apply_neuron = neuron.type != MPSCNNNeuronType.none and self.post_op == "none"
+        if p.subpixel > 1 or self.dst_format not in _FLOAT_FORMATS:
+            self.epilogue = _GENERAL  # neuron, depth-to-space, format conversion as needed
+        elif not self.apply_neuron:
+            self.epilogue = _COPY
+        elif relu and self.dst_format == F.float32:  # clamp_min(out=) needs out's dtype to be y's
+            self.epilogue = _RELU
+        else:
+            self.epilogue = _GENERAL
 
 
 def _restrided(x: torch.Tensor) -> torch.Tensor | None:
@@ -245,18 +250,31 @@ def run(bound: Bound, prepared: Prepared) -> None:
     elif plan.epilogue == _RELU:
         torch.clamp_min(y, 0.0, out=out)  # ReLU and the write into the slice in one pass
     else:
-        neuron = p.neuron
-        if neuron.type == MPSCNNNeuronType.reLU:
-            # FORMULAS' where(x >= 0, x, a·x) as one pass instead of four: in place on the convolution's
-            # own output, out of place for a neuron kernel, whose y is a view of the source image.
-            if p.identity:
-                y = torch.clamp_min(y, 0.0) if neuron.a == 0.0 else Fn.leaky_relu(y, neuron.a)
-            else:
-                y = y.clamp_min_(0.0) if neuron.a == 0.0 else Fn.leaky_relu_(y, neuron.a)
-        else:
-            prelu = None if prepared.prelu is None else prepared.prelu[: y.shape[1]]
-            y = apply_neuron(y, neuron, prelu, TORCH_OPS)
+        if plan.apply_neuron:
+            y = _neuron(y, p, prepared)
+        if plan.subpixel > 1:
+            y = _depth_to_space(y, plan.subpixel)[:, :, : out.shape[2], : out.shape[3]]
         out.copy_(y if plan.dst_format in _FLOAT_FORMATS else values_to_storage(y, plan.dst_format))
+
+
+def _neuron(y: torch.Tensor, p: ConvProblem, prepared: Prepared) -> torch.Tensor:
+    neuron = p.neuron
+    if neuron.type == MPSCNNNeuronType.reLU:
+        # FORMULAS' where(x >= 0, x, a·x) as one pass instead of four: in place on the convolution's
+        # own output, out of place for a neuron kernel, whose y is a view of the source image.
+        if p.identity:
+            return torch.clamp_min(y, 0.0) if neuron.a == 0.0 else Fn.leaky_relu(y, neuron.a)
+        return y.clamp_min_(0.0) if neuron.a == 0.0 else Fn.leaky_relu_(y, neuron.a)
+    prelu = None if prepared.prelu is None else prepared.prelu[: y.shape[1]]
+    return apply_neuron(y, neuron, prelu, TORCH_OPS)
+
+
+def _depth_to_space(y: torch.Tensor, r: int) -> torch.Tensor:
+    """NCHW view of NHWC depth-to-space (spec §5): channel ``(C/r²)·(r·dy + dx) + c`` of ``(Y, X)``
+    becomes channel ``c`` of ``(r·Y + dy, r·X + dx)``."""
+    n, c, h, w = y.shape
+    blocks = y.reshape(n, r, r, c // (r * r), h, w)  # [n, dy, dx, c, Y, X]
+    return blocks.permute(0, 3, 4, 1, 5, 2).reshape(n, c // (r * r), h * r, w * r)
 
 
 def _conv2d_full_fp32(*args):
