@@ -507,3 +507,20 @@ def test_copies_do_not_share_cached_plans():
     run(k, image(np.ones((3, 3, 1))), blank(3, 3, 1))
     other = k.copy()
     assert "_plan_cache" not in other.__dict__ and "_prepared_cache" not in other.__dict__
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_accumulator_meets_the_float16_error_bound(backend):
+    """accumulatorPrecisionOption = .half is honoured within the fp16-accumulation bound of the reference."""
+    from tolerances import half_accumulation_bound
+
+    rng = np.random.default_rng(8)
+    w = rng.uniform(-1, 1, (6, 3, 3, 5)).astype(np.float16).astype(np.float32)
+    x = rng.uniform(-1, 1, (7, 8, 5))
+    k = conv(3, 3, 5, 6, weights=w)
+    k.accumulatorPrecisionOption = MPSNNConvolutionAccumulatorPrecisionOption.half
+    assert k.accumulatorPrecisionOption == MPSNNConvolutionAccumulatorPrecisionOption.half
+    got = values(run(k, image(x), blank(8, 7, 6), backend))[0]
+    exact = values(run(conv(3, 3, 5, 6, weights=np.abs(w)), image(np.abs(x)), blank(8, 7, 6), "reference"))[0]
+    expected = values(run(conv(3, 3, 5, 6, weights=w), image(x), blank(8, 7, 6), "reference"))[0]
+    assert (np.abs(got - expected) <= half_accumulation_bound(exact, 3 * 3 * 5)).all()

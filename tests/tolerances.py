@@ -30,3 +30,13 @@ def assert_close(actual, expected, fmt: str, context: str = "") -> None:
             f"{int(bad.sum())} of {bad.size} values differ (rtol={rtol}, atol={atol}); first at {idx}: "
             f"{actual[idx]!r}, but should be {expected[idx]!r} [{context}]"
         )
+
+
+def half_accumulation_bound(terms_abs_sum, count: int):
+    """Error bound for ``accumulatorPrecisionOption = .half`` (spec §0.2: each multiply-add may be
+    rounded to float16): ``count · 2**-11 · Σ|w·x|`` per output, ``count`` the terms summed.
+
+    mpsconv accumulates in float32 even then (the spec allows it); any implementation that rounds
+    its accumulator to float16 must still stay inside this bound.
+    """
+    return count * 2.0**-11 * np.asarray(terms_abs_sum, dtype=np.float64)
