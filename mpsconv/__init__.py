@@ -41,6 +41,7 @@ from .neuron import (
     MPSCNNNeuronReLUN, MPSCNNNeuronSigmoid, MPSCNNNeuronSoftPlus, MPSCNNNeuronSoftSign, MPSCNNNeuronTanH,
     MPSCNNNeuronType, MPSNNNeuronDescriptor,
 )
+from .transpose import MPSCNNConvolutionTranspose
 from .types import (
     MPSDataType, MPSOffset, MPSRectNoClip, MTLOrigin, MTLRegion, MTLRegionMake2D, MTLRegionMake3D, MTLSize,
     NSIntegerMin, NSUIntegerMax,
@@ -50,4 +51,4 @@ __version__ = "0.1.0"
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in {
     "coding", "config", "convolution", "datasource", "descriptor", "errors", "geometry", "image", "kernel",
-    "metal", "neuron", "types", "backends"}]
+    "metal", "neuron", "types", "backends", "transpose"}]

@@ -18,7 +18,7 @@ from .types import MPSOffset, MTLOrigin, MTLRegion, MTLSize
 
 
 def _classes() -> dict:
-    from . import convolution, descriptor, neuron
+    from . import convolution, descriptor, neuron, transpose
 
     classes = {
         "MPSNNNeuronDescriptor": neuron.MPSNNNeuronDescriptor,
@@ -27,6 +27,7 @@ def _classes() -> dict:
         "MPSCNNSubPixelConvolutionDescriptor": descriptor.MPSCNNSubPixelConvolutionDescriptor,
         "MPSCNNConvolution": convolution.MPSCNNConvolution,
         "MPSCNNFullyConnected": convolution.MPSCNNFullyConnected,
+        "MPSCNNConvolutionTranspose": transpose.MPSCNNConvolutionTranspose,
         "MPSCNNNeuron": neuron.MPSCNNNeuron,
     }
     for name in dir(neuron):
@@ -174,6 +175,8 @@ def _encode_convolution(k) -> tuple[dict, dict]:
     fields["accumulator"] = int(k.accumulatorPrecisionOption)
     fields["kernel_weights_type"] = int(k._loaded.kernel_weights_type)
     fields["data_source_label"] = k._loaded.label
+    if hasattr(k, "_kernel_offset"):
+        fields["kernel_offset"] = list(k._kernel_offset)
     fields["descriptor"] = _encode_descriptor(k._loaded.descriptor, "descriptor.", tensors)
     return fields, tensors
 
@@ -197,6 +200,8 @@ def _decode_convolution(k, fields: dict, tensors: dict, device) -> None:
         raise MPSArchiveError("NSKeyedUnarchiver: invalid kernel_weights_type") from None
     source = _ArrayDataSource(descriptor, weights, _tensor(tensors, "bias"), kernel_type,
                               fields.get("data_source_label"))
+    if "kernel_offset" in fields:
+        k._kernel_offset = tuple(int(v) for v in fields["kernel_offset"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         k._init_data_source(device, source)
@@ -205,7 +210,7 @@ def _decode_convolution(k, fields: dict, tensors: dict, device) -> None:
 
 
 def encode_object(obj) -> tuple[str, dict, dict]:
-    from .convolution import MPSCNNConvolution
+    from .convolution import _WeightedKernel
     from .descriptor import MPSCNNConvolutionDescriptor
     from .neuron import MPSCNNNeuron, MPSNNNeuronDescriptor
 
@@ -217,7 +222,7 @@ def encode_object(obj) -> tuple[str, dict, dict]:
         fields = _encode_neuron(obj, "", tensors)
     elif isinstance(obj, MPSCNNConvolutionDescriptor):
         fields = _encode_descriptor(obj, "", tensors)
-    elif isinstance(obj, MPSCNNConvolution):
+    elif isinstance(obj, _WeightedKernel):
         fields, tensors = _encode_convolution(obj)
     elif isinstance(obj, MPSCNNNeuron):
         fields = _encode_kernel_base(obj)
@@ -228,7 +233,7 @@ def encode_object(obj) -> tuple[str, dict, dict]:
 
 
 def decode_into(obj, fields: dict, tensors: dict, device) -> None:
-    from .convolution import MPSCNNConvolution
+    from .convolution import _WeightedKernel
     from .descriptor import MPSCNNConvolutionDescriptor
     from .neuron import MPSCNNNeuron, MPSNNNeuronDescriptor
 
@@ -240,7 +245,7 @@ def decode_into(obj, fields: dict, tensors: dict, device) -> None:
         obj.__dict__.update(_decode_neuron(fields, "", tensors).__dict__)
     elif isinstance(obj, MPSCNNConvolutionDescriptor):
         _decode_descriptor(obj, fields, "", tensors, device)
-    elif isinstance(obj, MPSCNNConvolution):
+    elif isinstance(obj, _WeightedKernel):
         _decode_convolution(obj, fields, tensors, device)
     elif isinstance(obj, MPSCNNNeuron):
         obj._init_neuron(device, _decode_neuron(_field(fields, "neuron"), "neuron.", tensors))

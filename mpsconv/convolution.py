@@ -25,60 +25,12 @@ _INITIALIZERS = (
 )
 
 
-class MPSCNNConvolution(MPSCNNKernel):
-    """``MPSCNNConvolution``: cross-correlation + bias + inference batch norm + fused neuron.
-
-    For each destination pixel of the clip region and output channel ``o``::
-
-        D(X, Y, dfo + o) = f(B'[o] + Σ_{q,p,c} W'[o][q][p][c] · S̃(xs(u, p), ys(v, q), sfo + grp(o)·Ig + c))
-
-    with the window centred at ``offset + (u·strideX, v·strideY)`` (spec §1.2) and ``W'``, ``B'`` the
-    effective weights (batch norm folded, float16-rounded unless the data source asks for float32).
-
-    Initializers (keyword sets, as Swift's overloads):
-      ``MPSCNNConvolution(device=, weights=dataSource)``: the designated one.
-      ``MPSCNNConvolution(device=, convolutionDescriptor=, kernelWeights=, biasTerms=, flags=)``:
-      deprecated; float32 OHWI weights, always rounded to float16; cannot be archived.
-      ``MPSCNNConvolution(coder=, device=)``: from an archive (see ``mpsconv.coding``).
-
-    Example (a 3x3 box sum; out-of-image taps read 0):
-        >>> import numpy as np, warnings
-        >>> from mpsconv import *
-        >>> dev = MTLCreateSystemDefaultDevice()
-        >>> desc = MPSCNNConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=1,
-        ...                                    outputFeatureChannels=1)
-        >>> with warnings.catch_warnings():
-        ...     warnings.simplefilter("ignore", DeprecationWarning)
-        ...     conv = MPSCNNConvolution(device=dev, convolutionDescriptor=desc, kernelWeights=np.ones(9),
-        ...                              biasTerms=None, flags=MPSCNNConvolutionFlags.none)
-        >>> src = MPSImage.from_numpy(np.ones((3, 3, 1)), device=dev)
-        >>> with use_backend("reference"):
-        ...     cb = dev.makeCommandQueue().makeCommandBuffer()
-        ...     dst = conv.encode(commandBuffer=cb, sourceImage=src)
-        ...     cb.commit(); cb.waitUntilCompleted()
-        >>> dst.featureChannels, conv.offset
-        (1, MPSOffset(x=0, y=0, z=0))
-    """
+class _WeightedKernel(MPSCNNKernel):
+    """What every kernel with a data source shares: the load cycle, the effective weights, their
+    properties and reloads, archiving. Public classes add their initializers and geometry."""
 
     _default_padding_method = MPSNNPaddingMethod.sizeSame
-
-    def __init__(self, **kwargs):
-        keys = frozenset(kwargs)
-        owner = type(self).__name__
-        if keys == {"device", "weights"}:
-            self._init_data_source(kwargs["device"], kwargs["weights"])
-        elif keys in ({"device", "convolutionDescriptor", "kernelWeights", "biasTerms", "flags"},
-                      {"device", "convolutionDescriptor", "kernelWeights", "biasTerms"}):
-            _deprecated(f"{owner}(device:convolutionDescriptor:kernelWeights:biasTerms:flags:)",
-                        f"{owner}(device=, weights=dataSource)")
-            self._init_pointers(kwargs["device"], kwargs["convolutionDescriptor"], kwargs["kernelWeights"],
-                                kwargs["biasTerms"], kwargs.get("flags", MPSCNNConvolutionFlags.none))
-        elif keys in ({"coder", "device"}, {"coder"}):
-            kwargs["coder"].decodeInto(self, kwargs.get("device"))
-        else:
-            unavailable = " (init(device:) alone is unavailable)" if keys == {"device"} else ""
-            raise MPSTypeError(f"{owner}({', '.join(sorted(keys))}){unavailable}: valid initializers are "
-                               + "; ".join(i.replace("MPSCNNConvolution", owner) for i in _INITIALIZERS))
+    _data_types = (MPSDataType.float32, MPSDataType.float16, MPSDataType.uInt8)
 
     # -- construction
     def _init_data_source(self, device, data_source, archivable: bool = True) -> None:
@@ -106,7 +58,7 @@ class MPSCNNConvolution(MPSCNNKernel):
 
     def _load(self) -> LoadedWeights:
         return load_weights(self._data_source, type(self).__name__, accumulator=self._accumulator,
-                            check_descriptor=self._check_descriptor)
+                            check_descriptor=self._check_descriptor, data_types=self._data_types)
 
     def _install(self, loaded: LoadedWeights) -> None:
         self._loaded = loaded
@@ -234,6 +186,61 @@ class MPSCNNConvolution(MPSCNNKernel):
         raise not_implemented("MPSCNNConvolution.resultState (MPSCNNConvolutionGradientState)", 4)
 
     resultStateBatch = temporaryResultState = temporaryResultStateBatch = resultState
+
+
+class MPSCNNConvolution(_WeightedKernel):
+    """``MPSCNNConvolution``: cross-correlation + bias + inference batch norm + fused neuron.
+
+    For each destination pixel of the clip region and output channel ``o``::
+
+        D(X, Y, dfo + o) = f(B'[o] + Σ_{q,p,c} W'[o][q][p][c] · S̃(xs(u, p), ys(v, q), sfo + grp(o)·Ig + c))
+
+    with the window centred at ``offset + (u·strideX, v·strideY)`` (spec §1.2) and ``W'``, ``B'`` the
+    effective weights (batch norm folded, float16-rounded unless the data source asks for float32).
+
+    Initializers (keyword sets, as Swift's overloads):
+      ``MPSCNNConvolution(device=, weights=dataSource)``: the designated one.
+      ``MPSCNNConvolution(device=, convolutionDescriptor=, kernelWeights=, biasTerms=, flags=)``:
+      deprecated; float32 OHWI weights, always rounded to float16; cannot be archived.
+      ``MPSCNNConvolution(coder=, device=)``: from an archive (see ``mpsconv.coding``).
+
+    Example (a 3x3 box sum; out-of-image taps read 0):
+        >>> import numpy as np, warnings
+        >>> from mpsconv import *
+        >>> dev = MTLCreateSystemDefaultDevice()
+        >>> desc = MPSCNNConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=1,
+        ...                                    outputFeatureChannels=1)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore", DeprecationWarning)
+        ...     conv = MPSCNNConvolution(device=dev, convolutionDescriptor=desc, kernelWeights=np.ones(9),
+        ...                              biasTerms=None, flags=MPSCNNConvolutionFlags.none)
+        >>> src = MPSImage.from_numpy(np.ones((3, 3, 1)), device=dev)
+        >>> with use_backend("reference"):
+        ...     cb = dev.makeCommandQueue().makeCommandBuffer()
+        ...     dst = conv.encode(commandBuffer=cb, sourceImage=src)
+        ...     cb.commit(); cb.waitUntilCompleted()
+        >>> dst.featureChannels, conv.offset
+        (1, MPSOffset(x=0, y=0, z=0))
+    """
+
+    def __init__(self, **kwargs):
+        keys = frozenset(kwargs)
+        owner = type(self).__name__
+        if keys == {"device", "weights"}:
+            self._init_data_source(kwargs["device"], kwargs["weights"])
+        elif keys in ({"device", "convolutionDescriptor", "kernelWeights", "biasTerms", "flags"},
+                      {"device", "convolutionDescriptor", "kernelWeights", "biasTerms"}):
+            _deprecated(f"{owner}(device:convolutionDescriptor:kernelWeights:biasTerms:flags:)",
+                        f"{owner}(device=, weights=dataSource)")
+            self._init_pointers(kwargs["device"], kwargs["convolutionDescriptor"], kwargs["kernelWeights"],
+                                kwargs["biasTerms"], kwargs.get("flags", MPSCNNConvolutionFlags.none))
+        elif keys in ({"coder", "device"}, {"coder"}):
+            kwargs["coder"].decodeInto(self, kwargs.get("device"))
+        else:
+            unavailable = " (init(device:) alone is unavailable)" if keys == {"device"} else ""
+            raise MPSTypeError(f"{owner}({', '.join(sorted(keys))}){unavailable}: valid initializers are "
+                               + "; ".join(i.replace("MPSCNNConvolution", owner) for i in _INITIALIZERS))
+
 
 
 class MPSCNNFullyConnected(MPSCNNConvolution):

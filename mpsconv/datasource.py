@@ -121,10 +121,11 @@ def check_protocol(ds, owner: str) -> None:
 
 
 def load_weights(ds, owner: str, *, accumulator: MPSNNConvolutionAccumulatorPrecisionOption,
-                 check_descriptor) -> LoadedWeights:
+                 check_descriptor, data_types=tuple(_NUMPY)) -> LoadedWeights:
     """Run the data-source cycle once and return the effective parameters (spec §6.1, §7).
 
-    ``check_descriptor(descriptor)`` applies the kernel class's own rules to the descriptor.
+    ``check_descriptor(descriptor)`` applies the kernel class's own rules to the descriptor;
+    ``data_types`` are the ``dataType()`` values the kernel class accepts.
     """
     check_protocol(ds, owner)
     if not ds.load():
@@ -147,9 +148,9 @@ def load_weights(ds, owner: str, *, accumulator: MPSNNConvolutionAccumulatorPrec
             raise MPSValueError(f"{owner}: dataSource.weightsLayout()={layout()!r}; only OHWI (0) exists")
 
         data_type = _data_type(ds.dataType(), owner, "dataSource.dataType()")
-        if data_type not in _NUMPY:
+        if data_type not in data_types:
             raise MPSValueError(f"{owner}: dataSource.dataType()={data_type.name} is not accepted for weights; "
-                                "use float32, float16 or uInt8")
+                                f"use {', '.join(t.name for t in data_types)}")
         kernel_type_method = _optional(ds, "kernelWeightsDataType")
         kernel_type = MPSDataType.float16 if kernel_type_method is None else \
             _data_type(kernel_type_method(), owner, "dataSource.kernelWeightsDataType()")

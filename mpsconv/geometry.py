@@ -153,6 +153,35 @@ def allocate_forward(
     return (sizes[0], sizes[1]), (offsets[0], offsets[1])
 
 
+def allocate_reverse(
+    src_hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+    rule: PaddingRule, owner: str,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Destination size ``(H, W)`` and ``kernelOffset`` ``(y, x)`` a backwards kernel's padding policy
+    gives (spec convolution.md §10.4): ``DestSizeReverse``, and the forward ``Offset`` rule applied to
+    the expanded source at stride 1, i.e. ``T = (Kd >> 1) - left`` with ``extra = (style + 1)·(Kd - 1)``
+    (the kernel's own ``offset`` becomes 0)."""
+    sizes, offsets = [], []
+    for axis, rem in ((0, rule.rem_top_y), (1, rule.rem_left_x)):
+        n, s = src_hw[axis], stride[axis]
+        kd = dilated_extent(kernel[axis], dilation[axis])
+        d = dest_size_reverse(n, s, kd, rule.style)
+        if d < 1:
+            name = "height" if axis == 0 else "width"
+            raise MPSValueError(f"{owner}: the padding policy gives destination {name} {d} for source {name} {n}, "
+                                f"window {kd}, stride {s}; it must be >= 1")
+        extra = (rule.style + 1) * (kd - 1)
+        if rule.alignment == MPSNNPaddingMethod.alignTopLeft:
+            left = extra
+        elif rule.alignment == MPSNNPaddingMethod.alignBottomRight:
+            left = 0
+        else:
+            left = tdiv(extra + rem, 2)
+        sizes.append(d)
+        offsets.append((kd >> 1) - left)
+    return (sizes[0], sizes[1]), (offsets[0], offsets[1])
+
+
 class EdgeMode(enum.IntEnum):
     """The edge modes a convolution-family kernel can read through (``MPSImageEdgeMode``)."""
 
@@ -180,7 +209,8 @@ class ConvProblem:
             Σ_{q,p,c} W[o, q, p, c] · S̃[src_image0 + i, tap0 + (v, u)·stride + (q, p)·dilation,
                                            src_channel0 + grp(o)·Ig + c])
 
-    where ``S̃`` reads through ``edge``. ``identity`` kernels (neurons) have no weights: the one tap
+    where ``S̃`` reads through ``edge``; for backwards kernels (``upsample`` > 1) ``S̃`` is the source
+    with ``upsample - 1`` zeros inserted between pixels (spec §10.3), read at stride 1. ``identity`` kernels (neurons) have no weights: the one tap
     is copied channel for channel (``in_channels == out_channels``). Sub-pixel kernels (``subpixel =
     r > 1``) compute that on the ``grid`` (``ceil(out_size / r)``) and write destination pixel
     ``(v, u)`` of the clip region, channel ``c < out_channels / r²``, from grid pixel
@@ -208,6 +238,13 @@ class ConvProblem:
     src_format: int = 4  # MPSImageFeatureChannelFormat raw values (float32)
     dst_format: int = 4
     subpixel: int = 1  # r: the convolution's output is rearranged depth-to-space into r x r blocks
+    upsample: tuple[int, int] = (1, 1)  # backwards kernels: zeros inserted between source pixels first
+
+    @property
+    def expanded_size(self) -> tuple[int, int]:
+        """The source after zero insertion (``(n - 1)·s + 1``); the source itself for forward kernels."""
+        (h, w), (uy, ux) = self.src_size, self.upsample
+        return (h - 1) * uy + 1, (w - 1) * ux + 1
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -233,10 +270,6 @@ class ConvProblem:
         last = first + (self.grid[axis] - 1) * self.stride[axis] + self.extent(axis) - 1
         return first, last
 
-    def pads(self, axis: int) -> tuple[int, int]:
-        """``(before, after)`` pixels the read range lies outside the source; negative = cropped."""
-        first, last = self.read_range(axis)
-        return -first, last - (self.src_size[axis] - 1)
 
 
 def source_region(
@@ -275,12 +308,16 @@ def resolve_forward(
     fully_connected: bool = False,
     formats: tuple[int, int] = (4, 4),
     subpixel: int = 1,
+    kernel_offset: tuple[int, int] | None = None,
 ) -> ConvProblem:
     """Resolve a forward encode (spec ``kernel-image.md`` §2.4) or raise naming what is wrong.
 
     ``src_shape``/``dst_shape`` are ``(N, H, W, C)`` with ``C`` the real feature channels.
     ``offset`` is ``(x, y, z)`` and ``clip`` ``((x, y, z), (w, h, d))`` as Metal spells them.
     ``in_channels=None`` means "follows the source" (element-wise kernels: ``Cin = Cout = Cin_avail``).
+    ``kernel_offset`` ``(y, x)`` marks a backwards kernel (spec §10.3): ``stride`` is then the
+    upsampling factor, and the window of local destination pixel ``u`` is centred on expanded-source
+    pixel ``offset·stride + kernelOffset + u``.
     """
     ns, hs, ws, cs = src_shape
     nd, hd, wd, cd = dst_shape
@@ -338,8 +375,15 @@ def resolve_forward(
                 "(set clipRect to a 1x1 region or use a 1x1 destination)"
             )
         tap0 = (0, 0)  # offset x/y is ignored: the window is the whole source
+    elif kernel_offset is not None:
+        (sy, sx), (ky, kx) = stride, kernel_offset
+        tap0 = (oy * sy + ky - (dilated_extent(kh, dilation[0]) >> 1),
+                ox * sx + kx - (dilated_extent(kw, dilation[1]) >> 1))
     else:
         tap0 = (oy - (dilated_extent(kh, dilation[0]) >> 1), ox - (dilated_extent(kw, dilation[1]) >> 1))
+    upsample = (1, 1)
+    if kernel_offset is not None:
+        upsample, stride = tuple(stride), (1, 1)
 
     return ConvProblem(
         n_images=max(0, n_images),
@@ -363,4 +407,5 @@ def resolve_forward(
         src_format=formats[0],
         dst_format=formats[1],
         subpixel=subpixel,
+        upsample=upsample,
     )

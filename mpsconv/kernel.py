@@ -459,6 +459,9 @@ class MPSCNNKernel(MPSKernel):
         return f"{type(self).__name__}.{what}"
 
     def _resolve(self, source: MPSImage, destination: MPSImage, owner: str) -> ConvProblem:
+        return self._resolve_with(source, destination, owner)
+
+    def _resolve_with(self, source: MPSImage, destination: MPSImage, owner: str, kernel_offset=None) -> ConvProblem:
         if self._edgeMode not in self._edge_modes:
             allowed = " and ".join(m.name for m in self._edge_modes)
             raise MPSValueError(f"{owner}: edgeMode={self._edgeMode.name} is not defined for this kernel; use "
@@ -477,6 +480,7 @@ class MPSCNNKernel(MPSKernel):
             fully_connected=self._fully_connected,
             formats=(int(source.featureChannelFormat), int(destination.featureChannelFormat)),
             subpixel=self._subpixel(),
+            kernel_offset=kernel_offset,
         )
 
     def _check_pair(self, cb, source, destination, owner: str, index: str = "") -> None:
@@ -506,7 +510,7 @@ class MPSCNNKernel(MPSKernel):
         """
         key = (source._n, source._h, source._w, source._c, source._format, destination._n, destination._h,
                destination._w, destination._c, destination._format, self._offset, self._clipRect, self._sfo,
-               self._sfmax, self._dfo, self._edgeMode, config.backend())
+               self._sfmax, self._dfo, self._edgeMode, getattr(self, "_kernel_offset", None), config.backend())
         cache = self.__dict__.setdefault("_plan_cache", {})
         entry = cache.get(key)
         if entry is None:

@@ -52,6 +52,11 @@ def forward(problem: ConvProblem, src: torch.Tensor, dst: torch.Tensor, prepared
     n, i0, c0 = problem.n_images, problem.src_image0, problem.src_channel0
     raw = src[i0:i0 + n, :, :, c0:c0 + problem.in_channels].cpu()
     x = storage_to_values(raw, F(problem.src_format), torch.float64).numpy()
+    if problem.upsample != (1, 1):  # backwards kernels read the source with zeros inserted (spec §10.3)
+        (uy, ux), (he, we) = problem.upsample, problem.expanded_size
+        expanded = np.zeros((x.shape[0], he, we, x.shape[3]))
+        expanded[:, ::uy, ::ux] = x
+        x = expanded
     windows = gather_windows(x, problem)
     if problem.identity:
         out = windows[:, :, :, 0, 0, :]

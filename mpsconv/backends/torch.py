@@ -88,9 +88,10 @@ class Plan:
         self.src_index = (slice(i0, i0 + n), slice(None), slice(None), slice(c0, c0 + p.in_channels))
         self.src_format = F(p.src_format)
         crop, self.gathers, pads, self.zeros_shape = [slice(None)] * 4, [], [], None
+        self.upsample = p.upsample if p.upsample != (1, 1) else None
         for axis, dim in ((0, 2), (1, 3)):
             first, last = p.read_range(axis)
-            size = p.src_size[axis]
+            size = p.expanded_size[axis]
             if p.edge == EdgeMode.clamp:
                 if first >= 0 and last < size:
                     crop[dim] = slice(first, last + 1)
@@ -209,17 +210,17 @@ class Bound:
     def __init__(self, plan: Plan, src: torch.Tensor, dst: torch.Tensor):
         self.plan = plan
         if plan.zeros_shape is not None:  # the window misses the source: the input is zeros, always
-            x = src.new_zeros(plan.zeros_shape, dtype=torch.float32)
-        else:
-            crop = plan.crop or (slice(None),) * 4
+            self.x, self.ready = _canonical(src.new_zeros(plan.zeros_shape, dtype=torch.float32)), True
+        else:  # backwards kernels crop after expanding the source, at run time
+            crop = plan.crop if plan.crop is not None and plan.upsample is None else (slice(None),) * 4
             images, _, _, channels = plan.src_index
             x = _nchw_view(src, images, crop[2], crop[3], channels)
-        self.ready = False
-        if plan.zeros_shape is not None or (plan.src_format == F.float32 and not plan.gathers and plan.pad is None):
-            view = _restrided(x)  # no work left on the input at run time, unless it needs a copy
-            if view is not None:
-                x, self.ready = view, True
-        self.x = x
+            self.ready = False
+            if plan.src_format == F.float32 and not plan.gathers and plan.pad is None and plan.upsample is None:
+                view = _restrided(x)  # no work left on the input at run time, unless it needs a copy
+                if view is not None:
+                    x, self.ready = view, True
+            self.x = x
         self.out = _nchw_view(dst, *plan.dst_index)
 
 
@@ -230,6 +231,10 @@ def run(bound: Bound, prepared: Prepared) -> None:
     if not bound.ready:
         if plan.src_format != F.float32:  # dense first: converting a sparse view is several times slower
             x = storage_to_values(_canonical(x), plan.src_format, torch.float32)
+        if plan.upsample is not None:
+            x = _expand(x, plan.upsample)
+            if plan.crop is not None:
+                x = x[plan.crop]
         for dim, index in plan.gathers:
             x = x.index_select(dim, index)
         if plan.pad is not None:
@@ -267,6 +272,14 @@ def _neuron(y: torch.Tensor, p: ConvProblem, prepared: Prepared) -> torch.Tensor
         return y.clamp_min_(0.0) if neuron.a == 0.0 else Fn.leaky_relu_(y, neuron.a)
     prelu = None if prepared.prelu is None else prepared.prelu[: y.shape[1]]
     return apply_neuron(y, neuron, prelu, TORCH_OPS)
+
+
+def _expand(x: torch.Tensor, upsample: tuple[int, int]) -> torch.Tensor:
+    """The source with ``s - 1`` zeros between pixels (spec §10.3), NCHW, channels-last."""
+    (uy, ux), (n, c, h, w) = upsample, x.shape
+    out = x.new_zeros((n, c, (h - 1) * uy + 1, (w - 1) * ux + 1)).contiguous(memory_format=torch.channels_last)
+    out[:, :, ::uy, ::ux] = x
+    return out
 
 
 def _depth_to_space(y: torch.Tensor, r: int) -> torch.Tensor:
