@@ -4,6 +4,7 @@ Public names keep Apple's Swift spellings (``MPSCNNConvolution``, ``kernelWidth`
 ``encode(commandBuffer=, sourceImage=, destinationImage=)``); our own additions read as Python
 (``MPSImage.from_numpy``, ``image.numpy()``, ``mpsconv.save``).
 """
+from .binary import MPSCNNBinaryConvolution, MPSCNNBinaryFullyConnected
 from .coding import NSCoder, NSKeyedArchiver, NSKeyedUnarchiver, load, save
 from .config import use_backend
 from .convolution import MPSCNNConvolution, MPSCNNFullyConnected
@@ -51,4 +52,4 @@ __version__ = "0.1.0"
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in {
     "coding", "config", "convolution", "datasource", "descriptor", "errors", "geometry", "image", "kernel",
-    "metal", "neuron", "types", "backends", "transpose"}]
+    "metal", "neuron", "types", "backends", "transpose", "binary"}]

@@ -18,7 +18,7 @@ from .types import MPSOffset, MTLOrigin, MTLRegion, MTLSize
 
 
 def _classes() -> dict:
-    from . import convolution, descriptor, neuron, transpose
+    from . import binary, convolution, descriptor, neuron, transpose
 
     classes = {
         "MPSNNNeuronDescriptor": neuron.MPSNNNeuronDescriptor,
@@ -28,6 +28,8 @@ def _classes() -> dict:
         "MPSCNNConvolution": convolution.MPSCNNConvolution,
         "MPSCNNFullyConnected": convolution.MPSCNNFullyConnected,
         "MPSCNNConvolutionTranspose": transpose.MPSCNNConvolutionTranspose,
+        "MPSCNNBinaryConvolution": binary.MPSCNNBinaryConvolution,
+        "MPSCNNBinaryFullyConnected": binary.MPSCNNBinaryFullyConnected,
         "MPSCNNNeuron": neuron.MPSCNNNeuron,
     }
     for name in dir(neuron):
@@ -209,7 +211,33 @@ def _decode_convolution(k, fields: dict, tensors: dict, device) -> None:
     k.accumulatorPrecisionOption = fields.get("accumulator", 1)
 
 
+def _encode_binary(k) -> tuple[dict, dict]:
+    p = k._binary_params
+    tensors = {"bits": p.bits.astype(np.int64), "in_bias": _f32(p.in_bias), "in_scale": _f32(p.in_scale),
+               "out_bias": _f32(p.out_bias), "out_scale": _f32(p.out_scale)}
+    fields = _encode_kernel_base(k)
+    fields.update(type=int(k.type), flags=int(k.flags), data_source_label=k.label)
+    fields["descriptor"] = _encode_descriptor(k._desc, "descriptor.", tensors)
+    return fields, tensors
+
+
+def _decode_binary(k, fields: dict, tensors: dict, device) -> None:
+    from .datasource import _ArrayDataSource
+    from .descriptor import MPSCNNConvolutionDescriptor
+
+    descriptor = MPSCNNConvolutionDescriptor.__new__(MPSCNNConvolutionDescriptor)
+    _decode_descriptor(descriptor, _field(fields, "descriptor"), "descriptor.", tensors, device)
+    source = _ArrayDataSource(descriptor, _tensor(tensors, "bits").astype(np.uint32), None,
+                              label=fields.get("data_source_label"))
+    k._init_binary(dict(device=device, convolutionData=source, type=_field(fields, "type"),
+                        flags=_field(fields, "flags"), outputBiasTerms=_tensor(tensors, "out_bias"),
+                        outputScaleTerms=_tensor(tensors, "out_scale"), inputBiasTerms=_tensor(tensors, "in_bias"),
+                        inputScaleTerms=_tensor(tensors, "in_scale")), scale_value=None)
+    _decode_kernel_base(k, fields)
+
+
 def encode_object(obj) -> tuple[str, dict, dict]:
+    from .binary import MPSCNNBinaryConvolution
     from .convolution import _WeightedKernel
     from .descriptor import MPSCNNConvolutionDescriptor
     from .neuron import MPSCNNNeuron, MPSNNNeuronDescriptor
@@ -224,6 +252,8 @@ def encode_object(obj) -> tuple[str, dict, dict]:
         fields = _encode_descriptor(obj, "", tensors)
     elif isinstance(obj, _WeightedKernel):
         fields, tensors = _encode_convolution(obj)
+    elif isinstance(obj, MPSCNNBinaryConvolution):
+        fields, tensors = _encode_binary(obj)
     elif isinstance(obj, MPSCNNNeuron):
         fields = _encode_kernel_base(obj)
         fields["neuron"] = _encode_neuron(obj._descriptor, "neuron.", tensors)
@@ -233,6 +263,7 @@ def encode_object(obj) -> tuple[str, dict, dict]:
 
 
 def decode_into(obj, fields: dict, tensors: dict, device) -> None:
+    from .binary import MPSCNNBinaryConvolution
     from .convolution import _WeightedKernel
     from .descriptor import MPSCNNConvolutionDescriptor
     from .neuron import MPSCNNNeuron, MPSNNNeuronDescriptor
@@ -247,6 +278,8 @@ def decode_into(obj, fields: dict, tensors: dict, device) -> None:
         _decode_descriptor(obj, fields, "", tensors, device)
     elif isinstance(obj, _WeightedKernel):
         _decode_convolution(obj, fields, tensors, device)
+    elif isinstance(obj, MPSCNNBinaryConvolution):
+        _decode_binary(obj, fields, tensors, device)
     elif isinstance(obj, MPSCNNNeuron):
         obj._init_neuron(device, _decode_neuron(_field(fields, "neuron"), "neuron.", tensors))
         _decode_kernel_base(obj, fields)

@@ -239,6 +239,8 @@ class ConvProblem:
     dst_format: int = 4
     subpixel: int = 1  # r: the convolution's output is rearranged depth-to-space into r x r blocks
     upsample: tuple[int, int] = (1, 1)  # backwards kernels: zeros inserted between source pixels first
+    binary: int = -1  # MPSCNNBinaryConvolutionType raw value for binary kernels, else -1
+    beta: bool = False  # binary kernels: MPSCNNBinaryConvolutionFlags.useBetaScaling
 
     @property
     def expanded_size(self) -> tuple[int, int]:
@@ -309,6 +311,7 @@ def resolve_forward(
     formats: tuple[int, int] = (4, 4),
     subpixel: int = 1,
     kernel_offset: tuple[int, int] | None = None,
+    binary: tuple[int, bool] = (-1, False),
 ) -> ConvProblem:
     """Resolve a forward encode (spec ``kernel-image.md`` §2.4) or raise naming what is wrong.
 
@@ -408,4 +411,6 @@ def resolve_forward(
         dst_format=formats[1],
         subpixel=subpixel,
         upsample=upsample,
+        binary=binary[0],
+        beta=binary[1],
     )

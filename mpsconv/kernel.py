@@ -371,6 +371,10 @@ class MPSCNNKernel(MPSKernel):
         """``r`` of a sub-pixel kernel (its output is rearranged into r x r blocks), else 1."""
         return 1
 
+    def _binary(self) -> tuple[int, bool]:
+        """``(MPSCNNBinaryConvolutionType, useBetaScaling)`` of a binary kernel, else ``(-1, False)``."""
+        return -1, False
+
     def _params(self):
         """``(weights, bias, prelu)`` as effective float32 arrays (``None`` weights: identity)."""
         raise NotImplementedError
@@ -481,6 +485,7 @@ class MPSCNNKernel(MPSKernel):
             formats=(int(source.featureChannelFormat), int(destination.featureChannelFormat)),
             subpixel=self._subpixel(),
             kernel_offset=kernel_offset,
+            binary=self._binary(),
         )
 
     def _check_pair(self, cb, source, destination, owner: str, index: str = "") -> None:

@@ -6,6 +6,8 @@ test compares the fast paths against, and it covers every feature.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -16,6 +18,11 @@ from ..neuron import NUMPY_OPS, apply_neuron
 
 class Prepared:
     def __init__(self, weights, bias, prelu):
+        from ..binary import BinaryParams
+
+        self.binary = weights if isinstance(weights, BinaryParams) else None
+        if self.binary is not None:
+            weights = None
         self.weights = None if weights is None else np.asarray(weights, np.float64)  # [O, kH, kW, Ig]
         self.bias = None if bias is None else np.asarray(bias, np.float64)
         self.prelu = None if prelu is None else np.asarray(prelu, np.float64)
@@ -46,6 +53,27 @@ def depth_to_space(x: np.ndarray, r: int) -> np.ndarray:
     return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(n, h * r, w * r, c // (r * r))
 
 
+def binary_accumulate(x: np.ndarray, windows: np.ndarray, problem: ConvProblem, params) -> np.ndarray:
+    """Spec §15.2, literally: ``acc · scale[o] · β + bias[o]`` from the windows of ``S̃``."""
+    c = problem.in_channels
+    s_prime = (windows + params.in_bias) * params.in_scale  # S' = (S̃ + inBias) · inScale
+    bits = params.unpacked(c).astype(np.float64)
+    if problem.binary == 0:  # binaryWeights: S'·(2·bit - 1)
+        terms, weights = s_prime, 2 * bits - 1
+    elif problem.binary == 1:  # xnor: sgn(S')·(2·bit - 1), sgn(v) = v < 0 ? -1 : +1
+        terms, weights = np.where(s_prime < 0, -1.0, 1.0), 2 * bits - 1
+    else:  # AND: [S' >= 0]·bit
+        terms, weights = (s_prime >= 0).astype(np.float64), bits
+    acc = np.einsum("nyxqpc,oqpc->nyxo", terms, weights, optimize=True)
+    beta = 1.0
+    if problem.beta:  # the mean of A = mean_c |S'| over a kW x kH window around the window centre
+        (kh, kw), centre = problem.kernel, [problem.tap0[a] + (problem.extent(a) >> 1) for a in (0, 1)]
+        around = replace(problem, dilation=(1, 1), tap0=(centre[0] - (kh >> 1), centre[1] - (kw >> 1)))
+        a = np.abs((gather_windows(x, around) + params.in_bias) * params.in_scale).mean(axis=-1)
+        beta = a.mean(axis=(3, 4))[..., None]
+    return acc * params.out_scale * beta + params.out_bias
+
+
 def forward(problem: ConvProblem, src: torch.Tensor, dst: torch.Tensor, prepared: Prepared) -> None:
     if problem.empty:
         return
@@ -58,7 +86,9 @@ def forward(problem: ConvProblem, src: torch.Tensor, dst: torch.Tensor, prepared
         expanded[:, ::uy, ::ux] = x
         x = expanded
     windows = gather_windows(x, problem)
-    if problem.identity:
+    if problem.binary >= 0:
+        out = binary_accumulate(x, windows, problem, prepared.binary)
+    elif problem.identity:
         out = windows[:, :, :, 0, 0, :]
     else:
         g = problem.groups

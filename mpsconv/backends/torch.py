@@ -54,7 +54,13 @@ class Prepared:
     """A kernel's effective parameters in this backend's layout, on the kernel's device."""
 
     def __init__(self, weights, bias, prelu, device):
+        from ..binary import BinaryParams
+
         dev = device.torch_device
+        self.binary = None
+        if isinstance(weights, BinaryParams):
+            self.binary = _BinaryTensors(weights, dev)
+            weights = None
         self.weights = None
         if weights is not None:  # OHWI -> OIHW view, channels-last (OHWI is its memory order)
             w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(dev).permute(0, 3, 1, 2)
@@ -296,6 +302,111 @@ def _conv2d_full_fp32(*args):
         return Fn.conv2d(*args)
 
 
+# --------------------------------------------------------------------------------------------
+# Binary convolution (spec convolution.md §15): XNOR and AND as popcounts over packed words
+
+
+class _BinaryTensors:
+    def __init__(self, params, dev):
+        o, kh, kw, words = params.bits.shape
+        self.words = torch.from_numpy(params.bits.astype(np.int64)).to(dev)  # [O, kH, kW, W] in int64
+        self.plus_minus = torch.from_numpy(2.0 * params.unpacked(words * 32).astype(np.float32) - 1).to(dev)
+        self.in_bias = torch.from_numpy(params.in_bias).to(dev)
+        self.in_scale = torch.from_numpy(params.in_scale).to(dev)
+        self.out_bias = torch.from_numpy(params.out_bias).to(dev)
+        self.out_scale = torch.from_numpy(params.out_scale).to(dev)
+
+
+def _popcount(v: torch.Tensor) -> torch.Tensor:
+    """Bits set in each 32-bit value held in an int64 (SWAR)."""
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+class BinaryPlan:
+    """Tap indices (through the edge mode) of a binary problem, and where it writes."""
+
+    def __init__(self, problem: ConvProblem, device):
+        from .reference import taps
+
+        p = self.problem = problem
+        dev = device.torch_device
+        (kh, kw), (gh, gw) = p.kernel, p.grid
+        ys, y_in = taps(p.tap0[0], gh, p.stride[0], kh, p.dilation[0], p.src_size[0], p.edge)
+        xs, x_in = taps(p.tap0[1], gw, p.stride[1], kw, p.dilation[1], p.src_size[1], p.edge)
+        self.index = (torch.from_numpy(ys[:, None, :, None]).to(dev), torch.from_numpy(xs[None, :, None, :]).to(dev))
+        self.mask = torch.from_numpy((y_in[:, None, :, None] & x_in[None, :, None, :])[..., None]).to(dev)
+        if p.beta:
+            centre = [p.tap0[a] + (p.extent(a) >> 1) for a in (0, 1)]
+            by, by_in = taps(centre[0] - (kh >> 1), gh, p.stride[0], kh, 1, p.src_size[0], p.edge)
+            bx, bx_in = taps(centre[1] - (kw >> 1), gw, p.stride[1], kw, 1, p.src_size[1], p.edge)
+            self.beta_index = (torch.from_numpy(by[:, None, :, None]).to(dev),
+                               torch.from_numpy(bx[None, :, None, :]).to(dev))
+            self.beta_mask = torch.from_numpy((by_in[:, None, :, None] & bx_in[None, :, None, :])[..., None]).to(dev)
+        n, i0, c0 = p.n_images, p.src_image0, p.src_channel0
+        self.src_index = (slice(i0, i0 + n), slice(None), slice(None), slice(c0, c0 + p.in_channels))
+        (y0, x0), (oh, ow) = p.out_origin, p.out_size
+        z0, d0 = p.dst_image0, p.dst_channel0
+        self.dst_index = (slice(z0, z0 + n), slice(y0, y0 + oh), slice(x0, x0 + ow), slice(d0, d0 + p.out_channels))
+
+
+class BinaryBound:
+    __slots__ = ("plan", "src", "out")
+
+    def __init__(self, plan: BinaryPlan, src: torch.Tensor, dst: torch.Tensor):
+        self.plan, self.src, self.out = plan, src[plan.src_index], dst[plan.dst_index]
+
+
+def _windows(x: torch.Tensor, index, mask) -> torch.Tensor:
+    """``[n, gh, gw, kH, kW, C]``: every tap, read through the edge mode."""
+    return x[:, index[0], index[1], :] * mask
+
+
+def run_binary(bound: BinaryBound, prepared: Prepared) -> None:
+    plan, b = bound.plan, prepared.binary
+    p = plan.problem
+    c, words = p.in_channels, b.words.shape[-1]
+    x = storage_to_values(bound.src, F(p.src_format), torch.float32)  # [n, H, W, C]
+    s_prime = (_windows(x, plan.index, plan.mask) + b.in_bias) * b.in_scale
+    if p.binary == 0:  # binaryWeights: S'·(2·bit - 1), a float contraction
+        acc = torch.einsum("nyxqpc,oqpc->nyxo", s_prime, b.plus_minus[..., :c])
+    else:  # pack [S' >= 0] into 32-bit words, then XNOR / AND by popcount
+        positive = Fn.pad((s_prime >= 0).to(torch.int64), (0, words * 32 - c))
+        shifts = torch.arange(32, device=x.device, dtype=torch.int64)
+        packed = (positive.reshape(*positive.shape[:-1], words, 32) << shifts).sum(-1)  # [n, gh, gw, kH, kW, W]
+        taps = p.kernel[0] * p.kernel[1]
+        rows = []
+        for chunk in packed.split(max(1, (1 << 22) // max(1, packed[0, 0].numel() * b.words.shape[0])), dim=1):
+            both = chunk[:, :, :, None] ^ b.words if p.binary == 1 else chunk[:, :, :, None] & b.words
+            count = _popcount(both).sum(dim=(-3, -2, -1))  # [n, rows, gw, O]
+            rows.append(taps * c - 2 * count if p.binary == 1 else count)  # bits past C are 0 on both sides
+        acc = torch.cat(rows, dim=1).to(torch.float32)
+    beta = 1.0
+    if p.beta:
+        around = (_windows(x, plan.beta_index, plan.beta_mask) + b.in_bias) * b.in_scale
+        beta = around.abs().mean(dim=-1).mean(dim=(3, 4))[..., None]
+    y = acc * b.out_scale * beta + b.out_bias  # [n, gh, gw, O]
+    if p.neuron.type != MPSCNNNeuronType.none:
+        prelu = None if prepared.prelu is None else prepared.prelu.view(-1)
+        y = apply_neuron(y, p.neuron, prelu, TORCH_OPS)
+    fmt = F(p.dst_format)
+    bound.out.copy_(y if fmt in _FLOAT_FORMATS else values_to_storage(y, fmt))
+
+
+def _plan(problem, device):
+    return BinaryPlan(problem, device) if problem.binary >= 0 else Plan(problem, device)
+
+
+def _bind(plan, src, dst):
+    return BinaryBound(plan, src, dst) if isinstance(plan, BinaryPlan) else Bound(plan, src, dst)
+
+
+def _run(bound, prepared) -> None:
+    (run_binary if isinstance(bound, BinaryBound) else run)(bound, prepared)
+
+
 class _Torch:
     name = "torch"
 
@@ -307,9 +418,9 @@ class _Torch:
     def prepare(weights, bias, prelu, device) -> Prepared:
         return Prepared(weights, bias, prelu, device)
 
-    plan = staticmethod(Plan)
-    bind = staticmethod(Bound)
-    run = staticmethod(run)
+    plan = staticmethod(_plan)
+    bind = staticmethod(_bind)
+    run = staticmethod(_run)
 
 
 BACKEND = _Torch()
