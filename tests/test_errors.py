@@ -163,6 +163,68 @@ def prelu_neuron_case():
     return encode_case(n)
 
 
+def dw(cin=4, cout=4, count=None, **props):
+    d = MPSCNNDepthWiseConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=cin,
+                                             outputFeatureChannels=cout)
+    for name, value in props.items():
+        setattr(d, name, value)
+    return lambda: MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, np.ones(count or cout * 9)))
+
+
+def sp(n=8, r=2, groups=1, cin=8):
+    d = MPSCNNSubPixelConvolutionDescriptor(kernelWidth=1, kernelHeight=1, inputFeatureChannels=cin,
+                                            outputFeatureChannels=n)
+    d.subPixelScaleFactor, d.groups = r, groups
+    return lambda: MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, np.ones(n * cin // groups)))
+
+
+def subpixel_kernel():
+    d = MPSCNNSubPixelConvolutionDescriptor(kernelWidth=1, kernelHeight=1, inputFeatureChannels=4,
+                                            outputFeatureChannels=16)
+    d.subPixelScaleFactor = 2
+    return MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, np.ones(64)))
+
+
+def tr(data_type=MPSDataType.float32, desc=None, weights=None):
+    d = desc or descriptor(3, 3, 4, 4, strideInPixelsX=2)
+    w = weights if weights is not None else np.ones(144)
+    return MPSCNNConvolutionTranspose(device=DEVICE, weights=ArraySource(d, w, data_type=data_type))
+
+
+def tr_case(**props):
+    k = tr()
+    for name, value in props.items():
+        setattr(k, name, value)
+    return encode_case(k, blank(3, 3, 4, rng=rng), blank(7, 7, 4, rng=rng))
+
+
+def state_case():
+    action, watched, cb = tr_case()
+    src, dst = watched
+    return (lambda: tr().encode(commandBuffer=cb, sourceImage=src, convolutionGradientState=object(),
+                                destinationImage=dst)), watched, cb
+
+
+def words(o=2, i=40, k=1):
+    return np.ones(o * k * k * ((i + 31) // 32), np.uint32)
+
+
+def bn_conv(kind=MPSCNNBinaryConvolutionType.xnor, flags=0, desc=None, data=None, cls=None, **terms):
+    d = desc or descriptor(1, 1, 40, 2)
+    args = dict(outputBiasTerms=None, outputScaleTerms=None, inputBiasTerms=None, inputScaleTerms=None)
+    args.update(terms)
+    ds = ArraySource(d, words() if data is None else data, data_type=MPSDataType.uInt32)
+    return lambda: (cls or MPSCNNBinaryConvolution)(device=DEVICE, convolutionData=ds, type=kind, flags=flags, **args)
+
+
+def binary_case(edge=MPSImageEdgeMode.zero, cls=MPSCNNBinaryConvolution, src_hw=(3, 3), dst_hw=(3, 3)):
+    d = descriptor(3, 3, 8, 2)
+    k = cls(device=DEVICE, convolutionData=ArraySource(d, np.ones(2 * 9, np.uint32), data_type=MPSDataType.uInt32),
+            scaleValue=1.0, type=MPSCNNBinaryConvolutionType.AND, flags=0)
+    k.edgeMode = edge
+    return encode_case(k, blank(src_hw[1], src_hw[0], 8, rng=rng), blank(dst_hw[1], dst_hw[0], 2, rng=rng))
+
+
 E, T = MPSValueError, TypeError
 ROWS = [
     # -- descriptor and kernel construction
@@ -242,6 +304,41 @@ ROWS = [
     ("wrong class through coder", lambda: make(lambda: MPSCNNNeuron(coder=NSKeyedUnarchiver(forReadingFrom=archive()))), MPSArchiveError, "cannot decode it as MPSCNNNeuron"),
     ("not an archive", lambda: make(lambda: NSKeyedUnarchiver(forReadingFrom=bytes(rng.integers(0, 256, 100, dtype=np.uint8)))), MPSArchiveError, "truncated|not valid|not an mpsconv"),
     ("archive a custom padding", lambda: make(lambda: archive(custom_padding_kernel())), MPSArchiveError, "cannot be archived"),
+    # -- depthwise
+    ("depthwise multiplier 2", lambda: make(dw(4, 8)), E, "channelMultiplier=2 is not supported"),
+    ("depthwise channels not a multiple", lambda: make(dw(4, 6)), E, "multiple of inputFeatureChannels=4"),
+    ("depthwise groups", lambda: make(dw(groups=2)), E, "a depthwise descriptor has groups 1"),
+    ("depthwise weight count", lambda: make(dw(count=4 * 9 * 4)), E, "holds 144 elements; expected 36"),
+    ("depthwise fully connected", lambda: make(lambda: MPSCNNFullyConnected(device=DEVICE, weights=ArraySource(MPSCNNDepthWiseConvolutionDescriptor(kernelWidth=1, kernelHeight=1, inputFeatureChannels=4, outputFeatureChannels=4), np.ones(4)))), T, "plain MPSCNNConvolutionDescriptor"),
+    # -- sub-pixel
+    ("sub-pixel channels", lambda: make(sp(n=6)), E, "multiple of subPixelScaleFactor² = 4"),
+    ("sub-pixel groups", lambda: make(sp(n=8, groups=2)), E, "must be a multiple of 4"),
+    ("sub-pixel factor 0", lambda: make(set_attr(MPSCNNSubPixelConvolutionDescriptor(), "subPixelScaleFactor", 0)), E, "subPixelScaleFactor=0 must be >= 1"),
+    ("sub-pixel destination channels", lambda: encode_case(subpixel_kernel(), blank(3, 3, 4, rng=rng), blank(6, 6, 3, rng=rng)), E, "needs 4"),
+    ("sub-pixel destination offset", lambda: encode_case(subpixel_kernel(), blank(3, 3, 4, rng=rng), blank(6, 6, 8, rng=rng), destinationFeatureChannelOffset=6), E, "destinationFeatureChannelOffset=6"),
+    # -- transpose
+    ("transpose half data", lambda: make(lambda: tr(MPSDataType.float16, weights=np.ones(144, np.float16))), E, "float16 is not accepted"),
+    ("transpose uint8 data", lambda: make(lambda: tr(MPSDataType.uInt8, weights=np.ones(144, np.uint8))), E, "uInt8 is not accepted"),
+    ("transpose depthwise descriptor", lambda: make(lambda: tr(desc=MPSCNNDepthWiseConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=4, outputFeatureChannels=4), weights=np.ones(36))), T, "plain MPSCNNConvolutionDescriptor"),
+    ("transpose device only", lambda: make(lambda: MPSCNNConvolutionTranspose(device=DEVICE)), T, "unavailable"),
+    ("transpose kernel offset", lambda: make(set_attr(tr(), "kernelOffsetX", 1.5)), T, "kernelOffsetX=1.5 must be an integer"),
+    ("transpose clamp edge", lambda: tr_case(edgeMode=MPSImageEdgeMode.clamp), E, "edgeMode=clamp is not defined"),
+    ("transpose destination channels", lambda: (lambda k: encode_case(k, blank(3, 3, 4, rng=rng), blank(7, 7, 3, rng=rng)))(tr()), E, "needs 4"),
+    ("transpose source channels", lambda: (lambda k: encode_case(k, blank(3, 3, 2, rng=rng), blank(7, 7, 4, rng=rng)))(tr()), E, "provides 2 feature channels"),
+    ("transpose gradient state", state_case, NotImplementedError, "issue 4"),
+    ("transpose archived as a convolution", lambda: make(lambda: NSKeyedUnarchiver.unarchivedObject(MPSCNNConvolution, archive(tr()))), MPSArchiveError, "not a MPSCNNConvolution"),
+    # -- binary
+    ("binary groups", lambda: make(bn_conv(desc=descriptor(1, 1, 8, 8, groups=2), data=np.ones(8, np.uint32))), E, "groups=2; binary convolution has groups 1"),
+    ("binary type", lambda: make(bn_conv(kind=3)), E, "type=3 is not an MPSCNNBinaryConvolutionType"),
+    ("binary flags", lambda: make(bn_conv(flags=2)), E, "flags=2 is not an MPSCNNBinaryConvolutionFlags"),
+    ("binary word count", lambda: make(bn_conv(data=np.ones(2, np.uint32))), E, "holds 2 elements; expected 4"),
+    ("binary output terms", lambda: make(bn_conv(outputBiasTerms=[1.0])), E, "outputBiasTerms holds 1 elements; expected 2"),
+    ("binary input terms", lambda: make(bn_conv(inputScaleTerms=np.ones(39))), E, "inputScaleTerms holds 39 elements; expected 40"),
+    ("binary sub-pixel descriptor", lambda: make(bn_conv(desc=MPSCNNSubPixelConvolutionDescriptor(kernelWidth=1, kernelHeight=1, inputFeatureChannels=40, outputFeatureChannels=2))), T, "plain MPSCNNConvolutionDescriptor"),
+    ("binary initializer keywords", lambda: make(lambda: MPSCNNBinaryConvolution(device=DEVICE, convolutionData=None, type=0)), T, "valid initializers are"),
+    ("binary mirror edge", lambda: binary_case(MPSImageEdgeMode.mirror), E, "edgeMode=mirror is not defined"),
+    ("binary fully connected stride", lambda: make(bn_conv(desc=descriptor(1, 1, 40, 2, strideInPixelsX=2), cls=MPSCNNBinaryFullyConnected)), E, "stride 1 and dilation 1"),
+    ("binary fully connected window", lambda: binary_case(cls=MPSCNNBinaryFullyConnected, src_hw=(4, 3), dst_hw=(1, 1)), E, "must cover the whole source"),
 ]
 
 
