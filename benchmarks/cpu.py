@@ -26,19 +26,20 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 import mpsconv  # noqa: E402
 from mpsconv import (  # noqa: E402
-    MPSCNNConvolution, MPSCNNConvolutionDataSource, MPSCNNConvolutionDescriptor, MPSCNNNeuronType, MPSDataType,
-    MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat, MPSNNNeuronDescriptor, MPSOffset,
+    MPSCNNBinaryConvolution, MPSCNNBinaryConvolutionType, MPSCNNConvolution, MPSCNNConvolutionDataSource,
+    MPSCNNConvolutionDescriptor, MPSCNNConvolutionTranspose, MPSCNNDepthWiseConvolutionDescriptor, MPSCNNNeuronType,
+    MPSDataType, MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat, MPSNNNeuronDescriptor, MPSOffset,
     MTLCreateSystemDefaultDevice,
 )
 from shapes import SHAPES  # noqa: E402
 
 
 class Weights(MPSCNNConvolutionDataSource):
-    def __init__(self, desc, w, b):
-        self.desc, self.w, self.b = desc, w, b
+    def __init__(self, desc, w, b, data_type=MPSDataType.float32):
+        self.desc, self.w, self.b, self.data_type = desc, w, b, data_type
 
     def dataType(self):
-        return MPSDataType.float32
+        return self.data_type
 
     def descriptor(self):
         return self.desc
@@ -74,10 +75,12 @@ def mps_operation(device, queue, n, c, h, w, k, r, s, stride, pad, dil, groups, 
     x = rng.standard_normal((n, h, w, c), dtype=np.float32)
     wt = (rng.standard_normal((k, r, s, c // groups), dtype=np.float32) * 0.1)
     bias = rng.standard_normal(k, dtype=np.float32)
-    desc = MPSCNNConvolutionDescriptor(kernelWidth=s, kernelHeight=r, inputFeatureChannels=c, outputFeatureChannels=k)
+    depthwise = groups == c == k
+    cls = MPSCNNDepthWiseConvolutionDescriptor if depthwise else MPSCNNConvolutionDescriptor
+    desc = cls(kernelWidth=s, kernelHeight=r, inputFeatureChannels=c, outputFeatureChannels=k)
     desc.strideInPixelsX = desc.strideInPixelsY = stride
     desc.dilationRateX = desc.dilationRateY = dil
-    desc.groups = groups
+    desc.groups = 1 if depthwise else groups
     desc.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
     conv = MPSCNNConvolution(device=device, weights=Weights(desc, wt, bias))
     kd = (r - 1) * dil + 1
@@ -97,7 +100,7 @@ def mps_operation(device, queue, n, c, h, w, k, r, s, stride, pad, dil, groups, 
 
     # PyTorch eager on the same NHWC data: channels-last conv with bias, relu_, copy into the slice.
     tx = torch.from_numpy(x).permute(0, 3, 1, 2)  # channels-last NCHW view
-    tw = torch.from_numpy(conv._loaded.weights).permute(0, 3, 1, 2)
+    tw = torch.from_numpy(conv._loaded.weights).permute(0, 3, 1, 2).contiguous()
     tb = torch.from_numpy(bias)
     out = torch.zeros(n, p, q, 2 * k).permute(0, 3, 1, 2)
     if dtype == torch.float16:  # PyTorch CPU has no fast half conv; compute in float32 as we do
@@ -123,6 +126,101 @@ def mps_operation(device, queue, n, c, h, w, k, r, s, stride, pad, dil, groups, 
     return ours, torch_eager, flops
 
 
+# name, N, C, H, W, K, R, S, stride, pad (PyTorch conv_transpose2d: output = (H - 1)·stride - 2·pad + R + output_pad)
+TRANSPOSE_SHAPES = [
+    ("tconv_s2_28", 1, 128, 28, 28, 64, 3, 3, 2, 1),
+    ("tconv_s2_56", 1, 64, 56, 56, 32, 4, 4, 2, 1),
+    ("tconv_s1_28", 1, 128, 28, 28, 128, 3, 3, 1, 1),
+]
+# name, N, C, H, W, K, R, S (stride 1, same-size)
+BINARY_SHAPES = [
+    ("bin_3x3_28", 1, 128, 28, 28, 128, 3, 3),
+    ("bin_3x3_14", 1, 256, 14, 14, 256, 3, 3),
+]
+
+
+def transpose_operation(device, queue, n, c, h, w, k, r, s, stride, pad, rng):
+    """Transposed convolution + bias + ReLU into a channel slice; PyTorch: conv_transpose2d, relu_, copy."""
+    x = rng.standard_normal((n, h, w, c), dtype=np.float32)
+    w_t = rng.standard_normal((c, k, r, s), dtype=np.float32) * 0.1  # PyTorch layout [in][out][kh][kw]
+    bias = rng.standard_normal(k, dtype=np.float32)
+    out_pad = stride - 1
+    p, q = (h - 1) * stride - 2 * pad + r + out_pad, (w - 1) * stride - 2 * pad + s + out_pad
+    desc = MPSCNNConvolutionDescriptor(kernelWidth=s, kernelHeight=r, inputFeatureChannels=c, outputFeatureChannels=k)
+    desc.strideInPixelsX = desc.strideInPixelsY = stride
+    desc.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
+    ours_w = np.ascontiguousarray(w_t[:, :, ::-1, ::-1].transpose(1, 2, 3, 0))  # spec §10.3: rotate, swap
+    kernel = MPSCNNConvolutionTranspose(device=device, weights=Weights(desc, ours_w, bias))
+    kernel.kernelOffsetY = pad - (r - 1) + (r >> 1)
+    kernel.kernelOffsetX = pad - (s - 1) + (s >> 1)
+    kernel.destinationFeatureChannelOffset = k
+    src = MPSImage.from_numpy(x, device=device)
+    dst = MPSImage(device=device, imageDescriptor=MPSImageDescriptor(
+        channelFormat=MPSImageFeatureChannelFormat.float32, width=q, height=p, featureChannels=2 * k, numberOfImages=n))
+    tx, tw, tb = torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(kernel._loaded.weights), torch.from_numpy(bias)
+    tw = tw.permute(3, 0, 1, 2).flip(2, 3).contiguous()  # back to PyTorch's layout, fp16-rounded like ours
+    out = torch.zeros(n, p, q, 2 * k).permute(0, 3, 1, 2)
+
+    def ours():
+        cb = queue.makeCommandBuffer()
+        kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+        cb.commit()
+        cb.waitUntilCompleted()
+
+    def torch_eager():
+        y = F.conv_transpose2d(tx, tw, tb, stride, pad, out_pad)
+        y.relu_()
+        out[:, k:].copy_(y)
+
+    ours()
+    torch_eager()
+    got = dst.torch()[..., k:].permute(0, 3, 1, 2)
+    assert torch.allclose(got, out[:, k:], rtol=1e-3, atol=1e-3), "mpsconv and PyTorch disagree"
+    return ours, torch_eager, 2 * n * k * h * w * c * r * s
+
+
+def binary_operation(device, queue, n, c, h, w, k, r, s, rng):
+    """XNOR binary convolution + bias + ReLU into a channel slice; PyTorch: a float convolution of ±1 values
+    (binarize the input, conv2d with ±1 weights), relu_, copy."""
+    x = rng.standard_normal((n, h, w, c), dtype=np.float32)
+    bits = rng.integers(0, 2, (k, r, s, c)).astype(np.uint32)
+    words = np.zeros((k, r, s, (c + 31) // 32), np.uint32)
+    for ch in range(c):
+        words[..., ch // 32] |= bits[..., ch] << np.uint32(ch % 32)
+    bias = rng.standard_normal(k, dtype=np.float32)
+    desc = MPSCNNConvolutionDescriptor(kernelWidth=s, kernelHeight=r, inputFeatureChannels=c, outputFeatureChannels=k)
+    desc.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
+    kernel = MPSCNNBinaryConvolution(device=device, convolutionData=Weights(desc, words, bias, MPSDataType.uInt32),
+                                     scaleValue=1.0, type=MPSCNNBinaryConvolutionType.xnor, flags=0)
+    kernel.offset = MPSOffset(s >> 1, r >> 1, 0)  # valid-only windows, as the binary default padding gives
+    p, q = h - r + 1, w - s + 1
+    kernel.destinationFeatureChannelOffset = k
+    src = MPSImage.from_numpy(x, device=device)
+    dst = MPSImage(device=device, imageDescriptor=MPSImageDescriptor(
+        channelFormat=MPSImageFeatureChannelFormat.float32, width=q, height=p, featureChannels=2 * k, numberOfImages=n))
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2)
+    tw = torch.from_numpy(2.0 * bits.astype(np.float32) - 1).permute(0, 3, 1, 2).contiguous()
+    tb = torch.from_numpy(bias)
+    out = torch.zeros(n, p, q, 2 * k).permute(0, 3, 1, 2)
+
+    def ours():
+        cb = queue.makeCommandBuffer()
+        kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+        cb.commit()
+        cb.waitUntilCompleted()
+
+    def torch_eager():
+        y = F.conv2d(torch.where(tx >= 0, 1.0, -1.0), tw, tb)
+        y.relu_()
+        out[:, k:].copy_(y)
+
+    ours()
+    torch_eager()
+    got = dst.torch()[..., k:].permute(0, 3, 1, 2)
+    assert torch.allclose(got, out[:, k:], rtol=1e-4, atol=1e-4), "mpsconv and PyTorch disagree"
+    return ours, torch_eager, 2 * n * k * p * q * c * r * s
+
+
 def encode_overhead(device, queue, budget_s):
     """Per-kernel cost of encode + commit on a 1x1x8x8 problem, against the bare torch op."""
     rng = np.random.default_rng(0)
@@ -132,7 +230,7 @@ def encode_overhead(device, queue, budget_s):
     dst = MPSImage(device=device, imageDescriptor=MPSImageDescriptor(
         channelFormat=MPSImageFeatureChannelFormat.float32, width=1, height=1, featureChannels=8))
     tx = torch.from_numpy(src.numpy()).permute(0, 3, 1, 2)
-    tw = torch.from_numpy(conv._loaded.weights).permute(0, 3, 1, 2)
+    tw = torch.from_numpy(conv._loaded.weights).permute(0, 3, 1, 2).contiguous()
     tout = torch.zeros(1, 8, 1, 1)
     batch = 100
 
@@ -183,9 +281,6 @@ def main():
     print(f"{'shape':<14} {'N':>2} {'dtype':>5} {'ours ms':>9} {'eager ms':>9} {'ratio':>6} {'GFLOP/s':>8}")
     rows = []
     for (name, _n, c, h, w, k, r, s, stride, pad, dil, groups) in SHAPES:
-        if groups == c:
-            print(f"{name:<14} depthwise: needs MPSCNNDepthWiseConvolutionDescriptor (issue 3)")
-            continue
         n = args.batch
         ours, eager, flops = mps_operation(device, queue, n, c, h, w, k, r, s, stride, pad, dil, groups, dtype, rng)
         t_ours, t_eager = paired_medians(ours, eager, budget)
@@ -196,6 +291,18 @@ def main():
               f"{flops / t_ours / 1e9:>8.1f}", flush=True)
     geo = math.exp(sum(math.log(row["ratio"]) for row in rows) / len(rows))
     print(f"geometric mean ratio (PyTorch eager time / ours): {geo:.3f}")
+    family = []
+    if args.dtype == "fp32":
+        cases = [(name, "transpose", lambda sh=sh: transpose_operation(device, queue, *sh[1:], rng))
+                 for sh in TRANSPOSE_SHAPES for name in [sh[0]]]
+        cases += [(name, "binary", lambda sh=sh: binary_operation(device, queue, *sh[1:], rng))
+                  for sh in BINARY_SHAPES for name in [sh[0]]]
+        for name, kind, make in cases:
+            ours, eager, flops = make()
+            t_ours, t_eager = paired_medians(ours, eager, budget)
+            family.append(dict(shape=name, kind=kind, ours_ms=t_ours * 1e3, eager_ms=t_eager * 1e3,
+                               ratio=t_eager / t_ours))
+            print(f"{name:<14} {kind:>9} {t_ours * 1e3:>9.3f} {t_eager * 1e3:>9.3f} {t_eager / t_ours:>6.2f}", flush=True)
     overhead = encode_overhead(device, queue, budget)
     print("1x1x8x8 per kernel: one commit each {one_commit_each_us:.1f} us, 100 per commit {shared_commit_us:.1f} us, "
           "encode only {encode_only_us:.1f} us; bare torch op {torch_op_us:.1f} us; overhead {overhead_one_us:.1f} us "
@@ -203,7 +310,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=device.name, torch=torch.__version__, mpsconv=mpsconv.__version__,
-                           threads=torch.get_num_threads(), rows=rows, geomean=geo, overhead=overhead,
+                           threads=torch.get_num_threads(), rows=rows, geomean=geo, overhead=overhead, family=family,
                            command=" ".join(sys.argv)), f, indent=1)
 
 

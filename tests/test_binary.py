@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from helpers import DEVICE, ArraySource, blank, descriptor, image, run, values
 from mpsconv import *
@@ -105,7 +105,7 @@ def test_conv_checklist_113_groups_and_fully_connected():
     assert binary([[[[1]]]]).padding.paddingMethod() == MPSNNPaddingMethod.sizeValidOnly  # OPEN §15.4
 
 
-def test_unused_high_bits_are_ignored():
+def test_unused_high_bits_are_ignored(binary_path):
     bits = np.random.default_rng(0).integers(0, 2, (2, 1, 1, 5)).astype(np.uint8)
     clean, dirty = pack(bits), pack(bits)
     dirty[..., 0] |= np.uint32(0xFFFFFFE0)  # garbage in bits 5..31
@@ -131,8 +131,19 @@ def binary_problems(draw):
                 terms=draw(st.booleans()), seed=draw(st.integers(0, 999)))
 
 
+@pytest.fixture(params=["float", "popcount"])
+def binary_path(request, monkeypatch):
+    """The torch backend's two XNOR/AND paths: exact float convolution (default) and popcounts."""
+    from mpsconv.backends import torch as torch_backend
+
+    if request.param == "popcount":
+        monkeypatch.setattr(torch_backend, "POPCOUNT_MIN_TERMS", 0)
+    return request.param
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(p=binary_problems())
-def test_binary_matches_reference(p):
+def test_binary_matches_reference(binary_path, p):
     rng = np.random.default_rng(p["seed"])
     (kh, kw), (sy, sx), (dy, dx) = p["k"], p["s"], p["d"]
     bits = rng.integers(0, 2, (p["cout"], kh, kw, p["cin"])).astype(np.uint8)

@@ -74,6 +74,14 @@ class Prepared:
         self.prelu = None if prelu is None else torch.from_numpy(np.asarray(prelu, np.float32)).to(dev).view(-1, 1, 1)
         self._packed: dict = {}
 
+    def transposed(self, groups: int) -> torch.Tensor:
+        """The weights as ``conv_transpose2d`` takes them: ``[I][O/G][kH][kW]``, rotated 180° (spec §10.3)."""
+        if getattr(self, "_transposed", None) is None:
+            o, ig, kh, kw = self.weights.shape
+            w = self.weights.reshape(groups, o // groups, ig, kh, kw).transpose(1, 2)  # [G][Ig][Og][kH][kW]
+            self._transposed = w.reshape(groups * ig, o // groups, kh, kw).flip(2, 3).contiguous()
+        return self._transposed
+
     def packed(self, plan: "Plan"):
         """The weights in oneDNN's layout for ``plan``'s geometry, reordered once."""
         weights = self._packed.get(plan.pack_key)
@@ -123,7 +131,8 @@ class Plan:
         # Convolution padding stays below the window (oneDNN crashes on far larger pads, which an
         # offset far outside the source produces); anything else is an explicit zero pad.
         in_range = symmetric[0] < p.extent(0) and symmetric[1] < p.extent(1)
-        if not p.identity and in_range and shift[0] % p.stride[0] == 0 and shift[1] % p.stride[1] == 0:
+        implicit = not p.identity and p.binary < 0  # binary taps outside the source read inBias·inScale, not 0
+        if implicit and in_range and shift[0] % p.stride[0] == 0 and shift[1] % p.stride[1] == 0:
             # Pad both sides by the larger pad and drop the outputs the extra rows/columns make:
             # output j of the padded convolution starts at j·s - P; ours at v·s - before, so
             # j = v + (P - before)/s, and the last one needed exists because after <= P.
@@ -138,6 +147,26 @@ class Plan:
         self.dst_format = F(p.dst_format)
         self.subpixel = p.subpixel
         self.conv2d = _conv2d_full_fp32 if device.is_cuda else Fn.conv2d
+        # Backwards kernels: conv_transpose2d on the source itself (no zeros inserted). With framework
+        # padding 0 its output pixel j is ours at u = j - pad, pad = T + (Kd - 1) - (Kd >> 1) = tap0 + Kd - 1
+        # (spec §10.3); outputs beyond its extent (n - 1)·s + Kd read only inserted zeros.
+        self.transposed = p.upsample != (1, 1) and not p.identity and p.binary < 0
+        if self.transposed:
+            crop, pads = [slice(None)] * 4, []
+            for axis, dim in ((0, 2), (1, 3)):
+                start, count = p.tap0[axis] + p.extent(axis) - 1, p.grid[axis]
+                full = (p.src_size[axis] - 1) * p.upsample[axis] + p.extent(axis)
+                lo, hi = max(start, 0), min(start + count, full)  # the wanted outputs it has
+                if lo < hi:
+                    crop[dim] = slice(lo, hi)
+                    pads.append((lo - start, start + count - hi))
+                else:  # none: every wanted output reads only inserted zeros
+                    crop[dim] = slice(0, 0)
+                    pads.append((count, 0))
+            self.t_crop, ((t, b), (lft, rgt)) = tuple(crop), pads
+            self.t_pad = (lft, rgt, t, b) if any((lft, rgt, t, b)) else None
+            self.upsample, self.crop, self.pad, self.gathers, self.zeros_shape = None, None, None, [], None
+            self.out_crop, self.conv_padding = None, (0, 0)
         shape = (n, p.in_channels, *(r[1] - r[0] + 1 for r in map(p.read_range, (0, 1))))
         if self.pad is None:  # the convolution's input is the crop, without the pads
             shape = (n, p.in_channels, shape[2] - top - bottom, shape[3] - left - right)
@@ -146,8 +175,8 @@ class Plan:
         # channel or one pixel, e.g. N=2, 1x1 output, 1 output channel in PyTorch 2.13): keep it to
         # layouts where they are not.
         unambiguous = min(p.out_channels, p.in_channels, shape[2] * shape[3], gh * gw) > 1
-        self.onednn = (not device.is_cuda and not p.identity and unambiguous and weights >= ONEDNN_MIN_WEIGHTS
-                       and onednn_usable())
+        self.onednn = (not device.is_cuda and not p.identity and p.binary < 0 and not self.transposed
+                       and unambiguous and weights >= ONEDNN_MIN_WEIGHTS and onednn_usable())
         if self.onednn:
             self.pack_key = (self.conv_padding, p.stride, p.dilation, p.groups, shape)
 
@@ -156,7 +185,7 @@ class Plan:
         relu = neuron.type == MPSCNNNeuronType.reLU and neuron.a == 0.0
         self.post_op = "relu" if self.onednn and relu else "none"  # oneDNN applies it as a post-op
         self.apply_neuron = neuron.type != MPSCNNNeuronType.none and self.post_op == "none"
-        if p.subpixel > 1 or self.dst_format not in _FLOAT_FORMATS:
+        if p.subpixel > 1 or p.binary >= 0 or self.dst_format not in _FLOAT_FORMATS:
             self.epilogue = _GENERAL  # neuron, depth-to-space, format conversion as needed
         elif not self.apply_neuron:
             self.epilogue = _COPY
@@ -248,6 +277,15 @@ def run(bound: Bound, prepared: Prepared) -> None:
         x = _canonical(x)
     if p.identity:
         y = x[:, :, :: p.stride[0], :: p.stride[1]]
+    elif p.binary >= 0:
+        y = _binary_from_window(x, p, prepared.binary)
+    elif plan.transposed:
+        y = Fn.conv_transpose2d(x, prepared.transposed(p.groups), None, p.upsample, 0, 0, p.groups, p.dilation)
+        y = y[plan.t_crop]
+        if plan.t_pad is not None:
+            y = Fn.pad(y, plan.t_pad)
+        if prepared.bias is not None:
+            y = y + prepared.bias.view(1, -1, 1, 1)
     elif plan.onednn:
         y = torch.ops.mkldnn._convolution_pointwise(x, prepared.packed(plan), prepared.bias, plan.conv_padding,
                                                     p.stride, p.dilation, p.groups, plan.post_op, [], "")
@@ -303,18 +341,54 @@ def _conv2d_full_fp32(*args):
 
 
 # --------------------------------------------------------------------------------------------
-# Binary convolution (spec convolution.md §15): XNOR and AND as popcounts over packed words
+# Binary convolution (spec convolution.md §15)
+#
+# XNOR and AND sums are integers: Σ sgn(S')·(2·bit - 1) and Σ [S' >= 0]·bit. As a convolution of ±1
+# (or 0/1) values in float32 they are exact while |sum| < 2**24, i.e. bit for bit what popcounts over
+# packed words give, and oneDNN runs them 20-50x faster on the CPU than popcounts built from torch
+# operations (benchmarks/RESULTS.md). Layers with kH·kW·I >= 2**24 terms, where float32 could round,
+# count bits instead: popcounts over 32-bit words.
+
+#: Terms per output above which XNOR/AND sums are counted as popcounts (float32 is exact below 2**24).
+POPCOUNT_MIN_TERMS = 1 << 24
 
 
 class _BinaryTensors:
     def __init__(self, params, dev):
         o, kh, kw, words = params.bits.shape
-        self.words = torch.from_numpy(params.bits.astype(np.int64)).to(dev)  # [O, kH, kW, W] in int64
-        self.plus_minus = torch.from_numpy(2.0 * params.unpacked(words * 32).astype(np.float32) - 1).to(dev)
+        unpacked = params.unpacked(words * 32).astype(np.float32)  # [O, kH, kW, 32·W]
+        self.words = torch.from_numpy(params.bits.astype(np.int64)).to(dev)  # [O, kH, kW, W]
+        self.plus_minus = torch.from_numpy(2.0 * unpacked - 1).to(dev)  # (2·bit - 1), OHWI
+        self.ones = torch.from_numpy(unpacked).to(dev)
         self.in_bias = torch.from_numpy(params.in_bias).to(dev)
         self.in_scale = torch.from_numpy(params.in_scale).to(dev)
         self.out_bias = torch.from_numpy(params.out_bias).to(dev)
         self.out_scale = torch.from_numpy(params.out_scale).to(dev)
+
+
+def _binary_from_window(x: torch.Tensor, p: ConvProblem, b: _BinaryTensors) -> torch.Tensor:
+    """``acc · scale · β + bias`` (NCHW) from the read window ``x`` of the source (pads included)."""
+    c = p.in_channels
+    channel = (1, -1, 1, 1)
+    s_prime = (x + b.in_bias.view(channel)) * b.in_scale.view(channel)
+    if p.binary != 0 and p.kernel[0] * p.kernel[1] * c >= POPCOUNT_MIN_TERMS:
+        acc = _popcount_accumulate(s_prime, p, b)
+    else:
+        if p.binary == 0:  # binaryWeights: S'·(2·bit - 1)
+            terms, weights = s_prime, b.plus_minus
+        elif p.binary == 1:  # xnor: sgn(S')·(2·bit - 1), sgn(v) = v < 0 ? -1 : +1
+            terms, weights = torch.where(s_prime < 0, -1.0, 1.0), b.plus_minus
+        else:  # AND: [S' >= 0]·bit
+            terms, weights = (s_prime >= 0).to(torch.float32), b.ones
+        weights = weights[..., :c].permute(0, 3, 1, 2).contiguous()
+        acc = Fn.conv2d(_canonical(terms), weights, None, p.stride, 0, p.dilation)
+    beta = 1.0
+    if p.beta:  # β: the mean of A = mean_c |S'| over a kW x kH window around each window centre
+        (kh, kw), (gh, gw) = p.kernel, p.grid
+        dy, dx = (p.extent(0) >> 1) - (kh >> 1), (p.extent(1) >> 1) - (kw >> 1)
+        a = s_prime.abs().mean(dim=1, keepdim=True)[:, :, dy:, dx:]
+        beta = Fn.avg_pool2d(a, (kh, kw), p.stride)[:, :, :gh, :gw]
+    return acc * b.out_scale.view(channel) * beta + b.out_bias.view(channel)
 
 
 def _popcount(v: torch.Tensor) -> torch.Tensor:
@@ -325,86 +399,24 @@ def _popcount(v: torch.Tensor) -> torch.Tensor:
     return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
 
 
-class BinaryPlan:
-    """Tap indices (through the edge mode) of a binary problem, and where it writes."""
-
-    def __init__(self, problem: ConvProblem, device):
-        from .reference import taps
-
-        p = self.problem = problem
-        dev = device.torch_device
-        (kh, kw), (gh, gw) = p.kernel, p.grid
-        ys, y_in = taps(p.tap0[0], gh, p.stride[0], kh, p.dilation[0], p.src_size[0], p.edge)
-        xs, x_in = taps(p.tap0[1], gw, p.stride[1], kw, p.dilation[1], p.src_size[1], p.edge)
-        self.index = (torch.from_numpy(ys[:, None, :, None]).to(dev), torch.from_numpy(xs[None, :, None, :]).to(dev))
-        self.mask = torch.from_numpy((y_in[:, None, :, None] & x_in[None, :, None, :])[..., None]).to(dev)
-        if p.beta:
-            centre = [p.tap0[a] + (p.extent(a) >> 1) for a in (0, 1)]
-            by, by_in = taps(centre[0] - (kh >> 1), gh, p.stride[0], kh, 1, p.src_size[0], p.edge)
-            bx, bx_in = taps(centre[1] - (kw >> 1), gw, p.stride[1], kw, 1, p.src_size[1], p.edge)
-            self.beta_index = (torch.from_numpy(by[:, None, :, None]).to(dev),
-                               torch.from_numpy(bx[None, :, None, :]).to(dev))
-            self.beta_mask = torch.from_numpy((by_in[:, None, :, None] & bx_in[None, :, None, :])[..., None]).to(dev)
-        n, i0, c0 = p.n_images, p.src_image0, p.src_channel0
-        self.src_index = (slice(i0, i0 + n), slice(None), slice(None), slice(c0, c0 + p.in_channels))
-        (y0, x0), (oh, ow) = p.out_origin, p.out_size
-        z0, d0 = p.dst_image0, p.dst_channel0
-        self.dst_index = (slice(z0, z0 + n), slice(y0, y0 + oh), slice(x0, x0 + ow), slice(d0, d0 + p.out_channels))
-
-
-class BinaryBound:
-    __slots__ = ("plan", "src", "out")
-
-    def __init__(self, plan: BinaryPlan, src: torch.Tensor, dst: torch.Tensor):
-        self.plan, self.src, self.out = plan, src[plan.src_index], dst[plan.dst_index]
-
-
-def _windows(x: torch.Tensor, index, mask) -> torch.Tensor:
-    """``[n, gh, gw, kH, kW, C]``: every tap, read through the edge mode."""
-    return x[:, index[0], index[1], :] * mask
-
-
-def run_binary(bound: BinaryBound, prepared: Prepared) -> None:
-    plan, b = bound.plan, prepared.binary
-    p = plan.problem
+def _popcount_accumulate(s_prime: torch.Tensor, p: ConvProblem, b: _BinaryTensors) -> torch.Tensor:
+    """XNOR / AND sums as popcounts: pack ``[S' >= 0]`` per pixel into 32-bit words, then per tap
+    ``32·W - 2·popcount(x ^ w)`` (xnor; bits past C are 0 on both sides) or ``popcount(x & w)`` (AND)."""
     c, words = p.in_channels, b.words.shape[-1]
-    x = storage_to_values(bound.src, F(p.src_format), torch.float32)  # [n, H, W, C]
-    s_prime = (_windows(x, plan.index, plan.mask) + b.in_bias) * b.in_scale
-    if p.binary == 0:  # binaryWeights: S'·(2·bit - 1), a float contraction
-        acc = torch.einsum("nyxqpc,oqpc->nyxo", s_prime, b.plus_minus[..., :c])
-    else:  # pack [S' >= 0] into 32-bit words, then XNOR / AND by popcount
-        positive = Fn.pad((s_prime >= 0).to(torch.int64), (0, words * 32 - c))
-        shifts = torch.arange(32, device=x.device, dtype=torch.int64)
-        packed = (positive.reshape(*positive.shape[:-1], words, 32) << shifts).sum(-1)  # [n, gh, gw, kH, kW, W]
-        taps = p.kernel[0] * p.kernel[1]
-        rows = []
-        for chunk in packed.split(max(1, (1 << 22) // max(1, packed[0, 0].numel() * b.words.shape[0])), dim=1):
-            both = chunk[:, :, :, None] ^ b.words if p.binary == 1 else chunk[:, :, :, None] & b.words
-            count = _popcount(both).sum(dim=(-3, -2, -1))  # [n, rows, gw, O]
-            rows.append(taps * c - 2 * count if p.binary == 1 else count)  # bits past C are 0 on both sides
-        acc = torch.cat(rows, dim=1).to(torch.float32)
-    beta = 1.0
-    if p.beta:
-        around = (_windows(x, plan.beta_index, plan.beta_mask) + b.in_bias) * b.in_scale
-        beta = around.abs().mean(dim=-1).mean(dim=(3, 4))[..., None]
-    y = acc * b.out_scale * beta + b.out_bias  # [n, gh, gw, O]
-    if p.neuron.type != MPSCNNNeuronType.none:
-        prelu = None if prepared.prelu is None else prepared.prelu.view(-1)
-        y = apply_neuron(y, p.neuron, prelu, TORCH_OPS)
-    fmt = F(p.dst_format)
-    bound.out.copy_(y if fmt in _FLOAT_FORMATS else values_to_storage(y, fmt))
-
-
-def _plan(problem, device):
-    return BinaryPlan(problem, device) if problem.binary >= 0 else Plan(problem, device)
-
-
-def _bind(plan, src, dst):
-    return BinaryBound(plan, src, dst) if isinstance(plan, BinaryPlan) else Bound(plan, src, dst)
-
-
-def _run(bound, prepared) -> None:
-    (run_binary if isinstance(bound, BinaryBound) else run)(bound, prepared)
+    (kh, kw), (gh, gw), (sy, sx), (ddy, ddx) = p.kernel, p.grid, p.stride, p.dilation
+    positive = Fn.pad((s_prime >= 0).to(torch.int64).permute(0, 2, 3, 1), (0, words * 32 - c))
+    shifts = torch.arange(32, device=s_prime.device, dtype=torch.int64)
+    packed = (positive.reshape(*positive.shape[:3], words, 32) << shifts).sum(-1)  # [n, H, W, words]
+    acc = s_prime.new_zeros((s_prime.shape[0], gh, gw, b.words.shape[0]), dtype=torch.int64)
+    for q in range(kh):
+        for pp in range(kw):
+            tap = packed[:, q * ddy: q * ddy + (gh - 1) * sy + 1: sy, pp * ddx: pp * ddx + (gw - 1) * sx + 1: sx]
+            w = b.words[:, q, pp]  # [O, words]
+            both = tap[:, :, :, None, :] ^ w if p.binary == 1 else tap[:, :, :, None, :] & w
+            acc += _popcount(both).sum(-1)
+    if p.binary == 1:
+        acc = kh * kw * c - 2 * acc
+    return acc.to(torch.float32).permute(0, 3, 1, 2)
 
 
 class _Torch:
@@ -418,9 +430,9 @@ class _Torch:
     def prepare(weights, bias, prelu, device) -> Prepared:
         return Prepared(weights, bias, prelu, device)
 
-    plan = staticmethod(_plan)
-    bind = staticmethod(_bind)
-    run = staticmethod(_run)
+    plan = staticmethod(Plan)
+    bind = staticmethod(Bound)
+    run = staticmethod(run)
 
 
 BACKEND = _Torch()
