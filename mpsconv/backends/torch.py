@@ -152,8 +152,20 @@ class Plan:
         # (spec §10.3); outputs beyond its extent (n - 1)·s + Kd read only inserted zeros.
         self.transposed = p.upsample != (1, 1) and not p.identity and p.binary < 0
         if self.transposed:
-            crop, pads = [slice(None)] * 4, []
+            crop, pads, t_padding, t_out_padding = [slice(None)] * 4, [], [], []
             for axis, dim in ((0, 2), (1, 3)):
+                start, count = p.tap0[axis] + p.extent(axis) - 1, p.grid[axis]
+                natural = (p.src_size[axis] - 1) * p.upsample[axis] - 2 * start + p.extent(axis)
+                t_padding.append(start)
+                t_out_padding.append(count - natural)  # valid when 0 <= it < max(stride, dilation)
+            exact = all(pad >= 0 and 0 <= op < max(p.upsample[a], p.dilation[a])
+                        for a, (pad, op) in enumerate(zip(t_padding, t_out_padding)))
+            # exactly the wanted outputs, when the framework's own padding can express them
+            self.t_padding = (tuple(t_padding), tuple(t_out_padding)) if exact else ((0, 0), (0, 0))
+            for axis, dim in ((0, 2), (1, 3)):
+                if exact:
+                    pads.append((0, 0))
+                    continue
                 start, count = p.tap0[axis] + p.extent(axis) - 1, p.grid[axis]
                 full = (p.src_size[axis] - 1) * p.upsample[axis] + p.extent(axis)
                 lo, hi = max(start, 0), min(start + count, full)  # the wanted outputs it has
@@ -280,12 +292,15 @@ def run(bound: Bound, prepared: Prepared) -> None:
     elif p.binary >= 0:
         y = _binary_from_window(x, p, prepared.binary)
     elif plan.transposed:
-        y = Fn.conv_transpose2d(x, prepared.transposed(p.groups), None, p.upsample, 0, 0, p.groups, p.dilation)
+        fused_bias = prepared.bias if plan.t_pad is None else None  # zero-filled outputs need the bias too
+        padding, output_padding = plan.t_padding
+        y = Fn.conv_transpose2d(x, prepared.transposed(p.groups), fused_bias, p.upsample, padding, output_padding,
+                                p.groups, p.dilation)
         y = y[plan.t_crop]
         if plan.t_pad is not None:
             y = Fn.pad(y, plan.t_pad)
-        if prepared.bias is not None:
-            y = y + prepared.bias.view(1, -1, 1, 1)
+            if prepared.bias is not None:
+                y = y + prepared.bias.view(1, -1, 1, 1)
     elif plan.onednn:
         y = torch.ops.mkldnn._convolution_pointwise(x, prepared.packed(plan), prepared.bias, plan.conv_padding,
                                                     p.stride, p.dilation, p.groups, plan.post_op, [], "")
@@ -362,6 +377,8 @@ class _BinaryTensors:
         self.ones = torch.from_numpy(unpacked).to(dev)
         self.in_bias = torch.from_numpy(params.in_bias).to(dev)
         self.in_scale = torch.from_numpy(params.in_scale).to(dev)
+        self.input_affine = bool(np.any(params.in_bias != 0) or np.any(params.in_scale != 1))
+        self.unit_scale = bool(np.all(params.out_scale == 1))
         self.out_bias = torch.from_numpy(params.out_bias).to(dev)
         self.out_scale = torch.from_numpy(params.out_scale).to(dev)
 
@@ -370,7 +387,7 @@ def _binary_from_window(x: torch.Tensor, p: ConvProblem, b: _BinaryTensors) -> t
     """``acc · scale · β + bias`` (NCHW) from the read window ``x`` of the source (pads included)."""
     c = p.in_channels
     channel = (1, -1, 1, 1)
-    s_prime = (x + b.in_bias.view(channel)) * b.in_scale.view(channel)
+    s_prime = (x + b.in_bias.view(channel)) * b.in_scale.view(channel) if b.input_affine else x
     if p.binary != 0 and p.kernel[0] * p.kernel[1] * c >= POPCOUNT_MIN_TERMS:
         acc = _popcount_accumulate(s_prime, p, b)
     else:
@@ -381,6 +398,8 @@ def _binary_from_window(x: torch.Tensor, p: ConvProblem, b: _BinaryTensors) -> t
         else:  # AND: [S' >= 0]·bit
             terms, weights = (s_prime >= 0).to(torch.float32), b.ones
         weights = weights[..., :c].permute(0, 3, 1, 2).contiguous()
+        if b.unit_scale and not p.beta:  # acc·1·1 + bias: the bias can ride in the convolution
+            return Fn.conv2d(_canonical(terms), weights, b.out_bias, p.stride, 0, p.dilation)
         acc = Fn.conv2d(_canonical(terms), weights, None, p.stride, 0, p.dilation)
     beta = 1.0
     if p.beta:  # β: the mean of A = mean_c |S'| over a kW x kH window around each window centre
