@@ -381,6 +381,15 @@ class _BinaryTensors:
         self.unit_scale = bool(np.all(params.out_scale == 1))
         self.out_bias = torch.from_numpy(params.out_bias).to(dev)
         self.out_scale = torch.from_numpy(params.out_scale).to(dev)
+        self._conv_weights: dict = {}
+
+    def conv_weights(self, kind: int, channels: int) -> torch.Tensor:
+        """OIHW float weights for the float path: ``2·bit - 1`` (binaryWeights, xnor) or ``bit`` (AND)."""
+        key = (kind == 2, channels)
+        if key not in self._conv_weights:
+            source = self.ones if kind == 2 else self.plus_minus
+            self._conv_weights[key] = source[..., :channels].permute(0, 3, 1, 2).contiguous()
+        return self._conv_weights[key]
 
 
 def _binary_from_window(x: torch.Tensor, p: ConvProblem, b: _BinaryTensors) -> torch.Tensor:
@@ -392,12 +401,12 @@ def _binary_from_window(x: torch.Tensor, p: ConvProblem, b: _BinaryTensors) -> t
         acc = _popcount_accumulate(s_prime, p, b)
     else:
         if p.binary == 0:  # binaryWeights: S'·(2·bit - 1)
-            terms, weights = s_prime, b.plus_minus
+            terms = s_prime
         elif p.binary == 1:  # xnor: sgn(S')·(2·bit - 1), sgn(v) = v < 0 ? -1 : +1
-            terms, weights = torch.where(s_prime < 0, -1.0, 1.0), b.plus_minus
+            terms = torch.where(s_prime < 0, -1.0, 1.0)
         else:  # AND: [S' >= 0]·bit
-            terms, weights = (s_prime >= 0).to(torch.float32), b.ones
-        weights = weights[..., :c].permute(0, 3, 1, 2).contiguous()
+            terms = (s_prime >= 0).to(torch.float32)
+        weights = b.conv_weights(p.binary, c)
         if b.unit_scale and not p.beta:  # acc·1·1 + bias: the bias can ride in the convolution
             return Fn.conv2d(_canonical(terms), weights, b.out_bias, p.stride, 0, p.dilation)
         acc = Fn.conv2d(_canonical(terms), weights, None, p.stride, 0, p.dilation)
