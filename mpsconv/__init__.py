@@ -42,6 +42,8 @@ from .neuron import (
     MPSCNNNeuronReLUN, MPSCNNNeuronSigmoid, MPSCNNNeuronSoftPlus, MPSCNNNeuronSoftSign, MPSCNNNeuronTanH,
     MPSCNNNeuronType, MPSNNNeuronDescriptor,
 )
+from .gradient import MPSCNNConvolutionGradientState
+from .state import MPSNNGradientState, MPSState, MPSStateBatchIncrementReadCount, MPSStateResourceType
 from .transpose import MPSCNNConvolutionTranspose
 from .types import (
     MPSDataType, MPSOffset, MPSRectNoClip, MTLOrigin, MTLRegion, MTLRegionMake2D, MTLRegionMake3D, MTLSize,
@@ -52,4 +54,4 @@ __version__ = "0.1.0"
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in {
     "coding", "config", "convolution", "datasource", "descriptor", "errors", "geometry", "image", "kernel",
-    "metal", "neuron", "types", "backends", "transpose", "binary"}]
+    "metal", "neuron", "types", "backends", "transpose", "binary", "state", "gradient"}]

@@ -582,13 +582,32 @@ class MPSCNNKernel(MPSKernel):
         finally:
             cb._end_encode()
 
+    # -- states (kernels that make one override _new_state)
+    def _new_state(self, source, commandBuffer, temporary: bool):
+        raise not_implemented(f"{type(self).__name__} result states (training)", 4)
+
+    def _check_state(self, state, cb, owner: str) -> None:
+        """A destination state must come from this kernel, with the properties the encode uses."""
+        raise not_implemented(f"{type(self).__name__}.encode with a destinationState (training states)", 4)
+
     def _encode_kw(self, *, commandBuffer, sourceImage, destinationImage=None, destinationState=None,
                    destinationStateIsTemporary=None):
-        if destinationState is not None or destinationStateIsTemporary is not None:
-            raise not_implemented(f"{type(self).__name__}.encode with a destinationState (training states)", 4)
+        owner = self._owner()
         if destinationImage is None:
-            return self._encode_allocating(commandBuffer, [sourceImage], self._owner())[0]
-        self._encode_pairs(commandBuffer, [sourceImage], [destinationImage], self._owner())
+            if destinationStateIsTemporary is None:
+                return self._encode_allocating(commandBuffer, [sourceImage], owner)[0]
+            images, state = self._encode_allocating(commandBuffer, [sourceImage], owner,
+                                                    state_temporary=bool(destinationStateIsTemporary))
+            return images[0], state
+        if destinationStateIsTemporary is not None:
+            raise MPSTypeError(f"{owner}: destinationStateIsTemporary= goes with the allocating encode (no "
+                               "destinationImage=); the manual form takes destinationState=")
+        if destinationState is not None:
+            self._check_cb(commandBuffer, owner)
+            self._check_state(destinationState, commandBuffer, owner)
+        self._encode_pairs(commandBuffer, [sourceImage], [destinationImage], owner)
+        if destinationState is not None:
+            destinationState._filled_by(sourceImage)
         return None
 
     def encodeBatch(self, *, commandBuffer, sourceImages, destinationImages=None, destinationStates=None,
@@ -608,8 +627,10 @@ class MPSCNNKernel(MPSKernel):
             self._encode_pairs(commandBuffer, sources, destinations, owner)
         return None
 
-    def _encode_allocating(self, cb, sources: list, owner: str) -> list:
-        """Padding policy -> allocator -> manual encode, per source (spec §2.7)."""
+    def _encode_allocating(self, cb, sources: list, owner: str, state_temporary: bool | None = None):
+        """Padding policy -> allocator -> manual encode, per source (spec §2.7). With
+        ``state_temporary`` set, also makes the result state after allocating and returns
+        ``(images, state)`` (one state for the whole batch)."""
         self._check_cb(cb, owner)
         cb._check_open(owner)
         for i, source in enumerate(sources):
@@ -630,14 +651,17 @@ class MPSCNNKernel(MPSKernel):
                 destinations = list(batch_alloc(cb, imageDescriptor=descriptor, kernel=self, count=len(sources)))
             else:
                 destinations = [self._allocator.image(cb, imageDescriptor=descriptor, kernel=self) for _ in sources]
+            state = None if state_temporary is None else self._new_state(sources[0], cb, state_temporary)
             self._encode_pairs(cb, sources, destinations, owner)
+            if state is not None:
+                state._filled_by(sources[0])
         except Exception:
             self._offset, self._edgeMode = saved
             for image in destinations:  # never used: release without a leak warning
                 if isinstance(image, MPSTemporaryImage) and image.readCount > 0:
                     image._read_count = 0
             raise
-        return destinations
+        return destinations if state_temporary is None else (destinations, state)
 
 
 def _check_uniform_batch(images: list, owner: str, name: str) -> None:

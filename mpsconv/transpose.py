@@ -5,6 +5,7 @@ from .convolution import _WeightedKernel
 from .descriptor import MPSCNNConvolutionDescriptor
 from .errors import MPSTypeError, MPSValueError, not_implemented
 from .geometry import ConvProblem, allocate_reverse
+from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .kernel import MPSImageEdgeMode
 from .types import MPSDataType, MPSOffset
 
@@ -81,20 +82,82 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
     def sourceRegion(self, destinationSize):
         raise not_implemented("MPSCNNConvolutionTranspose.sourceRegion (the source region of a backwards kernel)", 3)
 
-    # -- encode forms with a convolution gradient state (spec §10.5)
+    # -- encode forms with a convolution gradient state (spec §10.4, §10.5)
+    def _apply_state(self, state, cb, owner: str) -> None:
+        """The forward convolution's state decides the geometry: ``offset = 0`` and
+        ``kernelOffset = -o + (1 if Kd is even else 0)`` per axis (spec §10.4)."""
+        from .gradient import MPSCNNConvolutionGradientState
+
+        if not isinstance(state, MPSCNNConvolutionGradientState):
+            raise MPSTypeError(f"{owner}: convolutionGradientState={type(state).__name__} must be an "
+                               "MPSCNNConvolutionGradientState from the forward convolution")
+        state._check_for_encode(cb, owner, "convolutionGradientState")
+        fwd = state.convolution
+        if (fwd.kernelHeight, fwd.kernelWidth, fwd.dilationRateY, fwd.dilationRateX) != \
+                (self.kernelHeight, self.kernelWidth, self.dilationRateY, self.dilationRateX):
+            raise MPSValueError(f"{owner}: the forward convolution's window {fwd.kernelWidth}x{fwd.kernelHeight} "
+                                f"(dilation {fwd.dilationRateX}x{fwd.dilationRateY}) differs from this transpose's "
+                                f"{self.kernelWidth}x{self.kernelHeight} (dilation {self.dilationRateX}x"
+                                f"{self.dilationRateY}); the state path needs the same window")
+        kernel, _, dilation = self._window()
+        offset = state.forward_offset
+        self._offset = MPSOffset(0, 0, self._offset.z)
+        self._kernel_offset = tuple(-o + (1 if ((k - 1) * d + 1) % 2 == 0 else 0)
+                                    for o, k, d in zip((offset.y, offset.x), kernel, dilation))
+
     def _encode_kw(self, *, commandBuffer, sourceImage, destinationImage=None, convolutionGradientState=None,
                    destinationState=None, destinationStateIsTemporary=None):
-        if convolutionGradientState is not None:
-            raise not_implemented("MPSCNNConvolutionTranspose.encode with a convolutionGradientState "
-                                  "(MPSCNNConvolutionGradientState)", 4)
-        return super()._encode_kw(commandBuffer=commandBuffer, sourceImage=sourceImage,
-                                  destinationImage=destinationImage, destinationState=destinationState,
-                                  destinationStateIsTemporary=destinationStateIsTemporary)
+        owner = self._owner()
+        if destinationState is not None or destinationStateIsTemporary is not None:
+            raise not_implemented("MPSCNNConvolutionTranspose training states "
+                                  "(MPSCNNConvolutionTransposeGradientState)", 4)
+        state = convolutionGradientState
+        if state is None:
+            return super()._encode_kw(commandBuffer=commandBuffer, sourceImage=sourceImage,
+                                      destinationImage=destinationImage)
+        allocated = self._encode_with_state(commandBuffer, sourceImage, state, destinationImage, owner)
+        state._consume_read()
+        return allocated
+
+    def _encode_with_state(self, commandBuffer, sourceImage, state, destinationImage, owner):
+        """One state-driven encode; the caller consumes the state's read (once per distinct state)."""
+        self._check_cb(commandBuffer, owner)
+        saved = (self._offset, self._kernel_offset)
+        self._apply_state(state, commandBuffer, owner)
+        allocated = None
+        try:
+            if destinationImage is None:  # sized like the forward convolution's source
+                if not isinstance(sourceImage, MPSImage):
+                    raise MPSTypeError(f"{owner}: sourceImage={sourceImage!r} must be an MPSImage")
+                fmt = sourceImage.featureChannelFormat
+                descriptor = MPSImageDescriptor(channelFormat=fmt, width=state.sourceWidth, height=state.sourceHeight,
+                                                featureChannels=self._dfo + self.outputFeatureChannels)
+                allocated = destinationImage = self._allocator.image(commandBuffer, imageDescriptor=descriptor,
+                                                                     kernel=self)
+            self._encode_pairs(commandBuffer, [sourceImage], [destinationImage], owner)
+        except Exception:
+            self._offset, self._kernel_offset = saved
+            if isinstance(allocated, MPSTemporaryImage) and allocated.readCount > 0:
+                allocated._read_count = 0
+            raise
+        return allocated
 
     def encodeBatch(self, *, commandBuffer, sourceImages, destinationImages=None, convolutionGradientStates=None,
                     destinationStates=None, destinationStateIsTemporary=None):
-        if convolutionGradientStates is not None and any(s is not None for s in convolutionGradientStates):
-            raise not_implemented("MPSCNNConvolutionTranspose.encodeBatch with convolutionGradientStates", 4)
-        return super().encodeBatch(commandBuffer=commandBuffer, sourceImages=sourceImages,
-                                   destinationImages=destinationImages, destinationStates=destinationStates,
-                                   destinationStateIsTemporary=destinationStateIsTemporary)
+        """``encodeBatch(commandBuffer:sourceImages:convolutionGradientStates:[destinationImages:])``."""
+        states = list(convolutionGradientStates) if convolutionGradientStates is not None else None
+        if states is None or all(s is None for s in states):
+            return super().encodeBatch(commandBuffer=commandBuffer, sourceImages=sourceImages,
+                                       destinationImages=destinationImages, destinationStates=destinationStates,
+                                       destinationStateIsTemporary=destinationStateIsTemporary)
+        sources = list(sourceImages)
+        if len(states) != len(sources):
+            raise MPSValueError(f"{self._owner('encodeBatch')}: {len(states)} convolutionGradientStates for "
+                                f"{len(sources)} sourceImages")
+        owner = self._owner("encodeBatch")
+        outputs = [self._encode_with_state(commandBuffer, src, state,
+                                           None if destinationImages is None else destinationImages[i], owner)
+                   for i, (src, state) in enumerate(zip(sources, states))]
+        for state in {id(s): s for s in states}.values():
+            state._consume_read()
+        return outputs if destinationImages is None else None

@@ -477,15 +477,11 @@ def test_conv_checklist_83_fully_connected_allocating_encode():
     assert k.padding.paddingMethod() == MPSNNPaddingMethod.sizeValidOnly
 
 
-def test_training_state_methods_name_their_issue():
-    k = conv()
+def test_weight_states_name_their_issue():
     with pytest.raises(NotImplementedError, match="issue 4"):
-        k.resultState(sourceImage=blank(3, 3, 1))
+        conv().exportWeightsAndBiases()
     with pytest.raises(NotImplementedError, match="issue 4"):
-        k.exportWeightsAndBiases()
-    cb = QUEUE.makeCommandBuffer()
-    with pytest.raises(NotImplementedError, match="issue 4"):
-        k.encode(commandBuffer=cb, sourceImage=blank(3, 3, 1), destinationStateIsTemporary=True)
+        conv().reloadWeightsAndBiases(QUEUE.makeCommandBuffer(), state=None)
 
 
 def test_reload_with_a_changed_descriptor_is_used_by_the_next_encode():

@@ -205,6 +205,48 @@ def state_case():
                                 destinationImage=dst)), watched, cb
 
 
+def forward_with_state(kw=3, temporary=False, cb=None):
+    k = conv(kw, kw, 4, 4)
+    src = blank(5, 5, 4, rng=rng)
+    state = k.temporaryResultState(commandBuffer=cb, sourceImage=src) if temporary else k.resultState(sourceImage=src)
+    return k, src, state
+
+
+def foreign_window_state_case():
+    _, _, state = forward_with_state(kw=5)
+    action, watched, cb = tr_case()
+    src, dst = watched
+    return (lambda: tr().encode(commandBuffer=cb, sourceImage=src, convolutionGradientState=state,
+                                destinationImage=dst)), watched, cb
+
+
+def released_state_case():
+    action, watched, cb = tr_case()
+    _, _, state = forward_with_state(temporary=True, cb=cb)
+    state.readCount = 0
+    src, dst = watched
+    return (lambda: tr().encode(commandBuffer=cb, sourceImage=src, convolutionGradientState=state,
+                                destinationImage=dst)), watched, cb
+
+
+def other_kernel_state_case():
+    _, src, state = forward_with_state()
+    action, watched, cb = encode_case()
+    k = box()
+    s2, d2 = watched
+    return (lambda: k.encode(commandBuffer=cb, sourceImage=s2, destinationState=state, destinationImage=d2)), \
+        watched, cb
+
+
+def stale_state_case():
+    k, src, state = forward_with_state()
+    k.offset = MPSOffset(1, 1, 0)
+    dst = blank(5, 5, 4, rng=rng)
+    cb = QUEUE.makeCommandBuffer()
+    return (lambda: k.encode(commandBuffer=cb, sourceImage=src, destinationState=state, destinationImage=dst)), \
+        [src, dst], cb
+
+
 def words(o=2, i=40, k=1):
     return np.ones(o * k * k * ((i + 31) // 32), np.uint32)
 
@@ -325,7 +367,11 @@ ROWS = [
     ("transpose clamp edge", lambda: tr_case(edgeMode=MPSImageEdgeMode.clamp), E, "edgeMode=clamp is not defined"),
     ("transpose destination channels", lambda: (lambda k: encode_case(k, blank(3, 3, 4, rng=rng), blank(7, 7, 3, rng=rng)))(tr()), E, "needs 4"),
     ("transpose source channels", lambda: (lambda k: encode_case(k, blank(3, 3, 2, rng=rng), blank(7, 7, 4, rng=rng)))(tr()), E, "provides 2 feature channels"),
-    ("transpose gradient state", state_case, NotImplementedError, "issue 4"),
+    ("transpose gradient state of another type", state_case, T, "must be an MPSCNNConvolutionGradientState"),
+    ("transpose state of another window", lambda: foreign_window_state_case(), E, "the state path needs the same window"),
+    ("transpose released temporary state", lambda: released_state_case(), MPSCommandBufferError, "released"),
+    ("forward state of another kernel", lambda: other_kernel_state_case(), E, "made by another kernel"),
+    ("forward state made before the offset changed", lambda: stale_state_case(), E, "changed after destinationState was made"),
     ("transpose archived as a convolution", lambda: make(lambda: NSKeyedUnarchiver.unarchivedObject(MPSCNNConvolution, archive(tr()))), MPSArchiveError, "not a MPSCNNConvolution"),
     # -- binary
     ("binary groups", lambda: make(bn_conv(desc=descriptor(1, 1, 8, 8, groups=2), data=np.ones(8, np.uint32))), E, "groups=2; binary convolution has groups 1"),

@@ -47,8 +47,17 @@ def test_ki_checklist_07_neuron_window():
     assert n.isBackwards is False and n.isStateModified is False
 
 
-def test_ki_checklist_08_no_batch_state(kernel):
-    assert kernel.isResultStateReusedAcrossBatch() is False and kernel.appendBatchBarrier() is False
+def test_ki_checklist_08_batch_state_reuse(kernel):
+    """kernel-image.md #8 says False for convolutions too; Apple's MPSCNNKernel documentation says a
+    kernel whose resultStateBatch holds one object for the whole batch returns YES, and
+    convolution.md §8.4 (one state per batch) makes the convolution such a kernel: we follow Apple."""
+    assert kernel.appendBatchBarrier() is False
+    if isinstance(kernel, MPSCNNConvolution):
+        assert kernel.isResultStateReusedAcrossBatch() is True
+        states = kernel.resultStateBatch(sourceImage=[blank(3, 3, 1)] * 3)
+        assert len(states) == 3 and states[0] is states[1] is states[2]
+    else:
+        assert kernel.isResultStateReusedAcrossBatch() is False
 
 
 def test_ki_checklist_09_destination_channel_offset():

@@ -1,0 +1,150 @@
+"""``MPSState``: opaque data passed between kernels, with a read count (spec ``kernel-image.md`` §6)."""
+from __future__ import annotations
+
+import enum
+from typing import Sequence
+
+from .errors import MPSCommandBufferError, MPSTypeError, MPSValueError
+from .metal import MTLBuffer, MTLCommandBuffer, MTLDevice
+
+
+class MPSStateResourceType(enum.IntEnum):
+    """``MPSStateResourceType``."""
+
+    none = 0
+    buffer = 1
+    texture = 2
+
+
+class MPSState:
+    """``MPSState``: zero or more buffers; temporary states live on one command buffer and are
+    released when their ``readCount`` reaches 0.
+
+    ``MPSState(device=, bufferSize=)``, ``MPSState(resource=)``, ``MPSState(resources=)``,
+    ``MPSState.temporaryState(commandBuffer=[, bufferSize=])``; ``MPSState()`` is unavailable.
+    Buffers are allocated lazily (``resource(at:allocateMemory:)``).
+    """
+
+    def __init__(self, **kwargs):
+        keys = frozenset(kwargs)
+        if keys == {"device", "bufferSize"}:
+            self._init_state(kwargs["device"], [int(kwargs["bufferSize"])], None, temporary=False)
+        elif keys == {"resource"}:
+            resource = kwargs["resource"]
+            self._init_state(getattr(resource, "device", None), [], [] if resource is None else [resource], False)
+        elif keys == {"resources"}:
+            resources = list(kwargs["resources"] or [])
+            self._init_state(resources[0].device if resources else None, [], resources, False)
+        else:
+            raise MPSTypeError(f"MPSState({', '.join(sorted(keys))}): valid initializers are MPSState(device=, "
+                               "bufferSize=), MPSState(resource=), MPSState(resources=) and "
+                               "MPSState.temporaryState(commandBuffer=[, bufferSize=]); MPSState() is unavailable")
+
+    @classmethod
+    def temporaryState(cls, *, commandBuffer: MTLCommandBuffer, bufferSize: int | None = None) -> "MPSState":
+        """``temporaryState(commandBuffer:[bufferSize:])``: ``readCount`` starts at 1."""
+        if not isinstance(commandBuffer, MTLCommandBuffer):
+            raise MPSTypeError(f"MPSState.temporaryState: commandBuffer={commandBuffer!r} must be an MTLCommandBuffer")
+        commandBuffer._check_open("MPSState.temporaryState")
+        state = cls.__new__(cls)
+        state._init_state(commandBuffer.device, [] if bufferSize is None else [int(bufferSize)], None, temporary=True)
+        state._cb = commandBuffer
+        return state
+
+    def _init_state(self, device: MTLDevice | None, sizes: Sequence[int], resources, temporary: bool) -> None:
+        for size in sizes:
+            if size < 1:
+                raise MPSValueError(f"MPSState: bufferSize={size} must be >= 1")
+        self._device = device
+        self._sizes = list(sizes) if resources is None else [getattr(r, "length", 0) for r in resources]
+        self._resources: list[MTLBuffer | None] = [None] * len(sizes) if resources is None else list(resources)
+        self._temporary = temporary
+        self._read_count = 1 if temporary else 0
+        self._cb: MTLCommandBuffer | None = None
+        self._known_size = resources is None
+        self.label = None
+
+    # -- members
+    @property
+    def isTemporary(self) -> bool:
+        return self._temporary
+
+    @property
+    def readCount(self) -> int:
+        return self._read_count
+
+    @readCount.setter
+    def readCount(self, value: int) -> None:
+        value = int(value)
+        if self._temporary and self._read_count == 0:
+            raise MPSCommandBufferError(f"{type(self).__name__}.readCount: the temporary state was released "
+                                        "(readCount is 0); it cannot change any more")
+        if value < 0:
+            raise MPSValueError(f"{type(self).__name__}.readCount={value} must be >= 0")
+        self._read_count = value
+        if self._temporary and value == 0:
+            self._resources = [None] * len(self._resources)
+
+    @property
+    def resourceCount(self) -> int:
+        return len(self._resources)
+
+    def _check_index(self, index: int, owner: str) -> None:
+        if not 0 <= index < len(self._resources):
+            raise MPSValueError(f"{type(self).__name__}.{owner}: index {index} is outside its "
+                                f"{len(self._resources)} resources")
+
+    def resource(self, at: int = 0, allocateMemory: bool = True):
+        """``resource(at:allocateMemory:)``: the buffer, allocated on request."""
+        self._check_index(at, "resource")
+        if self._resources[at] is None and allocateMemory:
+            self._resources[at] = self._device.makeBuffer(length=self._sizes[at])
+        return self._resources[at]
+
+    def bufferSize(self, at: int = 0) -> int:
+        """``bufferSize(at:)``: bytes of a buffer resource; never allocates."""
+        self._check_index(at, "bufferSize")
+        return self._sizes[at]
+
+    def resourceType(self, at: int = 0) -> MPSStateResourceType:
+        self._check_index(at, "resourceType")
+        return MPSStateResourceType.buffer
+
+    def resourceSize(self) -> int:
+        """Bytes of backing storage of all resources (0 when made from existing resources)."""
+        return sum(self._sizes) if self._known_size else 0
+
+    def synchronize(self, on: MTLCommandBuffer) -> None:
+        """``synchronize(on:)``: our buffers need no flush."""
+        on._check_open(f"{type(self).__name__}.synchronize")
+
+    def destinationImageDescriptor(self, sourceImages, sourceStates, kernel, suggestedDescriptor):
+        """Hook of the descriptor pipeline (spec §2.7 step 3): the base state changes nothing."""
+        return suggestedDescriptor
+
+    # -- encode-time checks (used by kernels)
+    def _check_for_encode(self, cb: MTLCommandBuffer, owner: str, role: str) -> None:
+        if self._temporary:
+            if cb is not self._cb:
+                raise MPSCommandBufferError(f"{owner}: {role} is a temporary state of another command buffer")
+            if self._read_count == 0:
+                raise MPSCommandBufferError(f"{owner}: {role} was released (readCount reached 0)")
+
+    def _consume_read(self) -> None:
+        if self._temporary and self._read_count > 0:
+            self.readCount = self._read_count - 1
+
+
+class MPSNNGradientState(MPSState):
+    """``MPSNNGradientState``: a snapshot of a forward kernel for its gradient pass (made by the
+    forward kernel's ``resultState…`` methods, never directly)."""
+
+
+def MPSStateBatchIncrementReadCount(batch, amount: int) -> int:
+    """Adds ``amount`` once per distinct state; returns the number of distinct states."""
+    seen = {}
+    for state in batch or ():
+        seen.setdefault(id(state), state)
+    for state in seen.values():
+        state.readCount = state.readCount + int(amount)
+    return len(seen)
