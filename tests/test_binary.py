@@ -175,3 +175,13 @@ def test_binary_archive_round_trip():
     assert (back.type, back.flags, back.offset) == (k.type, k.flags, k.offset)
     src = image(rng.uniform(-1, 1, (5, 5, 40)))
     np.testing.assert_array_equal(values(run(back, src, blank(3, 3, 3))), values(run(k, src, blank(3, 3, 3))))
+
+
+def test_binary_fully_connected_round_trip():
+    rng = np.random.default_rng(10)
+    k = binary(rng.integers(0, 2, (4, 2, 3, 5)).astype(np.uint8), BT.binaryWeights, cls=MPSCNNBinaryFullyConnected,
+               inputBiasTerms=rng.uniform(-1, 1, 5))
+    back = NSKeyedUnarchiver.unarchivedObject(MPSCNNBinaryConvolution, NSKeyedArchiver.archivedData(withRootObject=k))
+    assert type(back) is MPSCNNBinaryFullyConnected
+    src = image(rng.uniform(-1, 1, (2, 3, 5)))
+    np.testing.assert_array_equal(values(run(back, src, blank(1, 1, 4))), values(run(k, src, blank(1, 1, 4))))

@@ -272,6 +272,9 @@ def test_conv_checklist_59_label_from_data_source():
 def test_conv_checklist_60_rejected_data_types(data_type):
     with pytest.raises(MPSValueError, match=f"dataType\\(\\)={data_type.name} is not accepted"):
         MPSCNNConvolution(device=DEVICE, weights=ArraySource(descriptor(1, 1, 1, 1), [1], data_type=data_type))
+    with pytest.raises(MPSValueError, match="dataType\\(\\)=float16 is not accepted"):
+        MPSCNNConvolutionTranspose(device=DEVICE, weights=ArraySource(descriptor(1, 1, 1, 1), np.ones(1, np.float16),
+                                                                      data_type=MPSDataType.float16))
 
 
 def test_conv_checklist_61_linear_quantization():

@@ -146,7 +146,8 @@ class Plan:
         self.dst_index = (slice(z0, z0 + n), slice(y0, y0 + oh), slice(x0, x0 + ow), slice(d0, d0 + p.dst_channels))
         self.dst_format = F(p.dst_format)
         self.subpixel = p.subpixel
-        self.conv2d = _conv2d_full_fp32 if device.is_cuda else Fn.conv2d
+        self.conv2d = _full_fp32(Fn.conv2d) if device.is_cuda else Fn.conv2d
+        self.conv_transpose2d = _full_fp32(Fn.conv_transpose2d) if device.is_cuda else Fn.conv_transpose2d
         # Backwards kernels: conv_transpose2d on the source itself (no zeros inserted). With framework
         # padding 0 its output pixel j is ours at u = j - pad, pad = T + (Kd - 1) - (Kd >> 1) = tap0 + Kd - 1
         # (spec §10.3); outputs beyond its extent (n - 1)·s + Kd read only inserted zeros.
@@ -290,12 +291,12 @@ def run(bound: Bound, prepared: Prepared) -> None:
     if p.identity:
         y = x[:, :, :: p.stride[0], :: p.stride[1]]
     elif p.binary >= 0:
-        y = _binary_from_window(x, p, prepared.binary)
+        y = _binary_from_window(x, p, prepared.binary, plan.conv2d)
     elif plan.transposed:
         fused_bias = prepared.bias if plan.t_pad is None else None  # zero-filled outputs need the bias too
         padding, output_padding = plan.t_padding
-        y = Fn.conv_transpose2d(x, prepared.transposed(p.groups), fused_bias, p.upsample, padding, output_padding,
-                                p.groups, p.dilation)
+        y = plan.conv_transpose2d(x, prepared.transposed(p.groups), fused_bias, p.upsample, padding,
+                                  output_padding, p.groups, p.dilation)
         y = y[plan.t_crop]
         if plan.t_pad is not None:
             y = Fn.pad(y, plan.t_pad)
@@ -349,10 +350,12 @@ def _depth_to_space(y: torch.Tensor, r: int) -> torch.Tensor:
     return blocks.permute(0, 3, 4, 1, 5, 2).reshape(n, c // (r * r), h * r, w * r)
 
 
-def _conv2d_full_fp32(*args):
-    # cuDNN would use TF32 for float32 by default; MPS numerics need full fp32 accumulation
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        return Fn.conv2d(*args)
+def _full_fp32(op):
+    """``op`` with cuDNN's TF32 off: it is on by default for float32, and MPS numerics need full fp32."""
+    def call(*args):
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            return op(*args)
+    return call
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,7 +395,7 @@ class _BinaryTensors:
         return self._conv_weights[key]
 
 
-def _binary_from_window(x: torch.Tensor, p: ConvProblem, b: _BinaryTensors) -> torch.Tensor:
+def _binary_from_window(x: torch.Tensor, p: ConvProblem, b: _BinaryTensors, conv2d) -> torch.Tensor:
     """``acc · scale · β + bias`` (NCHW) from the read window ``x`` of the source (pads included)."""
     c = p.in_channels
     channel = (1, -1, 1, 1)
@@ -408,8 +411,8 @@ def _binary_from_window(x: torch.Tensor, p: ConvProblem, b: _BinaryTensors) -> t
             terms = (s_prime >= 0).to(torch.float32)
         weights = b.conv_weights(p.binary, c)
         if b.unit_scale and not p.beta:  # acc·1·1 + bias: the bias can ride in the convolution
-            return Fn.conv2d(_canonical(terms), weights, b.out_bias, p.stride, 0, p.dilation)
-        acc = Fn.conv2d(_canonical(terms), weights, None, p.stride, 0, p.dilation)
+            return conv2d(_canonical(terms), weights, b.out_bias, p.stride, (0, 0), p.dilation, 1)
+        acc = conv2d(_canonical(terms), weights, None, p.stride, (0, 0), p.dilation, 1)
     beta = 1.0
     if p.beta:  # β: the mean of A = mean_c |S'| over a kW x kH window around each window centre
         (kh, kw), (gh, gw) = p.kernel, p.grid
