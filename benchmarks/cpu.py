@@ -51,6 +51,16 @@ class Weights(MPSCNNConvolutionDataSource):
         return self.b
 
 
+def encode_and_wait(queue, kernel, src, dst):
+    """Our side of a row: encode into a new command buffer, commit, wait."""
+    def ours():
+        cb = queue.makeCommandBuffer()
+        kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+        cb.commit()
+        cb.waitUntilCompleted()
+    return ours
+
+
 def timed(fn, budget_s: float, max_reps: int = 200) -> list[float]:
     fn()  # warm-up
     times, start = [], time.perf_counter()
@@ -92,11 +102,7 @@ def mps_operation(device, queue, n, c, h, w, k, r, s, stride, pad, dil, groups, 
     dst = MPSImage(device=device, imageDescriptor=MPSImageDescriptor(
         channelFormat=fmt, width=q, height=p, featureChannels=2 * k, numberOfImages=n))
 
-    def ours():
-        cb = queue.makeCommandBuffer()
-        conv.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
-        cb.commit()
-        cb.waitUntilCompleted()
+    ours = encode_and_wait(queue, conv, src, dst)
 
     # PyTorch eager on the same NHWC data: channels-last conv with bias, relu_, copy into the slice.
     tx = torch.from_numpy(x).permute(0, 3, 1, 2)  # channels-last NCHW view
@@ -161,11 +167,7 @@ def transpose_operation(device, queue, n, c, h, w, k, r, s, stride, pad, rng):
     tw = tw.permute(3, 0, 1, 2).flip(2, 3).contiguous()  # back to PyTorch's layout, fp16-rounded like ours
     out = torch.zeros(n, p, q, 2 * k).permute(0, 3, 1, 2)
 
-    def ours():
-        cb = queue.makeCommandBuffer()
-        kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
-        cb.commit()
-        cb.waitUntilCompleted()
+    ours = encode_and_wait(queue, kernel, src, dst)
 
     def torch_eager():
         y = F.conv_transpose2d(tx, tw, tb, stride, pad, out_pad)
@@ -203,11 +205,7 @@ def binary_operation(device, queue, n, c, h, w, k, r, s, rng):
     tb = torch.from_numpy(bias)
     out = torch.zeros(n, p, q, 2 * k).permute(0, 3, 1, 2)
 
-    def ours():
-        cb = queue.makeCommandBuffer()
-        kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
-        cb.commit()
-        cb.waitUntilCompleted()
+    ours = encode_and_wait(queue, kernel, src, dst)
 
     def torch_eager():
         y = F.conv2d(torch.where(tx >= 0, 1.0, -1.0), tw, tb)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .convolution import DescribedKernel
 from .datasource import check_protocol, read_array
 from .descriptor import (
     MPSCNNBinaryConvolutionFlags, MPSCNNBinaryConvolutionType, MPSCNNConvolutionDescriptor,
@@ -37,7 +38,7 @@ _INITIALIZERS = ("MPSCNNBinaryConvolution(device=, convolutionData=, scaleValue=
                  "MPSCNNBinaryConvolution(coder=, device=)")
 
 
-class MPSCNNBinaryConvolution(MPSCNNKernel):
+class MPSCNNBinaryConvolution(DescribedKernel, MPSCNNKernel):
     """``MPSCNNBinaryConvolution``: 1-bit weights, optionally binarized input (XNOR / AND), scales.
 
     Per destination pixel and output channel ``o``, with ``S' = (S̃ + inBias) · inScale``::
@@ -131,14 +132,6 @@ class MPSCNNBinaryConvolution(MPSCNNKernel):
         """Class-specific descriptor rules (the fully connected subclass adds its own)."""
 
     # -- properties
-    inputFeatureChannels = property(lambda self: self._desc.inputFeatureChannels)
-    outputFeatureChannels = property(lambda self: self._desc.outputFeatureChannels)
-    kernelWidth = property(lambda self: self._desc.kernelWidth)
-    kernelHeight = property(lambda self: self._desc.kernelHeight)
-    strideInPixelsX = property(lambda self: self._desc.strideInPixelsX)
-    strideInPixelsY = property(lambda self: self._desc.strideInPixelsY)
-    dilationRateX = property(lambda self: self._desc.dilationRateX)
-    dilationRateY = property(lambda self: self._desc.dilationRateY)
     type = property(lambda self: self._type)
     flags = property(lambda self: self._flags)
 

@@ -26,7 +26,20 @@ _INITIALIZERS = (
 )
 
 
-class _WeightedKernel(MPSCNNKernel):
+class DescribedKernel:
+    """The read-only properties of a kernel made from a convolution descriptor (its ``_desc``)."""
+
+    inputFeatureChannels = property(lambda self: self._desc.inputFeatureChannels)
+    outputFeatureChannels = property(lambda self: self._desc.outputFeatureChannels)
+    kernelWidth = property(lambda self: self._desc.kernelWidth)
+    kernelHeight = property(lambda self: self._desc.kernelHeight)
+    strideInPixelsX = property(lambda self: self._desc.strideInPixelsX)
+    strideInPixelsY = property(lambda self: self._desc.strideInPixelsY)
+    dilationRateX = property(lambda self: self._desc.dilationRateX)
+    dilationRateY = property(lambda self: self._desc.dilationRateY)
+
+
+class _WeightedKernel(DescribedKernel, MPSCNNKernel):
     """What every kernel with a data source shares: the load cycle, the effective weights, their
     properties and reloads, archiving. Public classes add their initializers and geometry."""
 
@@ -84,15 +97,7 @@ class _WeightedKernel(MPSCNNKernel):
     def _desc(self) -> MPSCNNConvolutionDescriptor:
         return self._loaded.descriptor
 
-    inputFeatureChannels = property(lambda self: self._desc.inputFeatureChannels)
-    outputFeatureChannels = property(lambda self: self._desc.outputFeatureChannels)
     groups = property(lambda self: self._desc.groups)
-    kernelWidth = property(lambda self: self._desc.kernelWidth)
-    kernelHeight = property(lambda self: self._desc.kernelHeight)
-    strideInPixelsX = property(lambda self: self._desc.strideInPixelsX)
-    strideInPixelsY = property(lambda self: self._desc.strideInPixelsY)
-    dilationRateX = property(lambda self: self._desc.dilationRateX)
-    dilationRateY = property(lambda self: self._desc.dilationRateY)
     dataSource = property(lambda self: self._data_source)
     subPixelScaleFactor = property(lambda self: getattr(self._desc, "subPixelScaleFactor", 1))
 

@@ -84,17 +84,20 @@ def dest_size_reverse(n: int, s: int, k: int, style: int) -> int:
     return (n - 1) * s + 1 + style * (k - 1)
 
 
+def _left(extra: int, alignment: int, rem_left: int) -> int:
+    """Padding before the first pixel for ``extra`` missing (or, if negative, unused) pixels."""
+    if alignment == MPSNNPaddingMethod.alignTopLeft:
+        return extra
+    if alignment == MPSNNPaddingMethod.alignBottomRight:
+        return 0
+    return tdiv(extra + rem_left, 2)
+
+
 def padding_offset(n: int, s: int, k: int, style: int, alignment: int, rem_left: int) -> int:
     """The ``offset`` (window centre of destination pixel 0) the padding policy chooses on one axis."""
     d = dest_size(n, s, k, style)
     extra = (d - 1) * s + k - n  # pixels missing (> 0) or unused (< 0)
-    if alignment == MPSNNPaddingMethod.alignTopLeft:
-        left = extra
-    elif alignment == MPSNNPaddingMethod.alignBottomRight:
-        left = 0
-    else:
-        left = tdiv(extra + rem_left, 2)
-    return (k >> 1) - left
+    return (k >> 1) - _left(extra, alignment, rem_left)
 
 
 @dataclass(frozen=True)
@@ -132,16 +135,22 @@ def decode_padding_method(method: int, owner: str) -> PaddingRule:
     )
 
 
-def allocate_forward(
+def allocate(
     src_hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
-    rule: PaddingRule, owner: str,
+    rule: PaddingRule, owner: str, backwards: bool = False,
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Destination size ``(H, W)`` and ``offset`` ``(y, x)`` a forward kernel's padding policy gives."""
+    """Destination size ``(H, W)`` and window offset ``(y, x)`` a padding policy gives.
+
+    Forward kernels: ``DestSize`` and ``offset`` (spec kernel-image.md §3.2). Backwards kernels
+    (convolution.md §10.4): ``DestSizeReverse``, and the forward rule applied to the expanded source
+    at stride 1, i.e. ``kernelOffset = (Kd >> 1) - left`` with ``extra = (style + 1)·(Kd - 1)`` (the
+    kernel's own ``offset`` becomes 0).
+    """
     sizes, offsets = [], []
     for axis, rem in ((0, rule.rem_top_y), (1, rule.rem_left_x)):
         n, s = src_hw[axis], stride[axis]
         kd = dilated_extent(kernel[axis], dilation[axis])
-        d = dest_size(n, s, kd, rule.style)
+        d = dest_size_reverse(n, s, kd, rule.style) if backwards else dest_size(n, s, kd, rule.style)
         if d < 1:
             name = "height" if axis == 0 else "width"
             raise MPSValueError(
@@ -149,36 +158,10 @@ def allocate_forward(
                 f"window {kd}, stride {s}; it must be >= 1 (use a larger source or sizeSame/sizeFull)"
             )
         sizes.append(d)
-        offsets.append(padding_offset(n, s, kd, rule.style, rule.alignment, rem))
-    return (sizes[0], sizes[1]), (offsets[0], offsets[1])
-
-
-def allocate_reverse(
-    src_hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
-    rule: PaddingRule, owner: str,
-) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Destination size ``(H, W)`` and ``kernelOffset`` ``(y, x)`` a backwards kernel's padding policy
-    gives (spec convolution.md §10.4): ``DestSizeReverse``, and the forward ``Offset`` rule applied to
-    the expanded source at stride 1, i.e. ``T = (Kd >> 1) - left`` with ``extra = (style + 1)·(Kd - 1)``
-    (the kernel's own ``offset`` becomes 0)."""
-    sizes, offsets = [], []
-    for axis, rem in ((0, rule.rem_top_y), (1, rule.rem_left_x)):
-        n, s = src_hw[axis], stride[axis]
-        kd = dilated_extent(kernel[axis], dilation[axis])
-        d = dest_size_reverse(n, s, kd, rule.style)
-        if d < 1:
-            name = "height" if axis == 0 else "width"
-            raise MPSValueError(f"{owner}: the padding policy gives destination {name} {d} for source {name} {n}, "
-                                f"window {kd}, stride {s}; it must be >= 1")
-        extra = (rule.style + 1) * (kd - 1)
-        if rule.alignment == MPSNNPaddingMethod.alignTopLeft:
-            left = extra
-        elif rule.alignment == MPSNNPaddingMethod.alignBottomRight:
-            left = 0
+        if backwards:
+            offsets.append((kd >> 1) - _left((rule.style + 1) * (kd - 1), rule.alignment, rem))
         else:
-            left = tdiv(extra + rem, 2)
-        sizes.append(d)
-        offsets.append((kd >> 1) - left)
+            offsets.append(padding_offset(n, s, kd, rule.style, rule.alignment, rem))
     return (sizes[0], sizes[1]), (offsets[0], offsets[1])
 
 

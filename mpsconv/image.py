@@ -17,7 +17,7 @@ import torch
 
 from .errors import MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValueError
 from .metal import (
-    MTLCommandBuffer, MTLCPUCacheMode, MTLDevice, MTLStorageMode, MTLTextureType, MTLTextureUsage,
+    CommandBufferTemporary, MTLCommandBuffer, MTLCPUCacheMode, MTLDevice, MTLStorageMode, MTLTextureType, MTLTextureUsage,
     MTLCreateSystemDefaultDevice, _byte_view,
 )
 from .types import NSIntegerMin, MTLOrigin, MTLRegion, MTLSize, as_region
@@ -704,7 +704,7 @@ def _as_range(value, owner: str) -> tuple[int, int]:
 # Temporary images
 
 
-class MPSTemporaryImage(MPSImage):
+class MPSTemporaryImage(CommandBufferTemporary, MPSImage):
     """``MPSTemporaryImage``: an image that lives inside one command buffer, read ``readCount`` times.
 
     ``MPSTemporaryImage(commandBuffer=, imageDescriptor=)``,
@@ -712,6 +712,7 @@ class MPSTemporaryImage(MPSImage):
     """
 
     _temporary = True
+    _kind = "temporary image"
 
     def __init__(self, **kwargs):
         keys = frozenset(kwargs)
@@ -769,15 +770,7 @@ class MPSTemporaryImage(MPSImage):
 
     @readCount.setter
     def readCount(self, value: int) -> None:
-        value = int(value)
-        if self._read_count == 0:
-            raise MPSCommandBufferError("MPSTemporaryImage.readCount: the image was released (readCount is 0); "
-                                        "its readCount cannot change any more")
-        if value < 0:
-            raise MPSValueError(f"MPSTemporaryImage.readCount={value} must be >= 0")
-        self._read_count = value
-        if value == 0:
-            self._release()
+        self._set_read_count(value)
 
     def _release(self) -> None:
         self._storage = None
@@ -801,13 +794,7 @@ class MPSTemporaryImage(MPSImage):
 
     def _check_for_encode(self, cb: MTLCommandBuffer, owner: str, role: str) -> None:
         super()._check_for_encode(cb, owner, role)
-        if cb is not self._cb:
-            raise MPSCommandBufferError(f"{owner}: {role} is a temporary image of another command buffer")
-        self._check_alive(f"{owner}: {role}")
-
-    def _consume_read(self) -> None:
-        if self._read_count > 0:
-            self.readCount = self._read_count - 1
+        self._check_temporary(cb, owner, role)
 
     def _cpu_check(self, owner: str) -> None:
         raise MPSValueError(f"{owner}: an MPSTemporaryImage has no CPU access; copy it into an MPSImage first")

@@ -21,7 +21,7 @@ from .errors import (
     MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValueError, not_implemented,
 )
 from .geometry import (
-    ConvProblem, MPSNNPaddingMethod, NeuronSpec, allocate_forward, decode_padding_method, resolve_forward,
+    ConvProblem, MPSNNPaddingMethod, NeuronSpec, allocate, decode_padding_method, resolve_forward,
     source_region,
 )
 from .image import MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat, MPSTemporaryImage
@@ -456,7 +456,7 @@ class MPSCNNKernel(MPSKernel):
         return descriptor
 
     def _allocated_geometry(self, source, kernel, stride, dilation, rule, owner):
-        return allocate_forward((source.height, source.width), kernel, stride, dilation, rule, owner)
+        return allocate((source.height, source.width), kernel, stride, dilation, rule, owner)
 
     # -- encode: validation and recording
     def _owner(self, what: str = "encode") -> str:

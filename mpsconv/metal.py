@@ -413,6 +413,39 @@ class MTLComputeCommandEncoder:
             self._cb._open_encoder = None
 
 
+class CommandBufferTemporary:
+    """Read-count rules of temporary images and states (spec kernel-image.md §4.7, §6.3): bound to
+    one command buffer (``_cb``), read ``readCount`` times, released at 0, frozen after that.
+    Subclasses say what they are (``_kind``) and what releasing frees (``_release``)."""
+
+    _kind = "temporary object"
+
+    def _set_read_count(self, value: int) -> None:
+        value = int(value)
+        if self._read_count == 0:
+            raise MPSCommandBufferError(f"{type(self).__name__}.readCount: the {self._kind} was released "
+                                        "(readCount is 0); its readCount cannot change any more")
+        if value < 0:
+            raise MPSValueError(f"{type(self).__name__}.readCount={value} must be >= 0")
+        self._read_count = value
+        if value == 0:
+            self._release()
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def _check_temporary(self, cb: "MTLCommandBuffer", owner: str, role: str) -> None:
+        if cb is not self._cb:
+            raise MPSCommandBufferError(f"{owner}: {role} is a {self._kind} of another command buffer")
+        if self._read_count == 0:
+            raise MPSCommandBufferError(f"{owner}: {role} was released (readCount reached 0)")
+
+    def _consume_read(self) -> None:
+        """One encode read it (spec §2.8: once per distinct temporary per encode call)."""
+        if self._read_count > 0:
+            self._set_read_count(self._read_count - 1)
+
+
 _handler_thread = threading.local()
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import enum
 from typing import Sequence
 
-from .errors import MPSCommandBufferError, MPSTypeError, MPSValueError
-from .metal import MTLBuffer, MTLCommandBuffer, MTLDevice
+from .errors import MPSTypeError, MPSValueError
+from .metal import CommandBufferTemporary, MTLBuffer, MTLCommandBuffer, MTLDevice
 
 
 class MPSStateResourceType(enum.IntEnum):
@@ -16,7 +16,7 @@ class MPSStateResourceType(enum.IntEnum):
     texture = 2
 
 
-class MPSState:
+class MPSState(CommandBufferTemporary):
     """``MPSState``: zero or more buffers; temporary states live on one command buffer and are
     released when their ``readCount`` reaches 0.
 
@@ -24,6 +24,8 @@ class MPSState:
     ``MPSState.temporaryState(commandBuffer=[, bufferSize=])``; ``MPSState()`` is unavailable.
     Buffers are allocated lazily (``resource(at:allocateMemory:)``).
     """
+
+    _kind = "temporary state"
 
     def __init__(self, **kwargs):
         keys = frozenset(kwargs)
@@ -75,15 +77,15 @@ class MPSState:
 
     @readCount.setter
     def readCount(self, value: int) -> None:
-        value = int(value)
-        if self._temporary and self._read_count == 0:
-            raise MPSCommandBufferError(f"{type(self).__name__}.readCount: the temporary state was released "
-                                        "(readCount is 0); it cannot change any more")
-        if value < 0:
+        if self._temporary:
+            self._set_read_count(value)
+        elif int(value) < 0:
             raise MPSValueError(f"{type(self).__name__}.readCount={value} must be >= 0")
-        self._read_count = value
-        if self._temporary and value == 0:
-            self._resources = [None] * len(self._resources)
+        else:  # no effect on a non-temporary state's lifetime
+            self._read_count = int(value)
+
+    def _release(self) -> None:
+        self._resources = [None] * len(self._resources)
 
     @property
     def resourceCount(self) -> int:
@@ -125,14 +127,11 @@ class MPSState:
     # -- encode-time checks (used by kernels)
     def _check_for_encode(self, cb: MTLCommandBuffer, owner: str, role: str) -> None:
         if self._temporary:
-            if cb is not self._cb:
-                raise MPSCommandBufferError(f"{owner}: {role} is a temporary state of another command buffer")
-            if self._read_count == 0:
-                raise MPSCommandBufferError(f"{owner}: {role} was released (readCount reached 0)")
+            self._check_temporary(cb, owner, role)
 
     def _consume_read(self) -> None:
-        if self._temporary and self._read_count > 0:
-            self.readCount = self._read_count - 1
+        if self._temporary:
+            super()._consume_read()
 
 
 class MPSNNGradientState(MPSState):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .convolution import _WeightedKernel
 from .descriptor import MPSCNNConvolutionDescriptor
 from .errors import MPSTypeError, MPSValueError, not_implemented
-from .geometry import ConvProblem, allocate_reverse
+from .geometry import ConvProblem, allocate
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .kernel import MPSImageEdgeMode
 from .types import MPSDataType, MPSOffset
@@ -75,7 +75,8 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
         return self._resolve_with(source, destination, owner, kernel_offset=self._kernel_offset)
 
     def _allocated_geometry(self, source, kernel, stride, dilation, rule, owner):
-        (h, w), (ky, kx) = allocate_reverse((source.height, source.width), kernel, stride, dilation, rule, owner)
+        (h, w), (ky, kx) = allocate((source.height, source.width), kernel, stride, dilation, rule, owner,
+                                   backwards=True)
         self._kernel_offset = (ky, kx)
         return (h, w), (0, 0)
 
