@@ -6,7 +6,7 @@ from .descriptor import MPSCNNConvolutionDescriptor
 from .errors import MPSTypeError, MPSValueError, not_implemented
 from .geometry import ConvProblem, allocate
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
-from .kernel import MPSImageEdgeMode
+from .kernel import MPSImageEdgeMode, MPSOrigin, MPSRegion, MPSSize
 from .types import MPSDataType, MPSOffset
 
 
@@ -80,8 +80,22 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
         self._kernel_offset = (ky, kx)
         return (h, w), (0, 0)
 
-    def sourceRegion(self, destinationSize):
-        raise not_implemented("MPSCNNConvolutionTranspose.sourceRegion (the source region of a backwards kernel)", 3)
+    def sourceRegion(self, destinationSize) -> MPSRegion:
+        """``sourceRegion(destinationSize:)``: the source pixels a destination of that size reads. The
+        window of local pixel ``u`` spans expanded pixels ``T + u - (Kd >> 1)`` to ``+ Kd - 1``; only every
+        ``s``-th expanded pixel is a source pixel."""
+        w, h, d = (int(v) for v in destinationSize)
+        kernel, stride, dilation = self._window()
+        origin, size = [], []
+        for axis, count in ((0, h), (1, w)):
+            kd = (kernel[axis] - 1) * dilation[axis] + 1
+            s = stride[axis]
+            t = (self._offset.y, self._offset.x)[axis] * s + self._kernel_offset[axis]
+            first, last = t - (kd >> 1), t + count - 1 - (kd >> 1) + kd - 1
+            lo, hi = -((-first) // s), last // s  # the source pixels inside [first, last]
+            origin.append(lo)
+            size.append(max(0, hi - lo + 1))
+        return MPSRegion(MPSOrigin(origin[1], origin[0], self._offset.z), MPSSize(size[1], size[0], d))
 
     # -- encode forms with a convolution gradient state (spec §10.4, §10.5)
     def _apply_state(self, state, cb, owner: str) -> None:

@@ -172,3 +172,19 @@ def test_transpose_round_trip_and_errors():
     with pytest.raises(MPSArchiveError, match="not a MPSCNNConvolution"):
         NSKeyedUnarchiver.unarchivedObject(MPSCNNConvolution, NSKeyedArchiver.archivedData(withRootObject=k))
     assert not isinstance(k, MPSCNNConvolution)
+
+
+@given(k=st.integers(1, 4), s=st.integers(1, 3), t=st.integers(-3, 3), w=st.integers(1, 8), n=st.integers(1, 6))
+def test_source_region_is_what_the_encode_reads(k, s, t, w, n):
+    """sourceRegion(destinationSize:) names exactly the source pixels that change the output."""
+    kernel = transpose(k, 1, strideInPixelsX=s)
+    kernel.kernelOffsetX = t
+    region = kernel.sourceRegion(MTLSize(w, 1, 1))
+    read = []
+    for x in range(n):
+        src = np.zeros((1, n, 1))
+        src[0, x] = 1
+        if values(run(kernel, image(src), blank(w, 1, 1), "reference")).any():
+            read.append(x)
+    inside = [x for x in range(region.origin.x, region.origin.x + region.size.width) if 0 <= x < n]
+    assert read == inside, (region, read)
