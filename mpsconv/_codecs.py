@@ -104,7 +104,7 @@ def _encode_descriptor(d, prefix: str, tensors: dict) -> dict:
 
 
 def _decode_descriptor(d, fields: dict, prefix: str, tensors: dict, device) -> None:
-    from .descriptor import MPSCNNConvolutionDescriptor, _BatchNorm
+    from .descriptor import _BatchNorm
     from .neuron import MPSCNNNeuron
 
     type(d).__init__(d)

@@ -13,7 +13,6 @@ from .errors import MPSTypeError, MPSValueError, not_implemented
 from .geometry import MPSNNPaddingMethod, NeuronSpec
 from .image import MPSImage
 from .kernel import MPSCNNKernel
-from .metal import MTLDevice
 from .neuron import MPSCNNNeuronType, MPSNNNeuronDescriptor, _deprecated
 from .types import MPSDataType
 

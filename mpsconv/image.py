@@ -8,7 +8,6 @@ float32) and converted on read and write as Metal does (spec ``kernel-image.md``
 from __future__ import annotations
 
 import enum
-import itertools
 import warnings
 from typing import Callable, NamedTuple, Sequence
 

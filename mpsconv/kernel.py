@@ -18,15 +18,15 @@ import torch
 
 from . import backends, config
 from .errors import (
-    MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValueError, not_implemented,
+    MPSDeviceError, MPSTypeError, MPSValueError,
 )
 from .geometry import (
     ConvProblem, MPSNNPaddingMethod, NeuronSpec, allocate, decode_padding_method, resolve_forward,
     source_region,
 )
 from .image import MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat, MPSTemporaryImage
-from .metal import MTLCommandBuffer, MTLDevice, MTLCreateSystemDefaultDevice
-from .types import NSUIntegerMax, MPSOffset, MPSRectNoClip, MTLRegion, MTLSize, as_offset, as_region
+from .metal import MTLCommandBuffer, MTLDevice
+from .types import NSUIntegerMax, MPSOffset, MPSRectNoClip, MTLRegion, as_offset, as_region
 
 
 class MPSImageEdgeMode(enum.IntEnum):
@@ -582,13 +582,14 @@ class MPSCNNKernel(MPSKernel):
         finally:
             cb._end_encode()
 
-    # -- states (kernels that make one override _new_state)
+    # -- states (kernels that make one override _new_state and _check_state)
     def _new_state(self, source, commandBuffer, temporary: bool):
-        raise not_implemented(f"{type(self).__name__} result states (training)", 4)
+        raise NotImplementedError(f"{type(self).__name__} makes no training state here yet: its gradient kernel "
+                                  "is not in any issue")
 
     def _check_state(self, state, cb, owner: str) -> None:
         """A destination state must come from this kernel, with the properties the encode uses."""
-        raise not_implemented(f"{type(self).__name__}.encode with a destinationState (training states)", 4)
+        self._new_state(None, cb, False)
 
     def _encode_kw(self, *, commandBuffer, sourceImage, destinationImage=None, destinationState=None,
                    destinationStateIsTemporary=None):
@@ -614,17 +615,32 @@ class MPSCNNKernel(MPSKernel):
                     destinationStateIsTemporary=None):
         """``encodeBatch(commandBuffer:sourceImages:[destinationImages:])``."""
         owner = self._owner("encodeBatch")
-        if destinationStates is not None or destinationStateIsTemporary is not None:
-            raise not_implemented(f"{owner} with destinationStates (training states)", 4)
         sources = list(sourceImages)
         if destinationImages is None:
-            return self._encode_allocating(commandBuffer, sources, owner)
+            if destinationStateIsTemporary is None:
+                return self._encode_allocating(commandBuffer, sources, owner)
+            images, state = self._encode_allocating(commandBuffer, sources, owner,
+                                                    state_temporary=bool(destinationStateIsTemporary))
+            return images, [state] * len(sources)  # one state for the batch (isResultStateReusedAcrossBatch)
+        if destinationStateIsTemporary is not None:
+            raise MPSTypeError(f"{owner}: destinationStateIsTemporary= goes with the allocating encode (no "
+                               "destinationImages=); the manual form takes destinationStates=")
         destinations = list(destinationImages)
         if len(sources) != len(destinations):
             raise MPSValueError(f"{owner}: sourceImages has {len(sources)} images, destinationImages "
                                 f"{len(destinations)}; they must have the same length")
+        states = {id(s): s for s in destinationStates or () if s is not None}.values()
+        if destinationStates is not None:
+            if len(destinationStates) != len(sources):
+                raise MPSValueError(f"{owner}: destinationStates has {len(destinationStates)} states for "
+                                    f"{len(sources)} sourceImages")
+            self._check_cb(commandBuffer, owner)
+            for state in states:
+                self._check_state(state, commandBuffer, owner)
         if sources:
             self._encode_pairs(commandBuffer, sources, destinations, owner)
+        for state in states:
+            state._filled_by(sources[0])
         return None
 
     def _encode_allocating(self, cb, sources: list, owner: str, state_temporary: bool | None = None):

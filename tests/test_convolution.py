@@ -2,8 +2,6 @@
 kernel properties and weights (69–73, 77–78), fully connected (80–83)."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import DEVICE, QUEUE, ArraySource, blank, conv, descriptor, image, quiet, values
+from helpers import DEVICE, QUEUE, ArraySource, blank, conv, descriptor, quiet, values
 from mpsconv import *
 from mpsconv.metal import MTLDevice
 

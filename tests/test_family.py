@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as Fn
 from hypothesis import given, strategies as st
 
-from helpers import DEVICE, QUEUE, ArraySource, blank, image, run, values
+from helpers import DEVICE, ArraySource, blank, image, run, values
 from mpsconv import *
 from tolerances import assert_close
 

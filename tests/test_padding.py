@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as Fn
 from hypothesis import given, strategies as st
 
-from helpers import DEVICE, QUEUE, ArraySource, blank, conv, descriptor, image, run, values
+from helpers import QUEUE, blank, conv, image, run, values
 from mpsconv import *
 from mpsconv.geometry import dest_size, dest_size_reverse, padding_offset, tdiv
 from tolerances import assert_close

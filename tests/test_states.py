@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import DEVICE, QUEUE, ArraySource, blank, conv, descriptor, image, run, values
+from helpers import DEVICE, QUEUE, blank, conv, image, run, values
 from mpsconv import *
 from test_transpose import transpose
 
@@ -130,3 +130,24 @@ def test_temporary_state_read_once_per_encode_call():
                   convolutionGradientStates=[state, state], destinationImages=[blank(6, 6, 1), blank(6, 6, 1)])
     assert state.readCount == 1  # one distinct state, one read
     cb.commit()
+
+
+def test_batch_encodes_with_states():
+    k = conv(3, 3, 1, 1)
+    cb = QUEUE.makeCommandBuffer()
+    sources = [image(np.ones((5, 5, 1))) for _ in range(3)]
+    images, states = k.encodeBatch(commandBuffer=cb, sourceImages=sources, destinationStateIsTemporary=True)
+    assert len(images) == len(states) == 3 and states[0] is states[2] and states[0].isTemporary
+    manual = k.resultStateBatch(sourceImage=sources)
+    destinations = [blank(5, 5, 1) for _ in sources]
+    k.encodeBatch(commandBuffer=cb, sourceImages=sources, destinationStates=manual, destinationImages=destinations)
+    cb.commit()
+    cb.waitUntilCompleted()
+    assert all(values(d)[0, 2, 2, 0] == 9 for d in destinations)
+    assert (manual[0].sourceWidth, manual[0].sourceHeight) == (5, 5)
+
+
+def test_neurons_make_no_state_yet():
+    n = MPSCNNNeuron(device=DEVICE, neuronDescriptor=MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.none))
+    with pytest.raises(NotImplementedError, match="not in any issue"):
+        n.encode(commandBuffer=QUEUE.makeCommandBuffer(), sourceImage=blank(3, 3, 1), destinationStateIsTemporary=True)

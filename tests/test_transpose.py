@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as Fn
 from hypothesis import given, strategies as st
 
-from helpers import DEVICE, QUEUE, ArraySource, blank, conv, descriptor, image, run, values
+from helpers import DEVICE, ArraySource, blank, conv, descriptor, image, run, values
 from mpsconv import *
 from tolerances import assert_close
 
