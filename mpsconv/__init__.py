@@ -42,7 +42,7 @@ from .neuron import (
     MPSCNNNeuronReLUN, MPSCNNNeuronSigmoid, MPSCNNNeuronSoftPlus, MPSCNNNeuronSoftSign, MPSCNNNeuronTanH,
     MPSCNNNeuronType, MPSNNNeuronDescriptor,
 )
-from .gradient import MPSCNNConvolutionGradientState
+from .gradient import MPSCNNConvolutionGradientState, MPSCNNConvolutionWeightsAndBiasesState
 from .state import MPSNNGradientState, MPSState, MPSStateBatchIncrementReadCount, MPSStateResourceType
 from .transpose import MPSCNNConvolutionTranspose
 from .types import (

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 
 import numpy as np
+import torch
 
-from .datasource import LoadedWeights, _ArrayDataSource, load_weights, read_array
+from .datasource import LoadedWeights, _ArrayDataSource, load_weights, read_array, round_weights
 from .descriptor import (
     MPSCNNConvolutionDescriptor, MPSCNNConvolutionFlags, MPSNNConvolutionAccumulatorPrecisionOption,
 )
@@ -174,18 +176,60 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
         self._install(self._load())
 
     def reloadWeightsAndBiases(self, with_=None, /, **kwargs) -> None:
-        """``reloadWeightsAndBiases(with: dataSource)`` (deprecated; the argument is ignored) and
-        ``reloadWeightsAndBiases(with: commandBuffer, state:)`` (training, issue 4)."""
+        """``reloadWeightsAndBiases(with: commandBuffer, state:)`` and, deprecated,
+        ``reloadWeightsAndBiases(with: dataSource)`` (the argument is ignored; the original data
+        source is read again)."""
         if "state" in kwargs:
-            raise not_implemented("reloadWeightsAndBiases(with:state:)", 4)
+            return self.reloadWeightsAndBiasesWithCommandBuffer(with_, kwargs["state"])
         _deprecated("reloadWeightsAndBiases(with: dataSource)", "reloadWeightsAndBiasesFromDataSource()")
         self.reloadWeightsAndBiasesFromDataSource()
 
     reloadWeightsAndBiasesWithDataSource = reloadWeightsAndBiases
 
-    def exportWeightsAndBiases(self, *args, **kwargs):
-        """``exportWeightsAndBiases(with:resultStateCanBeTemporary:)``: waits for issue 4."""
-        raise not_implemented("exportWeightsAndBiases (MPSCNNConvolutionWeightsAndBiasesState)", 4)
+    def reloadWeightsAndBiasesWithCommandBuffer(self, commandBuffer, state, /) -> None:
+        """``reloadWeightsAndBiases(with:state:)``: the state's float32 OHWI weights and biases (None:
+        zeros) become the effective weights, taken as final (no batch-norm folding) and rounded to the
+        kernel weight type; the state's read count drops by one.
+
+        Like every property, the weights are read when this is encoded (spec kernel-image.md §7.6):
+        encodes recorded after it use them; CPU writes into the state after this call are not seen.
+        """
+        from .gradient import MPSCNNConvolutionWeightsAndBiasesState
+
+        owner = f"{type(self).__name__}.reloadWeightsAndBiases"
+        self._check_cb(commandBuffer, owner)
+        commandBuffer._check_open(owner)
+        if not self._archivable:
+            raise MPSValueError(f"{owner}: a kernel made with the deprecated pointer initializer cannot be "
+                                "trained; build it from a data source")
+        if not isinstance(state, MPSCNNConvolutionWeightsAndBiasesState):
+            raise MPSTypeError(f"{owner}: state={type(state).__name__} must be an "
+                               "MPSCNNConvolutionWeightsAndBiasesState")
+        state._check_for_encode(commandBuffer, owner, "state")
+        shape = self._desc._weight_shape()
+        weights = state.weight_values(int(np.prod(shape)), owner).numpy().reshape(shape)
+        biases = state.bias_values(shape[0], owner)
+        bias = np.zeros(shape[0], np.float32) if biases is None else biases.numpy().copy()
+        self._install(replace(self._loaded, weights=round_weights(weights, self._loaded.kernel_weights_type),
+                              bias=bias))
+        state._consume_read()
+
+    def exportWeightsAndBiases(self, commandBuffer, /, resultStateCanBeTemporary: bool = False):
+        """``exportWeightsAndBiases(with:resultStateCanBeTemporary:)``: a new state holding the
+        effective weights (float32 OHWI, batch norm folded, widened from half) and biases."""
+        from .gradient import MPSCNNConvolutionWeightsAndBiasesState
+
+        owner = f"{type(self).__name__}.exportWeightsAndBiases"
+        self._check_cb(commandBuffer, owner)
+        commandBuffer._check_open(owner)
+        if resultStateCanBeTemporary:
+            state = MPSCNNConvolutionWeightsAndBiasesState.temporaryCNNConvolutionWeightsAndBiasesState(
+                commandBuffer=commandBuffer, cnnConvolutionDescriptor=self._desc)
+        else:
+            state = MPSCNNConvolutionWeightsAndBiasesState(device=self._device, cnnConvolutionDescriptor=self._desc)
+        state.weight_values(self._loaded.weights.size, owner).copy_(torch.from_numpy(self._loaded.weights.reshape(-1)))
+        state.bias_values(self._loaded.bias.size, owner).copy_(torch.from_numpy(self._loaded.bias))
+        return state
 
     def resultState(self, *, sourceImage, sourceStates=None, destinationImage=None):
         raise not_implemented(f"{type(self).__name__}.resultState (training states)", 4)

@@ -478,12 +478,6 @@ def test_conv_checklist_83_fully_connected_allocating_encode():
     assert k.padding.paddingMethod() == MPSNNPaddingMethod.sizeValidOnly
 
 
-def test_weight_states_name_their_issue():
-    with pytest.raises(NotImplementedError, match="issue 4"):
-        conv().exportWeightsAndBiases()
-    with pytest.raises(NotImplementedError, match="issue 4"):
-        conv().reloadWeightsAndBiases(QUEUE.makeCommandBuffer(), state=None)
-
 
 def test_reload_with_a_changed_descriptor_is_used_by_the_next_encode():
     """Plans cached for the old weights are dropped when the weights or descriptor change."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import DEVICE, QUEUE, blank, conv, image, run, values
+from helpers import DEVICE, QUEUE, ArraySource, blank, conv, descriptor, image, run, values
 from mpsconv import *
 from test_transpose import transpose
 
@@ -151,3 +151,76 @@ def test_neurons_make_no_state_yet():
     n = MPSCNNNeuron(device=DEVICE, neuronDescriptor=MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.none))
     with pytest.raises(NotImplementedError, match="not in any issue"):
         n.encode(commandBuffer=QUEUE.makeCommandBuffer(), sourceImage=blank(3, 3, 1), destinationStateIsTemporary=True)
+
+
+# -- weights and biases (convolution.md §8.5, §13)
+
+
+def test_conv_checklist_74_export():
+    d = descriptor(1, 1, 1, 2)
+    d.setBatchNormalizationParametersForInferenceWithMean([1.0, 0.0], variance=[3.0, 1.0], gamma=[4.0, 1.0],
+                                                          beta=[0.0, 0.5], epsilon=1.0)
+    k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, [1.5, 1 / 3], [1.0, 2.0]))
+    state = k.exportWeightsAndBiases(QUEUE.makeCommandBuffer(), resultStateCanBeTemporary=False)
+    w = np.frombuffer(state.weights.contents().tobytes(), np.float32)
+    b = np.frombuffer(state.biases.contents().tobytes(), np.float32)
+    scale1 = np.float32(1 / np.sqrt(2.0))
+    assert w[0] == 3.0 and w[1] == np.float32(np.float16(np.float32(1 / 3) * scale1))  # folded, then half
+    assert b.size == 2 and b[0] == 0.0 and not state.isTemporary
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_conv_checklist_75_export_then_reload_changes_nothing(backend):
+    rng = np.random.default_rng(75)
+    k = conv(3, 3, 4, 8, weights=rng.uniform(-1, 1, 288), bias=rng.uniform(-1, 1, 8))
+    src = image(rng.uniform(-1, 1, (5, 6, 4)))
+    before = values(run(k, src, blank(6, 5, 8), backend))
+    cb = QUEUE.makeCommandBuffer()
+    state = k.exportWeightsAndBiases(cb, resultStateCanBeTemporary=True)
+    k.reloadWeightsAndBiases(cb, state=state)
+    cb.commit()
+    np.testing.assert_array_equal(values(run(k, src, blank(6, 5, 8), backend)), before)
+
+
+def test_conv_checklist_76_reload_from_a_state():
+    k = conv(1, 1, 1, 1, weights=[1.0])
+    cb = QUEUE.makeCommandBuffer()
+    state = MPSCNNConvolutionWeightsAndBiasesState.temporaryCNNConvolutionWeightsAndBiasesState(
+        commandBuffer=cb, cnnConvolutionDescriptor=descriptor(1, 1, 1, 1))
+    state.weights.contents()[:] = np.frombuffer(np.float32(2.0).tobytes(), np.uint8)
+    k.reloadWeightsAndBiasesWithCommandBuffer(cb, state)
+    assert state.readCount == 0
+    cb.commit()
+    assert values(run(k, image([[[3.0]]]), blank(1, 1, 1)))[0, 0, 0, 0] == 6.0
+
+
+def test_conv_checklist_101_to_104_weights_state_buffers():
+    d = descriptor(3, 3, 8, 16, groups=2)
+    state = MPSCNNConvolutionWeightsAndBiasesState(device=DEVICE, cnnConvolutionDescriptor=d)
+    assert (state.weights.length, state.biases.length) == (16 * 3 * 3 * 4 * 4, 64)
+    assert (state.weightsOffset, state.biasesOffset) == (0, 0)
+    buf = DEVICE.makeBuffer(length=2304 + 64)
+    with pytest.raises(MPSValueError, match="weightsOffset=6 must be a non-negative multiple of 4"):
+        MPSCNNConvolutionWeightsAndBiasesState(weights=buf, weightsOffset=6, biases=buf, biasesOffset=2304,
+                                               cnnConvolutionDescriptor=d)
+    with pytest.raises(MPSValueError, match="exceeds the 2368-byte buffer"):
+        MPSCNNConvolutionWeightsAndBiasesState(weights=buf, weightsOffset=128, biases=buf, biasesOffset=2304,
+                                               cnnConvolutionDescriptor=d)
+    # #103: weights and biases sharing one buffer
+    k = conv(1, 1, 1, 2, weights=[1.0, 1.0])
+    shared = DEVICE.makeBuffer(length=16)
+    shared.contents()[:] = np.frombuffer(np.array([2.0, 3.0, 0.5, -1.0], np.float32).tobytes(), np.uint8)
+    one = MPSCNNConvolutionWeightsAndBiasesState(weights=shared, weightsOffset=0, biases=shared, biasesOffset=8,
+                                                 cnnConvolutionDescriptor=descriptor(1, 1, 1, 2))
+    k.reloadWeightsAndBiases(QUEUE.makeCommandBuffer(), state=one)
+    assert values(run(k, image([[[2.0]]]), blank(1, 1, 2)))[0, 0, 0].tolist() == [4.5, 5.0]
+
+
+def test_pointer_kernels_cannot_be_updated():
+    from helpers import quiet
+
+    k = quiet(MPSCNNConvolution, device=DEVICE, convolutionDescriptor=descriptor(1, 1, 1, 1), kernelWeights=[1.0],
+              biasTerms=None, flags=MPSCNNConvolutionFlags.none)
+    state = k.exportWeightsAndBiases(QUEUE.makeCommandBuffer())
+    with pytest.raises(MPSValueError, match="cannot be trained"):
+        k.reloadWeightsAndBiases(QUEUE.makeCommandBuffer(), state=state)
