@@ -42,7 +42,9 @@ from .neuron import (
     MPSCNNNeuronReLUN, MPSCNNNeuronSigmoid, MPSCNNNeuronSoftPlus, MPSCNNNeuronSoftSign, MPSCNNNeuronTanH,
     MPSCNNNeuronType, MPSNNNeuronDescriptor,
 )
-from .gradient import MPSCNNConvolutionGradientState, MPSCNNConvolutionWeightsAndBiasesState
+from .gradient import (
+    MPSCNNConvolutionGradient, MPSCNNConvolutionGradientState, MPSCNNConvolutionWeightsAndBiasesState,
+)
 from .state import MPSNNGradientState, MPSState, MPSStateBatchIncrementReadCount, MPSStateResourceType
 from .transpose import MPSCNNConvolutionTranspose
 from .types import (

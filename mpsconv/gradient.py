@@ -1,10 +1,19 @@
 """``MPSCNNConvolutionGradientState``: what a forward convolution records for its gradient pass
-(spec ``convolution.md`` §8.4, §12). The gradient kernels that fill its buffers are issue 4's."""
+(spec ``convolution.md`` §8.4, §12), the weights-and-biases state (§13), and the gradient kernel (§11)."""
 from __future__ import annotations
 
-from .descriptor import MPSCNNConvolutionWeightsLayout
-from .errors import MPSTypeError, MPSValueError
-from .metal import MTLBuffer
+from dataclasses import replace
+
+import torch
+
+from . import backends
+from .convolution import _WeightedKernel
+from .descriptor import MPSCNNConvolutionGradientOption, MPSCNNConvolutionWeightsLayout
+from .errors import MPSDeviceError, MPSTypeError, MPSValueError
+from .geometry import NeuronSpec
+from .image import F, MPSImage, MPSImageDescriptor, MPSTemporaryImage, storage_to_values, values_to_storage
+from .metal import MTLBuffer, MTLCommandBuffer
+from .neuron import _deprecated
 from .state import MPSNNGradientState, MPSState
 
 
@@ -41,9 +50,11 @@ class MPSCNNConvolutionGradientState(MPSNNGradientState):
         """float32 ``[O]`` buffer."""
         return self.resource(at=1)
 
-    def _filled_by(self, source) -> None:
-        """The forward encode recorded into this state (spec §8.4): the source size it read."""
+    def _filled_by(self, source, problem=None) -> None:
+        """The forward encode recorded into this state (spec §8.4): the source size it read and the
+        resolved forward problem (window origin, clip size, edge mode, channel and image ranges)."""
         self._source_size = (source.width, source.height)
+        self._problem = problem
 
     @property
     def forward_offset(self):
@@ -138,3 +149,201 @@ def _lengths(descriptor, owner: str) -> tuple[int, int]:
 def _check_buffer(buffer, owner: str, name: str) -> None:
     if not isinstance(buffer, MTLBuffer):
         raise MPSTypeError(f"{owner}: {name}={buffer!r} must be an MTLBuffer")
+
+
+# --------------------------------------------------------------------------------------------
+# MPSCNNConvolutionGradient (spec convolution.md §11)
+
+
+class MPSCNNConvolutionGradient(_WeightedKernel):
+    """``MPSCNNConvolutionGradient``: back-propagation through an ``MPSCNNConvolution``.
+
+    ``encode(commandBuffer=, sourceGradient=E, sourceImage=S, gradientState=state[,
+    destinationGradient=])`` writes ``dL/dS`` (the forward source's size, ``I`` channels) and fills
+    ``state.gradientForWeights`` / ``gradientForBiases`` (float32, OHWI), per ``gradientOption``.
+    ``E`` is the gradient of the forward output before its neuron (spec §11.5 OPEN) and has the
+    forward clip region's size. The geometry is the one the forward encode recorded in the state.
+    Over a batch the weight and bias gradients are summed. Initializers:
+    ``MPSCNNConvolutionGradient(device=, weights=dataSource)`` (the forward kernel's data source),
+    ``MPSCNNConvolutionGradient(coder=, device=)``.
+    """
+
+    _state_class = MPSCNNConvolutionGradientState
+
+    def __init__(self, **kwargs):
+        keys = frozenset(kwargs)
+        name = type(self).__name__
+        if keys == {"device", "weights"}:
+            self._gradient_option = MPSCNNConvolutionGradientOption.all
+            self._serialize = False
+            self._init_data_source(kwargs["device"], kwargs["weights"])
+        elif keys in ({"coder", "device"}, {"coder"}):
+            kwargs["coder"].decodeInto(self, kwargs.get("device"))
+        else:
+            unavailable = " (init(device:) alone is unavailable)" if keys == {"device"} else ""
+            raise MPSTypeError(f"{name}({', '.join(sorted(keys))}){unavailable}: valid initializers are "
+                               f"{name}(device=, weights=dataSource) and {name}(coder=, device=)")
+
+    def _check_descriptor(self, descriptor) -> None:
+        if getattr(descriptor, "subPixelScaleFactor", 1) > 1:
+            raise MPSValueError(f"{type(self).__name__}: sub-pixel kernels (subPixelScaleFactor="
+                                f"{descriptor.subPixelScaleFactor}) have no gradient")
+
+    sourceGradientFeatureChannels = property(lambda self: self._desc.outputFeatureChannels)
+    sourceImageFeatureChannels = property(lambda self: self._desc.inputFeatureChannels)
+
+    @property
+    def gradientOption(self) -> MPSCNNConvolutionGradientOption:
+        return self._gradient_option
+
+    @gradientOption.setter
+    def gradientOption(self, value) -> None:
+        try:
+            value = MPSCNNConvolutionGradientOption(int(value))
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not value & MPSCNNConvolutionGradientOption.all:
+            raise MPSValueError(f"{type(self).__name__}: gradientOption must be gradientWithData (1), "
+                                "gradientWithWeightsAndBias (2) or all (3)")
+        self._gradient_option = value
+
+    @property
+    def serializeWeightsAndBiases(self) -> bool:
+        _deprecated(f"{type(self).__name__}.serializeWeightsAndBiases", "nothing (it has no effect)")
+        return self._serialize
+
+    @serializeWeightsAndBiases.setter
+    def serializeWeightsAndBiases(self, value) -> None:
+        _deprecated(f"{type(self).__name__}.serializeWeightsAndBiases", "nothing (it has no effect)")
+        self._serialize = bool(value)
+
+    # -- encode
+    def _encode_kw(self, *, commandBuffer, sourceGradient, sourceImage, gradientState,
+                   destinationGradient=None):
+        out = self._encode_gradient(commandBuffer, [sourceGradient], [sourceImage], [gradientState],
+                                    None if destinationGradient is None else [destinationGradient],
+                                    self._owner())
+        return None if destinationGradient is not None else out[0]
+
+    def encodeBatch(self, *, commandBuffer, sourceGradients, sourceImages, gradientStates,
+                    destinationGradients=None):
+        """``encodeBatch(commandBuffer:sourceGradients:sourceImages:gradientStates:[destinationGradients:])``."""
+        out = self._encode_gradient(commandBuffer, list(sourceGradients), list(sourceImages),
+                                    list(gradientStates), None if destinationGradients is None
+                                    else list(destinationGradients), self._owner("encodeBatch"))
+        return None if destinationGradients is not None else out
+
+    def _encode_gradient(self, cb, gradients, sources, states, destinations, owner):
+        self._check_cb(cb, owner)
+        if not isinstance(cb, MTLCommandBuffer):
+            raise MPSTypeError(f"{owner}: commandBuffer={cb!r} must be an MTLCommandBuffer")
+        lengths = {len(gradients), len(sources), len(states)} | ({len(destinations)} if destinations else set())
+        if len(lengths) != 1:
+            raise MPSValueError(f"{owner}: sourceGradients, sourceImages, gradientStates (and "
+                                "destinationGradients) must have the same length")
+        pending = []
+        for i, (e, src, state) in enumerate(zip(gradients, sources, states)):
+            pending.append(self._check_one(cb, e, src, state, owner, f"[{i}]" if len(sources) > 1 else ""))
+        allocated = []
+        if destinations is None:
+            destinations = []
+            for problem, e, src, state in pending:
+                desc = MPSImageDescriptor(channelFormat=src.featureChannelFormat, width=src.width,
+                                          height=src.height, featureChannels=self._dfo + problem.in_channels,
+                                          numberOfImages=src.numberOfImages)
+                image = self._allocator.image(cb, imageDescriptor=desc, kernel=self)
+                destinations.append(image)
+                allocated.append(image)
+        try:
+            for (problem, e, src, state), dst in zip(pending, destinations):
+                self._check_destination(dst, src, problem, cb, owner)
+        except Exception:
+            for image in allocated:
+                if isinstance(image, MPSTemporaryImage) and image.readCount > 0:
+                    image._read_count = 0
+            raise
+        cb._begin_encode(owner)
+        try:
+            seen_states = set()
+            for (problem, e, src, state), dst in zip(pending, destinations):
+                accumulate = id(state) in seen_states  # one state per batch: sum over the batch
+                seen_states.add(id(state))
+                cb._record(self._work(problem, e, src, state, dst, accumulate))
+            for image in {id(x): x for x in gradients + sources}.values():
+                image._consume_read()
+            for state in {id(s): s for s in states}.values():
+                state._consume_read()
+        finally:
+            cb._end_encode()
+        return destinations
+
+    def _check_one(self, cb, e, src, state, owner, index):
+        for image, role in ((e, "sourceGradient" + index), (src, "sourceImage" + index)):
+            if not isinstance(image, MPSImage):
+                raise MPSTypeError(f"{owner}: {role}={image!r} must be an MPSImage")
+            if image.device is not self._device:
+                raise MPSDeviceError(f"{owner}: {role} is on {image.device.torch_device}; the kernel is on "
+                                     f"{self._device.torch_device}")
+            image._check_for_encode(cb, owner, role)
+        if not isinstance(state, self._state_class):
+            raise MPSTypeError(f"{owner}: gradientState{index}={type(state).__name__} must be an "
+                               f"{self._state_class.__name__} from the forward kernel")
+        state._check_for_encode(cb, owner, "gradientState" + index)
+        fwd = state.convolution
+        if (fwd.kernelWidth, fwd.kernelHeight, fwd.inputFeatureChannels, fwd.outputFeatureChannels,
+                fwd._desc._kernel_groups()) != (self.kernelWidth, self.kernelHeight, self.inputFeatureChannels,
+                                                 self.outputFeatureChannels, self._desc._kernel_groups()):
+            raise MPSValueError(f"{owner}: gradientState{index} comes from a convolution of another shape; "
+                                "make the gradient kernel from the forward kernel's data source")
+        forward = getattr(state, "_problem", None)
+        if forward is None:
+            raise MPSValueError(f"{owner}: gradientState{index} was not filled by a forward encode yet")
+        he, we = forward.out_size
+        if (e.height, e.width) != (he, we) or e.numberOfImages < forward.n_images:
+            raise MPSValueError(f"{owner}: sourceGradient{index} is {e.width}x{e.height} x{e.numberOfImages}; "
+                                f"the forward clip region was {we}x{he} x{forward.n_images}")
+        if e.featureChannels < self._sfo + forward.out_channels:
+            raise MPSValueError(f"{owner}: sourceGradient{index} has {e.featureChannels} feature channels; "
+                                f"{forward.out_channels} are needed from sourceFeatureChannelOffset={self._sfo}")
+        if (src.height, src.width) != forward.src_size or src.numberOfImages < forward.src_image0 + forward.n_images:
+            raise MPSValueError(f"{owner}: sourceImage{index} is {src.width}x{src.height}; the forward source "
+                                f"was {forward.src_size[1]}x{forward.src_size[0]}")
+        problem = replace(forward, neuron=NeuronSpec(), dst_channel0=self._dfo)
+        return problem, e, src, state
+
+    def _check_destination(self, dst, src, problem, cb, owner):
+        if not isinstance(dst, MPSImage):
+            raise MPSTypeError(f"{owner}: destinationGradient={dst!r} must be an MPSImage")
+        dst._check_for_encode(cb, owner, "destinationGradient")
+        if (dst.height, dst.width) != problem.src_size or dst.numberOfImages < problem.src_image0 + problem.n_images:
+            raise MPSValueError(f"{owner}: destinationGradient is {dst.width}x{dst.height}; it needs the forward "
+                                f"source's size {problem.src_size[1]}x{problem.src_size[0]}")
+        if dst.featureChannels < self._dfo + problem.in_channels:
+            raise MPSValueError(f"{owner}: destinationGradient has {dst.featureChannels} feature channels; "
+                                f"destinationFeatureChannelOffset={self._dfo} + {problem.in_channels} needed")
+        if dst._root is src._root:
+            raise MPSValueError(f"{owner}: destinationGradient shares storage with sourceImage")
+
+    def _work(self, problem, e, src, state, dst, accumulate):
+        backend = backends.select(problem, self._device)
+        weights = self._loaded.weights
+        option = int(self._gradient_option)
+        e_storage, e_fmt, e_c0 = e._ensure_storage(), F(e.featureChannelFormat), self._sfo
+        src_storage, dst_storage = src._ensure_storage(), dst._ensure_storage()
+        device = self._device
+
+        def run():
+            n, (he, we), o = problem.n_images, problem.out_size, problem.out_channels
+            values = storage_to_values(e_storage[:n, :he, :we, e_c0:e_c0 + o], e_fmt, torch.float32)
+            d_s, d_w, d_b = backend.gradient(problem, src_storage, values, weights, device)
+            if option & MPSCNNConvolutionGradientOption.gradientWithData:
+                i0, c0 = problem.src_image0, problem.dst_channel0
+                stored = values_to_storage(torch.as_tensor(d_s), F(dst.featureChannelFormat))
+                dst_storage[i0:i0 + n, :, :, c0:c0 + problem.in_channels] = stored.to(dst_storage.device)
+            if option & MPSCNNConvolutionGradientOption.gradientWithWeightsAndBias:
+                for buffer, value in ((state.gradientForWeights, d_w), (state.gradientForBiases, d_b)):
+                    target = buffer.as_float32(0, buffer.length // 4, "gradient")
+                    value = torch.as_tensor(value).reshape(-1).to(torch.float32).cpu()
+                    target.add_(value) if accumulate else target.copy_(value)
+
+        return run

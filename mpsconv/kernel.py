@@ -608,7 +608,7 @@ class MPSCNNKernel(MPSKernel):
             self._check_state(destinationState, commandBuffer, owner)
         self._encode_pairs(commandBuffer, [sourceImage], [destinationImage], owner)
         if destinationState is not None:
-            destinationState._filled_by(sourceImage)
+            destinationState._filled_by(sourceImage, self._plan(sourceImage, destinationImage, owner)[0])
         return None
 
     def encodeBatch(self, *, commandBuffer, sourceImages, destinationImages=None, destinationStates=None,
@@ -640,7 +640,7 @@ class MPSCNNKernel(MPSKernel):
         if sources:
             self._encode_pairs(commandBuffer, sources, destinations, owner)
         for state in states:
-            state._filled_by(sources[0])
+            state._filled_by(sources[0], self._plan(sources[0], destinations[0], owner)[0])
         return None
 
     def _encode_allocating(self, cb, sources: list, owner: str, state_temporary: bool | None = None):
@@ -670,7 +670,7 @@ class MPSCNNKernel(MPSKernel):
             state = None if state_temporary is None else self._new_state(sources[0], cb, state_temporary)
             self._encode_pairs(cb, sources, destinations, owner)
             if state is not None:
-                state._filled_by(sources[0])
+                state._filled_by(sources[0], self._plan(sources[0], destinations[0], owner)[0])
         except Exception:
             self._offset, self._edgeMode = saved
             for image in destinations:  # never used: release without a leak warning

@@ -109,6 +109,37 @@ def forward(problem: ConvProblem, src: torch.Tensor, dst: torch.Tensor, prepared
         stored.to(dst.device)
 
 
+def gradient(problem: ConvProblem, src: torch.Tensor, e: torch.Tensor, weights: np.ndarray, device=None):
+    """Spec §11.4, §11.5, literally: ``(dS, dW, dB)`` for the incoming gradient ``e`` ``[n, He, We, O]``.
+
+    ``dS`` ``[n, Hs, Ws, I]`` scatters every tap's ``E·W`` back onto the pixel it read (clamped reads
+    land on the edge pixel: the exact VJP); ``dW`` sums ``E`` times the windows over the batch;
+    ``dB = ΣE``.
+    """
+    n, i0, c0 = problem.n_images, problem.src_image0, problem.src_channel0
+    raw = src[i0:i0 + n, :, :, c0:c0 + problem.in_channels].cpu()
+    x = storage_to_values(raw, F(problem.src_format), torch.float64).numpy()
+    windows = gather_windows(x, problem)  # [n, He, We, kH, kW, I]
+    g = problem.groups
+    nb, he, we, kh, kw, c = windows.shape
+    og = problem.out_channels // g
+    e = e.detach().cpu().numpy().astype(np.float64).reshape(nb, he, we, g, og)
+    w = np.asarray(weights, np.float64).reshape(g, og, kh, kw, -1)
+    d_w = np.einsum("nyxgo,nyxqpgc->goqpc", e, windows.reshape(nb, he, we, kh, kw, g, -1)).reshape(weights.shape)
+    d_b = e.sum(axis=(0, 1, 2)).reshape(-1)
+    # data gradient: each tap's contribution goes to the source pixel it read
+    per_tap = np.einsum("nyxgo,goqpc->nyxqpgc", e, w).reshape(nb, he, we, kh, kw, c)
+    ys, y_in = taps(problem.tap0[0], he, problem.stride[0], kh, problem.dilation[0], x.shape[1], problem.edge)
+    xs, x_in = taps(problem.tap0[1], we, problem.stride[1], kw, problem.dilation[1], x.shape[2], problem.edge)
+    mask = (y_in[:, None, :, None] & x_in[None, :, None, :])[None, ..., None]
+    d_s = np.zeros_like(x)
+    yy = np.broadcast_to(ys[:, None, :, None], (he, we, kh, kw))
+    xx = np.broadcast_to(xs[None, :, None, :], (he, we, kh, kw))
+    for b in range(nb):
+        np.add.at(d_s[b], (yy, xx), per_tap[b] * mask[0])
+    return d_s, d_w, d_b
+
+
 class _Reference:
     name = "reference"
 
@@ -131,6 +162,8 @@ class _Reference:
     @staticmethod
     def run(bound, prepared) -> None:
         forward(*bound, prepared)
+
+    gradient = staticmethod(gradient)
 
 
 BACKEND = _Reference()

@@ -450,6 +450,35 @@ def _popcount_accumulate(s_prime: torch.Tensor, p: ConvProblem, b: _BinaryTensor
     return acc.to(torch.float32).permute(0, 3, 1, 2)
 
 
+def gradient(problem: ConvProblem, src: torch.Tensor, e: torch.Tensor, weights: np.ndarray, device):
+    """``(dS, dW, dB)`` as the vector-Jacobian product of this backend's own forward window operations
+    (crop, zero pad or clamped gather, convolution) with the incoming gradient ``e`` ``[n, He, We, O]``:
+    exact for every geometry the forward supports, clamped reads included."""
+    plan = Plan(problem, device)
+    n, i0, c0 = problem.n_images, problem.src_image0, problem.src_channel0
+    x0 = storage_to_values(src[i0:i0 + n, :, :, c0:c0 + problem.in_channels], F(problem.src_format), torch.float32)
+    x0 = x0.permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+    w = torch.from_numpy(np.ascontiguousarray(weights, np.float32)).to(src.device).permute(0, 3, 1, 2)
+    w = w.contiguous().requires_grad_(True)
+    x = x0
+    if plan.zeros_shape is not None:
+        x = x0.new_zeros(plan.zeros_shape) + 0 * x0.sum()  # no tap reads the source
+    else:
+        if plan.crop is not None:
+            x = x[plan.crop]
+        for dim, index in plan.gathers:
+            x = x.index_select(dim, index)
+        if plan.pad is not None:
+            x = Fn.pad(x, plan.pad)
+    with torch.enable_grad():
+        y = plan.conv2d(x, w, None, problem.stride, plan.conv_padding, problem.dilation, problem.groups)
+        if plan.out_crop is not None:
+            y = y[plan.out_crop]
+        d_x, d_w = torch.autograd.grad(y, (x0, w), e.permute(0, 3, 1, 2).to(y.dtype), allow_unused=True)
+    d_x = torch.zeros_like(x0) if d_x is None else d_x
+    return d_x.permute(0, 2, 3, 1), d_w.permute(0, 2, 3, 1), e.sum(dim=(0, 1, 2))
+
+
 class _Torch:
     name = "torch"
 
@@ -464,6 +493,7 @@ class _Torch:
     plan = staticmethod(Plan)
     bind = staticmethod(Bound)
     run = staticmethod(run)
+    gradient = staticmethod(gradient)
 
 
 BACKEND = _Torch()

@@ -1,0 +1,176 @@
+"""convolution.md checklist §11: MPSCNNConvolutionGradient (91–100): against the spec's 1-D example,
+PyTorch autograd on random geometry, the reference on every path, and the transpose identity."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as Fn
+from hypothesis import given, strategies as st
+
+from helpers import DEVICE, QUEUE, ArraySource, blank, descriptor, image, quiet, values
+from mpsconv import *
+from tolerances import assert_close
+
+BACKENDS = ["reference", "torch"]
+OPT = MPSCNNConvolutionGradientOption
+
+
+def pair(kw, kh, cin, cout, w, b=None, **props):
+    d = descriptor(kw, kh, cin, cout, **props)
+    ds = ArraySource(d, w, b)
+    return MPSCNNConvolution(device=DEVICE, weights=ds), MPSCNNConvolutionGradient(device=DEVICE, weights=ds)
+
+
+def forward_backward(fwd, grad, x, e, backend, offset=(0, 0), option=OPT.all, dst_hw=None, edge=MPSImageEdgeMode.zero,
+                     sentinel=None):
+    """Forward with a state, then the gradient; returns (dS, dW, dB) as float64 arrays."""
+    fwd.offset, fwd.edgeMode = MPSOffset(*offset, 0), edge
+    grad.gradientOption = option
+    src = image(x)
+    hd, wd = dst_hw or e.shape[-3:-1]
+    with use_backend(backend):
+        cb = QUEUE.makeCommandBuffer()
+        state = fwd.resultState(sourceImage=src)
+        if sentinel is not None:
+            for buffer in (state.gradientForWeights, state.gradientForBiases):
+                buffer.contents()[:] = np.frombuffer(np.full(buffer.length // 4, sentinel, np.float32).tobytes(), np.uint8)
+        fwd.encode(commandBuffer=cb, sourceImage=src, destinationState=state,
+                   destinationImage=blank(wd, hd, fwd.outputFeatureChannels, images=src.numberOfImages))
+        d_src = blank(src.width, src.height, fwd.inputFeatureChannels, images=src.numberOfImages, fill=sentinel)
+        grad.encode(commandBuffer=cb, sourceGradient=image(e), sourceImage=src, gradientState=state,
+                    destinationGradient=d_src)
+        cb.commit()
+        cb.waitUntilCompleted()
+    d_w = np.frombuffer(state.gradientForWeights.contents().tobytes(), np.float32).astype(np.float64)
+    d_b = np.frombuffer(state.gradientForBiases.contents().tobytes(), np.float32).astype(np.float64)
+    return values(d_src), d_w, d_b
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_checklist_91_one_dimensional_example(backend):
+    w = np.array([2.0, 3.0, 5.0], np.float32)
+    fwd, grad = pair(3, 1, 1, 1, w)
+    d_s, d_w, d_b = forward_backward(fwd, grad, np.array([[[1.0], [2.0], [3.0]]]), np.array([[[1.0], [0.0], [0.0]]]),
+                                     backend)
+    assert d_w.tolist() == [0, 1, 2] and d_b.tolist() == [1]
+    assert d_s[0, 0, :, 0].tolist() == [3, 5, 0]  # [w1, w2, 0]
+
+
+@st.composite
+def geometry(draw):
+    g = draw(st.sampled_from([1, 1, 2]))
+    cin, cout = (4 * g, 4 * g) if g > 1 else (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    k = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    s = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    d = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    pad = tuple(((kk - 1) * dd) // 2 for kk, dd in zip(k, d))
+    hw = (draw(st.integers(max(k[0], 2), 8)), draw(st.integers(max(k[1], 2), 8)))
+    return dict(g=g, cin=cin, cout=cout, k=k, s=s, d=d, pad=pad, hw=hw, n=draw(st.integers(1, 2)),
+                seed=draw(st.integers(0, 999)))
+
+
+def torch_vjp(p, x, w, e):
+    """PyTorch autograd of the same convolution (spec §1.8: offset = (Kd >> 1) - pad, zero edge)."""
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    wt = torch.from_numpy(w.astype(np.float64)).permute(0, 3, 1, 2).requires_grad_(True)
+    y = Fn.conv2d(xt, wt, stride=p["s"], padding=p["pad"], dilation=p["d"], groups=p["g"])
+    y.backward(torch.from_numpy(e).permute(0, 3, 1, 2))
+    return xt.grad.permute(0, 2, 3, 1).numpy(), wt.grad.permute(0, 2, 3, 1).numpy(), e.sum(axis=(0, 1, 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(p=geometry())
+def test_conv_checklist_92_93_gradients_are_the_vjp(backend, p):
+    rng = np.random.default_rng(p["seed"])
+    (kh, kw), (sy, sx), (dy, dx) = p["k"], p["s"], p["d"]
+    w = rng.uniform(-1, 1, (p["cout"], kh, kw, p["cin"] // p["g"])).astype(np.float16).astype(np.float32)
+    x = rng.uniform(-1, 1, (p["n"], *p["hw"], p["cin"]))
+    ho = (p["hw"][0] + 2 * p["pad"][0] - ((kh - 1) * dy + 1)) // sy + 1
+    wo = (p["hw"][1] + 2 * p["pad"][1] - ((kw - 1) * dx + 1)) // sx + 1
+    e = rng.uniform(-1, 1, (p["n"], ho, wo, p["cout"]))
+    fwd, grad = pair(kw, kh, p["cin"], p["cout"], w, groups=p["g"], strideInPixelsX=sx, strideInPixelsY=sy,
+                     dilationRateX=dx, dilationRateY=dy)
+    offset = tuple((((kk - 1) * dd + 1) >> 1) - pp for kk, dd, pp in zip((kw, kh), (dx, dy), p["pad"][::-1]))
+    d_s, d_w, d_b = forward_backward(fwd, grad, x, e, backend, offset=offset)
+    want_s, want_w, want_b = torch_vjp(p, x, w, e)
+    assert_close(d_s, want_s, "float32", f"dS {p}")
+    assert_close(d_w.reshape(want_w.shape), want_w, "float32", f"dW {p}")
+    assert_close(d_b, want_b, "float32", f"dB {p}")
+
+
+@pytest.mark.parametrize("edge", [MPSImageEdgeMode.zero, MPSImageEdgeMode.clamp])
+@given(p=geometry(), ox=st.integers(-2, 3), oy=st.integers(-2, 3))
+def test_torch_gradient_matches_reference(edge, p, ox, oy):
+    rng = np.random.default_rng(p["seed"])
+    (kh, kw), (sy, sx), (dy, dx) = p["k"], p["s"], p["d"]
+    w = rng.uniform(-1, 1, (p["cout"], kh, kw, p["cin"] // p["g"]))
+    x = rng.uniform(-1, 1, (p["n"], *p["hw"], p["cin"]))
+    e = rng.uniform(-1, 1, (p["n"], 3, 4, p["cout"]))
+    results = []
+    for backend in BACKENDS:
+        fwd, grad = pair(kw, kh, p["cin"], p["cout"], w, groups=p["g"], strideInPixelsX=sx, strideInPixelsY=sy,
+                         dilationRateX=dx, dilationRateY=dy)
+        results.append(forward_backward(fwd, grad, x, e, backend, offset=(ox, oy), edge=edge))
+    for got, want, name in zip(results[1], results[0], ("dS", "dW", "dB")):
+        assert_close(got, want, "float32", f"{name} {p} edge={edge.name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_checklist_94_batch_sums(backend):
+    rng = np.random.default_rng(94)
+    w = rng.uniform(-1, 1, 18)
+    x, e = rng.uniform(-1, 1, (2, 5, 5, 2)), rng.uniform(-1, 1, (2, 5, 5, 1))
+    fwd, grad = pair(3, 3, 2, 1, w)
+    _, both_w, both_b = forward_backward(fwd, grad, x, e, backend)
+    singles = [forward_backward(fwd, grad, x[i:i + 1], e[i:i + 1], backend) for i in range(2)]
+    np.testing.assert_allclose(both_w, singles[0][1] + singles[1][1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(both_b, singles[0][2] + singles[1][2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_checklist_95_gradient_option(backend):
+    rng = np.random.default_rng(95)
+    fwd, grad = pair(3, 3, 1, 1, rng.uniform(-1, 1, 9))
+    x, e = rng.uniform(-1, 1, (4, 4, 1)), rng.uniform(-1, 1, (1, 4, 4, 1))
+    d_s, d_w, d_b = forward_backward(fwd, grad, x, e, backend, option=OPT.gradientWithData, sentinel=7.0)
+    assert (d_w == 7).all() and (d_b == 7).all() and not (d_s == 7).all()
+    d_s, d_w, d_b = forward_backward(fwd, grad, x, e, backend, option=OPT.gradientWithWeightsAndBias, sentinel=7.0)
+    assert (d_s == 7).all() and not (d_w == 7).all()
+
+
+def test_conv_checklist_96_97_99_properties_and_restrictions():
+    fwd, grad = pair(3, 3, 4, 8, np.ones(288))
+    assert grad.gradientOption == OPT.all
+    assert quiet(lambda: grad.serializeWeightsAndBiases) is False
+    quiet(setattr, grad, "serializeWeightsAndBiases", True)
+    assert (grad.sourceGradientFeatureChannels, grad.sourceImageFeatureChannels) == (8, 4)
+    d = MPSCNNSubPixelConvolutionDescriptor(kernelWidth=1, kernelHeight=1, inputFeatureChannels=1,
+                                            outputFeatureChannels=4)
+    d.subPixelScaleFactor = 2
+    with pytest.raises(MPSValueError, match="sub-pixel kernels"):
+        MPSCNNConvolutionGradient(device=DEVICE, weights=ArraySource(d, np.ones(4)))
+    with pytest.raises(MPSValueError, match="the forward clip region was 5x5"):
+        forward_backward(*pair(3, 3, 1, 1, np.ones(9)), np.ones((5, 5, 1)), np.ones((1, 4, 5, 1)), "torch",
+                         dst_hw=(5, 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(k=st.integers(1, 4), o=st.integers(-1, 2), s=st.integers(1, 2), seed=st.integers(0, 99))
+def test_conv_checklist_100_data_gradient_is_the_transpose(backend, k, o, s, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(-1, 1, (1, k, k, 1)).astype(np.float16).astype(np.float32)
+    x = rng.uniform(-1, 1, (6, 6, 1))
+    e = rng.uniform(-1, 1, (1, 3, 3, 1))
+    fwd, grad = pair(k, k, 1, 1, w, strideInPixelsX=s, strideInPixelsY=s)
+    d_s, _, _ = forward_backward(fwd, grad, x, e, backend, offset=(o, o))
+    t = MPSCNNConvolutionTranspose(device=DEVICE, weights=ArraySource(
+        descriptor(k, k, 1, 1, strideInPixelsX=s, strideInPixelsY=s), w[:, ::-1, ::-1, :].copy()))
+    t.kernelOffsetX = t.kernelOffsetY = -o + (1 if k % 2 == 0 else 0)
+    with use_backend(backend):
+        cb = QUEUE.makeCommandBuffer()
+        out = blank(6, 6, 1)
+        t.encode(commandBuffer=cb, sourceImage=image(e), destinationImage=out)
+        cb.commit()
+        cb.waitUntilCompleted()
+    assert_close(d_s, values(out), "float32", f"k={k} o={o} s={s}")
