@@ -44,6 +44,7 @@ from .neuron import (
 )
 from .gradient import (
     MPSCNNConvolutionGradient, MPSCNNConvolutionGradientState, MPSCNNConvolutionWeightsAndBiasesState,
+    MPSCNNFullyConnectedGradient,
 )
 from .state import MPSNNGradientState, MPSState, MPSStateBatchIncrementReadCount, MPSStateResourceType
 from .transpose import MPSCNNConvolutionTranspose

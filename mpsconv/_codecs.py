@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 
+from .descriptor import MPSCNNConvolutionGradientOption
 from .errors import MPSArchiveError
 from .image import MPSImage, MPSTemporaryImage
 from .kernel import MPSCNNKernel, MPSImageEdgeMode, MPSKernelOptions, MPSNNDefaultPadding
@@ -18,7 +19,7 @@ from .types import MPSOffset, MTLOrigin, MTLRegion, MTLSize
 
 
 def _classes() -> dict:
-    from . import binary, convolution, descriptor, neuron, transpose
+    from . import binary, convolution, descriptor, gradient, neuron, transpose
 
     classes = {
         "MPSNNNeuronDescriptor": neuron.MPSNNNeuronDescriptor,
@@ -28,6 +29,8 @@ def _classes() -> dict:
         "MPSCNNConvolution": convolution.MPSCNNConvolution,
         "MPSCNNFullyConnected": convolution.MPSCNNFullyConnected,
         "MPSCNNConvolutionTranspose": transpose.MPSCNNConvolutionTranspose,
+        "MPSCNNConvolutionGradient": gradient.MPSCNNConvolutionGradient,
+        "MPSCNNFullyConnectedGradient": gradient.MPSCNNFullyConnectedGradient,
         "MPSCNNBinaryConvolution": binary.MPSCNNBinaryConvolution,
         "MPSCNNBinaryFullyConnected": binary.MPSCNNBinaryFullyConnected,
         "MPSCNNNeuron": neuron.MPSCNNNeuron,
@@ -179,6 +182,8 @@ def _encode_convolution(k) -> tuple[dict, dict]:
     fields["data_source_label"] = k._loaded.label
     if hasattr(k, "_kernel_offset"):
         fields["kernel_offset"] = list(k._kernel_offset)
+    if hasattr(k, "_gradient_option"):
+        fields["gradient_option"] = int(k._gradient_option)
     fields["descriptor"] = _encode_descriptor(k._loaded.descriptor, "descriptor.", tensors)
     return fields, tensors
 
@@ -204,6 +209,8 @@ def _decode_convolution(k, fields: dict, tensors: dict, device) -> None:
                               fields.get("data_source_label"))
     if "kernel_offset" in fields:
         k._kernel_offset = tuple(int(v) for v in fields["kernel_offset"])
+    if "gradient_option" in fields:
+        k._gradient_option, k._serialize = MPSCNNConvolutionGradientOption(fields["gradient_option"]), False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         k._init_data_source(device, source)

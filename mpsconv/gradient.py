@@ -347,3 +347,8 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
                     target.add_(value) if accumulate else target.copy_(value)
 
         return run
+
+
+class MPSCNNFullyConnectedGradient(MPSCNNConvolutionGradient):
+    """``MPSCNNFullyConnectedGradient``: back-propagation through an ``MPSCNNFullyConnected`` (its
+    forward geometry, recorded in the state, is the whole source)."""
