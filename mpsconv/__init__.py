@@ -44,7 +44,7 @@ from .neuron import (
 )
 from .gradient import (
     MPSCNNConvolutionGradient, MPSCNNConvolutionGradientState, MPSCNNConvolutionWeightsAndBiasesState,
-    MPSCNNFullyConnectedGradient,
+    MPSCNNFullyConnectedGradient, encode_data_source_update,
 )
 from .state import MPSNNGradientState, MPSState, MPSStateBatchIncrementReadCount, MPSStateResourceType
 from .transpose import MPSCNNConvolutionTranspose

@@ -349,6 +349,55 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
         return run
 
 
+def encode_data_source_update(commandBuffer, gradientState, forward, gradient) -> None:
+    """What a graph executor does after a gradient pass (spec convolution.md §6.4; our addition).
+
+    The data source's GPU form ``update(commandBuffer, gradientState, sourceState)`` is called now,
+    with ``sourceState`` the weights the kernels use; a returned weights state becomes the weights of
+    ``forward`` and ``gradient`` (in order, on this command buffer). Otherwise its CPU form
+    ``update(gradientState, sourceState) -> bool`` runs when the command buffer completes, and on
+    True both kernels reload from the data source; on False nothing is reloaded and the failure is
+    reported as a warning (spec §6.4 OPEN).
+
+    Like every reload here, the GPU form's state is read when the reload is encoded: commit the
+    gradient pass before calling this when the callback reads the gradients on the CPU.
+    """
+    import inspect
+    import warnings
+
+    ds = forward.dataSource
+    update = getattr(ds, "update", None)
+    owner = "encode_data_source_update"
+    if not callable(update):
+        raise MPSTypeError(f"{owner}: the data source {type(ds).__name__} implements no update(...)")
+    if gradientState.convolution is not forward:
+        raise MPSValueError(f"{owner}: gradientState was made by another convolution")
+    arity = len([p for p in inspect.signature(update).parameters.values()
+                 if p.default is inspect.Parameter.empty and p.kind != p.VAR_KEYWORD])
+    if arity == 3:  # GPU form
+        source_state = forward.exportWeightsAndBiases(commandBuffer, resultStateCanBeTemporary=True)
+        new_state = update(commandBuffer, gradientState, source_state)
+        if new_state is not None:
+            if new_state.isTemporary and new_state.readCount > 0:
+                new_state.readCount = new_state.readCount + 1  # read by both kernels
+            forward.reloadWeightsAndBiases(commandBuffer, state=new_state)
+            gradient.reloadWeightsAndBiases(commandBuffer, state=new_state)
+        return
+    if gradientState.isTemporary:
+        raise MPSValueError(f"{owner}: the CPU form of update reads gradientState after the command buffer "
+                            "completes; make it with resultState, not temporaryResultState")
+    source_state = forward.exportWeightsAndBiases(commandBuffer, resultStateCanBeTemporary=False)
+
+    def after(_):
+        if update(gradientState, source_state):
+            forward.reloadWeightsAndBiasesFromDataSource()
+            gradient.reloadWeightsAndBiasesFromDataSource()
+        else:
+            warnings.warn(f"mpsconv: {type(ds).__name__}.update returned False; the weights were not reloaded")
+
+    commandBuffer.addCompletedHandler(after)
+
+
 class MPSCNNFullyConnectedGradient(MPSCNNConvolutionGradient):
     """``MPSCNNFullyConnectedGradient``: back-propagation through an ``MPSCNNFullyConnected`` (its
     forward geometry, recorded in the state, is the whole source)."""

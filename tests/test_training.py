@@ -124,3 +124,50 @@ def test_fully_connected_gradient_is_the_vjp(backend):
     np.testing.assert_allclose(values(d_src).reshape(2, -1), e.reshape(2, 4) @ w, rtol=1e-5, atol=1e-6)
     d_w = np.frombuffer(state.gradientForWeights.contents().tobytes(), np.float32)
     np.testing.assert_allclose(d_w.reshape(4, -1), e.reshape(2, 4).T @ x.reshape(2, -1), rtol=1e-5, atol=1e-5)
+
+
+class CPUUpdate(ArraySource):
+    """The CPU form: update(gradientState, sourceState) -> bool, then the executor reloads."""
+
+    def update(self, gradientState, sourceState):
+        grad_w = np.frombuffer(gradientState.gradientForWeights.contents().tobytes(), np.float32)
+        weights = np.frombuffer(sourceState.weights.contents().tobytes(), np.float32)
+        self.w = (weights - 0.5 * grad_w).astype(np.float32)
+        self.calls.append("update")
+        return True
+
+
+class GPUUpdate(ArraySource):
+    """The GPU form: update(commandBuffer, gradientState, sourceState) -> a new weights state."""
+
+    def update(self, commandBuffer, gradientState, sourceState):
+        new = MPSCNNConvolutionWeightsAndBiasesState.temporaryCNNConvolutionWeightsAndBiasesState(
+            commandBuffer=commandBuffer, cnnConvolutionDescriptor=self.desc)
+        grad_w = np.frombuffer(gradientState.gradientForWeights.contents().tobytes(), np.float32)
+        weights = np.frombuffer(sourceState.weights.contents().tobytes(), np.float32)
+        new.weights.contents()[:] = np.frombuffer((weights - 0.5 * grad_w).astype(np.float32).tobytes(), np.uint8)
+        sourceState.readCount = max(0, sourceState.readCount - 1)  # the callback owns both reads (spec §6.4)
+        return new
+
+
+@pytest.mark.parametrize("form", [CPUUpdate, GPUUpdate])
+def test_data_source_update_callbacks(form):
+    """One training step through the data source's update callback; both kernels see the new weights."""
+    d = descriptor(1, 1, 1, 1)
+    ds = form(d, np.array([1.0], np.float32), kernel_type=MPSDataType.float32)
+    fwd, grad = MPSCNNConvolution(device=DEVICE, weights=ds), MPSCNNConvolutionGradient(device=DEVICE, weights=ds)
+    src = image([[[2.0]]])
+    cb = QUEUE.makeCommandBuffer()
+    state = fwd.resultState(sourceImage=src)
+    fwd.encode(commandBuffer=cb, sourceImage=src, destinationState=state, destinationImage=blank(1, 1, 1))
+    grad.encode(commandBuffer=cb, sourceGradient=image([[[1.0]]]), sourceImage=src, gradientState=state,
+                destinationGradient=blank(1, 1, 1))
+    if form is GPUUpdate:  # the GPU form reads the gradient now: it must exist now
+        cb.commit()
+        cb.waitUntilCompleted()
+        cb = QUEUE.makeCommandBuffer()
+    encode_data_source_update(cb, state, fwd, grad)
+    cb.commit()
+    cb.waitUntilCompleted()
+    # dW = E·S = 2, so w = 1 - 0.5·2 = 0
+    assert fwd._loaded.weights.reshape(-1).tolist() == [0.0] and grad._loaded.weights.reshape(-1).tolist() == [0.0]
