@@ -44,7 +44,8 @@ from .neuron import (
 )
 from .gradient import (
     MPSCNNConvolutionGradient, MPSCNNConvolutionGradientState, MPSCNNConvolutionWeightsAndBiasesState,
-    MPSCNNFullyConnectedGradient, encode_data_source_update,
+    MPSCNNConvolutionTransposeGradient, MPSCNNConvolutionTransposeGradientState, MPSCNNFullyConnectedGradient,
+    encode_data_source_update,
 )
 from .state import MPSNNGradientState, MPSState, MPSStateBatchIncrementReadCount, MPSStateResourceType
 from .transpose import MPSCNNConvolutionTranspose

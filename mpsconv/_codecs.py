@@ -31,6 +31,7 @@ def _classes() -> dict:
         "MPSCNNConvolutionTranspose": transpose.MPSCNNConvolutionTranspose,
         "MPSCNNConvolutionGradient": gradient.MPSCNNConvolutionGradient,
         "MPSCNNFullyConnectedGradient": gradient.MPSCNNFullyConnectedGradient,
+        "MPSCNNConvolutionTransposeGradient": gradient.MPSCNNConvolutionTransposeGradient,
         "MPSCNNBinaryConvolution": binary.MPSCNNBinaryConvolution,
         "MPSCNNBinaryFullyConnected": binary.MPSCNNBinaryFullyConnected,
         "MPSCNNNeuron": neuron.MPSCNNNeuron,

@@ -11,7 +11,7 @@ from .datasource import LoadedWeights, _ArrayDataSource, load_weights, read_arra
 from .descriptor import (
     MPSCNNConvolutionDescriptor, MPSCNNConvolutionFlags, MPSNNConvolutionAccumulatorPrecisionOption,
 )
-from .errors import MPSTypeError, MPSValueError, not_implemented
+from .errors import MPSTypeError, MPSValueError
 from .geometry import MPSNNPaddingMethod, NeuronSpec
 from .image import MPSImage
 from .kernel import MPSCNNKernel
@@ -231,10 +231,69 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
         state.bias_values(self._loaded.bias.size, owner).copy_(torch.from_numpy(self._loaded.bias))
         return state
 
-    def resultState(self, *, sourceImage, sourceStates=None, destinationImage=None):
-        raise not_implemented(f"{type(self).__name__}.resultState (training states)", 4)
+    # -- training states (spec §8.4, §10.6): what the forward encode records for the gradient pass
+    def _state_snapshot(self) -> tuple:
+        return (self._offset, self._clipRect, self._edgeMode, self._sfo, self._sfmax, self._dfo)
 
-    resultStateBatch = temporaryResultState = temporaryResultStateBatch = resultState
+    def _result_state_class(self):
+        """The state this kernel makes; None for kernels that make none (gradient kernels)."""
+        from .gradient import MPSCNNConvolutionGradientState
+
+        return MPSCNNConvolutionGradientState
+
+    def _new_state(self, source, commandBuffer, temporary: bool):
+        state_class = self._result_state_class()
+        if state_class is None:
+            raise MPSTypeError(f"{type(self).__name__} makes no result state")
+        if not isinstance(source, MPSImage):
+            raise MPSTypeError(f"{type(self).__name__}: sourceImage={source!r} must be an MPSImage")
+        if temporary:
+            state = state_class.temporaryState(commandBuffer=commandBuffer)
+        else:
+            state = state_class.__new__(state_class)
+            state._init_state(source.device, [], None, temporary=False)
+        state._init_gradient_state(self, source)
+        return state
+
+    def resultState(self, *, sourceImage, sourceStates=None, destinationImage=None):
+        """``resultState(sourceImage:sourceStates:destinationImage:)``: a new (non-temporary)
+        ``MPSCNNConvolutionGradientState`` for the encode that takes it. Make it after every property
+        (and the padding policy's ``offset``) is final."""
+        return self._new_state(sourceImage, None, temporary=False)
+
+    def temporaryResultState(self, *, commandBuffer, sourceImage, sourceStates=None, destinationImage=None):
+        """``temporaryResultState(commandBuffer:sourceImage:sourceStates:destinationImage:)``."""
+        return self._new_state(sourceImage, commandBuffer, temporary=True)
+
+    def resultStateBatch(self, *, sourceImage, sourceStates=None, destinationImage=None):
+        """One state shared by the whole batch: a list of references to one object."""
+        sources = list(sourceImage)
+        state = self._new_state(sources[0], None, temporary=False)
+        return [state] * len(sources)
+
+    def temporaryResultStateBatch(self, *, commandBuffer, sourceImage, sourceStates=None, destinationImage=None):
+        sources = list(sourceImage)
+        state = self._new_state(sources[0], commandBuffer, temporary=True)
+        return [state] * len(sources)
+
+    def isResultStateReusedAcrossBatch(self) -> bool:
+        return True
+
+    def _check_state(self, state, cb, owner: str) -> None:
+        state_class = self._result_state_class()
+        if state_class is None or not isinstance(state, state_class):
+            expected = "no state" if state_class is None else f"an {state_class.__name__}"
+            raise MPSTypeError(f"{owner}: destinationState={type(state).__name__}; this kernel takes {expected} "
+                               "(from its resultState)")
+        if state._producer is not self:
+            raise MPSValueError(f"{owner}: destinationState was made by another kernel; make it with this "
+                                "kernel's resultState / temporaryResultState")
+        if state._recorded != self._state_snapshot():
+            raise MPSValueError(f"{owner}: the kernel's offset, clipRect, edgeMode or channel offsets changed "
+                                "after destinationState was made; make the state after configuring the kernel")
+        state._check_for_encode(cb, owner, "destinationState")
+
+
 
 
 class MPSCNNConvolution(_WeightedKernel):
@@ -290,62 +349,6 @@ class MPSCNNConvolution(_WeightedKernel):
             raise MPSTypeError(f"{owner}({', '.join(sorted(keys))}){unavailable}: valid initializers are "
                                + "; ".join(i.replace("MPSCNNConvolution", owner) for i in _INITIALIZERS))
 
-
-
-    # -- training states (spec §8.4): the forward geometry; the gradient kernels are issue 4's
-    def _state_snapshot(self) -> tuple:
-        return (self._offset, self._clipRect, self._edgeMode, self._sfo, self._sfmax, self._dfo)
-
-    def _new_state(self, source, commandBuffer, temporary: bool):
-        from .gradient import MPSCNNConvolutionGradientState
-
-        if not isinstance(source, MPSImage):
-            raise MPSTypeError(f"{type(self).__name__}: sourceImage={source!r} must be an MPSImage")
-        if temporary:
-            state = MPSCNNConvolutionGradientState.temporaryState(commandBuffer=commandBuffer)
-        else:
-            state = MPSCNNConvolutionGradientState.__new__(MPSCNNConvolutionGradientState)
-            state._init_state(source.device, [], None, temporary=False)
-        state._init_gradient_state(self, source)
-        return state
-
-    def resultState(self, *, sourceImage, sourceStates=None, destinationImage=None):
-        """``resultState(sourceImage:sourceStates:destinationImage:)``: a new (non-temporary)
-        ``MPSCNNConvolutionGradientState`` for the encode that takes it. Make it after every property
-        (and the padding policy's ``offset``) is final."""
-        return self._new_state(sourceImage, None, temporary=False)
-
-    def temporaryResultState(self, *, commandBuffer, sourceImage, sourceStates=None, destinationImage=None):
-        """``temporaryResultState(commandBuffer:sourceImage:sourceStates:destinationImage:)``."""
-        return self._new_state(sourceImage, commandBuffer, temporary=True)
-
-    def resultStateBatch(self, *, sourceImage, sourceStates=None, destinationImage=None):
-        """One state shared by the whole batch: a list of references to one object."""
-        sources = list(sourceImage)
-        state = self._new_state(sources[0], None, temporary=False)
-        return [state] * len(sources)
-
-    def temporaryResultStateBatch(self, *, commandBuffer, sourceImage, sourceStates=None, destinationImage=None):
-        sources = list(sourceImage)
-        state = self._new_state(sources[0], commandBuffer, temporary=True)
-        return [state] * len(sources)
-
-    def isResultStateReusedAcrossBatch(self) -> bool:
-        return True
-
-    def _check_state(self, state, cb, owner: str) -> None:
-        from .gradient import MPSCNNConvolutionGradientState
-
-        if not isinstance(state, MPSCNNConvolutionGradientState):
-            raise MPSTypeError(f"{owner}: destinationState={type(state).__name__} must be an "
-                               "MPSCNNConvolutionGradientState from this kernel's resultState")
-        if state.convolution is not self:
-            raise MPSValueError(f"{owner}: destinationState was made by another kernel; make it with this "
-                                "kernel's resultState / temporaryResultState")
-        if state._recorded != self._state_snapshot():
-            raise MPSValueError(f"{owner}: the kernel's offset, clipRect, edgeMode or channel offsets changed "
-                                "after destinationState was made; make the state after configuring the kernel")
-        state._check_for_encode(cb, owner, "destinationState")
 
 
 class MPSCNNFullyConnected(MPSCNNConvolution):

@@ -8,13 +8,16 @@ import torch
 
 from . import backends
 from .convolution import _WeightedKernel
-from .descriptor import MPSCNNConvolutionGradientOption, MPSCNNConvolutionWeightsLayout
+from .descriptor import (
+    MPSCNNConvolutionDescriptor, MPSCNNConvolutionGradientOption, MPSCNNConvolutionWeightsLayout,
+)
 from .errors import MPSDeviceError, MPSTypeError, MPSValueError
 from .geometry import NeuronSpec
 from .image import F, MPSImage, MPSImageDescriptor, MPSTemporaryImage, storage_to_values, values_to_storage
 from .metal import MTLBuffer, MTLCommandBuffer
 from .neuron import _deprecated
 from .state import MPSNNGradientState, MPSState
+from .types import MPSDataType
 
 
 class MPSCNNConvolutionGradientState(MPSNNGradientState):
@@ -27,15 +30,15 @@ class MPSCNNConvolutionGradientState(MPSNNGradientState):
     """
 
     def _init_gradient_state(self, convolution, source) -> None:
+        self._producer = convolution  # the kernel that made it
         d = convolution._desc
         weights = d.outputFeatureChannels * d.kernelHeight * d.kernelWidth * (d.inputFeatureChannels // d._kernel_groups())
         self._sizes = [4 * weights, 4 * d.outputFeatureChannels]
         self._resources = [None, None]
-        self._convolution = convolution
         self._source_size = (source.width, source.height)
         self._recorded = convolution._state_snapshot()  # the properties the encode must still have
 
-    convolution = property(lambda self: self._convolution)
+    convolution = property(lambda self: self._producer)
     sourceWidth = property(lambda self: self._source_size[0])
     sourceHeight = property(lambda self: self._source_size[1])
     gradientForWeightsLayout = property(lambda self: MPSCNNConvolutionWeightsLayout.OHWI)
@@ -168,7 +171,7 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
     ``MPSCNNConvolutionGradient(coder=, device=)``.
     """
 
-    _state_class = MPSCNNConvolutionGradientState
+    _input_state_class = MPSCNNConvolutionGradientState
 
     def __init__(self, **kwargs):
         keys = frozenset(kwargs)
@@ -183,6 +186,9 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
             unavailable = " (init(device:) alone is unavailable)" if keys == {"device"} else ""
             raise MPSTypeError(f"{name}({', '.join(sorted(keys))}){unavailable}: valid initializers are "
                                f"{name}(device=, weights=dataSource) and {name}(coder=, device=)")
+
+    def _result_state_class(self):
+        return None
 
     def _check_descriptor(self, descriptor) -> None:
         if getattr(descriptor, "subPixelScaleFactor", 1) > 1:
@@ -285,11 +291,11 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
                 raise MPSDeviceError(f"{owner}: {role} is on {image.device.torch_device}; the kernel is on "
                                      f"{self._device.torch_device}")
             image._check_for_encode(cb, owner, role)
-        if not isinstance(state, self._state_class):
+        if not isinstance(state, self._input_state_class):
             raise MPSTypeError(f"{owner}: gradientState{index}={type(state).__name__} must be an "
-                               f"{self._state_class.__name__} from the forward kernel")
+                               f"{self._input_state_class.__name__} from the forward kernel")
         state._check_for_encode(cb, owner, "gradientState" + index)
-        fwd = state.convolution
+        fwd = state._producer
         if (fwd.kernelWidth, fwd.kernelHeight, fwd.inputFeatureChannels, fwd.outputFeatureChannels,
                 fwd._desc._kernel_groups()) != (self.kernelWidth, self.kernelHeight, self.inputFeatureChannels,
                                                  self.outputFeatureChannels, self._desc._kernel_groups()):
@@ -370,7 +376,7 @@ def encode_data_source_update(commandBuffer, gradientState, forward, gradient) -
     owner = "encode_data_source_update"
     if not callable(update):
         raise MPSTypeError(f"{owner}: the data source {type(ds).__name__} implements no update(...)")
-    if gradientState.convolution is not forward:
+    if gradientState._producer is not forward:
         raise MPSValueError(f"{owner}: gradientState was made by another convolution")
     arity = len([p for p in inspect.signature(update).parameters.values()
                  if p.default is inspect.Parameter.empty and p.kind != p.VAR_KEYWORD])
@@ -401,3 +407,26 @@ def encode_data_source_update(commandBuffer, gradientState, forward, gradient) -
 class MPSCNNFullyConnectedGradient(MPSCNNConvolutionGradient):
     """``MPSCNNFullyConnectedGradient``: back-propagation through an ``MPSCNNFullyConnected`` (its
     forward geometry, recorded in the state, is the whole source)."""
+
+
+class MPSCNNConvolutionTransposeGradientState(MPSCNNConvolutionGradientState):
+    """``MPSCNNConvolutionTransposeGradientState``: made by a transpose's ``resultState…`` or training
+    encode (spec §14). ``convolutionTranspose`` is that transpose; ``convolution`` the
+    ``MPSCNNConvolution`` whose gradient state configured it, if one did."""
+
+    _source_convolution = None
+    convolution = property(lambda self: self._source_convolution)
+    convolutionTranspose = property(lambda self: self._producer)
+
+
+class MPSCNNConvolutionTransposeGradient(MPSCNNConvolutionGradient):
+    """``MPSCNNConvolutionTransposeGradient``: back-propagation through an
+    ``MPSCNNConvolutionTranspose`` (spec §14): the VJPs of its zero-inserted convolution with respect
+    to the source, the weights and the biases. Made from the transpose's data source."""
+
+    _input_state_class = MPSCNNConvolutionTransposeGradientState
+    _data_types = (MPSDataType.float32,)
+
+    def _check_descriptor(self, descriptor) -> None:
+        if type(descriptor) is not MPSCNNConvolutionDescriptor:
+            raise MPSTypeError(f"{type(self).__name__}: takes a plain MPSCNNConvolutionDescriptor")

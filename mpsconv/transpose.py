@@ -1,9 +1,9 @@
 """``MPSCNNConvolutionTranspose`` (spec ``convolution.md`` §10)."""
 from __future__ import annotations
 
-from .convolution import _WeightedKernel
+from .convolution import MPSCNNConvolution, _WeightedKernel
 from .descriptor import MPSCNNConvolutionDescriptor
-from .errors import MPSTypeError, MPSValueError, not_implemented
+from .errors import MPSTypeError, MPSValueError
 from .geometry import ConvProblem, allocate
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .kernel import MPSImageEdgeMode, MPSOrigin, MPSRegion, MPSSize
@@ -107,7 +107,9 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
             raise MPSTypeError(f"{owner}: convolutionGradientState={type(state).__name__} must be an "
                                "MPSCNNConvolutionGradientState from the forward convolution")
         state._check_for_encode(cb, owner, "convolutionGradientState")
-        fwd = state.convolution
+        fwd = state._producer
+        if not isinstance(fwd, MPSCNNConvolution):
+            raise MPSValueError(f"{owner}: convolutionGradientState must be made by an MPSCNNConvolution")
         if (fwd.kernelHeight, fwd.kernelWidth, fwd.dilationRateY, fwd.dilationRateX) != \
                 (self.kernelHeight, self.kernelWidth, self.dilationRateY, self.dilationRateX):
             raise MPSValueError(f"{owner}: the forward convolution's window {fwd.kernelWidth}x{fwd.kernelHeight} "
@@ -120,27 +122,41 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
         self._kernel_offset = tuple(-o + (1 if ((k - 1) * d + 1) % 2 == 0 else 0)
                                     for o, k, d in zip((offset.y, offset.x), kernel, dilation))
 
+    # -- training states (spec §10.6, §14)
+    def _result_state_class(self):
+        from .gradient import MPSCNNConvolutionTransposeGradientState
+
+        return MPSCNNConvolutionTransposeGradientState
+
+    def _state_snapshot(self) -> tuple:
+        return (self._clipRect, self._edgeMode, self._sfo, self._sfmax, self._dfo)  # offset: set by the state path
+
     def _encode_kw(self, *, commandBuffer, sourceImage, destinationImage=None, convolutionGradientState=None,
                    destinationState=None, destinationStateIsTemporary=None):
         owner = self._owner()
-        if destinationState is not None or destinationStateIsTemporary is not None:
-            raise not_implemented("MPSCNNConvolutionTranspose training states "
-                                  "(MPSCNNConvolutionTransposeGradientState)", 4)
         state = convolutionGradientState
         if state is None:
             return super()._encode_kw(commandBuffer=commandBuffer, sourceImage=sourceImage,
-                                      destinationImage=destinationImage)
-        allocated = self._encode_with_state(commandBuffer, sourceImage, state, destinationImage, owner)
+                                      destinationImage=destinationImage, destinationState=destinationState,
+                                      destinationStateIsTemporary=destinationStateIsTemporary)
+        allocated, result = self._encode_with_state(commandBuffer, sourceImage, state, destinationImage, owner,
+                                                    destinationState, destinationStateIsTemporary)
         state._consume_read()
-        return allocated
+        return (allocated, result) if destinationStateIsTemporary is not None else allocated
 
-    def _encode_with_state(self, commandBuffer, sourceImage, state, destinationImage, owner):
-        """One state-driven encode; the caller consumes the state's read (once per distinct state)."""
+    def _encode_with_state(self, commandBuffer, sourceImage, state, destinationImage, owner, result_state=None,
+                           result_temporary=None):
+        """One state-driven encode; the caller consumes the state's read (once per distinct state).
+        With ``result_state`` / ``result_temporary`` it also fills (or makes) this transpose's own state."""
         self._check_cb(commandBuffer, owner)
         saved = (self._offset, self._kernel_offset)
         self._apply_state(state, commandBuffer, owner)
         allocated = None
         try:
+            if result_state is not None:
+                self._check_state(result_state, commandBuffer, owner)
+            elif result_temporary is not None:
+                result_state = self._new_state(sourceImage, commandBuffer, bool(result_temporary))
             if destinationImage is None:  # sized like the forward convolution's source
                 if not isinstance(sourceImage, MPSImage):
                     raise MPSTypeError(f"{owner}: sourceImage={sourceImage!r} must be an MPSImage")
@@ -155,7 +171,10 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
             if isinstance(allocated, MPSTemporaryImage) and allocated.readCount > 0:
                 allocated._read_count = 0
             raise
-        return allocated
+        if result_state is not None:
+            result_state._filled_by(sourceImage, self._plan(sourceImage, destinationImage, owner)[0])
+            result_state._source_convolution = state._producer
+        return allocated, result_state
 
     def encodeBatch(self, *, commandBuffer, sourceImages, destinationImages=None, convolutionGradientStates=None,
                     destinationStates=None, destinationStateIsTemporary=None):
@@ -171,7 +190,7 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
                                 f"{len(sources)} sourceImages")
         owner = self._owner("encodeBatch")
         outputs = [self._encode_with_state(commandBuffer, src, state,
-                                           None if destinationImages is None else destinationImages[i], owner)
+                                           None if destinationImages is None else destinationImages[i], owner)[0]
                    for i, (src, state) in enumerate(zip(sources, states))]
         for state in {id(s): s for s in states}.values():
             state._consume_read()

@@ -174,3 +174,61 @@ def test_conv_checklist_100_data_gradient_is_the_transpose(backend, k, o, s, see
         cb.commit()
         cb.waitUntilCompleted()
     assert_close(d_s, values(out), "float32", f"k={k} o={o} s={s}")
+
+
+# -- §14: the transpose's gradient and state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(k=st.integers(1, 4), s=st.integers(1, 3), d=st.integers(1, 2), n=st.integers(1, 5), t=st.integers(-1, 3),
+       seed=st.integers(0, 999))
+def test_transpose_gradient_is_the_vjp(backend, k, s, d, n, t, seed):
+    rng = np.random.default_rng(seed)
+    kd = (k - 1) * d + 1
+    pad = t + (kd - 1) - (kd >> 1)
+    size = (n - 1) * s - 2 * pad + kd
+    if pad < 0 or size < 1:
+        return
+    w_t = rng.uniform(-1, 1, (3, 2, k, k)).astype(np.float32)  # PyTorch [in][out][kh][kw]
+    ours_w = np.ascontiguousarray(w_t[:, :, ::-1, ::-1].transpose(1, 2, 3, 0))  # spec §10.3
+    ours_w = ours_w.astype(np.float16).astype(np.float32)
+    w_t = np.ascontiguousarray(ours_w.transpose(3, 0, 1, 2)[:, :, ::-1, ::-1])
+    x, e = rng.uniform(-1, 1, (1, n, n, 3)), rng.uniform(-1, 1, (1, size, size, 2))
+    ds = ArraySource(descriptor(k, k, 3, 2, strideInPixelsX=s, strideInPixelsY=s, dilationRateX=d, dilationRateY=d),
+                     ours_w)
+    tr, grad = MPSCNNConvolutionTranspose(device=DEVICE, weights=ds), MPSCNNConvolutionTransposeGradient(device=DEVICE,
+                                                                                                          weights=ds)
+    tr.kernelOffsetX = tr.kernelOffsetY = t
+    src = image(x)
+    with use_backend(backend):
+        cb = QUEUE.makeCommandBuffer()
+        state = tr.resultState(sourceImage=src)
+        tr.encode(commandBuffer=cb, sourceImage=src, destinationState=state, destinationImage=blank(size, size, 2))
+        d_src = blank(n, n, 3)
+        grad.encode(commandBuffer=cb, sourceGradient=image(e), sourceImage=src, gradientState=state,
+                    destinationGradient=d_src)
+        cb.commit()
+        cb.waitUntilCompleted()
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    wt = torch.from_numpy(w_t.astype(np.float64)).requires_grad_(True)
+    y = Fn.conv_transpose2d(xt, wt, stride=s, padding=pad, dilation=d)
+    y.backward(torch.from_numpy(e).permute(0, 3, 1, 2))
+    assert_close(values(d_src), xt.grad.permute(0, 2, 3, 1).numpy(), "float32", f"dS k={k} s={s} d={d} T={t}")
+    want_w = wt.grad.numpy()[:, :, ::-1, ::-1].transpose(1, 2, 3, 0)  # back to ours: [out][kh][kw][in]
+    got_w = np.frombuffer(state.gradientForWeights.contents().tobytes(), np.float32).reshape(want_w.shape)
+    assert_close(got_w, want_w, "float32", f"dW k={k} s={s} d={d} T={t}")
+    assert isinstance(state, MPSCNNConvolutionTransposeGradientState) and state.convolutionTranspose is tr
+
+
+def test_transpose_training_encode_records_both_kernels():
+    fwd, _ = pair(3, 3, 1, 1, np.ones(9), strideInPixelsX=2, strideInPixelsY=2)
+    src = image(np.ones((6, 6, 1)))
+    cb = QUEUE.makeCommandBuffer()
+    out, conv_state = fwd.encode(commandBuffer=cb, sourceImage=src, destinationStateIsTemporary=False)
+    t = MPSCNNConvolutionTranspose(device=DEVICE, weights=ArraySource(
+        descriptor(3, 3, 1, 1, strideInPixelsX=2, strideInPixelsY=2), np.ones(9)))
+    up, t_state = t.encode(commandBuffer=cb, sourceImage=out, convolutionGradientState=conv_state,
+                           destinationStateIsTemporary=True)
+    assert (up.width, up.height) == (6, 6) and t_state.isTemporary
+    assert t_state.convolution is fwd and t_state.convolutionTranspose is t
+    cb.commit()

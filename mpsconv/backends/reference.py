@@ -35,6 +35,16 @@ def taps(first: int, count: int, stride: int, k: int, dilation: int, size: int, 
     return np.clip(coords, 0, size - 1), inside if edge == EdgeMode.zero else np.ones_like(inside)
 
 
+def expand(x: np.ndarray, problem: ConvProblem) -> np.ndarray:
+    """Backwards kernels read the source with ``s - 1`` zeros inserted between pixels (spec §10.3)."""
+    if problem.upsample == (1, 1):
+        return x
+    (uy, ux), (he, we) = problem.upsample, problem.expanded_size
+    expanded = np.zeros((x.shape[0], he, we, x.shape[3]))
+    expanded[:, ::uy, ::ux] = x
+    return expanded
+
+
 def gather_windows(x: np.ndarray, problem: ConvProblem) -> np.ndarray:
     """``[n, oh, ow, kH, kW, C]``: every tap of every output pixel, read through the edge mode."""
     (oh, ow), (kh, kw) = problem.grid, problem.kernel
@@ -79,12 +89,7 @@ def forward(problem: ConvProblem, src: torch.Tensor, dst: torch.Tensor, prepared
         return
     n, i0, c0 = problem.n_images, problem.src_image0, problem.src_channel0
     raw = src[i0:i0 + n, :, :, c0:c0 + problem.in_channels].cpu()
-    x = storage_to_values(raw, F(problem.src_format), torch.float64).numpy()
-    if problem.upsample != (1, 1):  # backwards kernels read the source with zeros inserted (spec §10.3)
-        (uy, ux), (he, we) = problem.upsample, problem.expanded_size
-        expanded = np.zeros((x.shape[0], he, we, x.shape[3]))
-        expanded[:, ::uy, ::ux] = x
-        x = expanded
+    x = expand(storage_to_values(raw, F(problem.src_format), torch.float64).numpy(), problem)
     windows = gather_windows(x, problem)
     if problem.binary >= 0:
         out = binary_accumulate(x, windows, problem, prepared.binary)
@@ -118,7 +123,7 @@ def gradient(problem: ConvProblem, src: torch.Tensor, e: torch.Tensor, weights: 
     """
     n, i0, c0 = problem.n_images, problem.src_image0, problem.src_channel0
     raw = src[i0:i0 + n, :, :, c0:c0 + problem.in_channels].cpu()
-    x = storage_to_values(raw, F(problem.src_format), torch.float64).numpy()
+    x = expand(storage_to_values(raw, F(problem.src_format), torch.float64).numpy(), problem)
     windows = gather_windows(x, problem)  # [n, He, We, kH, kW, I]
     g = problem.groups
     nb, he, we, kh, kw, c = windows.shape
@@ -137,7 +142,8 @@ def gradient(problem: ConvProblem, src: torch.Tensor, e: torch.Tensor, weights: 
     xx = np.broadcast_to(xs[None, :, None, :], (he, we, kh, kw))
     for b in range(nb):
         np.add.at(d_s[b], (yy, xx), per_tap[b] * mask[0])
-    return d_s, d_w, d_b
+    uy, ux = problem.upsample
+    return d_s[:, ::uy, ::ux], d_w, d_b  # the VJP of zero insertion keeps the source pixels
 
 
 class _Reference:

@@ -461,6 +461,18 @@ def gradient(problem: ConvProblem, src: torch.Tensor, e: torch.Tensor, weights: 
     w = torch.from_numpy(np.ascontiguousarray(weights, np.float32)).to(src.device).permute(0, 3, 1, 2)
     w = w.contiguous().requires_grad_(True)
     x = x0
+    if plan.transposed:
+        with torch.enable_grad():
+            o, ig, kh, kw = w.shape
+            g = problem.groups
+            wt = w.reshape(g, o // g, ig, kh, kw).transpose(1, 2).reshape(g * ig, o // g, kh, kw).flip(2, 3)
+            padding, output_padding = plan.t_padding
+            y = plan.conv_transpose2d(x0, wt, None, problem.upsample, padding, output_padding, g, problem.dilation)
+            y = y[plan.t_crop]
+            if plan.t_pad is not None:
+                y = Fn.pad(y, plan.t_pad)
+            d_x, d_w = torch.autograd.grad(y, (x0, w), e.permute(0, 3, 1, 2).to(y.dtype))
+        return d_x.permute(0, 2, 3, 1), d_w.permute(0, 2, 3, 1), e.sum(dim=(0, 1, 2))
     if plan.zeros_shape is not None:
         x = x0.new_zeros(plan.zeros_shape) + 0 * x0.sum()  # no tap reads the source
     else:
