@@ -16,9 +16,9 @@ BACKENDS = ["reference", "torch"]
 OPT = MPSCNNConvolutionGradientOption
 
 
-def pair(kw, kh, cin, cout, w, b=None, **props):
+def pair(kw, kh, cin, cout, w, b=None, kernel_type=None, **props):
     d = descriptor(kw, kh, cin, cout, **props)
-    ds = ArraySource(d, w, b)
+    ds = ArraySource(d, w, b, kernel_type=kernel_type)
     return MPSCNNConvolution(device=DEVICE, weights=ds), MPSCNNConvolutionGradient(device=DEVICE, weights=ds)
 
 
@@ -28,6 +28,7 @@ def forward_backward(fwd, grad, x, e, backend, offset=(0, 0), option=OPT.all, ds
     fwd.offset, fwd.edgeMode = MPSOffset(*offset, 0), edge
     grad.gradientOption = option
     src = image(x)
+    cin = fwd.inputFeatureChannels
     hd, wd = dst_hw or e.shape[-3:-1]
     with use_backend(backend):
         cb = QUEUE.makeCommandBuffer()
@@ -37,7 +38,7 @@ def forward_backward(fwd, grad, x, e, backend, offset=(0, 0), option=OPT.all, ds
                 buffer.contents()[:] = np.frombuffer(np.full(buffer.length // 4, sentinel, np.float32).tobytes(), np.uint8)
         fwd.encode(commandBuffer=cb, sourceImage=src, destinationState=state,
                    destinationImage=blank(wd, hd, fwd.outputFeatureChannels, images=src.numberOfImages))
-        d_src = blank(src.width, src.height, fwd.inputFeatureChannels, images=src.numberOfImages, fill=sentinel)
+        d_src = blank(src.width, src.height, cin, images=src.numberOfImages, fill=sentinel)
         grad.encode(commandBuffer=cb, sourceGradient=image(e), sourceImage=src, gradientState=state,
                     destinationGradient=d_src)
         cb.commit()
@@ -232,3 +233,61 @@ def test_transpose_training_encode_records_both_kernels():
     assert (up.width, up.height) == (6, 6) and t_state.isTemporary
     assert t_state.convolution is fwd and t_state.convolutionTranspose is t
     cb.commit()
+
+
+@given(p=geometry(), ox=st.integers(-1, 2), oy=st.integers(-1, 2), clip_x=st.integers(0, 2), sfo=st.sampled_from([0, 4]))
+def test_reference_gradients_match_central_differences(p, ox, oy, clip_x, sfo):
+    """The float64 reference's gradients against central finite differences of its own forward pass,
+    with a clip region and a source channel offset: L = <E, conv(S, W)>, dL/dS and dL/dW."""
+    rng = np.random.default_rng(p["seed"])
+    (kh, kw), (sy, sx), (dy, dx) = p["k"], p["s"], p["d"]
+    cin, cout, g = p["cin"], p["cout"], p["g"]
+    w = rng.uniform(-1, 1, (cout, kh, kw, cin // g)).astype(np.float16).astype(np.float32)
+    x = rng.uniform(-1, 1, (1, *p["hw"], sfo + cin))
+    fwd, grad = pair(kw, kh, cin, cout, w, groups=g, strideInPixelsX=sx, strideInPixelsY=sy, dilationRateX=dx,
+                     dilationRateY=dy, kernel_type=MPSDataType.float32)
+    fwd.sourceFeatureChannelOffset = sfo
+    fwd.clipRect = MTLRegionMake2D(clip_x, 0, 3, 2)
+    e = rng.uniform(-1, 1, (1, 2, 3, cout))
+
+    def loss(xv, wv):
+        k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(
+            descriptor(kw, kh, cin, cout, groups=g, strideInPixelsX=sx, strideInPixelsY=sy, dilationRateX=dx,
+                       dilationRateY=dy), wv, kernel_type=MPSDataType.float32))
+        k.offset, k.sourceFeatureChannelOffset, k.clipRect = MPSOffset(ox, oy, 0), sfo, fwd.clipRect
+        dst = blank(3 + clip_x, 2, cout)
+        cb = QUEUE.makeCommandBuffer()
+        with use_backend("reference"):
+            k.encode(commandBuffer=cb, sourceImage=image(xv), destinationImage=dst)
+            cb.commit()
+            cb.waitUntilCompleted()
+        return float((values(dst)[:, :, clip_x:] * e).sum())
+
+    d_s, d_w, _ = forward_backward(fwd, grad, x, e, "reference", offset=(ox, oy), dst_hw=(2, 3 + clip_x))
+    h = 1e-3
+    for _ in range(3):  # a few random coordinates of each
+        idx = tuple(int(rng.integers(0, dim)) for dim in x.shape[:3]) + (sfo + int(rng.integers(0, cin)),)
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += h
+        xm[idx] -= h
+        numeric = (loss(xp, w) - loss(xm, w)) / (2 * h)
+        assert abs(d_s[idx[:3] + (idx[3] - sfo,)] - numeric) < 1e-3, (idx, numeric)
+        widx = tuple(int(rng.integers(0, dim)) for dim in w.shape)
+        wp, wm = w.copy(), w.copy()
+        wp[widx] += h
+        wm[widx] -= h
+        numeric = (loss(x, wp) - loss(x, wm)) / (2 * h)
+        assert abs(d_w.reshape(w.shape)[widx] - numeric) < 1e-3, (widx, numeric)
+
+
+def test_conv_checklist_98_depthwise_gradient_buffer():
+    d = MPSCNNDepthWiseConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=4,
+                                             outputFeatureChannels=4)
+    ds = ArraySource(d, np.random.default_rng(98).uniform(-1, 1, 36))
+    fwd, grad = MPSCNNConvolution(device=DEVICE, weights=ds), MPSCNNConvolutionGradient(device=DEVICE, weights=ds)
+    assert grad.channelMultiplier == 1
+    x, e = np.random.default_rng(1).uniform(-1, 1, (5, 5, 4)), np.random.default_rng(2).uniform(-1, 1, (1, 5, 5, 4))
+    results = [forward_backward(fwd, grad, x, e, b) for b in BACKENDS]
+    assert results[0][1].size == 4 * 3 * 3  # [O][kH][kW]
+    for got, want in zip(results[1], results[0]):
+        assert_close(got, want, "float32", "depthwise gradient")

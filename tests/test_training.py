@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as Fn
 
 from helpers import DEVICE, QUEUE, ArraySource, blank, descriptor, image, values
 from mpsconv import *
