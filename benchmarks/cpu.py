@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import mpsconv  # noqa: E402
 from mpsconv import (  # noqa: E402
     MPSCNNBinaryConvolution, MPSCNNBinaryConvolutionType, MPSCNNConvolution, MPSCNNConvolutionDataSource,
+    MPSCNNConvolutionGradient,
     MPSCNNConvolutionDescriptor, MPSCNNConvolutionTranspose, MPSCNNDepthWiseConvolutionDescriptor, MPSCNNNeuronType,
     MPSDataType, MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat, MPSNNNeuronDescriptor, MPSOffset,
     MTLCreateSystemDefaultDevice,
@@ -219,6 +220,52 @@ def binary_operation(device, queue, n, c, h, w, k, r, s, rng):
     return ours, torch_eager, 2 * n * k * p * q * c * r * s
 
 
+# name, N, C, H, W, K, R, S (stride 1, pad R // 2)
+TRAINING_SHAPES = [
+    ("train_3x3_28", 1, 64, 28, 28, 64, 3, 3),
+    ("train_3x3_14", 1, 128, 14, 14, 128, 3, 3),
+]
+
+
+def training_step(device, queue, n, c, h, w, k, r, s, rng):
+    """One training step of a conv + bias: forward (recording a state), data gradient, weight and bias
+    gradients. PyTorch: the same conv2d forward and its autograd backward."""
+    x = rng.standard_normal((n, h, w, c), dtype=np.float32)
+    wt = rng.standard_normal((k, r, s, c), dtype=np.float32) * 0.1
+    bias = rng.standard_normal(k, dtype=np.float32)
+    e = rng.standard_normal((n, h, w, k), dtype=np.float32)
+    desc = MPSCNNConvolutionDescriptor(kernelWidth=s, kernelHeight=r, inputFeatureChannels=c, outputFeatureChannels=k)
+    data = Weights(desc, wt, bias)
+    conv, grad = MPSCNNConvolution(device=device, weights=data), MPSCNNConvolutionGradient(device=device, weights=data)
+    src = MPSImage.from_numpy(x, device=device)
+    err = MPSImage.from_numpy(e, device=device)
+    fmt = MPSImageFeatureChannelFormat.float32
+    out = MPSImage(device=device, imageDescriptor=MPSImageDescriptor(channelFormat=fmt, width=w, height=h,
+                                                                      featureChannels=k, numberOfImages=n))
+    d_src = MPSImage(device=device, imageDescriptor=MPSImageDescriptor(channelFormat=fmt, width=w, height=h,
+                                                                        featureChannels=c, numberOfImages=n))
+
+    def ours():
+        cb = queue.makeCommandBuffer()
+        state = conv.resultState(sourceImage=src)
+        conv.encode(commandBuffer=cb, sourceImage=src, destinationState=state, destinationImage=out)
+        grad.encode(commandBuffer=cb, sourceGradient=err, sourceImage=src, gradientState=state,
+                    destinationGradient=d_src)
+        cb.commit()
+        cb.waitUntilCompleted()
+
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    tw = torch.from_numpy(conv._loaded.weights).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+    tb = torch.from_numpy(bias).requires_grad_(True)
+    te = torch.from_numpy(e).permute(0, 3, 1, 2)
+
+    def torch_eager():
+        tx.grad = tw.grad = tb.grad = None
+        F.conv2d(tx, tw, tb, 1, r // 2).backward(te)
+
+    return ours, torch_eager, 3 * 2 * n * k * h * w * c * r * s
+
+
 def encode_overhead(device, queue, budget_s):
     """Per-kernel cost of encode + commit on a 1x1x8x8 problem, against the bare torch op."""
     rng = np.random.default_rng(0)
@@ -295,6 +342,8 @@ def main():
                  for sh in TRANSPOSE_SHAPES for name in [sh[0]]]
         cases += [(name, "binary", lambda sh=sh: binary_operation(device, queue, *sh[1:], rng))
                   for sh in BINARY_SHAPES for name in [sh[0]]]
+        cases += [(name, "training", lambda sh=sh: training_step(device, queue, *sh[1:], rng))
+                  for sh in TRAINING_SHAPES for name in [sh[0]]]
         for name, kind, make in cases:
             ours, eager, flops = make()
             t_ours, t_eager = paired_medians(ours, eager, budget)

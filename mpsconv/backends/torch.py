@@ -15,6 +15,8 @@ frozen CPU models). Elsewhere ``torch.nn.functional.conv2d`` runs.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as Fn
@@ -350,6 +352,10 @@ def _depth_to_space(y: torch.Tensor, r: int) -> torch.Tensor:
     return blocks.permute(0, 3, 4, 1, 5, 2).reshape(n, c // (r * r), h * r, w * r)
 
 
+def _no_tf32(device):
+    return torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if device.is_cuda else contextlib.nullcontext()
+
+
 def _full_fp32(op):
     """``op`` with cuDNN's TF32 off: it is on by default for float32, and MPS numerics need full fp32."""
     def call(*args):
@@ -457,11 +463,11 @@ def gradient(problem: ConvProblem, src: torch.Tensor, e: torch.Tensor, weights: 
     plan = Plan(problem, device)
     n, i0, c0 = problem.n_images, problem.src_image0, problem.src_channel0
     x0 = storage_to_values(src[i0:i0 + n, :, :, c0:c0 + problem.in_channels], F(problem.src_format), torch.float32)
-    x0 = x0.permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+    x0 = _canonical(x0.permute(0, 3, 1, 2)).detach().requires_grad_(True)  # a leaf; no copy for NHWC slices
     w = torch.from_numpy(np.ascontiguousarray(weights, np.float32)).to(src.device).permute(0, 3, 1, 2)
     w = w.contiguous().requires_grad_(True)
     x = x0
-    if plan.transposed:
+    if plan.transposed:  # small and rare: autograd through conv_transpose2d itself
         with torch.enable_grad():
             o, ig, kh, kw = w.shape
             g = problem.groups
@@ -473,22 +479,31 @@ def gradient(problem: ConvProblem, src: torch.Tensor, e: torch.Tensor, weights: 
                 y = Fn.pad(y, plan.t_pad)
             d_x, d_w = torch.autograd.grad(y, (x0, w), e.permute(0, 3, 1, 2).to(y.dtype))
         return d_x.permute(0, 2, 3, 1), d_w.permute(0, 2, 3, 1), e.sum(dim=(0, 1, 2))
-    if plan.zeros_shape is not None:
-        x = x0.new_zeros(plan.zeros_shape) + 0 * x0.sum()  # no tap reads the source
-    else:
-        if plan.crop is not None:
-            x = x[plan.crop]
-        for dim, index in plan.gathers:
-            x = x.index_select(dim, index)
-        if plan.pad is not None:
-            x = Fn.pad(x, plan.pad)
-    with torch.enable_grad():
-        y = plan.conv2d(x, w, None, problem.stride, plan.conv_padding, problem.dilation, problem.groups)
-        if plan.out_crop is not None:
-            y = y[plan.out_crop]
-        d_x, d_w = torch.autograd.grad(y, (x0, w), e.permute(0, 3, 1, 2).to(y.dtype), allow_unused=True)
-    d_x = torch.zeros_like(x0) if d_x is None else d_x
-    return d_x.permute(0, 2, 3, 1), d_w.permute(0, 2, 3, 1), e.sum(dim=(0, 1, 2))
+    with torch.enable_grad():  # recorded even when the caller runs under torch.no_grad()
+        if plan.zeros_shape is not None:
+            x = x0.new_zeros(plan.zeros_shape) + 0 * x0.sum()  # no tap reads the source
+        else:
+            if plan.crop is not None:
+                x = x[plan.crop]
+            for dim, index in plan.gathers:
+                x = x.index_select(dim, index)
+            if plan.pad is not None:
+                x = Fn.pad(x, plan.pad)
+    # The convolution's own backward (no forward recomputed), then autograd through the window ops only.
+    window = _canonical(x.detach())
+    out_h = (window.shape[2] + 2 * plan.conv_padding[0] - problem.extent(0)) // problem.stride[0] + 1
+    out_w = (window.shape[3] + 2 * plan.conv_padding[1] - problem.extent(1)) // problem.stride[1] + 1
+    grad_out = e.permute(0, 3, 1, 2).to(torch.float32)
+    if plan.out_crop is not None:  # the wanted outputs are a crop of the padded convolution's
+        full = grad_out.new_zeros((grad_out.shape[0], grad_out.shape[1], out_h, out_w))
+        full[plan.out_crop] = grad_out
+        grad_out = full
+    with _no_tf32(device):
+        d_window, d_w, _ = torch.ops.aten.convolution_backward(
+            grad_out.contiguous(memory_format=torch.channels_last), window, w.detach(), None, list(problem.stride),
+            list(plan.conv_padding), list(problem.dilation), False, [0, 0], problem.groups, [True, True, False])
+    d_x = torch.autograd.grad(x, x0, d_window) if x.requires_grad else (torch.zeros_like(x0),)
+    return d_x[0].permute(0, 2, 3, 1), d_w.permute(0, 2, 3, 1), e.sum(dim=(0, 1, 2))
 
 
 class _Torch:
