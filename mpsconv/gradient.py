@@ -17,6 +17,7 @@ from .image import F, MPSImage, MPSImageDescriptor, MPSTemporaryImage, storage_t
 from .metal import MTLBuffer, MTLCommandBuffer
 from .neuron import _deprecated
 from .state import MPSNNGradientState, MPSState
+from .types import MPSOffset
 from .types import MPSDataType
 
 
@@ -223,6 +224,26 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
         _deprecated(f"{type(self).__name__}.serializeWeightsAndBiases", "nothing (it has no effect)")
         self._serialize = bool(value)
 
+    # -- geometry of the last encode (spec §11.2, §11.4, §11.5): set from the gradient state
+    def _state_geometry(self) -> tuple:
+        return getattr(self, "_geometry", ((0, 0), MPSOffset(0, 0, 0), MPSOffset(0, 0, 0)))
+
+    kernelOffsetX = property(lambda self: self._state_geometry()[0][1])
+    kernelOffsetY = property(lambda self: self._state_geometry()[0][0])
+    primaryOffset = property(lambda self: self._state_geometry()[1])
+    secondaryOffset = property(lambda self: self._state_geometry()[2])
+
+    def _set_geometry(self, state) -> None:
+        """``kernelOffset = -o + (1 if Kd is even else 0)``, ``primaryOffset = 0``,
+        ``secondaryOffset = o - (Kd >> 1)``: what the state-driven encode configures. (The gradient is
+        always computed from the state's recorded forward geometry; the manual form's caller-set
+        offsets of the reference platform are not supported.)"""
+        o = state.forward_offset
+        kd = [((k - 1) * d + 1) for k, d in ((self.kernelHeight, self.dilationRateY), (self.kernelWidth, self.dilationRateX))]
+        kernel_offset = tuple(-v + (1 if e % 2 == 0 else 0) for v, e in zip((o.y, o.x), kd))
+        secondary = MPSOffset(o.x - (kd[1] >> 1), o.y - (kd[0] >> 1), o.z)
+        self._geometry = (kernel_offset, MPSOffset(0, 0, 0), secondary)
+
     # -- encode
     def _encode_kw(self, *, commandBuffer, sourceGradient, sourceImage, gradientState,
                    destinationGradient=None):
@@ -250,6 +271,7 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
         pending = []
         for i, (e, src, state) in enumerate(zip(gradients, sources, states)):
             pending.append(self._check_one(cb, e, src, state, owner, f"[{i}]" if len(sources) > 1 else ""))
+        self._set_geometry(states[0])
         allocated = []
         if destinations is None:
             destinations = []

@@ -291,3 +291,12 @@ def test_conv_checklist_98_depthwise_gradient_buffer():
     assert results[0][1].size == 4 * 3 * 3  # [O][kH][kW]
     for got, want in zip(results[1], results[0]):
         assert_close(got, want, "float32", "depthwise gradient")
+
+
+@pytest.mark.parametrize("k, o, kernel_offset, secondary", [(3, 1, -1, 0), (4, 2, -1, 0), (3, 0, 0, -1)])
+def test_gradient_reports_the_state_driven_offsets(k, o, kernel_offset, secondary):
+    """spec §11.4/§11.5: kernelOffset = -o + (Kd even ? 1 : 0), primaryOffset 0, secondaryOffset o - (Kd >> 1)."""
+    fwd, grad = pair(k, k, 1, 1, np.ones(k * k))
+    forward_backward(fwd, grad, np.ones((6, 6, 1)), np.ones((1, 6, 6, 1)), "reference", offset=(o, o))
+    assert (grad.kernelOffsetX, grad.kernelOffsetY) == (kernel_offset, kernel_offset)
+    assert grad.primaryOffset == MPSOffset(0, 0, 0) and grad.secondaryOffset == MPSOffset(secondary, secondary, 0)
