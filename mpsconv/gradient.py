@@ -38,6 +38,7 @@ class MPSCNNConvolutionGradientState(MPSNNGradientState):
         self._resources = [None, None]
         self._source_size = (source.width, source.height)
         self._recorded = convolution._state_snapshot()  # the properties the encode must still have
+        self._forward_offset = convolution.offset
 
     convolution = property(lambda self: self._producer)
     sourceWidth = property(lambda self: self._source_size[0])
@@ -63,7 +64,7 @@ class MPSCNNConvolutionGradientState(MPSNNGradientState):
     @property
     def forward_offset(self):
         """The forward kernel's ``offset`` when the state was made (our addition)."""
-        return self._recorded[0]
+        return self._forward_offset
 
 
 class MPSCNNConvolutionWeightsAndBiasesState(MPSState):
