@@ -47,6 +47,10 @@ from .gradient import (
     MPSCNNConvolutionTransposeGradient, MPSCNNConvolutionTransposeGradientState, MPSCNNFullyConnectedGradient,
     encode_data_source_update,
 )
+from .layout import (
+    MPSCNNConvolutionWeights, from_torch, to_torch, torch_output_size, weights_from_hwio, weights_from_oihw,
+    weights_to_hwio, weights_to_oihw,
+)
 from .state import MPSNNGradientState, MPSState, MPSStateBatchIncrementReadCount, MPSStateResourceType
 from .transpose import MPSCNNConvolutionTranspose
 from .types import (
@@ -58,4 +62,4 @@ __version__ = "0.1.0"
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in {
     "coding", "config", "convolution", "datasource", "descriptor", "errors", "geometry", "image", "kernel",
-    "metal", "neuron", "types", "backends", "transpose", "binary", "state", "gradient"}]
+    "metal", "neuron", "types", "backends", "transpose", "binary", "state", "gradient", "layout", "cli"}]
