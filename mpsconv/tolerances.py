@@ -1,0 +1,24 @@
+"""Per-format tolerances against the float64 reference backend: the one table, shared by the tests
+and ``mpsconv verify``.
+
+Float32 results differ from float64 only by accumulation order; float16 and unorm results are
+rounded to the storage format, so a value on a rounding boundary may land one step away.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+#: (rtol, atol) per destination feature-channel format
+TOLERANCES = {
+    "float32": (1e-5, 1e-4),
+    "float16": (2e-3, 2e-3),  # one float16 ulp (2**-10 relative) either way
+    "unorm8": (0.0, 1.0 / 255 + 1e-6),  # one storage step
+    "unorm16": (0.0, 1.0 / 65535 + 1e-6),
+}
+
+
+def mismatches(actual, expected, fmt: str) -> np.ndarray:
+    """Where ``actual`` is not within ``fmt``'s tolerance of ``expected`` (NaN and inf must match)."""
+    rtol, atol = TOLERANCES[fmt]
+    return ~np.isclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64), rtol=rtol, atol=atol,
+                       equal_nan=True)
