@@ -1,0 +1,225 @@
+"""``mpsconv demo``: a small CNN trained on scikit-learn's handwritten digits, built only from
+mpsconv kernels (our addition, issue 6).
+
+    conv 3x3, 1 -> 16, fused ReLU            8x8  -> 8x8   (MPSCNNConvolution)
+    conv 3x3 stride 2, 16 -> 32, fused ReLU  8x8  -> 4x4   (strided MPSCNNConvolution downsamples)
+    fully connected 4x4x32 -> 10             4x4  -> 1x1   (MPSCNNFullyConnected)
+
+Training: softmax cross-entropy; the gradient kernels (MPSCNNConvolutionGradient,
+MPSCNNFullyConnectedGradient) give the weight, bias and source gradients; the fused ReLU's own
+gradient is a mask applied on the host (mpsconv has no MPSCNNNeuronGradient); momentum SGD runs in
+each data source's ``update(gradientState, sourceState)`` through ``encode_data_source_update``.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .coding import load, save
+from .convolution import MPSCNNConvolution, MPSCNNFullyConnected
+from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNConvolutionGradientOption
+from .gradient import MPSCNNConvolutionGradient, MPSCNNFullyConnectedGradient, encode_data_source_update
+from .image import MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat
+from .layout import MPSCNNConvolutionWeights
+from .neuron import MPSCNNNeuronType, MPSNNNeuronDescriptor
+
+
+class MomentumSGD(MPSCNNConvolutionWeights):
+    """A data source that trains itself: the CPU form of ``update`` (spec convolution.md §6.4)."""
+
+    def __init__(self, descriptor, weights, bias, lr: float, momentum: float = 0.9, label=None):
+        super().__init__(descriptor, weights, bias, label=label)
+        self.lr, self.momentum = lr, momentum
+        self._vw, self._vb = np.zeros(self._weights.size, np.float32), np.zeros(self._bias.size, np.float32)
+
+    def update(self, gradientState, sourceState):
+        gw = np.frombuffer(gradientState.gradientForWeights.contents().tobytes(), np.float32)
+        gb = np.frombuffer(gradientState.gradientForBiases.contents().tobytes(), np.float32)
+        self._vw = self.momentum * self._vw + gw
+        self._vb = self.momentum * self._vb + gb
+        self._weights = (self._weights.reshape(-1) - self.lr * self._vw).astype(np.float32)
+        self._bias = (self._bias - self.lr * self._vb).astype(np.float32)
+        return True
+
+
+LAYERS = [  # name, kernel, cin, cout, stride, relu, fully connected
+    ("conv1", 3, 1, 16, 1, True, False),
+    ("conv2", 3, 16, 32, 2, True, False),
+    ("fc", 4, 32, 10, 1, False, True),
+]
+SIZES = [(8, 8, 1), (8, 8, 16), (4, 4, 32), (1, 1, 10)]  # H, W, C of each layer's source, then the output
+
+
+class Network:
+    """The three kernels, their gradient kernels and data sources, on one device."""
+
+    def __init__(self, device, rng, lr: float):
+        self.device = device
+        self.queue = device.makeCommandQueue()
+        self.forward, self.backward = [], []
+        for name, k, cin, cout, stride, relu, fc in LAYERS:
+            d = MPSCNNConvolutionDescriptor(kernelWidth=k, kernelHeight=k, inputFeatureChannels=cin,
+                                            outputFeatureChannels=cout)
+            d.strideInPixelsX = d.strideInPixelsY = stride
+            if relu:
+                d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU, a=0.0)
+            fan_in = k * k * cin
+            ds = MomentumSGD(d, rng.standard_normal(cout * fan_in) * np.sqrt(2.0 / fan_in), np.zeros(cout), lr,
+                             label=name)
+            self.forward.append((MPSCNNFullyConnected if fc else MPSCNNConvolution)(device=device, weights=ds))
+            grad = (MPSCNNFullyConnectedGradient if fc else MPSCNNConvolutionGradient)(device=device, weights=ds)
+            grad.gradientOption = MPSCNNConvolutionGradientOption.all
+            self.backward.append(grad)
+
+    def image(self, values) -> MPSImage:
+        return MPSImage.from_numpy(values, device=self.device)
+
+    def blank(self, n: int, size) -> MPSImage:
+        h, w, c = size
+        return MPSImage(device=self.device, imageDescriptor=MPSImageDescriptor(
+            channelFormat=MPSImageFeatureChannelFormat.float32, width=w, height=h, featureChannels=c,
+            numberOfImages=n))
+
+    def logits(self, x: np.ndarray, kernels=None) -> np.ndarray:
+        """Inference: one command buffer, three encodes."""
+        kernels = kernels or self.forward
+        cb = self.queue.makeCommandBuffer()
+        img = self.image(x)
+        for kernel, size in zip(kernels, SIZES[1:]):
+            out = self.blank(len(x), size)
+            kernel.encode(commandBuffer=cb, sourceImage=img, destinationImage=out)
+            img = out
+        cb.commit()
+        cb.waitUntilCompleted()
+        return img.numpy()[:, 0, 0, :]
+
+    def train_step(self, x: np.ndarray, labels: np.ndarray) -> float:
+        n = len(x)
+        cb = self.queue.makeCommandBuffer()
+        sources, states = [self.image(x)], []
+        for kernel, size in zip(self.forward, SIZES[1:]):
+            state = kernel.resultState(sourceImage=sources[-1])
+            out = self.blank(n, size)
+            kernel.encode(commandBuffer=cb, sourceImage=sources[-1], destinationState=state, destinationImage=out)
+            sources.append(out)
+            states.append(state)
+        cb.commit()
+        cb.waitUntilCompleted()
+        z = sources[-1].numpy()[:, 0, 0, :].astype(np.float64)
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        loss = float(-np.log(p[np.arange(n), labels] + 1e-12).mean())
+        p[np.arange(n), labels] -= 1.0
+        error = self.image((p / n)[:, None, None, :])
+        for i in reversed(range(len(self.forward))):
+            cb = self.queue.makeCommandBuffer()
+            d_src = self.blank(n, SIZES[i])
+            self.backward[i].encode(commandBuffer=cb, sourceGradient=error, sourceImage=sources[i],
+                                    gradientState=states[i], destinationGradient=d_src)
+            cb.commit()
+            cb.waitUntilCompleted()
+            cb = self.queue.makeCommandBuffer()
+            encode_data_source_update(cb, states[i], self.forward[i], self.backward[i])
+            cb.commit()
+            cb.waitUntilCompleted()
+            if i:  # the ReLU fused into layer i-1: its gradient is the mask of its output
+                error = self.image(d_src.numpy() * (sources[i].numpy() > 0))
+        return loss
+
+
+def digits(seed: int):
+    """scikit-learn's 8x8 digits (shipped with it, no download), scaled to [0, 1], split 80 / 20."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.images / 16.0).astype(np.float32)[..., None]
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], data.target[order]
+    cut = int(0.8 * len(x))
+    return x[:cut], y[:cut], x[cut:], y[cut:]
+
+
+def progress(epoch: int, epochs: int, step: int, steps: int, loss: float, stream) -> None:
+    width = 30
+    done = int(width * step / steps)
+    stream.write(f"\repoch {epoch}/{epochs} [{'#' * done}{'.' * (width - done)}] {step}/{steps} loss {loss:.3f}")
+    if step == steps:
+        stream.write("\n")
+    stream.flush()
+
+
+def figure(net: Network, x_test, y_test, pred, path: Path) -> None:
+    """First-layer filters, some test digits with predictions, the confusion matrix."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(12, 4.5), dpi=100)
+    grid = fig.add_gridspec(4, 12)
+    w = net.forward[0]._loaded.weights[..., 0]  # [16][3][3]
+    for i in range(16):
+        ax = fig.add_subplot(grid[i // 4, i % 4])
+        ax.imshow(w[i], cmap="RdBu", vmin=-abs(w).max(), vmax=abs(w).max())
+        ax.axis("off")
+    fig.text(0.17, 0.95, "conv1 filters", ha="center")
+    for i in range(8):
+        ax = fig.add_subplot(grid[(i // 4) * 2:(i // 4) * 2 + 2, 4 + i % 4])
+        ax.imshow(x_test[i, ..., 0], cmap="gray_r")
+        ok = pred[i] == y_test[i]
+        ax.set_title(f"{pred[i]}" + ("" if ok else f" (is {y_test[i]})"), color="green" if ok else "red", fontsize=9)
+        ax.axis("off")
+    fig.text(0.5, 0.95, "test digits: prediction", ha="center")
+    ax = fig.add_subplot(grid[:, 8:])
+    confusion = np.zeros((10, 10), int)
+    np.add.at(confusion, (y_test, pred), 1)
+    ax.imshow(confusion, cmap="Blues")
+    for (r, c), v in np.ndenumerate(confusion):
+        if v:
+            ax.text(c, r, str(v), ha="center", va="center", fontsize=7, color="white" if v > confusion.max() / 2 else "black")
+    ax.set_xticks(range(10))
+    ax.set_yticks(range(10))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix")
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(device, *, epochs: int = 8, out: Path = Path("mpsconv-demo"), seed: int = 0, batch: int = 32,
+        lr: float = 0.05, stream=sys.stderr, echo=print) -> float:
+    """Train, test, save, reload, draw; returns the held-out accuracy."""
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    x_train, y_train, x_test, y_test = digits(seed)
+    rng = np.random.default_rng(seed)
+    net = Network(device, rng, lr)
+    echo(f"digits: {len(x_train)} training and {len(x_test)} held-out 8x8 images; device {device.name}")
+    steps = (len(x_train) + batch - 1) // batch
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(len(x_train))
+        losses = []
+        for step in range(steps):
+            idx = order[step * batch:(step + 1) * batch]
+            losses.append(net.train_step(x_train[idx], y_train[idx]))
+            progress(epoch, epochs, step + 1, steps, float(np.mean(losses[-10:])), stream)
+    logits = net.logits(x_test)
+    pred = logits.argmax(axis=1)
+    accuracy = float((pred == y_test).mean())
+    echo(f"held-out accuracy: {accuracy:.1%} ({int((pred == y_test).sum())}/{len(y_test)}) "
+         f"after {epochs} epoch(s), {time.perf_counter() - start:.1f} s")
+    paths = []
+    for kernel, (name, *_rest) in zip(net.forward, LAYERS):
+        paths.append(out / f"digits-{name}.mpsconv")
+        save(kernel, paths[-1])
+    reloaded = [load(p, device=device) for p in paths]
+    same = np.array_equal(net.logits(x_test, reloaded), logits)
+    echo(f"saved {', '.join(str(p) for p in paths)}; reloaded network predicts "
+         + ("identically" if same else "DIFFERENTLY"))
+    figure(net, x_test, y_test, pred, out / "digits.png")
+    echo(f"wrote {out / 'digits.png'}")
+    if not same:
+        raise RuntimeError("the reloaded kernels do not reproduce the trained network's outputs")
+    return accuracy
