@@ -1,0 +1,140 @@
+"""The mpsconv command and the examples (issue 6), run as a user runs them: as subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mpsconv(*args, cwd=None, env=None):
+    """``python -m mpsconv ARGS`` on the CPU; returns (exit status, stdout, stderr)."""
+    full_env = dict(os.environ, MPSCONV_DEVICE="cpu", **(env or {}))
+    p = subprocess.run([sys.executable, "-m", "mpsconv", *args], cwd=cwd, env=full_env, capture_output=True,
+                       text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        im.load()
+        return im.size
+
+
+def test_demo_trains_saves_reloads_and_draws(tmp_path):
+    rc, out, err = mpsconv("demo", "--epochs", "1", "--out", str(tmp_path / "run"), "--seed", "3")
+    assert rc == 0, err
+    accuracy = float(re.search(r"held-out accuracy: ([\d.]+)%", out).group(1))
+    assert accuracy > 80.0, out  # one epoch
+    assert "reloaded network predicts identically" in out
+    assert "epoch 1/1 [" in err and "45/45" in err  # the progress bar
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["digits-conv1.mpsconv", "digits-conv2.mpsconv", "digits-fc.mpsconv", "digits.png"]
+    assert png_size(tmp_path / "run" / "digits.png") == (1200, 450)
+
+
+def test_demo_defaults_reach_95_percent(tmp_path):
+    rc, out, err = mpsconv("demo", cwd=tmp_path)
+    assert rc == 0, err
+    assert float(re.search(r"held-out accuracy: ([\d.]+)%", out).group(1)) >= 95.0, out
+    assert (tmp_path / "mpsconv-demo" / "digits.png").exists()
+
+
+def test_info_lists_devices_backends_and_cache(tmp_path):
+    rc, out, err = mpsconv("info", env={"MPSCONV_CACHE_DIR": str(tmp_path / "c")})
+    assert rc == 0, err
+    assert out.startswith("mpsconv 0.1.0")
+    assert re.search(r"\* cpu +CPU .* backends: reference, torch", out), out
+    assert f"cache: {tmp_path / 'c'} (not created yet" in out
+
+
+def test_verify_passes_every_kernel():
+    rc, out, err = mpsconv("verify")
+    assert rc == 0, err + out
+    rows = [line for line in out.splitlines()[2:-1]]
+    assert len(rows) >= 25 and all(line.rstrip().endswith("pass") for line in rows), out
+    assert "transpose gradient" in out and "binary xnor" in out and out.rstrip().endswith("all kernels pass")
+
+
+def test_verify_fails_loudly(monkeypatch, capsys):
+    """A backend that gets one value wrong makes verify print FAIL and return non-zero."""
+    from mpsconv import MTLCreateSystemDefaultDevice, cli, verify as verify_module
+
+    real = verify_module.mismatches
+    calls = []
+
+    def wrong_once(actual, expected, fmt):
+        calls.append(1)
+        bad = real(actual, expected, fmt)
+        if len(calls) == 1:
+            bad = bad.copy()
+            bad.flat[0] = True
+        return bad
+
+    monkeypatch.setattr(verify_module, "mismatches", wrong_once)
+    assert cli.main(["verify", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL(1)" in out and "FAILURES above" in out
+    assert MTLCreateSystemDefaultDevice() is not None
+
+
+def test_bench_writes_json_and_plot(tmp_path):
+    rc, out, err = mpsconv("bench", "--quick", "--shapes", "b1_3x3_56,tconv_s2_28", "--json", str(tmp_path / "b.json"),
+                           "--plot", str(tmp_path / "b.png"))
+    assert rc == 0, err
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert [row["shape"] for row in data["rows"]] == ["b1_3x3_56"] and data["family"][0]["kind"] == "transpose"
+    assert np.isfinite(data["geomean"]) and "geometric mean ratio" in out
+    width, height = png_size(tmp_path / "b.png")
+    assert width >= 600 and height == 450
+
+
+@pytest.mark.parametrize("args, message", [
+    (["demo", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+    (["demo", "--epochs", "0"], "--epochs 0; give at least 1"),
+    (["demo", "--device", "cuda:7"], "device 'cuda:7' is not usable"),
+    (["verify", "--device", "tpu"], "device 'tpu' is not cpu, cuda or cuda:N"),
+    (["bench", "--shapes", "nope"], "no shape named nope"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], ""),
+])
+def test_errors_are_one_line_with_status_2(args, message):
+    rc, out, err = mpsconv(*args)
+    assert rc == 2
+    assert "Traceback" not in err
+    if message:
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_unwritable_output_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc, out, err = mpsconv("demo", "--epochs", "1", "--out", str(blocker / "sub"))
+    assert rc == 2 and "Traceback" not in err and err.startswith("error: cannot write to"), err
+
+
+@pytest.mark.parametrize("flag", ["--help", "info --help", "demo --help", "bench --help", "verify --help"])
+def test_help_everywhere(flag):
+    rc, out, err = mpsconv(*flag.split())
+    assert rc == 0 and out.startswith("usage: mpsconv"), (out, err)
+
+
+@pytest.mark.parametrize("script, expected", [
+    ("quickstart.py", None),
+    ("inception.py", r"max \|mpsconv - PyTorch\| = ([\d.e+-]+)"),
+    ("port_torch_model.py", r"max \|mpsconv - PyTorch\| = ([\d.e+-]+)"),
+])
+def test_examples_run(script, expected):
+    p = subprocess.run([sys.executable, str(ROOT / "examples" / script)], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, MPSCONV_DEVICE="cpu"))
+    assert p.returncode == 0, p.stderr
+    if expected:
+        assert float(re.search(expected, p.stdout).group(1)) < 1e-4, p.stdout
