@@ -2,7 +2,8 @@
 
     mpsconv info                    version, devices, backends usable on each, cache location
     mpsconv demo [--epochs N ...]   train a digits CNN built from mpsconv kernels
-    mpsconv bench [--quick ...]     the benchmark table against PyTorch eager, JSON and PNG
+    mpsconv bench [--quick ...]     the benchmark table against PyTorch eager; JSON and PNG
+                                    (./mpsconv-bench.json and .png unless --json / --plot say)
     mpsconv verify [--device D]     every kernel against the reference backend; non-zero on failure
 
 Errors (bad option, unwritable output, no such device) are one line on stderr and exit status 2.
@@ -98,7 +99,9 @@ def cmd_bench(args, extra) -> int:
 
     device = _device(args.device)
     rest = list(extra)
-    for flag in ("--json", "--plot"):
+    for flag, default in (("--json", "mpsconv-bench.json"), ("--plot", "mpsconv-bench.png")):
+        if flag not in rest and "--help" not in rest and "-h" not in rest:
+            rest += [flag, default]
         if flag in rest[:-1]:
             _writable_file(rest[rest.index(flag) + 1])
     try:
@@ -133,7 +136,8 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="data split and initialization seed (default 0)")
     bench = sub.add_parser("bench", help="the benchmark table against PyTorch eager (JSON, PNG)", add_help=False,
                            description="Runs mpsconv/bench.py; every option after --device is the benchmark's own "
-                                       "(see mpsconv bench --help).")
+                                       "(see mpsconv bench --help). Writes ./mpsconv-bench.json and "
+                                       "./mpsconv-bench.png unless --json / --plot say otherwise.")
     bench.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     verify = sub.add_parser("verify", help="every kernel against the reference backend",
                             description="Run every kernel of the family with each fast backend and compare with the "

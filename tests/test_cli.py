@@ -97,6 +97,13 @@ def test_bench_writes_json_and_plot(tmp_path):
     assert width >= 600 and height == 450
 
 
+def test_bench_writes_its_files_by_default(tmp_path):
+    rc, out, err = mpsconv("bench", "--quick", "--shapes", "r50_3x3_7", cwd=tmp_path)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "mpsconv-bench.json").read_text())["rows"][0]["shape"] == "r50_3x3_7"
+    assert png_size(tmp_path / "mpsconv-bench.png")[1] == 450
+
+
 @pytest.mark.parametrize("args, message", [
     (["demo", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
     (["demo", "--epochs", "0"], "--epochs 0; give at least 1"),
