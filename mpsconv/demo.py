@@ -33,15 +33,15 @@ class MomentumSGD(MPSCNNConvolutionWeights):
     def __init__(self, descriptor, weights, bias, lr: float, momentum: float = 0.9, label=None):
         super().__init__(descriptor, weights, bias, label=label)
         self.lr, self.momentum = lr, momentum
-        self._vw, self._vb = np.zeros(self._weights.size, np.float32), np.zeros(self._bias.size, np.float32)
+        self._vw, self._vb = np.zeros_like(self.weights_array.reshape(-1)), np.zeros_like(self.bias_array)
 
     def update(self, gradientState, sourceState):
         gw = np.frombuffer(gradientState.gradientForWeights.contents().tobytes(), np.float32)
         gb = np.frombuffer(gradientState.gradientForBiases.contents().tobytes(), np.float32)
         self._vw = self.momentum * self._vw + gw
         self._vb = self.momentum * self._vb + gb
-        self._weights = (self._weights.reshape(-1) - self.lr * self._vw).astype(np.float32)
-        self._bias = (self._bias - self.lr * self._vb).astype(np.float32)
+        self.weights_array = self.weights_array.reshape(-1) - self.lr * self._vw
+        self.bias_array = self.bias_array - self.lr * self._vb
         return True
 
 

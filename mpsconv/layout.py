@@ -51,8 +51,9 @@ class MPSCNNConvolutionWeights(_ArrayDataSource):
 
     ``weights``: float32 ``[O][kH][kW][I/G]`` (any shape with that many elements); ``bias``: ``[O]`` or
     None. ``kernelWeightsDataType`` (float32 unless given) decides whether the kernel rounds to fp16.
-    Subclass it and override ``update`` to train (spec §12.3); assign ``.weights_array`` /
-    ``.bias_array`` and call the kernel's ``reloadWeightsAndBiasesFromDataSource()``.
+    To change the weights, assign ``.weights_array`` / ``.bias_array`` and call the kernel's
+    ``reloadWeightsAndBiasesFromDataSource()``; to train, subclass it with an ``update`` (spec
+    convolution.md §6.4; ``mpsconv/demo.py`` has one).
     """
 
     def __init__(self, descriptor, weights, bias=None, *, kernelWeightsDataType=MPSDataType.float32, label=None):
@@ -73,8 +74,32 @@ class MPSCNNConvolutionWeights(_ArrayDataSource):
                                 f"{d.outputFeatureChannels} (outputFeatureChannels)")
         super().__init__(d, np.ascontiguousarray(w), b, kernelWeightsDataType, label)
 
-    weights_array = property(lambda self: self._weights, lambda self, v: setattr(self, "_weights", np.asarray(v, np.float32)))
-    bias_array = property(lambda self: self._bias, lambda self, v: setattr(self, "_bias", np.asarray(v, np.float32)))
+    @property
+    def weights_array(self) -> np.ndarray:
+        """The float32 weights the kernel reads at its next load."""
+        return self._weights
+
+    @weights_array.setter
+    def weights_array(self, value) -> None:
+        value = np.asarray(value, np.float32)
+        if value.size != self._weights.size:
+            raise MPSValueError(f"MPSCNNConvolutionWeights.weights_array: {value.size} values; {self._weights.size} "
+                                "are needed")
+        self._weights = value
+
+    @property
+    def bias_array(self) -> np.ndarray | None:
+        """The float32 bias the kernel reads at its next load (None: no bias)."""
+        return self._bias
+
+    @bias_array.setter
+    def bias_array(self, value) -> None:
+        n = self._descriptor.outputFeatureChannels
+        value = None if value is None else np.asarray(value, np.float32).reshape(-1)
+        if value is not None and value.size != n:
+            raise MPSValueError(f"MPSCNNConvolutionWeights.bias_array: {value.size} values; {n} are needed "
+                                "(outputFeatureChannels)")
+        self._bias = value
 
 
 def torch_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1,

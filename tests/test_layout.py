@@ -116,3 +116,23 @@ def test_bad_input_is_refused():
     kernel.offset = MPSOffset(x=3, y=1, z=0)
     with pytest.raises(MPSValueError, match="cannot be negative"):
         to_torch(kernel)
+
+
+def test_weights_source_reloads_new_arrays():
+    """MPSCNNConvolutionWeights: a kernel built on it picks up new arrays at reload, and only then."""
+    torch.manual_seed(4)
+    layer = torch.nn.Conv2d(2, 3, 3, padding=1, bias=False).double()
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64)
+    kernel = from_torch(layer, DEVICE)
+    ds = kernel.dataSource
+    assert isinstance(ds, MPSCNNConvolutionWeights) and ds.bias_array is None
+    before = run(kernel, x, (5, 6), 3)
+    ds.weights_array = -ds.weights_array
+    ds.bias_array = [1.0, 2.0, 3.0]
+    np.testing.assert_array_equal(run(kernel, x, (5, 6), 3), before)  # not reloaded yet
+    kernel.reloadWeightsAndBiasesFromDataSource()
+    assert_close(run(kernel, x, (5, 6), 3), -before + [1.0, 2.0, 3.0], "float32")
+    with pytest.raises(MPSValueError, match="54 are needed"):
+        ds.weights_array = np.zeros(53)
+    with pytest.raises(MPSValueError, match="outputFeatureChannels"):
+        ds.bias_array = [1.0]
