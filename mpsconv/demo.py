@@ -119,9 +119,7 @@ class Network:
             d_src = self.blank(n, SIZES[i])
             self.backward[i].encode(commandBuffer=cb, sourceGradient=error, sourceImage=sources[i],
                                     gradientState=states[i], destinationGradient=d_src)
-            cb.commit()
-            cb.waitUntilCompleted()
-            cb = self.queue.makeCommandBuffer()
+            # the CPU form of update runs when this command buffer completes, after the gradients exist
             encode_data_source_update(cb, states[i], self.forward[i], self.backward[i])
             cb.commit()
             cb.waitUntilCompleted()

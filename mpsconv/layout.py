@@ -111,10 +111,6 @@ def torch_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0,
     return (size + 2 * padding - kd) // stride + 1
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 def from_torch(module, device, *, neuron=None, input_shape=None):
     """An mpsconv kernel computing what ``module`` computes (our addition).
 

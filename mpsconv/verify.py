@@ -10,7 +10,7 @@ import numpy as np
 from . import backends, config
 from .binary import MPSCNNBinaryConvolution
 from .convolution import MPSCNNConvolution, MPSCNNFullyConnected
-from .datasource import MPSCNNConvolutionDataSource
+from .datasource import _ArrayDataSource
 from .descriptor import (
     MPSCNNBinaryConvolutionType, MPSCNNConvolutionDescriptor, MPSCNNConvolutionGradientOption,
     MPSCNNDepthWiseConvolutionDescriptor, MPSCNNSubPixelConvolutionDescriptor,
@@ -59,7 +59,6 @@ def _forward(kernel_cls, d, src_shape, dst_shape, fmt="float32", depthwise=False
         kernel = kernel_cls(device=device, weights=_weights(rng, d, depthwise))
         if setup:
             setup(kernel)
-        n, h, w, c = src_shape
         dst = _blank(device, dst_shape[2], dst_shape[1], dst_shape[3], dst_shape[0], fmt)
         cb = device.makeCommandQueue().makeCommandBuffer()
         kernel.encode(commandBuffer=cb, sourceImage=_image(device, rng.uniform(-1, 1, src_shape), fmt),
@@ -86,29 +85,14 @@ def _slice_and_clip(kernel):
 
 
 def _binary(device, rng):
-    class Bits(MPSCNNConvolutionDataSource):
-        def __init__(self, d, words):
-            self.d, self.words = d, words
-
+    class Bits(_ArrayDataSource):  # bit-packed weights: channel c in bit c % 32 of word c // 32
         def dataType(self):
             return MPSDataType.uInt32
 
-        def descriptor(self):
-            return self.d
-
-        def weights(self):
-            return self.words
-
-        def biasTerms(self):
-            return None
-
-        def label(self):
-            return "bits"
-
     d = _desc(MPSCNNConvolutionDescriptor, 3, 8, 4)
     words = rng.integers(0, 256, (4, 3, 3, 1)).astype(np.uint32)
-    kernel = MPSCNNBinaryConvolution(device=device, convolutionData=Bits(d, words), scaleValue=0.5,
-                                     type=MPSCNNBinaryConvolutionType.xnor, flags=0)
+    kernel = MPSCNNBinaryConvolution(device=device, convolutionData=Bits(d, words, None, label="bits"),
+                                     scaleValue=0.5, type=MPSCNNBinaryConvolutionType.xnor, flags=0)
     dst = _blank(device, 7, 6, 4)
     cb = device.makeCommandQueue().makeCommandBuffer()
     kernel.encode(commandBuffer=cb, sourceImage=_image(device, rng.uniform(-1, 1, (6, 7, 8))), destinationImage=dst)

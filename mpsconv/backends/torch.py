@@ -285,11 +285,7 @@ def run(bound: Bound, prepared: Prepared) -> None:
             x = _expand(x, plan.upsample)
             if plan.crop is not None:
                 x = x[plan.crop]
-        for dim, index in plan.gathers:
-            x = x.index_select(dim, index)
-        if plan.pad is not None:
-            x = Fn.pad(x, plan.pad)
-        x = _canonical(x)
+        x = _canonical(_gather_and_pad(x, plan))
     if p.identity:
         y = x[:, :, :: p.stride[0], :: p.stride[1]]
     elif p.binary >= 0:
@@ -334,6 +330,13 @@ def _neuron(y: torch.Tensor, p: ConvProblem, prepared: Prepared) -> torch.Tensor
         return y.clamp_min_(0.0) if neuron.a == 0.0 else Fn.leaky_relu_(y, neuron.a)
     prelu = None if prepared.prelu is None else prepared.prelu[: y.shape[1]]
     return apply_neuron(y, neuron, prelu, TORCH_OPS)
+
+
+def _gather_and_pad(x: torch.Tensor, plan) -> torch.Tensor:
+    """The window ops after the crop, shared by run and gradient: edge gathers, then zero padding."""
+    for dim, index in plan.gathers:
+        x = x.index_select(dim, index)
+    return x if plan.pad is None else Fn.pad(x, plan.pad)
 
 
 def _expand(x: torch.Tensor, upsample: tuple[int, int]) -> torch.Tensor:
@@ -483,12 +486,7 @@ def gradient(problem: ConvProblem, src: torch.Tensor, e: torch.Tensor, weights: 
         if plan.zeros_shape is not None:
             x = x0.new_zeros(plan.zeros_shape) + 0 * x0.sum()  # no tap reads the source
         else:
-            if plan.crop is not None:
-                x = x[plan.crop]
-            for dim, index in plan.gathers:
-                x = x.index_select(dim, index)
-            if plan.pad is not None:
-                x = Fn.pad(x, plan.pad)
+            x = _gather_and_pad(x if plan.crop is None else x[plan.crop], plan)
     # The convolution's own backward (no forward recomputed), then autograd through the window ops only.
     window = _canonical(x.detach())
     out_h = (window.shape[2] + 2 * plan.conv_padding[0] - problem.extent(0)) // problem.stride[0] + 1
