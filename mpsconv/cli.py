@@ -11,9 +11,10 @@ Errors (bad option, unwritable output, no such device) are one line on stderr an
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from . import config
 
 USAGE_ERROR = 2
 
@@ -54,14 +55,6 @@ def _writable_file(path: str | None) -> str | None:
     return path
 
 
-def cache_dir() -> Path:
-    """Where mpsconv keeps per-machine state: ``$MPSCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/mpsconv``."""
-    explicit = os.environ.get("MPSCONV_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mpsconv"
-
-
 def cmd_info(args) -> int:
     import numpy
     import torch
@@ -74,11 +67,11 @@ def cmd_info(args) -> int:
     default = MTLCreateSystemDefaultDevice()
     print("devices:")
     for device in MTLCopyAllDevices():
-        usable = list(backends.REGISTRY)  # both run wherever torch does; CUDA kernels come with issue 5
+        usable = backends.usable(device)
         mark = "*" if device is default else " "
         print(f" {mark} {str(device.torch_device):<8} {device.name:<32} backends: {', '.join(usable)}")
     print("   (* = MTLCreateSystemDefaultDevice(); MPSCONV_DEVICE and MPSCONV_BACKEND override)")
-    path = cache_dir()
+    path = config.cache_dir()
     print(f"cache: {path} ({'exists' if path.exists() else 'not created yet'}; set MPSCONV_CACHE_DIR to move it)")
     return 0
 

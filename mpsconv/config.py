@@ -1,15 +1,19 @@
 """Named knobs: an environment default plus a context-manager override.
 
-``MPSCONV_BACKEND``  ``auto`` (default), ``reference`` or ``torch``: which backend computes.
-``MPSCONV_DEVICE``   ``cpu``, ``cuda`` or ``cuda:N``: the default ``MTLDevice``.
+``MPSCONV_BACKEND``    ``auto`` (default), ``reference``, ``torch`` or ``triton``: which backend computes.
+``MPSCONV_DEVICE``     ``cpu``, ``cuda`` or ``cuda:N``: the default ``MTLDevice``.
+``MPSCONV_AUTOTUNE``   ``1`` (default) or ``0``: on CUDA, time the eligible backends once per problem
+                       signature and keep the winner on disk; ``0`` takes the first eligible one.
+``MPSCONV_CACHE_DIR``  where the autotuner's choices live (default ``$XDG_CACHE_HOME/mpsconv``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
+from pathlib import Path
 
-_BACKENDS = ("auto", "reference", "torch")
+_BACKENDS = ("auto", "reference", "torch", "triton")
 _local = threading.local()
 
 
@@ -48,3 +52,16 @@ def use_backend(name: str):
 def device_override() -> str | None:
     value = os.environ.get("MPSCONV_DEVICE", "").strip().lower()
     return value or None
+
+
+def autotune() -> bool:
+    return os.environ.get("MPSCONV_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    """The user cache directory: ``$MPSCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/mpsconv``, else
+    ``~/.cache/mpsconv``."""
+    explicit = os.environ.get("MPSCONV_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mpsconv"

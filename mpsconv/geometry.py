@@ -224,6 +224,7 @@ class ConvProblem:
     upsample: tuple[int, int] = (1, 1)  # backwards kernels: zeros inserted between source pixels first
     binary: int = -1  # MPSCNNBinaryConvolutionType raw value for binary kernels, else -1
     beta: bool = False  # binary kernels: MPSCNNBinaryConvolutionFlags.useBetaScaling
+    reduced_precision: bool = False  # MPSKernelOptions.allowReducedPrecision: TF32 products allowed
 
     @property
     def expanded_size(self) -> tuple[int, int]:
@@ -295,6 +296,7 @@ def resolve_forward(
     subpixel: int = 1,
     kernel_offset: tuple[int, int] | None = None,
     binary: tuple[int, bool] = (-1, False),
+    reduced_precision: bool = False,
 ) -> ConvProblem:
     """Resolve a forward encode (spec ``kernel-image.md`` §2.4) or raise naming what is wrong.
 
@@ -396,4 +398,5 @@ def resolve_forward(
         upsample=upsample,
         binary=binary[0],
         beta=binary[1],
+        reduced_precision=reduced_precision,
     )

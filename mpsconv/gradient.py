@@ -354,7 +354,7 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
             raise MPSValueError(f"{owner}: destinationGradient shares storage with sourceImage")
 
     def _work(self, problem, e, src, state, dst, accumulate):
-        backend = backends.select(problem, self._device)
+        backend = backends.select(problem, self._device, gradient=True)
         weights = self._loaded.weights
         option = int(self._gradient_option)
         e_storage, e_fmt, e_c0 = e._ensure_storage(), F(e.featureChannelFormat), self._sfo

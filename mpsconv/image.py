@@ -32,6 +32,9 @@ class MPSImageFeatureChannelFormat(enum.IntEnum):
     float32 = 4
     _reserved0 = 5
     count = 6
+    #: Our addition, not Apple's: bfloat16 storage (1 sign, 8 exponent, 7 mantissa bits), for
+    #: models trained in bf16. Raw value 16 keeps clear of Apple's range.
+    bfloat16 = 16
 
 
 class MPSDataLayout(enum.IntEnum):
@@ -77,10 +80,14 @@ class MTLPixelFormat(enum.IntEnum):
 
 
 F = MPSImageFeatureChannelFormat
-STORAGE_DTYPE = {F.unorm8: torch.uint8, F.unorm16: torch.uint16, F.float16: torch.float16, F.float32: torch.float32}
-NUMPY_DTYPE = {F.unorm8: np.uint8, F.unorm16: np.uint16, F.float16: np.float16, F.float32: np.float32}
+STORAGE_DTYPE = {F.unorm8: torch.uint8, F.unorm16: torch.uint16, F.float16: torch.float16, F.float32: torch.float32,
+                 F.bfloat16: torch.bfloat16}
+#: The element type of raw bytes (readBytes / writeBytes); NumPy has no bfloat16: its bits as uint16.
+NUMPY_DTYPE = {F.unorm8: np.uint8, F.unorm16: np.uint16, F.float16: np.float16, F.float32: np.float32,
+               F.bfloat16: np.uint16}
+FLOAT_FORMATS = (F.float16, F.float32, F.bfloat16)
 _UNORM_SCALE = {F.unorm8: 255.0, F.unorm16: 65535.0}
-_PRECISION = {F.unorm8: 8, F.unorm16: 16, F.float16: 11, F.float32: 24}
+_PRECISION = {F.unorm8: 8, F.unorm16: 16, F.float16: 11, F.float32: 24, F.bfloat16: 8}
 _PIXEL_FORMATS = {
     F.unorm8: (MTLPixelFormat.r8Unorm, MTLPixelFormat.rg8Unorm, MTLPixelFormat.rgba8Unorm),
     F.unorm16: (MTLPixelFormat.r16Unorm, MTLPixelFormat.rg16Unorm, MTLPixelFormat.rgba16Unorm),
@@ -130,7 +137,8 @@ def _check_format(fmt, owner: str) -> MPSImageFeatureChannelFormat:
         raise MPSValueError(f"{owner}: featureChannelFormat={fmt!r} is not an MPSImageFeatureChannelFormat") from None
     if fmt in (F._reserved0, F.count):
         raise MPSValueError(
-            f"{owner}: featureChannelFormat={fmt.name} cannot make an image; use unorm8, unorm16, float16 or float32"
+            f"{owner}: featureChannelFormat={fmt.name} cannot make an image; use unorm8, unorm16, float16, float32 "
+            "or bfloat16"
         )
     return fmt
 
@@ -468,6 +476,8 @@ class MPSImage:
 
     @property
     def pixelFormat(self) -> MTLPixelFormat:
+        if self._format not in _PIXEL_FORMATS:  # bfloat16: Metal has no such texture format
+            return MTLPixelFormat.invalid
         return _PIXEL_FORMATS[self._format][(1, 2, 4).index(lanes_for(self._c))]
 
     @property
@@ -646,9 +656,9 @@ class MPSImage:
         window = storage[first:first + depth, y0:y0 + h, x0:x0 + w, off:off + cnt]
         if write:
             raw = buf[byte_index].view(NUMPY_DTYPE[self._format]).reshape(depth, h, w, cnt)
-            window.copy_(torch.from_numpy(raw.copy()).to(storage.device))
+            window.copy_(torch.from_numpy(raw.copy()).view(window.dtype).to(storage.device))  # bits, not values
         else:
-            raw = np.ascontiguousarray(window.cpu().numpy()).view(np.uint8).reshape(-1)
+            raw = window.cpu().contiguous().view(torch.uint8).numpy().reshape(-1)
             buf[byte_index] = raw
 
     # -- interop (our additions)
@@ -656,11 +666,12 @@ class MPSImage:
         """The feature values as an NHWC tensor on the image's device (a view for float formats)."""
         self._cpu_check("MPSImage.torch")
         view = self._ensure_storage()[..., : self._c]
-        return view if self._format in (F.float16, F.float32) else storage_to_values(view, self._format)
+        return view if self._format in FLOAT_FORMATS else storage_to_values(view, self._format)
 
     def numpy(self) -> np.ndarray:
-        """The feature values as an NHWC NumPy array (float32 for unorm formats)."""
-        return self.torch().detach().cpu().numpy()
+        """The feature values as an NHWC NumPy array (float32 for unorm and bfloat16 formats)."""
+        values = self.torch().detach().cpu()
+        return (values.float() if values.dtype == torch.bfloat16 else values).numpy()
 
     def __array__(self, dtype=None, copy=None):
         values = self.numpy()

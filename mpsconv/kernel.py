@@ -486,6 +486,7 @@ class MPSCNNKernel(MPSKernel):
             subpixel=self._subpixel(),
             kernel_offset=kernel_offset,
             binary=self._binary(),
+            reduced_precision=bool(self._options & MPSKernelOptions.allowReducedPrecision),
         )
 
     def _check_pair(self, cb, source, destination, owner: str, index: str = "") -> None:
@@ -515,13 +516,13 @@ class MPSCNNKernel(MPSKernel):
         """
         key = (source._n, source._h, source._w, source._c, source._format, destination._n, destination._h,
                destination._w, destination._c, destination._format, self._offset, self._clipRect, self._sfo,
-               self._sfmax, self._dfo, self._edgeMode, getattr(self, "_kernel_offset", None), config.backend())
+               self._sfmax, self._dfo, self._edgeMode, getattr(self, "_kernel_offset", None), config.backend(),
+               self._options)
         cache = self.__dict__.setdefault("_plan_cache", {})
         entry = cache.get(key)
         if entry is None:
             problem = self._resolve(source, destination, owner)
-            backend = backends.select(problem, self._device)
-            entry = (problem, backend, None if problem.empty else backend.plan(problem, self._device))
+            entry = (problem, *backends.choose(problem, self._device))
             if len(cache) >= 64:
                 cache.clear()
             cache[key] = entry
@@ -529,10 +530,9 @@ class MPSCNNKernel(MPSKernel):
 
     def _record(self, cb: MTLCommandBuffer, pending: list[_Pending]) -> None:
         """Record validated work, then consume one read of each distinct temporary source."""
-        params = self._params()
         for item in pending:
             if not item.problem.empty:
-                prepared = self._prepared(item.backend, params)
+                prepared = self._prepared(item.backend, item.problem.src_format == MPSImageFeatureChannelFormat.bfloat16)
                 cb._record(_Work(item.backend, self._bound(item), prepared, self))
         seen = set()
         for item in pending:
@@ -553,12 +553,20 @@ class MPSCNNKernel(MPSKernel):
             entry = cache[key] = (item.plan, item.backend.bind(item.plan, src, dst))
         return entry[1]
 
-    def _prepared(self, backend, params):
-        """The kernel's parameters in ``backend``'s layout (kept until the weights change)."""
+    def _prepared(self, backend, bfloat16: bool = False):
+        """The kernel's parameters in ``backend``'s layout (kept until the weights change).
+
+        bfloat16 sources (our addition) take their weights rounded to bfloat16, as float16 weights
+        are by §0.2's rule: the products are then exact in bfloat16 on every backend.
+        """
         cache = self.__dict__.setdefault("_prepared_cache", {})
-        if backend.name not in cache:
-            cache[backend.name] = backend.prepare(*params, self._device)
-        return cache[backend.name]
+        key = (backend.name, bfloat16)
+        if key not in cache:
+            weights, *rest = self._params()
+            if bfloat16 and isinstance(weights, np.ndarray):
+                weights = torch.from_numpy(np.asarray(weights, np.float32)).to(torch.bfloat16).float().numpy()
+            cache[key] = backend.prepare(weights, *rest, self._device)
+        return cache[key]
 
     def _encode_pairs(self, cb, sources, destinations, owner) -> None:
         """Validate every pair, then record them all (nothing is recorded if any pair is bad)."""

@@ -12,6 +12,7 @@ import numpy as np
 TOLERANCES = {
     "float32": (1e-5, 1e-4),
     "float16": (2e-3, 2e-3),  # one float16 ulp (2**-10 relative) either way
+    "bfloat16": (1.6e-2, 1.6e-2),  # one bfloat16 ulp (2**-7 relative) either way, and bf16 products
     "unorm8": (0.0, 1.0 / 255 + 1e-6),  # one storage step
     "unorm16": (0.0, 1.0 / 65535 + 1e-6),
 }

@@ -170,7 +170,7 @@ def cases() -> list[Case]:
 
 def verify(device, *, seed: int = 0, out=print) -> bool:
     """Run every case on ``device`` with each usable non-reference backend; print a table; True if all pass."""
-    names = [name for name in backends.REGISTRY if name != "reference"]
+    names = [name for name in backends.usable(device) if name != "reference"]
     out(f"{'kernel':<34} " + " ".join(f"{name:>10}" for name in names))
     ok = True
     for case in cases():

@@ -1,32 +1,72 @@
-"""Backends: functions of a ``ConvProblem`` and tensors. ``select`` is the one dispatch point.
+"""Backends: functions of a ``ConvProblem`` and tensors. ``choose`` / ``select`` are the dispatch points.
 
 A backend has ``name``, ``supports(problem, device) -> bool``, ``prepare(weights, bias, prelu,
 device)`` (converts a kernel's effective parameters once into its layout), ``plan(problem, device)``
 (whatever it can work out once per problem), ``bind(plan, src, dst)`` (whatever it can work out
-once per encode: views of the source and destination storage) and ``run(bound, prepared)`` (at
-commit: reads the source storage, writes the destination storage). Kernels cache plans and
-prepared parameters; an encode records one bound call.
+once per encode: views of the source and destination storage), ``run(bound, prepared)`` (at
+commit: reads the source storage, writes the destination storage) and ``gradient`` (or None).
+A backend with launch configurations also has ``variants(problem)`` and takes one as ``plan``'s
+third argument. Kernels cache plans and prepared parameters; an encode records one bound call.
 """
 from __future__ import annotations
 
 from .. import config
 from ..errors import MPSValueError
-from . import reference, torch as torch_backend
+from . import reference, torch as torch_backend, triton as triton_backend
 
-REGISTRY = {"reference": reference.BACKEND, "torch": torch_backend.BACKEND}
+REGISTRY = {"reference": reference.BACKEND, "torch": torch_backend.BACKEND, "triton": triton_backend.BACKEND}
 
 
-def select(problem, device):
-    """The backend that runs ``problem``: the forced one (``MPSCONV_BACKEND`` / ``use_backend``), else
-    the fastest that supports it (torch, then the reference)."""
+def usable(device) -> list[str]:
+    """The backends that can run anything on ``device``: triton needs a CUDA GPU (or its interpreter)."""
+    return [name for name in REGISTRY
+            if name != "triton" or (triton_backend.available() and (device.is_cuda or triton_backend.interpreting()))]
+
+
+def _forced(problem, device, gradient: bool):
     forced = config.backend()
-    if forced != "auto":
-        backend = REGISTRY[forced]
-        if not backend.supports(problem, device):
-            raise MPSValueError(f"backend {forced!r} does not support this problem on {device.torch_device}")
+    if forced == "auto":
+        return None
+    backend = REGISTRY[forced]
+    if not backend.supports(problem, device) or (gradient and backend.gradient is None):
+        what = "the gradient of this problem" if gradient else "this problem"
+        raise MPSValueError(f"backend {forced!r} does not support {what} on {device.torch_device}")
+    return backend
+
+
+def candidates(problem, device) -> list:
+    """The backends dispatch may pick for a forward problem, fastest first by default: on CUDA the
+    fused Triton kernels and cuDNN with a Triton epilogue; elsewhere torch, then the reference."""
+    names = ("triton", "torch", "reference") if device.is_cuda else ("torch", "reference")
+    return [REGISTRY[name] for name in names if REGISTRY[name].supports(problem, device)]
+
+
+def select(problem, device, gradient: bool = False):
+    """The backend that runs ``problem`` without timing anything: the forced one (``MPSCONV_BACKEND`` /
+    ``use_backend``), else the first candidate (with a gradient, when ``gradient``)."""
+    backend = _forced(problem, device, gradient)
+    if backend is not None:
         return backend
-    for name in ("torch", "reference"):
-        backend = REGISTRY[name]
-        if backend.supports(problem, device):
+    for backend in candidates(problem, device):
+        if not gradient or backend.gradient is not None:
             return backend
     raise MPSValueError(f"no backend supports this problem on {device.torch_device}")
+
+
+def choose(problem, device):
+    """``(backend, plan)`` for a forward problem. On CUDA, unless a backend is forced or
+    ``MPSCONV_AUTOTUNE=0``, the eligible backends and launch configurations are timed once per problem
+    signature and the winner is remembered on disk (``tuning``)."""
+    backend = _forced(problem, device, False)
+    if backend is None and device.is_cuda and config.autotune() and not problem.empty:
+        from . import tuning
+
+        backend, variant = tuning.choose(problem, device, [b for b in candidates(problem, device)
+                                                           if b.name != "reference"])
+        return backend, _plan(backend, problem, device, variant)
+    backend = backend or select(problem, device)
+    return backend, None if problem.empty else _plan(backend, problem, device, None)
+
+
+def _plan(backend, problem, device, variant):
+    return backend.plan(problem, device, variant) if variant else backend.plan(problem, device)

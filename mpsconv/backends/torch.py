@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as Fn
 
 from ..geometry import ConvProblem, EdgeMode
-from ..image import MPSImageFeatureChannelFormat as F, storage_to_values, values_to_storage
+from ..image import FLOAT_FORMATS as _FLOAT_FORMATS, MPSImageFeatureChannelFormat as F, STORAGE_DTYPE, \
+    storage_to_values, values_to_storage
 from ..neuron import MPSCNNNeuronType, TORCH_OPS, apply_neuron
 
-_FLOAT_FORMATS = (F.float16, F.float32)
 _COPY, _RELU, _GENERAL = 0, 1, 2
 _ONEDNN: bool | None = None  # whether the prepacked oneDNN path works in this PyTorch build
 #: Weights smaller than this (elements) go through conv2d: reordering them per call is cheaper than
@@ -75,6 +75,15 @@ class Prepared:
             np.asarray(bias, np.float32)).to(dev)
         self.prelu = None if prelu is None else torch.from_numpy(np.asarray(prelu, np.float32)).to(dev).view(-1, 1, 1)
         self._packed: dict = {}
+        self._operands: dict = {}
+
+    def operand(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The weights in a 16-bit ``dtype`` for cuDNN, or None where that type would round them."""
+        if dtype not in self._operands:
+            w = self.weights.to(dtype)
+            exact = torch.equal(w.to(torch.float32), self.weights)
+            self._operands[dtype] = w if exact else None
+        return self._operands[dtype]
 
     def transposed(self, groups: int) -> torch.Tensor:
         """The weights as ``conv_transpose2d`` takes them: ``[I][O/G][kH][kW]``, rotated 180° (spec §10.3)."""
@@ -195,6 +204,19 @@ class Plan:
         if self.onednn:
             self.pack_key = (self.conv_padding, p.stride, p.dilation, p.groups, shape)
 
+        # On CUDA the epilogue after cuDNN is one Triton kernel: bias, neuron, store into the slice.
+        self.fused = (device.is_cuda and not p.identity and p.binary < 0 and not self.transposed
+                      and self.src_format in _FLOAT_FORMATS and self.dst_format in _FLOAT_FORMATS
+                      and _triton_epilogue_usable(p))
+        self.compute_dtype = torch.float32
+        if self.fused and self.src_format != F.float32:
+            self.compute_dtype = STORAGE_DTYPE[self.src_format]
+        if device.is_cuda and p.reduced_precision:
+            self.conv2d = _tf32(Fn.conv2d)
+        if self.fused:
+            from . import triton as triton_backend
+
+            self.epilogue_args = triton_backend.neuron_args(p.neuron, None)
         # Epilogue: what is left after the convolution (and its bias).
         neuron = p.neuron
         relu = neuron.type == MPSCNNNeuronType.reLU and neuron.a == 0.0
@@ -266,7 +288,8 @@ class Bound:
             images, _, _, channels = plan.src_index
             x = _nchw_view(src, images, crop[2], crop[3], channels)
             self.ready = False
-            if plan.src_format == F.float32 and not plan.gathers and plan.pad is None and plan.upsample is None:
+            if (STORAGE_DTYPE[plan.src_format] == plan.compute_dtype and not plan.gathers and plan.pad is None
+                    and plan.upsample is None):
                 view = _restrided(x)  # no work left on the input at run time, unless it needs a copy
                 if view is not None:
                     x, self.ready = view, True
@@ -278,6 +301,9 @@ def run(bound: Bound, prepared: Prepared) -> None:
     plan = bound.plan
     p = plan.problem
     x = bound.x
+    if plan.fused:
+        _run_fused(bound, prepared)
+        return
     if not bound.ready:
         if plan.src_format != F.float32:  # dense first: converting a sparse view is several times slower
             x = storage_to_values(_canonical(x), plan.src_format, torch.float32)
@@ -320,6 +346,34 @@ def run(bound: Bound, prepared: Prepared) -> None:
         out.copy_(y if plan.dst_format in _FLOAT_FORMATS else values_to_storage(y, plan.dst_format))
 
 
+def _run_fused(bound: Bound, prepared: Prepared) -> None:
+    """CUDA: cuDNN's convolution in the source's type (float32 accumulation), then one Triton pass
+    for bias, neuron and the store into the destination's slice and clip region."""
+    plan = bound.plan
+    p = plan.problem
+    weights, x = prepared.weights, bound.x
+    if plan.compute_dtype != torch.float32:
+        weights = prepared.operand(plan.compute_dtype)
+    dtype = torch.float32 if weights is None else plan.compute_dtype
+    if weights is None:
+        weights = prepared.weights
+    if not bound.ready or x.dtype != dtype:
+        x = _canonical(_gather_and_pad(_canonical(x).to(dtype), plan))
+    y = plan.conv2d(x, weights, None, p.stride, plan.conv_padding, p.dilation, p.groups)
+    if plan.out_crop is not None:
+        y = y[plan.out_crop]
+    from . import triton as triton_backend
+
+    triton_backend.epilogue(y.permute(0, 2, 3, 1), bound.out.permute(0, 2, 3, 1), p, prepared.bias,
+                            None if prepared.prelu is None else prepared.prelu.view(-1), plan.epilogue_args)
+
+
+def _triton_epilogue_usable(p: ConvProblem) -> bool:
+    from . import triton as triton_backend
+
+    return triton_backend.available() and triton_backend.neuron_supported(p.neuron)
+
+
 def _neuron(y: torch.Tensor, p: ConvProblem, prepared: Prepared) -> torch.Tensor:
     neuron = p.neuron
     if neuron.type == MPSCNNNeuronType.reLU:
@@ -357,6 +411,14 @@ def _depth_to_space(y: torch.Tensor, r: int) -> torch.Tensor:
 
 def _no_tf32(device):
     return torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if device.is_cuda else contextlib.nullcontext()
+
+
+def _tf32(op):
+    """``op`` with cuDNN's TF32 on: the kernel's options allow reduced precision."""
+    def call(*args):
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+            return op(*args)
+    return call
 
 
 def _full_fp32(op):

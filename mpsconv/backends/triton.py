@@ -1,0 +1,268 @@
+"""The triton backend: fused NHWC convolution kernels for CUDA GPUs (``_triton_kernels``).
+
+One launch computes a whole MPS operation: the implicit-GEMM convolution (any window, stride,
+dilation, groups, offset, edge mode; zeros inserted for backwards kernels), bias, the neuron, and
+the store into the destination's channel slice and clip region (depth-to-space for sub-pixel
+kernels). Depthwise problems (one input channel per group) run a direct kernel with the same
+epilogue. Products are taken in the source's storage type (float16 / bfloat16) when the weights are
+exact in it, else in float32 (TF32 only when the kernel's ``options`` allow reduced precision); the
+accumulator is float32 throughout.
+
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors too (slowly), which is how CI checks
+them; elsewhere the backend supports CUDA devices only.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..geometry import ConvProblem, EdgeMode
+from ..image import MPSImageFeatureChannelFormat as F, STORAGE_DTYPE
+from ..neuron import MPSCNNNeuronType as T
+
+_kernels = None  # the jit module, imported on first use: importing Triton costs ~1 s
+_FORMATS = (F.float16, F.float32, F.bfloat16)
+
+
+def available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernels():
+    global _kernels
+    if _kernels is None:
+        from . import _triton_kernels
+
+        _kernels = _triton_kernels
+    return _kernels
+
+
+@dataclass(frozen=True)
+class Config:
+    """A launch configuration: tile sizes, warps and pipeline stages (``num_stages``)."""
+
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    stages: int
+
+    def __str__(self) -> str:
+        return f"{self.bm}x{self.bn}x{self.bk}w{self.warps}s{self.stages}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Config":
+        tiles, rest = text.split("w")
+        warps, stages = rest.split("s")
+        return cls(*map(int, tiles.split("x")), int(warps), int(stages))
+
+
+#: Candidates the autotuner times for implicit-GEMM problems (bm, bn, bk, warps, stages); depthwise
+#: problems use (pixels, channels, warps, 1).
+GEMM_CONFIGS = [Config(128, 64, 32, 4, 3), Config(128, 128, 32, 8, 3), Config(64, 64, 32, 4, 4),
+                Config(128, 128, 64, 8, 3), Config(64, 128, 64, 4, 3), Config(256, 128, 64, 8, 3),
+                Config(128, 256, 64, 8, 3), Config(64, 32, 32, 4, 3)]
+DEPTHWISE_CONFIGS = [Config(32, 64, 0, 4, 1), Config(64, 32, 0, 4, 1), Config(16, 128, 0, 4, 1),
+                     Config(64, 64, 0, 8, 1), Config(128, 32, 0, 8, 1)]
+#: Small tiles for the interpreter, which runs every program one after another on the CPU.
+INTERPRET_CONFIG = {False: Config(16, 16, 16, 1, 1), True: Config(16, 16, 0, 1, 1)}
+
+
+def neuron_args(neuron, prelu) -> tuple[int, float, float, float, float]:
+    """``(code, a, b, c, p2)`` for ``_neuron``; ``p2`` folds the base of exponential / logarithm."""
+    kind, a, b, c = T(neuron.type), float(neuron.a), float(neuron.b), float(neuron.c)
+    p2 = 0.0
+    if kind == T.exponential:
+        p2 = math.log2(math.e) if c == -1 else math.log2(c)
+    elif kind == T.logarithm:
+        p2 = 1.0 if c == -1 else (1.0 / math.log(c) if c > 0 and c != 1 else math.nan)
+    return int(kind), a, b, c, p2
+
+
+def neuron_supported(neuron) -> bool:
+    # c^y for a base c <= 0 is real only for integral y: left to the torch backend.
+    return not (neuron.type == T.exponential and neuron.c != -1 and neuron.c <= 0)
+
+
+def depthwise(p: ConvProblem) -> bool:
+    return p.in_channels == p.groups
+
+
+class Prepared:
+    """Weights in the kernels' layouts and operand types, made on first use; bias and PReLU float32."""
+
+    def __init__(self, weights, bias, prelu, device):
+        dev = device.torch_device
+        self.weights = np.ascontiguousarray(weights, dtype=np.float32)  # [O, kH, kW, Ig]
+        self.bias = None if bias is None else torch.from_numpy(np.asarray(bias, np.float32)).to(dev)
+        self.prelu = None if prelu is None else torch.from_numpy(np.asarray(prelu, np.float32)).to(dev)
+        self.device = dev
+        self._layouts: dict = {}
+        self._exact: dict = {}
+
+    def exact_in(self, dtype: torch.dtype) -> bool:
+        """Whether every weight is representable in ``dtype`` (then products in it lose nothing)."""
+        if dtype not in self._exact:
+            w = torch.from_numpy(self.weights)
+            self._exact[dtype] = bool(torch.equal(w.to(dtype).to(torch.float32), w))
+        return self._exact[dtype]
+
+    def layout(self, groups: int, dw: bool, dtype: torch.dtype) -> torch.Tensor:
+        key = (groups, dw, dtype)
+        if key not in self._layouts:
+            w = torch.from_numpy(self.weights)  # [O, kH, kW, Ig]
+            o, kh, kw, ig = w.shape
+            if dw:  # [kH][kW][O]
+                w = w.reshape(o, kh, kw).permute(1, 2, 0)
+            else:  # [G][kH][kW][Ig][O/G]
+                w = w.reshape(groups, o // groups, kh, kw, ig).permute(0, 2, 3, 4, 1)
+            self._layouts[key] = w.contiguous().to(device=self.device, dtype=dtype)
+        return self._layouts[key]
+
+
+class Plan:
+    """The launch of one ``ConvProblem``: its scalars, constexprs and configuration, worked out once."""
+
+    def __init__(self, problem: ConvProblem, device, config: Config | None = None):
+        p = self.problem = problem
+        self.dw = depthwise(p)
+        gh, gw = p.grid
+        self.rows = p.n_images * gh * gw
+        he, we = p.expanded_size
+        self.src_dtype = STORAGE_DTYPE[F(p.src_format)]
+        if config is None:
+            config = INTERPRET_CONFIG[self.dw] if interpreting() else (DEPTHWISE_CONFIGS if self.dw
+                                                                         else GEMM_CONFIGS)[0]
+        self.config = config
+        code, a, b, c, p2 = neuron_args(p.neuron, None)
+        self.neuron = code
+        self.scalars = (p.tap0[0], p.tap0[1], p.stride[0], p.stride[1], p.dilation[0], p.dilation[1],
+                        p.upsample[0], p.upsample[1], a, b, c, p2)
+        self.sizes = (self.rows, gh, gw, he, we)
+        self.constexprs = dict(KH=p.kernel[0], KW=p.kernel[1], CLAMP=p.edge == EdgeMode.clamp,
+                               UPSAMPLE=p.upsample != (1, 1), SUBPIXEL=p.subpixel, NEURON=code)
+
+    def operand_dtype(self, prepared: Prepared) -> torch.dtype:
+        """The type the products are taken in: the source's 16-bit storage type when the weights are
+        exact in it (float16 weights by §0.2's rule, bfloat16 ones for bfloat16 sources), else float32."""
+        if self.src_dtype != torch.float32 and prepared.exact_in(self.src_dtype):
+            return self.src_dtype
+        return torch.float32
+
+
+class Bound:
+    __slots__ = ("plan", "x", "y")
+
+    def __init__(self, plan: Plan, src: torch.Tensor, dst: torch.Tensor):
+        p = plan.problem
+        self.plan = plan
+        self.x = src[p.src_image0:, :, :, p.src_channel0:]
+        (y0, x0) = p.out_origin
+        self.y = dst[p.dst_image0:, y0:, x0:, p.dst_channel0:]
+
+
+_TL_DTYPES = {}
+
+
+def _tl_dtype(dtype: torch.dtype):
+    if not _TL_DTYPES:
+        import triton.language as tl
+
+        _TL_DTYPES.update({torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32})
+    return _TL_DTYPES[dtype]
+
+
+def run(bound: Bound, prepared: Prepared) -> None:
+    plan, x, y = bound.plan, bound.x, bound.y
+    p, cfg, k = plan.problem, plan.config, kernels()
+    rows, gh, gw, he, we = plan.sizes
+    bias = prepared.bias if prepared.bias is not None else y  # never read when HAS_BIAS is False
+    prelu = prepared.prelu if prepared.prelu is not None else y
+    common = dict(plan.constexprs, HAS_BIAS=prepared.bias is not None, num_warps=cfg.warps)
+    if plan.dw:
+        w = prepared.layout(p.groups, True, torch.float32)  # products are float32 here: exact for any weights
+        grid = (-(-rows // cfg.bm), -(-p.out_channels // cfg.bn))
+        k.depthwise_nhwc[grid](x, w, bias, prelu, y, rows, gh, gw, he, we, p.out_channels,
+                               p.out_channels // p.groups, *x.stride(), *y.stride(), *p.out_size,
+                               *plan.scalars, BP=cfg.bm, BC=cfg.bn, **common)
+        return
+    operand = plan.operand_dtype(prepared)
+    w = prepared.layout(p.groups, False, operand)
+    og, cg = p.out_channels // p.groups, p.in_channels // p.groups
+    # The interpreter's bfloat16 dot is wrong (NumPy has no bfloat16): it multiplies float32 copies.
+    dot = torch.float32 if interpreting() else operand
+    precision = "tf32" if (p.reduced_precision and operand == torch.float32) else "ieee"
+    grid = (-(-rows // cfg.bm), -(-og // cfg.bn), p.groups)
+    k.conv2d_nhwc[grid](x, w, bias, prelu, y, rows, gh, gw, he, we, cg, og, *x.stride(), *y.stride(),
+                        *p.out_size, p.out_channels, *plan.scalars, DOT_DTYPE=_tl_dtype(dot),
+                        PRECISION=precision, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_stages=cfg.stages, **common)
+
+
+EPILOGUE_TILE = (32, 64, 4)  # pixels, channels, warps
+
+
+def epilogue(z: torch.Tensor, y: torch.Tensor, p: ConvProblem, bias, prelu, neuron) -> None:
+    """The torch backend's CUDA epilogue: ``z`` ``[n, gh, gw, O]`` (the convolution, any strides) to the
+    destination view ``y`` (NHWC at the first clip pixel and channel) through bias, neuron and, for
+    sub-pixel kernels, depth-to-space."""
+    n, gh, gw, oc = z.shape
+    rows = n * gh * gw
+    bp, bc, warps = (16, 16, 1) if interpreting() else EPILOGUE_TILE
+    code, a, b, c, p2 = neuron
+    grid = (-(-rows // bp), -(-oc // bc))
+    kernels().epilogue_nhwc[grid](z, y if bias is None else bias, y if prelu is None else prelu, y, rows, gh, gw, oc,
+                                  *z.stride(), *y.stride(), *p.out_size, a, b, c, p2, SUBPIXEL=p.subpixel,
+                                  NEURON=code, HAS_BIAS=bias is not None, BP=bp, BC=bc, num_warps=warps)
+
+
+def configs(problem: ConvProblem) -> list[Config]:
+    """The configurations worth timing for ``problem`` (tiles no wider than the channels need)."""
+    if depthwise(problem):
+        return DEPTHWISE_CONFIGS
+    og = problem.out_channels // problem.groups
+    cg = problem.in_channels // problem.groups
+    keep = [c for c in GEMM_CONFIGS if c.bn <= max(32, 1 << (og - 1).bit_length())
+            and c.bk <= max(32, 1 << (cg - 1).bit_length())]
+    return keep or GEMM_CONFIGS[:1]
+
+
+class _Triton:
+    name = "triton"
+
+    @staticmethod
+    def supports(problem: ConvProblem, device) -> bool:
+        p = problem
+        return ((device.is_cuda or interpreting()) and available() and not p.identity and p.binary < 0
+                and F(p.src_format) in _FORMATS and F(p.dst_format) in _FORMATS and neuron_supported(p.neuron)
+                and p.out_channels % p.groups == 0)
+
+    @staticmethod
+    def prepare(weights, bias, prelu, device) -> Prepared:
+        return Prepared(weights, bias, prelu, device)
+
+    @staticmethod
+    def plan(problem, device, variant: str | None = None) -> Plan:
+        return Plan(problem, device, Config.parse(variant) if variant else None)
+
+    @staticmethod
+    def variants(problem) -> list[str]:
+        return [str(c) for c in configs(problem)]
+
+    bind = staticmethod(Bound)
+    run = staticmethod(run)
+    gradient = None  # gradients run through the torch backend (cuDNN)
+
+
+BACKEND = _Triton()

@@ -1,0 +1,160 @@
+"""Autotuned dispatch on CUDA: time each eligible (backend, launch configuration) once per problem
+signature, keep the fastest in ``<cache dir>/autotune-v1.json``.
+
+The signature holds what decides speed (sizes, window, channels, groups, formats, neuron, the GPU
+and the library versions), not where the window sits. Timing runs on scratch images of the
+problem's shape with random contents and random weights: the caller's images are never touched
+before ``commit``. A cache file that cannot be read or parsed is ignored and rewritten; one that
+cannot be written leaves the choices in memory for this process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import warnings
+
+import numpy as np
+import torch
+
+from .. import __version__, config
+from ..image import MPSImageFeatureChannelFormat as F, STORAGE_DTYPE
+
+FILE_NAME = "autotune-v1.json"
+_lock = threading.Lock()
+_memory: dict[str, dict[str, str]] = {}  # cache path -> choices, loaded once per path
+
+
+def signature(problem, device) -> str:
+    p = problem
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = "-"
+    fields = (device.name, torch.__version__, triton_version, __version__, p.n_images, p.src_size, p.grid, p.kernel,
+              p.stride, p.dilation, p.in_channels, p.out_channels, p.groups, int(p.edge), int(p.neuron.type),
+              p.src_format, p.dst_format, p.subpixel, p.upsample, p.reduced_precision)
+    return "|".join(map(str, fields))
+
+
+def _path():
+    return config.cache_dir() / FILE_NAME
+
+
+def load(path) -> dict[str, str]:
+    """The choices stored at ``path``; ``{}`` when it is missing or not a JSON object of strings."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        return {}
+    return data
+
+
+def _store(path, choices: dict[str, str]) -> None:
+    """Write atomically (a reader never sees half a file); an unwritable directory only warns."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(choices, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:
+        warnings.warn(f"mpsconv: cannot write the autotune cache {path}: {exc}; choices stay in memory")
+
+
+def _choices(path) -> dict[str, str]:
+    key = str(path)
+    if key not in _memory:
+        _memory[key] = load(path)
+    return _memory[key]
+
+
+def _options(backends_, problem) -> list[tuple]:
+    out = []
+    for backend in backends_:
+        variants = getattr(backend, "variants", None)
+        for variant in (variants(problem) if variants else [None]):
+            out.append((backend, variant))
+    return out
+
+
+def _encode(backend, variant) -> str:
+    return backend.name if variant is None else f"{backend.name}:{variant}"
+
+
+def choose(problem, device, eligible: list) -> tuple:
+    """``(backend, variant)``: the cached choice for ``problem``'s signature, else the fastest of
+    ``eligible`` measured now (and stored)."""
+    options = _options(eligible, problem)
+    if len(options) == 1:
+        return options[0]
+    by_name = {_encode(b, v): (b, v) for b, v in options}
+    path, key = _path(), signature(problem, device)
+    with _lock:
+        choices = _choices(path)
+        hit = by_name.get(choices.get(key, ""))
+        if hit is not None:
+            return hit
+        best = measure(problem, device, options)
+        choices[key] = _encode(*best)
+        fresh = load(path)  # keep what other processes stored meanwhile
+        fresh.update(choices)
+        choices.update(fresh)
+        _store(path, choices)
+    return best
+
+
+def _scratch(problem, device, generator):
+    """Random source and destination storages big enough for ``problem`` (window at the origin)."""
+    p, dev = problem, device.torch_device
+    (h, w), (oh, ow) = p.src_size, p.out_size
+    cs = -(-(p.src_channel0 + p.in_channels) // 4) * 4
+    cd = -(-(p.dst_channel0 + p.dst_channels) // 4) * 4
+    src = torch.randn(p.src_image0 + p.n_images, h, w, cs, generator=generator).to(
+        device=dev, dtype=STORAGE_DTYPE[F(p.src_format)])
+    dst = torch.empty(p.dst_image0 + p.n_images, p.out_origin[0] + oh, p.out_origin[1] + ow, cd,
+                      dtype=STORAGE_DTYPE[F(p.dst_format)], device=dev)
+    return src, dst
+
+
+def measure(problem, device, options, reps: int = 10) -> tuple:
+    """Time every option on scratch data (CUDA events, median of ``reps`` after a warm-up); options
+    that fail to compile or run are skipped."""
+    p = problem
+    rng = np.random.default_rng(0)
+    g = torch.Generator().manual_seed(0)
+    ig = p.in_channels // p.groups
+    weights = (rng.standard_normal((p.out_channels, *p.kernel, ig)) * 0.1).astype(np.float16).astype(np.float32)
+    bias = rng.standard_normal(p.out_channels).astype(np.float32)
+    prelu = rng.random(p.out_channels).astype(np.float32)
+    src, dst = _scratch(problem, device, g)
+    times = []
+    for backend, variant in options:
+        try:
+            plan = backend.plan(p, device, variant) if variant else backend.plan(p, device)
+            prepared = backend.prepare(weights, bias, prelu, device)
+            bound = backend.bind(plan, src, dst)
+            for _ in range(2):
+                backend.run(bound, prepared)
+            torch.cuda.synchronize(device.torch_device)
+            samples = []
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                backend.run(bound, prepared)
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end))
+            times.append((float(np.median(samples)), backend, variant))
+        except Exception:  # e.g. a tile that needs more shared memory than the GPU has: not a candidate
+            torch.cuda.synchronize(device.torch_device)
+    if not times:
+        return options[-1]
+    times.sort(key=lambda t: t[0])
+    return times[0][1], times[0][2]

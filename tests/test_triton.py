@@ -1,0 +1,109 @@
+"""The triton backend's kernels against the float64 reference, on random geometry and data.
+
+On a machine without a CUDA GPU the kernels run through Triton's interpreter (``TRITON_INTERPRET=1``,
+set by conftest.py before Triton is imported) on CPU tensors: slow, so the shapes are small and the
+draws few, but every index computation of the kernels is the one the GPU runs. With a GPU the same
+tests run the compiled kernels on CUDA images.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from helpers import FMT, DEVICE, ArraySource, blank, descriptor, image, run, values
+from mpsconv import MPSCNNConvolution, MPSCNNConvolutionTranspose, MPSCNNFullyConnected, MPSCNNNeuronType
+from mpsconv.backends import triton as triton_backend
+from test_properties import build, check_against_reference, neuron_descriptor, problems
+from tolerances import assert_close
+
+pytestmark = pytest.mark.skipif(not triton_backend.available(), reason="Triton is not installed")
+T = MPSCNNNeuronType
+FLOATS = [FMT.float32, FMT.float16, FMT.bfloat16]
+
+
+@st.composite
+def triton_problems(draw, kind="plain", fully_connected=False):
+    p = draw(problems(fully_connected=fully_connected, kind=kind))
+    p["src_fmt"] = draw(st.sampled_from(FLOATS))
+    p["dst_fmt"] = draw(st.sampled_from(FLOATS))
+    return p
+
+
+@settings(max_examples=30)
+@given(p=triton_problems())
+def test_convolution_matches_reference(p):
+    kernel, src, prior = build(p)
+    check_against_reference(p, kernel, src, prior, "triton")
+
+
+@pytest.mark.parametrize("kind", ["depthwise", "subpixel"])
+@settings(max_examples=15)
+@given(data=st.data())
+def test_family_matches_reference(kind, data):
+    p = data.draw(triton_problems(kind=kind))
+    kernel, src, prior = build(p)
+    check_against_reference(p, kernel, src, prior, "triton")
+
+
+@settings(max_examples=10)
+@given(p=triton_problems(fully_connected=True))
+def test_fully_connected_matches_reference(p):
+    kernel, src, prior = build(p, MPSCNNFullyConnected)
+    check_against_reference(p, kernel, src, prior, "triton")
+
+
+@pytest.mark.parametrize("neuron_type", [t for t in list(T)[:-1]])
+def test_every_neuron_matches_reference(neuron_type):
+    """The kernels' ``_neuron`` against ``neuron.FORMULAS`` for every type, PReLU per channel too."""
+    rng = np.random.default_rng(100 + int(neuron_type))
+    d = descriptor(3, 3, 5, 6)
+    d.fusedNeuronDescriptor = neuron_descriptor(neuron_type, 6, rng)
+    kernel = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, (6, 3, 3, 5)),
+                                                                  rng.uniform(-1, 1, 6)))
+    src = image(rng.uniform(-1, 1, (2, 7, 6, 5)))
+    got = {b: values(run(kernel, src, blank(6, 7, 6, 2), b)) for b in ("reference", "triton")}
+    assert_close(got["triton"], got["reference"], "float32", neuron_type.name)
+
+
+@pytest.mark.parametrize("c", [2.0, 3.0, -1.0, 0.5, 0.0])
+def test_power_neuron_signs(c):
+    """``(a x + b) ** c`` on negative bases: real for integral ``c`` (odd keeps the sign), NaN else."""
+    from mpsconv import MPSNNNeuronDescriptor
+
+    rng = np.random.default_rng(5)
+    d = descriptor(1, 1, 4, 4)
+    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(T.power, a=1.0, b=0.0, c=c)
+    kernel = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, np.eye(4, dtype=np.float32)))
+    src = image(rng.uniform(-2, 2, (3, 3, 4)))
+    got = {b: values(run(kernel, src, blank(3, 3, 4), b)) for b in ("reference", "triton")}
+    assert_close(got["triton"], got["reference"], "float32", f"c={c}")
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_transpose_matches_reference(stride):
+    """Backwards kernels: zeros inserted between source pixels, read through the same kernel."""
+    rng = np.random.default_rng(stride)
+    d = descriptor(3, 3, 4, 5, strideInPixelsX=stride, strideInPixelsY=stride)
+    kernel = MPSCNNConvolutionTranspose(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, (5, 3, 3, 4)),
+                                                                           rng.uniform(-1, 1, 5)))
+    src = image(rng.uniform(-1, 1, (2, 4, 5, 4)))
+    got = {}
+    for backend in ("reference", "triton"):
+        dst = image(np.full((2, 4 * stride + 1, 5 * stride, 8), 0.5), FMT.float16)
+        run(kernel, src, dst, backend)
+        got[backend] = values(dst)
+    assert_close(got["triton"], got["reference"], "float16", f"stride {stride}")
+
+
+def test_weights_that_float16_would_round_multiply_in_float32():
+    """float32 kernel weights with a float16 source: the products keep the weights' precision."""
+    from mpsconv import MPSDataType
+
+    rng = np.random.default_rng(11)
+    w = (rng.uniform(-1, 1, (4, 3, 3, 4)) + 1e-4).astype(np.float32)  # not float16-exact
+    d = descriptor(3, 3, 4, 4)
+    kernel = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, w, kernel_type=MPSDataType.float32))
+    src = image(rng.uniform(-1, 1, (6, 6, 4)), FMT.float16)
+    got = {b: values(run(kernel, src, blank(6, 6, 4), b)) for b in ("reference", "triton")}
+    assert_close(got["triton"], got["reference"], "float32", "fp32 weights, fp16 source")
