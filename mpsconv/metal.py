@@ -362,6 +362,14 @@ class MTLCommandQueue:
         self._changed = threading.Condition(self._lock)  # a buffer of this queue changed status
         self._pending: list[MTLCommandBuffer] = []
         self._handlers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._stream = None  # CUDA: the queue's own stream, made on first commit
+
+    @property
+    def stream(self):
+        """The ``torch.cuda.Stream`` this queue's command buffers run on (our addition; None on the CPU)."""
+        if self._device.is_cuda and self._stream is None:
+            self._stream = torch.cuda.Stream(self._device.torch_device)
+        return self._stream
 
     @property
     def device(self) -> MTLDevice:
@@ -395,6 +403,16 @@ class MTLCommandQueue:
                 self._handlers = concurrent.futures.ThreadPoolExecutor(
                     max_workers=1, thread_name_prefix="mpsconv-handlers")
             return self._handlers
+
+
+def _capture(work, stream):
+    """``work`` captured as a CUDA graph on ``stream`` (which has just run it once, so every lazy
+    initialisation, Triton compile and autotune is done and nothing synchronises during capture)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for item in work:
+            item()
+    return graph
 
 
 class MTLComputeCommandEncoder:
@@ -464,6 +482,9 @@ class MTLCommandBuffer:
         self._handlers_done = False
         self._open_encoder: MTLComputeCommandEncoder | None = None
         self._encoding = False
+        self._replayable = False
+        self._graph = None
+        self._replay_work = None
         self.label = None
 
     # -- properties
@@ -557,27 +578,100 @@ class MTLCommandBuffer:
         self._status = MTLCommandBufferStatus.committed
         self._queue._drain()
 
+    def _fail(self, exc: BaseException) -> None:
+        """The error lands in status / error, as on Metal."""
+        self._error = NSError(MTLCommandBufferErrorDomain, MTLCommandBufferError.internal,
+                              f"{type(exc).__name__}: {exc}", exc)
+        self._status = MTLCommandBufferStatus.error
+
     def _run(self) -> None:
-        """Run the recorded work (called by the queue, in order, holding its lock)."""
+        """Run the recorded work (called by the queue, in order, holding its lock).
+
+        On the CPU the work runs here. On CUDA it is launched on the queue's stream (after whatever
+        the caller's current stream has queued, e.g. image uploads) and an event marks its end; the
+        queue's handler thread waits for that event, then completes the buffer and runs its handlers,
+        so buffers complete in commit order and ``commit`` returns without waiting for the GPU.
+        """
         self._status = MTLCommandBufferStatus.scheduled
         work, self._work = self._work, []
+        event = None
         try:
+            if self._device.is_cuda:
+                event = self._launch(work)
+            else:
+                for item in work:
+                    item()
+        except Exception as exc:
+            self._fail(exc)
+        if event is None:
+            if self._status != MTLCommandBufferStatus.error:
+                self._status = MTLCommandBufferStatus.completed
+            self._finish(work)
+        else:  # the handler thread completes it; ``work`` keeps the storages alive until then
+            self._queue._handler_pool().submit(self._await_gpu, event, work)
+
+    def _launch(self, work):
+        stream = self._queue.stream
+        current = torch.cuda.current_stream(self._device.torch_device)
+        if current != stream:
+            stream.wait_stream(current)
+        with torch.cuda.stream(stream):
             for item in work:
                 item()
-            if self._device.is_cuda:
-                torch.cuda.synchronize(self._device.torch_device)
-        except Exception as exc:  # the error lands in status/error, as on Metal
-            self._error = NSError(MTLCommandBufferErrorDomain, MTLCommandBufferError.internal,
-                                  f"{type(exc).__name__}: {exc}", exc)
-            self._status = MTLCommandBufferStatus.error
-        else:
-            self._status = MTLCommandBufferStatus.completed
+            if self._replayable:
+                self._graph = _capture(work, stream)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event
+
+    def _await_gpu(self, event, work) -> None:
+        try:
+            event.synchronize()  # a failed kernel raises here
+        except Exception as exc:
+            self._fail(exc)
+        with self._queue._changed:
+            if self._status != MTLCommandBufferStatus.error:
+                self._status = MTLCommandBufferStatus.completed
+            self._finish(work)
+
+    def _finish(self, work) -> None:
+        if self._replayable and self._status == MTLCommandBufferStatus.completed:
+            self._replay_work = work
         handlers = self._scheduled_handlers + self._completed_handlers
         if handlers:
             self._queue._handler_pool().submit(self._run_handlers, handlers)
         else:
             self._handlers_done = True
         self._queue._changed.notify_all()
+
+    # -- graph replay (our addition)
+    def make_replayable(self) -> None:
+        """Keep this command buffer's work for ``replay()`` (our addition; call before ``commit``).
+
+        On CUDA, ``commit`` runs the work once and captures it as a CUDA graph; each ``replay()``
+        then launches the whole graph at once, so a network of small kernels pays the launch cost
+        once. Replays read the images' current contents: write new inputs, replay, read new results.
+        """
+        self._check_open("MTLCommandBuffer.make_replayable")
+        self._replayable = True
+
+    def replay(self) -> "MTLCommandBuffer":
+        """Run the work of a completed replayable buffer again (our addition). Returns a committed
+        command buffer of the same queue that completes when the replay does (``waitUntilCompleted``,
+        ``addCompletedHandler`` before nothing: it is already committed; ``status``, ``error``)."""
+        if not self._replayable:
+            raise MPSCommandBufferError("MTLCommandBuffer.replay: call make_replayable() before commit()")
+        if self._replay_work is None:
+            raise MPSCommandBufferError(
+                f"MTLCommandBuffer.replay: the command buffer has not completed (status {self._status.name}); "
+                "commit() it and let it complete first")
+        run = MTLCommandBuffer(self._queue)
+        run.label = self.label
+        graph = self._graph
+        run._work = [graph.replay] if graph is not None else list(self._replay_work)
+        run._replay_source = self  # keeps the captured storages alive while the replay runs
+        run.commit()
+        return run
 
     def _run_handlers(self, handlers) -> None:
         _handler_thread.active = True

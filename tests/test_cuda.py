@@ -1,0 +1,211 @@
+"""CUDA: devices, streams, completion, autotuned dispatch and graph replay on a real GPU.
+
+Skipped where no CUDA GPU is usable (CI); the device tool runs them on an H100. What needs no GPU
+(the autotune cache file, replay semantics) is tested in test_dispatch.py on the CPU.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import ArraySource, descriptor
+from mpsconv import (
+    MPSCNNConvolution, MPSCNNConvolutionTranspose, MPSCNNDepthWiseConvolutionDescriptor, MPSDeviceError, MPSImage,
+    MPSImageDescriptor, MPSImageFeatureChannelFormat as FMT, MPSKernelOptions, MPSNNNeuronDescriptor,
+    MPSCNNNeuronType, MTLCommandBufferStatus, MTLCopyAllDevices, MTLCreateSystemDefaultDevice, use_backend,
+)
+from mpsconv.metal import device_from_name
+from tolerances import assert_close
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPSCONV_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def gpu():
+    return device_from_name("cuda")
+
+
+def img(device, values, fmt):
+    return MPSImage.from_numpy(np.asarray(values, np.float64), featureChannelFormat=fmt, device=device)
+
+
+def run(kernel, src, dst, backend=None):
+    queue = kernel.device.makeCommandQueue()
+    cb = queue.makeCommandBuffer()
+    if backend:
+        with use_backend(backend):
+            kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+    else:
+        kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+    cb.commit()
+    cb.waitUntilCompleted()
+    return dst.numpy().astype(np.float64)
+
+
+def test_default_device_is_the_first_gpu_and_all_devices_are_listed():
+    device = MTLCreateSystemDefaultDevice()
+    assert device.is_cuda and device.torch_device == torch.device("cuda", 0)
+    devices = MTLCopyAllDevices()
+    assert sum(d.is_cuda for d in devices) == torch.cuda.device_count() and not devices[-1].is_cuda
+
+
+def test_kernel_refuses_images_of_another_device():
+    rng = np.random.default_rng(0)
+    k = MPSCNNConvolution(device=gpu(), weights=ArraySource(descriptor(3, 3, 4, 4), rng.uniform(-1, 1, 144)))
+    cpu = device_from_name("cpu")
+    src = img(cpu, rng.uniform(-1, 1, (5, 5, 4)), FMT.float32)
+    dst = img(gpu(), np.zeros((5, 5, 4)), FMT.float32)
+    with pytest.raises(MPSDeviceError, match="sourceImage is on cpu"):
+        k.encode(commandBuffer=gpu().makeCommandQueue().makeCommandBuffer(), sourceImage=src, destinationImage=dst)
+
+
+CASES = {
+    "plain": dict(kw=3, kh=3, cin=16, cout=24),
+    "strided-dilated": dict(kw=3, kh=5, cin=8, cout=16, strideInPixelsX=2, dilationRateY=2),
+    "grouped": dict(kw=3, kh=3, cin=16, cout=32, groups=4),
+    "1x1": dict(kw=1, kh=1, cin=32, cout=64),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("fmt", [FMT.float16, FMT.bfloat16, FMT.float32])
+@pytest.mark.parametrize("backend", [None, "triton", "torch"])
+def test_gpu_paths_match_reference(case, fmt, backend):
+    rng = np.random.default_rng(hash((case, int(fmt))) % 2**32)
+    props = dict(CASES[case])
+    d = descriptor(props.pop("kw"), props.pop("kh"), props.pop("cin"), props.pop("cout"), **props)
+    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU, a=0.1)
+    groups = d.groups
+    w = rng.uniform(-1, 1, (d.outputFeatureChannels, d.kernelHeight, d.kernelWidth, d.inputFeatureChannels // groups))
+    k = MPSCNNConvolution(device=gpu(), weights=ArraySource(d, w, rng.uniform(-1, 1, d.outputFeatureChannels)))
+    k.destinationFeatureChannelOffset = 8
+    k.offset = (1, 0, 0)
+    src = img(gpu(), rng.uniform(-1, 1, (2, 13, 11, d.inputFeatureChannels)), fmt)
+    prior = rng.uniform(-1, 1, (2, 13, 11, 8 + d.outputFeatureChannels + 4))
+    got = run(k, src, img(gpu(), prior, fmt), backend)
+    want = run(k, src, img(gpu(), prior, fmt), "reference")
+    assert_close(got, want, fmt.name, f"{case} {fmt.name} {backend}")
+
+
+@pytest.mark.parametrize("fmt", [FMT.float16, FMT.float32])
+def test_depthwise_subpixel_transpose_on_gpu(fmt):
+    rng = np.random.default_rng(3)
+    dw = MPSCNNDepthWiseConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=32,
+                                              outputFeatureChannels=64)
+    k = MPSCNNConvolution(device=gpu(), weights=ArraySource(dw, rng.uniform(-1, 1, (64, 3, 3, 1)),
+                                                            rng.uniform(-1, 1, 64)))
+    t = MPSCNNConvolutionTranspose(device=gpu(), weights=ArraySource(
+        descriptor(3, 3, 8, 8, strideInPixelsX=2, strideInPixelsY=2), rng.uniform(-1, 1, (8, 3, 3, 8))))
+    for kernel, cin, shape in ((k, 32, (2, 9, 10, 64)), (t, 8, (1, 17, 19, 8))):
+        src = img(gpu(), rng.uniform(-1, 1, (shape[0], 9, 10, cin)), fmt)
+        for backend in (None, "triton"):
+            got = run(kernel, src, img(gpu(), np.zeros(shape), fmt), backend)
+            want = run(kernel, src, img(gpu(), np.zeros(shape), fmt), "reference")
+            assert_close(got, want, fmt.name, f"{type(kernel).__name__} {backend}")
+
+
+def test_reduced_precision_allows_tf32_and_stays_close():
+    rng = np.random.default_rng(4)
+    d = descriptor(3, 3, 64, 64)
+    k = MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (64, 3, 3, 64))))
+    k.options = MPSKernelOptions.allowReducedPrecision
+    src = img(gpu(), rng.uniform(-1, 1, (1, 12, 12, 64)), FMT.float32)
+    for backend in ("triton", "torch"):
+        got = run(k, src, img(gpu(), np.zeros((1, 12, 12, 64)), FMT.float32), backend)
+        want = run(k, src, img(gpu(), np.zeros((1, 12, 12, 64)), FMT.float32), "reference")
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3  # TF32: ~3e-4 expected
+
+
+def test_autotune_writes_its_cache_and_survives_a_corrupt_file(cache_dir):
+    from mpsconv.backends import tuning
+
+    rng = np.random.default_rng(5)
+    src = img(gpu(), rng.uniform(-1, 1, (1, 16, 16, 32)), FMT.float16)
+
+    def fresh_kernel():
+        return MPSCNNConvolution(device=gpu(), weights=ArraySource(descriptor(3, 3, 32, 32),
+                                                                   rng.uniform(-1, 1, (32, 3, 3, 32))))
+    tuning._memory.clear()
+    run(fresh_kernel(), src, img(gpu(), np.zeros((1, 16, 16, 32)), FMT.float16))
+    path = cache_dir / tuning.FILE_NAME
+    choices = tuning.load(path)
+    assert len(choices) == 1 and next(iter(choices.values())).split(":")[0] in ("triton", "torch")
+    path.write_text("{ not json")
+    tuning._memory.clear()
+    run(fresh_kernel(), src, img(gpu(), np.zeros((1, 16, 16, 32)), FMT.float16))
+    assert tuning.load(path) == choices  # ignored, measured again, rewritten
+
+
+def test_commit_runs_on_the_queue_stream_and_handlers_run_off_thread_in_order():
+    rng = np.random.default_rng(6)
+    k = MPSCNNConvolution(device=gpu(), weights=ArraySource(descriptor(3, 3, 16, 16), rng.uniform(-1, 1, 2304)))
+    src = img(gpu(), rng.uniform(-1, 1, (4, 64, 64, 16)), FMT.float16)
+    queue = gpu().makeCommandQueue()
+    seen, threads = [], set()
+    buffers = []
+    for i in range(5):
+        cb = queue.makeCommandBuffer()
+        k.encode(commandBuffer=cb, sourceImage=src, destinationImage=img(gpu(), np.zeros((4, 64, 64, 16)), FMT.float16))
+        cb.addCompletedHandler(lambda c, i=i: (seen.append((i, c.status)), threads.add(threading.get_ident())))
+        cb.commit()
+        buffers.append(cb)
+    buffers[-1].waitUntilCompleted()
+    for cb in buffers:
+        cb.waitUntilCompleted()
+    assert [i for i, _ in seen] == list(range(5))
+    assert all(status == MTLCommandBufferStatus.completed for _, status in seen)
+    assert threading.get_ident() not in threads
+    assert queue.stream is not None and queue.stream != torch.cuda.current_stream()
+
+
+def test_an_error_during_the_work_lands_in_status_and_error(monkeypatch):
+    from mpsconv.backends import triton as triton_backend
+
+    rng = np.random.default_rng(7)
+    k = MPSCNNConvolution(device=gpu(), weights=ArraySource(descriptor(1, 1, 4, 4), rng.uniform(-1, 1, 16)))
+    src = img(gpu(), rng.uniform(-1, 1, (3, 3, 4)), FMT.float16)
+    cb = gpu().makeCommandQueue().makeCommandBuffer()
+    with use_backend("triton"):
+        k.encode(commandBuffer=cb, sourceImage=src, destinationImage=img(gpu(), np.zeros((3, 3, 4)), FMT.float16))
+
+    def failing(bound, prepared):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(triton_backend.BACKEND, "run", failing)
+    cb.commit()
+    with pytest.raises(Exception, match="illegal memory access"):
+        cb.waitUntilCompleted()
+    assert cb.status == MTLCommandBufferStatus.error and "illegal memory access" in cb.error.localizedDescription
+
+
+def test_replayed_graph_reads_the_images_current_contents():
+    rng = np.random.default_rng(8)
+    k = MPSCNNConvolution(device=gpu(), weights=ArraySource(descriptor(3, 3, 16, 16), rng.uniform(-1, 1, 2304),
+                                                            rng.uniform(-1, 1, 16)))
+    a = img(gpu(), rng.uniform(-1, 1, (1, 20, 20, 16)), FMT.float16)
+    b = img(gpu(), np.zeros((1, 20, 20, 16)), FMT.float16)
+    c = img(gpu(), np.zeros((1, 20, 20, 16)), FMT.float16)
+    queue = gpu().makeCommandQueue()
+    cb = queue.makeCommandBuffer()
+    k.encode(commandBuffer=cb, sourceImage=a, destinationImage=b)
+    k.encode(commandBuffer=cb, sourceImage=b, destinationImage=c)
+    cb.make_replayable()
+    cb.commit()
+    cb.waitUntilCompleted()
+    assert cb._graph is not None
+    first = c.numpy().copy()
+    new = rng.uniform(-1, 1, (1, 20, 20, 16)).astype(np.float16)
+    a.torch().copy_(torch.from_numpy(new).cuda())
+    cb.replay().waitUntilCompleted()
+    expect_b = run(k, img(gpu(), new, FMT.float16), img(gpu(), np.zeros((1, 20, 20, 16)), FMT.float16), "reference")
+    expect_c = run(k, img(gpu(), expect_b, FMT.float16), img(gpu(), np.zeros((1, 20, 20, 16)), FMT.float16),
+                   "reference")
+    assert_close(c.numpy(), expect_c, "float16", "replayed graph")
+    assert not np.allclose(first, c.numpy())
