@@ -8,6 +8,7 @@ that called ``commit``). Spec: ``kernel-image.md`` §7.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import enum
 import platform
 import threading
@@ -483,6 +484,8 @@ class MTLCommandBuffer:
         self._open_encoder: MTLComputeCommandEncoder | None = None
         self._encoding = False
         self._replayable = False
+        self._event = None  # CUDA, no handlers: completion is read off this event when asked for
+        self._inflight = None
         self._graph = None
         self._replay_work = None
         self.label = None
@@ -502,6 +505,8 @@ class MTLCommandBuffer:
 
     @property
     def status(self) -> MTLCommandBufferStatus:
+        if self._event is not None:
+            self._settle(block=False)
         return self._status
 
     @property
@@ -607,15 +612,36 @@ class MTLCommandBuffer:
             if self._status != MTLCommandBufferStatus.error:
                 self._status = MTLCommandBufferStatus.completed
             self._finish(work)
-        else:  # the handler thread completes it; ``work`` keeps the storages alive until then
+        elif self._scheduled_handlers or self._completed_handlers or self._replayable:
+            # the handler thread completes it; ``work`` keeps the storages alive until then
             self._queue._handler_pool().submit(self._await_gpu, event, work)
+        else:  # nothing to run after the GPU: completion is read off the event when someone asks
+            self._event, self._inflight, self._handlers_done = event, work, True
+
+    def _settle(self, block: bool) -> None:
+        """Complete a handler-less CUDA buffer whose event has passed (waiting for it if ``block``)."""
+        with self._queue._changed:
+            event = self._event
+            if event is None:
+                return
+            try:
+                if block:
+                    event.synchronize()
+                elif not event.query():
+                    return
+            except Exception as exc:  # a failed kernel reports here
+                self._fail(exc)
+            if self._status != MTLCommandBufferStatus.error:
+                self._status = MTLCommandBufferStatus.completed
+            self._event = self._inflight = None
+            self._queue._changed.notify_all()
 
     def _launch(self, work):
         stream = self._queue.stream
         current = torch.cuda.current_stream(self._device.torch_device)
         if current != stream:
-            stream.wait_stream(current)
-        with torch.cuda.stream(stream):
+            stream.wait_stream(current)  # after the caller's uploads and other work on its stream
+        with torch.cuda.stream(stream) if current != stream else contextlib.nullcontext():
             for item in work:
                 item()
             if self._replayable:
@@ -692,6 +718,8 @@ class MTLCommandBuffer:
     def _wait(self, done: Callable[[], bool], what: str) -> None:
         if self._status < MTLCommandBufferStatus.committed:
             raise MPSCommandBufferError(f"MTLCommandBuffer.{what}: commit() the command buffer first")
+        if self._event is not None and what == "waitUntilCompleted":
+            self._settle(block=True)
         if not done():
             with self._queue._changed:
                 self._queue._changed.wait_for(done)

@@ -98,13 +98,13 @@ def test_gpu_paths_match_reference(case, fmt, backend):
 @pytest.mark.parametrize("fmt", [FMT.float16, FMT.float32])
 def test_depthwise_subpixel_transpose_on_gpu(fmt):
     rng = np.random.default_rng(3)
-    dw = MPSCNNDepthWiseConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=32,
+    dw = MPSCNNDepthWiseConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=64,
                                               outputFeatureChannels=64)
     k = MPSCNNConvolution(device=gpu(), weights=ArraySource(dw, rng.uniform(-1, 1, (64, 3, 3, 1)),
                                                             rng.uniform(-1, 1, 64)))
     t = MPSCNNConvolutionTranspose(device=gpu(), weights=ArraySource(
         descriptor(3, 3, 8, 8, strideInPixelsX=2, strideInPixelsY=2), rng.uniform(-1, 1, (8, 3, 3, 8))))
-    for kernel, cin, shape in ((k, 32, (2, 9, 10, 64)), (t, 8, (1, 17, 19, 8))):
+    for kernel, cin, shape in ((k, 64, (2, 9, 10, 64)), (t, 8, (1, 17, 19, 8))):
         src = img(gpu(), rng.uniform(-1, 1, (shape[0], 9, 10, cin)), fmt)
         for backend in (None, "triton"):
             got = run(kernel, src, img(gpu(), np.zeros(shape), fmt), backend)
@@ -153,7 +153,8 @@ def test_commit_runs_on_the_queue_stream_and_handlers_run_off_thread_in_order():
     buffers = []
     for i in range(5):
         cb = queue.makeCommandBuffer()
-        k.encode(commandBuffer=cb, sourceImage=src, destinationImage=img(gpu(), np.zeros((4, 64, 64, 16)), FMT.float16))
+        k.encode(commandBuffer=cb, sourceImage=src,
+                 destinationImage=img(gpu(), np.zeros((4, 64, 64, 16)), FMT.float16))
         cb.addCompletedHandler(lambda c, i=i: (seen.append((i, c.status)), threads.add(threading.get_ident())))
         cb.commit()
         buffers.append(cb)

@@ -163,7 +163,10 @@ class Plan:
 
 
 class Bound:
-    __slots__ = ("plan", "x", "y")
+    """A plan bound to one source and one destination storage. The launch (kernel, grid, arguments)
+    is assembled on the first run and reused: Python work per launch is what small layers pay."""
+
+    __slots__ = ("plan", "x", "y", "launch")
 
     def __init__(self, plan: Plan, src: torch.Tensor, dst: torch.Tensor):
         p = plan.problem
@@ -171,6 +174,7 @@ class Bound:
         self.x = src[p.src_image0:, :, :, p.src_channel0:]
         (y0, x0) = p.out_origin
         self.y = dst[p.dst_image0:, y0:, x0:, p.dst_channel0:]
+        self.launch = None
 
 
 _TL_DTYPES = {}
@@ -185,19 +189,27 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 def run(bound: Bound, prepared: Prepared) -> None:
+    launch = bound.launch
+    if launch is None or launch[0] is not prepared:
+        launch = bound.launch = (prepared, *_launch(bound, prepared))
+    _, kernel, args, kwargs = launch
+    kernel(*args, **kwargs)
+
+
+def _launch(bound: Bound, prepared: Prepared):
+    """``(kernel[grid], args, kwargs)`` of one launch."""
     plan, x, y = bound.plan, bound.x, bound.y
     p, cfg, k = plan.problem, plan.config, kernels()
     rows, gh, gw, he, we = plan.sizes
     bias = prepared.bias if prepared.bias is not None else y  # never read when HAS_BIAS is False
     prelu = prepared.prelu if prepared.prelu is not None else y
-    common = dict(plan.constexprs, HAS_BIAS=prepared.bias is not None, num_warps=cfg.warps)
+    kwargs = dict(plan.constexprs, HAS_BIAS=prepared.bias is not None, num_warps=cfg.warps)
     if plan.dw:
         w = prepared.layout(p.groups, True, torch.float32)  # products are float32 here: exact for any weights
         grid = (-(-rows // cfg.bm), -(-p.out_channels // cfg.bn))
-        k.depthwise_nhwc[grid](x, w, bias, prelu, y, rows, gh, gw, he, we, p.out_channels,
-                               p.out_channels // p.groups, *x.stride(), *y.stride(), *p.out_size,
-                               *plan.scalars, BP=cfg.bm, BC=cfg.bn, **common)
-        return
+        args = (x, w, bias, prelu, y, rows, gh, gw, he, we, p.out_channels, p.out_channels // p.groups,
+                *x.stride(), *y.stride(), *p.out_size, *plan.scalars)
+        return k.depthwise_nhwc[grid], args, dict(kwargs, BP=cfg.bm, BC=cfg.bn)
     operand = plan.operand_dtype(prepared)
     w = prepared.layout(p.groups, False, operand)
     og, cg = p.out_channels // p.groups, p.in_channels // p.groups
@@ -205,9 +217,10 @@ def run(bound: Bound, prepared: Prepared) -> None:
     dot = torch.float32 if interpreting() else operand
     precision = "tf32" if (p.reduced_precision and operand == torch.float32) else "ieee"
     grid = (-(-rows // cfg.bm), -(-og // cfg.bn), p.groups)
-    k.conv2d_nhwc[grid](x, w, bias, prelu, y, rows, gh, gw, he, we, cg, og, *x.stride(), *y.stride(),
-                        *p.out_size, p.out_channels, *plan.scalars, DOT_DTYPE=_tl_dtype(dot),
-                        PRECISION=precision, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_stages=cfg.stages, **common)
+    args = (x, w, bias, prelu, y, rows, gh, gw, he, we, cg, og, *x.stride(), *y.stride(), *p.out_size,
+            p.out_channels, *plan.scalars)
+    return k.conv2d_nhwc[grid], args, dict(kwargs, DOT_DTYPE=_tl_dtype(dot), PRECISION=precision, BM=cfg.bm,
+                                           BN=cfg.bn, BK=cfg.bk, num_stages=cfg.stages)
 
 
 EPILOGUE_TILE = (32, 64, 4)  # pixels, channels, warps
