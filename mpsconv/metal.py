@@ -638,10 +638,10 @@ class MTLCommandBuffer:
 
     def _launch(self, work):
         stream = self._queue.stream
-        current = torch.cuda.current_stream(self._device.torch_device)
-        if current != stream:
-            stream.wait_stream(current)  # after the caller's uploads and other work on its stream
-        with torch.cuda.stream(stream) if current != stream else contextlib.nullcontext():
+        elsewhere = torch._C._cuda_getCurrentRawStream(self._device.torch_device.index) != stream.cuda_stream
+        if elsewhere:  # run after the caller's uploads and other work on its own stream
+            stream.wait_stream(torch.cuda.current_stream(self._device.torch_device))
+        with torch.cuda.stream(stream) if elsewhere else contextlib.nullcontext():
             for item in work:
                 item()
             if self._replayable:

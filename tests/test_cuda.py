@@ -174,12 +174,12 @@ def test_an_error_during_the_work_lands_in_status_and_error(monkeypatch):
     k = MPSCNNConvolution(device=gpu(), weights=ArraySource(descriptor(1, 1, 4, 4), rng.uniform(-1, 1, 16)))
     src = img(gpu(), rng.uniform(-1, 1, (3, 3, 4)), FMT.float16)
     cb = gpu().makeCommandQueue().makeCommandBuffer()
-    with use_backend("triton"):
-        k.encode(commandBuffer=cb, sourceImage=src, destinationImage=img(gpu(), np.zeros((3, 3, 4)), FMT.float16))
 
     def failing(bound, prepared):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     monkeypatch.setattr(triton_backend.BACKEND, "run", failing)
+    with use_backend("triton"):
+        k.encode(commandBuffer=cb, sourceImage=src, destinationImage=img(gpu(), np.zeros((3, 3, 4)), FMT.float16))
     cb.commit()
     with pytest.raises(Exception, match="illegal memory access"):
         cb.waitUntilCompleted()
@@ -210,3 +210,22 @@ def test_replayed_graph_reads_the_images_current_contents():
                    "reference")
     assert_close(c.numpy(), expect_c, "float16", "replayed graph")
     assert not np.allclose(first, c.numpy())
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_repeated_encodes_take_the_direct_launch_path_and_stay_right(backend):
+    """The second run of a bound encode skips Triton's dispatcher (triton.Launcher): same results."""
+    rng = np.random.default_rng(9)
+    d = descriptor(3, 3, 16, 32)
+    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.sigmoid)
+    k = MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (32, 3, 3, 16)),
+                                                            rng.uniform(-1, 1, 32)))
+    k.destinationFeatureChannelOffset = 4
+    dst = img(gpu(), np.zeros((2, 10, 12, 40)), FMT.float16)
+    src = img(gpu(), np.zeros((2, 10, 12, 16)), FMT.float16)
+    for i in range(3):
+        values = rng.uniform(-1, 1, (2, 10, 12, 16))
+        src.torch().copy_(torch.from_numpy(values).cuda().half())
+        want = run(k, img(gpu(), values, FMT.float16), img(gpu(), np.zeros((2, 10, 12, 40)), FMT.float16),
+                   "reference")
+        assert_close(run(k, src, dst, backend), want, "float16", f"run {i}")

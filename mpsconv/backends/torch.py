@@ -217,6 +217,7 @@ class Plan:
             from . import triton as triton_backend
 
             self.epilogue_args = triton_backend.neuron_args(p.neuron, None)
+            self.epilogue_launch: dict = {}  # with / without bias -> (Launcher, tile)
         # Epilogue: what is left after the convolution (and its bias).
         neuron = p.neuron
         relu = neuron.type == MPSCNNNeuronType.reLU and neuron.a == 0.0
@@ -364,7 +365,11 @@ def _run_fused(bound: Bound, prepared: Prepared) -> None:
         y = y[plan.out_crop]
     from . import triton as triton_backend
 
-    triton_backend.epilogue(y.permute(0, 2, 3, 1), bound.out.permute(0, 2, 3, 1), p, prepared.bias,
+    launch = plan.epilogue_launch.get(prepared.bias is not None)
+    if launch is None:
+        launch = plan.epilogue_launch[prepared.bias is not None] = triton_backend.epilogue_launcher(
+            p, prepared.bias is not None)
+    triton_backend.epilogue(launch, y.permute(0, 2, 3, 1), bound.out.permute(0, 2, 3, 1), p, prepared.bias,
                             None if prepared.prelu is None else prepared.prelu.view(-1), plan.epilogue_args)
 
 
@@ -413,20 +418,31 @@ def _no_tf32(device):
     return torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if device.is_cuda else contextlib.nullcontext()
 
 
-def _tf32(op):
-    """``op`` with cuDNN's TF32 on: the kernel's options allow reduced precision."""
+def _cudnn(op, tf32: bool):
+    """``op`` with cuDNN's algorithm search on (each shape is timed once, as our autotuner does) and
+    TF32 as the kernel allows: off unless its options allow reduced precision (PyTorch's default is
+    on, and MPS numerics need full float32). The caller's settings come back afterwards."""
+    get_b, set_b = torch._C._get_cudnn_benchmark, torch._C._set_cudnn_benchmark
+    get_t, set_t = torch._C._get_cudnn_allow_tf32, torch._C._set_cudnn_allow_tf32
+
     def call(*args):
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        benchmark, allow = get_b(), get_t()
+        set_b(True)
+        set_t(tf32)
+        try:
             return op(*args)
+        finally:
+            set_b(benchmark)
+            set_t(allow)
     return call
+
+
+def _tf32(op):
+    return _cudnn(op, True)
 
 
 def _full_fp32(op):
-    """``op`` with cuDNN's TF32 off: it is on by default for float32, and MPS numerics need full fp32."""
-    def call(*args):
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            return op(*args)
-    return call
+    return _cudnn(op, False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,7 +75,8 @@ GEMM_CONFIGS = [Config(128, 64, 32, 4, 3), Config(128, 128, 32, 8, 3), Config(64
                 Config(128, 128, 64, 8, 3), Config(64, 128, 64, 4, 3), Config(256, 128, 64, 8, 3),
                 Config(128, 256, 64, 8, 3), Config(64, 32, 32, 4, 3)]
 DEPTHWISE_CONFIGS = [Config(32, 64, 0, 4, 1), Config(64, 32, 0, 4, 1), Config(16, 128, 0, 4, 1),
-                     Config(64, 64, 0, 8, 1), Config(128, 32, 0, 8, 1)]
+                     Config(64, 64, 0, 8, 1), Config(128, 32, 0, 8, 1), Config(128, 16, 0, 4, 1),
+                     Config(256, 16, 0, 8, 1), Config(32, 128, 0, 8, 1)]
 #: Small tiles for the interpreter, which runs every program one after another on the CPU.
 INTERPRET_CONFIG = {False: Config(16, 16, 16, 1, 1), True: Config(16, 16, 0, 1, 1)}
 
@@ -188,12 +189,47 @@ def _tl_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
 
+class Launcher:
+    """One kernel's launches with fixed constexprs and launch options.
+
+    The first call goes through Triton's ``kernel[grid](...)`` (which compiles and specialises);
+    later calls hand the arguments straight to the compiled kernel's launcher, skipping the ~40 µs
+    of Python that Triton spends re-deriving the same specialisation for ~35 arguments. The
+    arguments must keep their specialisation (same tensors' alignment, same integers), which holds
+    for a bound encode; ``dynamic`` arguments (``epilogue``'s input) may change pointer only.
+    """
+
+    __slots__ = ("kernel", "kwargs", "compiled", "tail", "device")
+
+    def __init__(self, kernel, kwargs: dict):
+        self.kernel, self.kwargs, self.compiled, self.tail = kernel, kwargs, None, ()
+        self.device = None
+
+    def __call__(self, grid, args) -> None:
+        compiled = self.compiled
+        if compiled is None:
+            compiled = self.kernel[grid](*args, **self.kwargs)
+            if FAST_LAUNCH and not interpreting() and hasattr(compiled, "packed_metadata"):
+                names = self.kernel.arg_names
+                self.tail = tuple(self.kwargs[name] for name in names[len(args):])
+                self.device = args[0].device.index
+                self.compiled = compiled
+            return
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                     torch._C._cuda_getCurrentRawStream(self.device), compiled.function, compiled.packed_metadata,
+                     None, None, None, *args, *self.tail)
+
+
+#: Direct launches of compiled kernels after the first (``Launcher``); False: always through Triton.
+FAST_LAUNCH = True
+
+
 def run(bound: Bound, prepared: Prepared) -> None:
     launch = bound.launch
     if launch is None or launch[0] is not prepared:
         launch = bound.launch = (prepared, *_launch(bound, prepared))
-    _, kernel, args, kwargs = launch
-    kernel(*args, **kwargs)
+    _, launcher, grid, args = launch
+    launcher(grid, args)
 
 
 def _launch(bound: Bound, prepared: Prepared):
@@ -209,7 +245,7 @@ def _launch(bound: Bound, prepared: Prepared):
         grid = (-(-rows // cfg.bm), -(-p.out_channels // cfg.bn))
         args = (x, w, bias, prelu, y, rows, gh, gw, he, we, p.out_channels, p.out_channels // p.groups,
                 *x.stride(), *y.stride(), *p.out_size, *plan.scalars)
-        return k.depthwise_nhwc[grid], args, dict(kwargs, BP=cfg.bm, BC=cfg.bn)
+        return Launcher(k.depthwise_nhwc, dict(kwargs, BP=cfg.bm, BC=cfg.bn)), grid, args
     operand = plan.operand_dtype(prepared)
     w = prepared.layout(p.groups, False, operand)
     og, cg = p.out_channels // p.groups, p.in_channels // p.groups
@@ -219,25 +255,31 @@ def _launch(bound: Bound, prepared: Prepared):
     grid = (-(-rows // cfg.bm), -(-og // cfg.bn), p.groups)
     args = (x, w, bias, prelu, y, rows, gh, gw, he, we, cg, og, *x.stride(), *y.stride(), *p.out_size,
             p.out_channels, *plan.scalars)
-    return k.conv2d_nhwc[grid], args, dict(kwargs, DOT_DTYPE=_tl_dtype(dot), PRECISION=precision, BM=cfg.bm,
-                                           BN=cfg.bn, BK=cfg.bk, num_stages=cfg.stages)
+    return Launcher(k.conv2d_nhwc, dict(kwargs, DOT_DTYPE=_tl_dtype(dot), PRECISION=precision, BM=cfg.bm,
+                                        BN=cfg.bn, BK=cfg.bk, num_stages=cfg.stages)), grid, args
 
 
 EPILOGUE_TILE = (32, 64, 4)  # pixels, channels, warps
 
 
-def epilogue(z: torch.Tensor, y: torch.Tensor, p: ConvProblem, bias, prelu, neuron) -> None:
+def epilogue_launcher(p: ConvProblem, has_bias: bool) -> tuple:
+    """``(launcher, (pixels, channels) tile)`` of the torch backend's CUDA epilogue for ``p``."""
+    bp, bc, warps = (16, 16, 1) if interpreting() else EPILOGUE_TILE
+    return Launcher(kernels().epilogue_nhwc, dict(SUBPIXEL=p.subpixel, NEURON=int(p.neuron.type), HAS_BIAS=has_bias,
+                                                  BP=bp, BC=bc, num_warps=warps)), (bp, bc)
+
+
+def epilogue(launch, z: torch.Tensor, y: torch.Tensor, p: ConvProblem, bias, prelu, neuron) -> None:
     """The torch backend's CUDA epilogue: ``z`` ``[n, gh, gw, O]`` (the convolution, any strides) to the
     destination view ``y`` (NHWC at the first clip pixel and channel) through bias, neuron and, for
     sub-pixel kernels, depth-to-space."""
+    launcher, (bp, bc) = launch
     n, gh, gw, oc = z.shape
     rows = n * gh * gw
-    bp, bc, warps = (16, 16, 1) if interpreting() else EPILOGUE_TILE
-    code, a, b, c, p2 = neuron
+    _, a, b, c, p2 = neuron
     grid = (-(-rows // bp), -(-oc // bc))
-    kernels().epilogue_nhwc[grid](z, y if bias is None else bias, y if prelu is None else prelu, y, rows, gh, gw, oc,
-                                  *z.stride(), *y.stride(), *p.out_size, a, b, c, p2, SUBPIXEL=p.subpixel,
-                                  NEURON=code, HAS_BIAS=bias is not None, BP=bp, BC=bc, num_warps=warps)
+    launcher(grid, (z, y if bias is None else bias, y if prelu is None else prelu, y, rows, gh, gw, oc,
+                    *z.stride(), *y.stride(), *p.out_size, a, b, c, p2))
 
 
 def configs(problem: ConvProblem) -> list[Config]:
