@@ -133,6 +133,7 @@ def row(device, queue, shape, dname, compile_peer, rng, pk):
         t_bare = bench(bare)
         t_compile = None
         if compile_peer:
+            torch._dynamo.reset()  # a fresh compile per row: the recompile limit would fall back to eager
             compiled = torch.compile(eager)
             compiled()
             t_compile = bench(compiled)
