@@ -208,7 +208,8 @@ def test_replayed_graph_reads_the_images_current_contents():
     expect_b = run(k, img(gpu(), new, FMT.float16), img(gpu(), np.zeros((1, 20, 20, 16)), FMT.float16), "reference")
     expect_c = run(k, img(gpu(), expect_b, FMT.float16), img(gpu(), np.zeros((1, 20, 20, 16)), FMT.float16),
                    "reference")
-    assert_close(c.numpy(), expect_c, "float16", "replayed graph")
+    got = c.numpy().astype(np.float64)  # two float16 layers: a one-ulp difference in b may carry into c
+    assert np.linalg.norm(got - expect_c) / np.linalg.norm(expect_c) < 2e-3
     assert not np.allclose(first, c.numpy())
 
 
