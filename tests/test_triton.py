@@ -107,3 +107,26 @@ def test_weights_that_float16_would_round_multiply_in_float32():
     src = image(rng.uniform(-1, 1, (6, 6, 4)), FMT.float16)
     got = {b: values(run(kernel, src, blank(6, 6, 4), b)) for b in ("reference", "triton")}
     assert_close(got["triton"], got["reference"], "float32", "fp32 weights, fp16 source")
+
+
+@settings(max_examples=20)
+@given(p=triton_problems())
+def test_split_k_matches_reference(p):
+    """Split-K launches (partial sums in a workspace, then the epilogue kernel adds them and finishes)."""
+    import os
+
+    previous = os.environ.get("MPSCONV_TRITON_SPLIT")
+    os.environ["MPSCONV_TRITON_SPLIT"] = "1"
+    try:
+        kernel, src, prior = build(p)
+        check_against_reference(p, kernel, src, prior, "triton")
+    finally:
+        if previous is None:
+            del os.environ["MPSCONV_TRITON_SPLIT"]
+        else:
+            os.environ["MPSCONV_TRITON_SPLIT"] = previous
+
+
+def test_config_names_round_trip():
+    for config in triton_backend.GEMM_CONFIGS + triton_backend.SPLIT_CONFIGS + triton_backend.DEPTHWISE_CONFIGS:
+        assert triton_backend.Config.parse(str(config)) == config

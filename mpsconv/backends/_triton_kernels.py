@@ -126,14 +126,19 @@ def conv2d_nhwc(
     KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr,
     SUBPIXEL: tl.constexpr, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Implicit-GEMM convolution: rows are output pixels ``(img, v, u)`` of the grid, columns the
     group's output channels, the reduction runs over taps x input channels of the group. Weights are
-    ``[G][KH][KW][CG][OG]``. Grid: ``(cdiv(M, BM), cdiv(OG, BN), G)``."""
+    ``[G][KH][KW][CG][OG]``. Grid: ``(cdiv(M, BM), cdiv(OG, BN), G·SPLIT)``.
+
+    ``SPLIT > 1`` (split-K, for problems too small to fill the GPU): program ``(.., g·SPLIT + part)``
+    reduces its part of the steps and stores the float32 partial sum at ``ws[part][row][channel]``
+    (``y_ptr`` is then the workspace); ``epilogue_nhwc`` adds the parts and finishes."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    g = tl.program_id(2)
+    g = tl.program_id(2) // SPLIT
+    part = tl.program_id(2) % SPLIT
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     ks = tl.arange(0, BK)
@@ -148,8 +153,10 @@ def conv2d_nhwc(
     x_img = img.to(tl.int64) * sxn
     w_group = w_ptr + g * (KH * KW * CG * OG)
     blocks = tl.cdiv(CG, BK)
+    steps = KH * KW * blocks
+    per_part = tl.cdiv(steps, SPLIT)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for step in range(0, KH * KW * blocks):
+    for step in range(part * per_part, tl.minimum(steps, (part + 1) * per_part)):
         t = step // blocks
         c = (step - t * blocks) * BK + ks
         r = t // KW
@@ -161,8 +168,12 @@ def conv2d_nhwc(
         b = tl.load(w_group + (t * CG + c)[:, None] * OG + cols[None, :], mask=c_ok[:, None] & col_ok[None, :],
                     other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    _epilogue(acc, img, v, u, row_ok, g * OG + cols, col_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
-              OUT_H, OUT_W, OC_TOTAL, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL)
+    if SPLIT == 1:
+        _epilogue(acc, img, v, u, row_ok, g * OG + cols, col_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
+                  OUT_H, OUT_W, OC_TOTAL, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL)
+    else:
+        offs = (part * M + rows).to(tl.int64)[:, None] * OC_TOTAL + (g * OG + cols)[None, :]
+        tl.store(y_ptr + offs, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -211,12 +222,13 @@ def epilogue_nhwc(
     M, GH, GW, OC,
     szn, szh, szw, szc, syn, syh, syw, syc,
     OUT_H, OUT_W,
-    na, nb, nc, np2,
+    na, nb, nc, np2, szp,
     SUBPIXEL: tl.constexpr, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BP: tl.constexpr, BC: tl.constexpr,
+    BP: tl.constexpr, BC: tl.constexpr, PARTS: tl.constexpr,
 ):
-    """The epilogue alone, for a convolution computed elsewhere (cuDNN): reads its ``[n, GH, GW, OC]``
-    output ``z`` once and writes the destination once. Grid: ``(cdiv(M, BP), cdiv(OC, BC))``."""
+    """The epilogue alone, for a convolution computed elsewhere (cuDNN, or the parts of a split-K
+    launch, ``PARTS`` of them ``szp`` elements apart): reads its ``[n, GH, GW, OC]`` output ``z`` once
+    and writes the destination once. Grid: ``(cdiv(M, BP), cdiv(OC, BC))``."""
     rows = tl.program_id(0) * BP + tl.arange(0, BP)
     oc = tl.program_id(1) * BC + tl.arange(0, BC)
     row_ok = rows < M
@@ -225,7 +237,10 @@ def epilogue_nhwc(
     rem = rows - img * (GH * GW)
     v = rem // GW
     u = rem - v * GW
-    z = tl.load(z_ptr + (img.to(tl.int64) * szn + v * szh + u * szw)[:, None] + (oc * szc)[None, :],
-                mask=row_ok[:, None] & oc_ok[None, :], other=0.0).to(tl.float32)
+    offs = (img.to(tl.int64) * szn + v * szh + u * szw)[:, None] + (oc * szc)[None, :]
+    mask = row_ok[:, None] & oc_ok[None, :]
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    for q in tl.static_range(1, PARTS):
+        z += tl.load(z_ptr + q * szp + offs, mask=mask, other=0.0)
     _epilogue(z, img, v, u, row_ok, oc, oc_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
               OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL)

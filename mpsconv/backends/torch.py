@@ -217,7 +217,6 @@ class Plan:
             from . import triton as triton_backend
 
             self.epilogue_args = triton_backend.neuron_args(p.neuron, None)
-            self.epilogue_launch: dict = {}  # with / without bias -> (Launcher, tile)
         # Epilogue: what is left after the convolution (and its bias).
         neuron = p.neuron
         relu = neuron.type == MPSCNNNeuronType.reLU and neuron.a == 0.0
@@ -278,10 +277,11 @@ def _nchw_view(storage: torch.Tensor, images: slice, rows: slice, cols: slice, c
 class Bound:
     """A plan bound to one source and one destination storage: the views, made once per encode."""
 
-    __slots__ = ("plan", "x", "ready", "out")
+    __slots__ = ("plan", "x", "ready", "out", "epilogue")
 
     def __init__(self, plan: Plan, src: torch.Tensor, dst: torch.Tensor):
         self.plan = plan
+        self.epilogue = None  # CUDA: (with bias, the epilogue's Launcher and tile)
         if plan.zeros_shape is not None:  # the window misses the source: the input is zeros, always
             self.x, self.ready = _canonical(src.new_zeros(plan.zeros_shape, dtype=torch.float32)), True
         else:  # backwards kernels crop after expanding the source, at run time
@@ -365,10 +365,11 @@ def _run_fused(bound: Bound, prepared: Prepared) -> None:
         y = y[plan.out_crop]
     from . import triton as triton_backend
 
-    launch = plan.epilogue_launch.get(prepared.bias is not None)
-    if launch is None:
-        launch = plan.epilogue_launch[prepared.bias is not None] = triton_backend.epilogue_launcher(
-            p, prepared.bias is not None)
+    # One launcher per bound encode: a compiled kernel is specialised to its pointers' alignment.
+    has_bias = prepared.bias is not None
+    if bound.epilogue is None or bound.epilogue[0] != has_bias:
+        bound.epilogue = (has_bias, triton_backend.epilogue_launcher(p, has_bias))
+    launch = bound.epilogue[1]
     triton_backend.epilogue(launch, y.permute(0, 2, 3, 1), bound.out.permute(0, 2, 3, 1), p, prepared.bias,
                             None if prepared.prelu is None else prepared.prelu.view(-1), plan.epilogue_args)
 

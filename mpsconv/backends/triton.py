@@ -58,27 +58,38 @@ class Config:
     bk: int
     warps: int
     stages: int
+    split: int = 1  # split-K parts (> 1: partial sums in a workspace, then the epilogue kernel)
 
     def __str__(self) -> str:
-        return f"{self.bm}x{self.bn}x{self.bk}w{self.warps}s{self.stages}"
+        text = f"{self.bm}x{self.bn}x{self.bk}w{self.warps}s{self.stages}"
+        return text if self.split == 1 else f"{text}k{self.split}"
 
     @classmethod
     def parse(cls, text: str) -> "Config":
+        text, _, split = text.partition("k")
         tiles, rest = text.split("w")
         warps, stages = rest.split("s")
-        return cls(*map(int, tiles.split("x")), int(warps), int(stages))
+        return cls(*map(int, tiles.split("x")), int(warps), int(stages), int(split or 1))
 
 
 #: Candidates the autotuner times for implicit-GEMM problems (bm, bn, bk, warps, stages); depthwise
 #: problems use (pixels, channels, warps, 1).
 GEMM_CONFIGS = [Config(128, 64, 32, 4, 3), Config(128, 128, 32, 8, 3), Config(64, 64, 32, 4, 4),
                 Config(128, 128, 64, 8, 3), Config(64, 128, 64, 4, 3), Config(256, 128, 64, 8, 3),
-                Config(128, 256, 64, 8, 3), Config(64, 32, 32, 4, 3)]
+                Config(128, 256, 64, 8, 3), Config(64, 32, 32, 4, 3), Config(64, 64, 64, 4, 4),
+                Config(128, 128, 64, 4, 4)]
+#: Split-K candidates, offered when the tiles alone would not fill the GPU.
+SPLIT_CONFIGS = [Config(64, 64, 64, 4, 4, 2), Config(64, 64, 64, 4, 4, 4), Config(64, 128, 64, 4, 3, 4),
+                 Config(128, 64, 64, 4, 3, 4), Config(64, 64, 64, 4, 4, 8)]
+#: Tiles below which split-K candidates are timed too (about two waves of a 132-SM H100).
+SPLIT_BELOW_TILES = 264
 DEPTHWISE_CONFIGS = [Config(32, 64, 0, 4, 1), Config(64, 32, 0, 4, 1), Config(16, 128, 0, 4, 1),
                      Config(64, 64, 0, 8, 1), Config(128, 32, 0, 8, 1), Config(128, 16, 0, 4, 1),
                      Config(256, 16, 0, 8, 1), Config(32, 128, 0, 8, 1)]
 #: Small tiles for the interpreter, which runs every program one after another on the CPU.
 INTERPRET_CONFIG = {False: Config(16, 16, 16, 1, 1), True: Config(16, 16, 0, 1, 1)}
+#: The interpreter's split-K configuration (tests force it through ``MPSCONV_TRITON_SPLIT``).
+INTERPRET_SPLIT = Config(16, 16, 16, 1, 1, 3)
 
 
 def neuron_args(neuron, prelu) -> tuple[int, float, float, float, float]:
@@ -146,8 +157,10 @@ class Plan:
         if config is None:
             config = INTERPRET_CONFIG[self.dw] if interpreting() else (DEPTHWISE_CONFIGS if self.dw
                                                                          else GEMM_CONFIGS)[0]
+            if interpreting() and not self.dw and os.environ.get("MPSCONV_TRITON_SPLIT") == "1":
+                config = INTERPRET_SPLIT
         self.config = config
-        code, a, b, c, p2 = neuron_args(p.neuron, None)
+        code, a, b, c, p2 = self.neuron_args = neuron_args(p.neuron, None)
         self.neuron = code
         self.scalars = (p.tap0[0], p.tap0[1], p.stride[0], p.stride[1], p.dilation[0], p.dilation[1],
                         p.upsample[0], p.upsample[1], a, b, c, p2)
@@ -167,7 +180,7 @@ class Bound:
     """A plan bound to one source and one destination storage. The launch (kernel, grid, arguments)
     is assembled on the first run and reused: Python work per launch is what small layers pay."""
 
-    __slots__ = ("plan", "x", "y", "launch")
+    __slots__ = ("plan", "x", "y", "launch", "workspace")
 
     def __init__(self, plan: Plan, src: torch.Tensor, dst: torch.Tensor):
         p = plan.problem
@@ -176,6 +189,10 @@ class Bound:
         (y0, x0) = p.out_origin
         self.y = dst[p.dst_image0:, y0:, x0:, p.dst_channel0:]
         self.launch = None
+        self.workspace = None
+        if plan.config.split > 1:  # one per bound encode: a fixed address, so graphs can capture it
+            self.workspace = torch.empty(plan.config.split, plan.rows, p.out_channels, dtype=torch.float32,
+                                         device=src.device)
 
 
 _TL_DTYPES = {}
@@ -227,13 +244,13 @@ FAST_LAUNCH = True
 def run(bound: Bound, prepared: Prepared) -> None:
     launch = bound.launch
     if launch is None or launch[0] is not prepared:
-        launch = bound.launch = (prepared, *_launch(bound, prepared))
-    _, launcher, grid, args = launch
-    launcher(grid, args)
+        launch = bound.launch = (prepared, _launch(bound, prepared))
+    for launcher, grid, args in launch[1]:
+        launcher(grid, args)
 
 
-def _launch(bound: Bound, prepared: Prepared):
-    """``(kernel[grid], args, kwargs)`` of one launch."""
+def _launch(bound: Bound, prepared: Prepared) -> list:
+    """The launches of one run: ``[(Launcher, grid, args)]``."""
     plan, x, y = bound.plan, bound.x, bound.y
     p, cfg, k = plan.problem, plan.config, kernels()
     rows, gh, gw, he, we = plan.sizes
@@ -245,41 +262,56 @@ def _launch(bound: Bound, prepared: Prepared):
         grid = (-(-rows // cfg.bm), -(-p.out_channels // cfg.bn))
         args = (x, w, bias, prelu, y, rows, gh, gw, he, we, p.out_channels, p.out_channels // p.groups,
                 *x.stride(), *y.stride(), *p.out_size, *plan.scalars)
-        return Launcher(k.depthwise_nhwc, dict(kwargs, BP=cfg.bm, BC=cfg.bn)), grid, args
+        return [(Launcher(k.depthwise_nhwc, dict(kwargs, BP=cfg.bm, BC=cfg.bn)), grid, args)]
     operand = plan.operand_dtype(prepared)
     w = prepared.layout(p.groups, False, operand)
     og, cg = p.out_channels // p.groups, p.in_channels // p.groups
     # The interpreter's bfloat16 dot is wrong (NumPy has no bfloat16): it multiplies float32 copies.
     dot = torch.float32 if interpreting() else operand
     precision = "tf32" if (p.reduced_precision and operand == torch.float32) else "ieee"
-    grid = (-(-rows // cfg.bm), -(-og // cfg.bn), p.groups)
-    args = (x, w, bias, prelu, y, rows, gh, gw, he, we, cg, og, *x.stride(), *y.stride(), *p.out_size,
+    grid = (-(-rows // cfg.bm), -(-og // cfg.bn), p.groups * cfg.split)
+    out = y if cfg.split == 1 else bound.workspace
+    args = (x, w, bias, prelu, out, rows, gh, gw, he, we, cg, og, *x.stride(), *y.stride(), *p.out_size,
             p.out_channels, *plan.scalars)
-    return Launcher(k.conv2d_nhwc, dict(kwargs, DOT_DTYPE=_tl_dtype(dot), PRECISION=precision, BM=cfg.bm,
-                                        BN=cfg.bn, BK=cfg.bk, num_stages=cfg.stages)), grid, args
+    conv = (Launcher(k.conv2d_nhwc, dict(kwargs, DOT_DTYPE=_tl_dtype(dot), PRECISION=precision, BM=cfg.bm,
+                                         BN=cfg.bn, BK=cfg.bk, SPLIT=cfg.split, num_stages=cfg.stages)), grid, args)
+    if cfg.split == 1:
+        return [conv]
+    n = p.n_images
+    z = bound.workspace.view(cfg.split, n, gh, gw, p.out_channels)[0]  # part 0; the others szp further
+    launcher, tile = epilogue_launcher(p, prepared.bias is not None, cfg.split)
+    return [conv, (launcher, *_epilogue_args(tile, z, y, p, prepared.bias, prepared.prelu, plan.neuron_args,
+                                             rows * p.out_channels))]
 
 
 EPILOGUE_TILE = (32, 64, 4)  # pixels, channels, warps
 
 
-def epilogue_launcher(p: ConvProblem, has_bias: bool) -> tuple:
-    """``(launcher, (pixels, channels) tile)`` of the torch backend's CUDA epilogue for ``p``."""
+def epilogue_launcher(p: ConvProblem, has_bias: bool, parts: int = 1) -> tuple:
+    """``(launcher, (pixels, channels) tile)`` of the epilogue kernel for ``p`` (torch backend on CUDA:
+    after cuDNN; split-K launches: adding ``parts`` partial sums)."""
     bp, bc, warps = (16, 16, 1) if interpreting() else EPILOGUE_TILE
     return Launcher(kernels().epilogue_nhwc, dict(SUBPIXEL=p.subpixel, NEURON=int(p.neuron.type), HAS_BIAS=has_bias,
-                                                  BP=bp, BC=bc, num_warps=warps)), (bp, bc)
+                                                  BP=bp, BC=bc, PARTS=parts, num_warps=warps)), (bp, bc)
 
 
-def epilogue(launch, z: torch.Tensor, y: torch.Tensor, p: ConvProblem, bias, prelu, neuron) -> None:
-    """The torch backend's CUDA epilogue: ``z`` ``[n, gh, gw, O]`` (the convolution, any strides) to the
-    destination view ``y`` (NHWC at the first clip pixel and channel) through bias, neuron and, for
-    sub-pixel kernels, depth-to-space."""
-    launcher, (bp, bc) = launch
+def _epilogue_args(tile, z, y, p, bias, prelu, neuron, part_stride=0) -> tuple:
+    """``(grid, args)`` of an epilogue launch reading ``z`` ``[n, gh, gw, O]`` (any strides) and writing
+    the destination view ``y`` (NHWC at the first clip pixel and channel)."""
+    bp, bc = tile
     n, gh, gw, oc = z.shape
     rows = n * gh * gw
     _, a, b, c, p2 = neuron
     grid = (-(-rows // bp), -(-oc // bc))
-    launcher(grid, (z, y if bias is None else bias, y if prelu is None else prelu, y, rows, gh, gw, oc,
-                    *z.stride(), *y.stride(), *p.out_size, a, b, c, p2))
+    return grid, (z, y if bias is None else bias, y if prelu is None else prelu, y, rows, gh, gw, oc,
+                  *z.stride(), *y.stride(), *p.out_size, a, b, c, p2, part_stride)
+
+
+def epilogue(launch, z: torch.Tensor, y: torch.Tensor, p: ConvProblem, bias, prelu, neuron) -> None:
+    """The torch backend's CUDA epilogue: bias, neuron and (sub-pixel kernels) depth-to-space from the
+    convolution ``z`` into the destination view ``y``."""
+    launcher, tile = launch
+    launcher(*_epilogue_args(tile, z, y, p, bias, prelu, neuron))
 
 
 def configs(problem: ConvProblem) -> list[Config]:
@@ -288,8 +320,12 @@ def configs(problem: ConvProblem) -> list[Config]:
         return DEPTHWISE_CONFIGS
     og = problem.out_channels // problem.groups
     cg = problem.in_channels // problem.groups
-    keep = [c for c in GEMM_CONFIGS if c.bn <= max(32, 1 << (og - 1).bit_length())
+    fits = [c for c in GEMM_CONFIGS + SPLIT_CONFIGS if c.bn <= max(32, 1 << (og - 1).bit_length())
             and c.bk <= max(32, 1 << (cg - 1).bit_length())]
+    rows = problem.n_images * problem.grid[0] * problem.grid[1]
+    steps = problem.kernel[0] * problem.kernel[1] * -(-cg // 64)
+    keep = [c for c in fits if c.split == 1 or (
+        -(-rows // c.bm) * -(-og // c.bn) * problem.groups < SPLIT_BELOW_TILES and steps >= 4 * c.split)]
     return keep or GEMM_CONFIGS[:1]
 
 

@@ -123,9 +123,10 @@ def _scratch(problem, device, generator):
     return src, dst
 
 
-def measure(problem, device, options, reps: int = 10) -> tuple:
-    """Time every option on scratch data (CUDA events, median of ``reps`` after a warm-up); options
-    that fail to compile or run are skipped."""
+def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds: int = 5) -> tuple:
+    """Time every option on scratch data (CUDA events, median of ``reps`` after a warm-up), then time
+    the ``finalists`` fastest again in alternating ``rounds`` (so that clock and cache drift hit them
+    alike) and take the lowest median. Options that fail to compile or run are skipped."""
     p = problem
     rng = np.random.default_rng(0)
     g = torch.Generator().manual_seed(0)
@@ -134,27 +135,38 @@ def measure(problem, device, options, reps: int = 10) -> tuple:
     bias = rng.standard_normal(p.out_channels).astype(np.float32)
     prelu = rng.random(p.out_channels).astype(np.float32)
     src, dst = _scratch(problem, device, g)
-    times = []
+    runs = []
     for backend, variant in options:
         try:
             plan = backend.plan(p, device, variant) if variant else backend.plan(p, device)
             prepared = backend.prepare(weights, bias, prelu, device)
             bound = backend.bind(plan, src, dst)
-            for _ in range(2):
+            for _ in range(3):
                 backend.run(bound, prepared)
             torch.cuda.synchronize(device.torch_device)
-            samples = []
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                backend.run(bound, prepared)
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end))
-            times.append((float(np.median(samples)), backend, variant))
+            runs.append([_time(backend, bound, prepared, reps, device), backend, variant, bound, prepared])
         except Exception:  # e.g. a tile that needs more shared memory than the GPU has: not a candidate
             torch.cuda.synchronize(device.torch_device)
-    if not times:
+    if not runs:
         return options[-1]
-    times.sort(key=lambda t: t[0])
-    return times[0][1], times[0][2]
+    runs.sort(key=lambda r: r[0])
+    final = runs[:finalists]
+    samples = [[] for _ in final]
+    for _ in range(rounds):
+        for i, (_, backend, _, bound, prepared) in enumerate(final):
+            samples[i].append(_time(backend, bound, prepared, reps, device))
+    best = min(range(len(final)), key=lambda i: float(np.median(samples[i])))
+    return final[best][1], final[best][2]
+
+
+def _time(backend, bound, prepared, reps, device) -> float:
+    """Median milliseconds of one run over ``reps`` runs, each between two CUDA events."""
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        backend.run(bound, prepared)
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return float(np.median(samples))
