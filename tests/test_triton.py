@@ -130,3 +130,17 @@ def test_split_k_matches_reference(p):
 def test_config_names_round_trip():
     for config in triton_backend.GEMM_CONFIGS + triton_backend.SPLIT_CONFIGS + triton_backend.DEPTHWISE_CONFIGS:
         assert triton_backend.Config.parse(str(config)) == config
+
+
+def test_depthwise_with_a_window_too_large_to_unroll():
+    """Windows over 49 taps take the depthwise kernel's loop instead of its unrolled taps."""
+    from mpsconv import MPSCNNDepthWiseConvolutionDescriptor
+
+    rng = np.random.default_rng(12)
+    d = MPSCNNDepthWiseConvolutionDescriptor(kernelWidth=8, kernelHeight=7, inputFeatureChannels=8,
+                                             outputFeatureChannels=8)
+    k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, (8, 7, 8, 1)),
+                                                             rng.uniform(-1, 1, 8)))
+    src = image(rng.uniform(-1, 1, (2, 9, 10, 8)), FMT.float16)
+    got = {b: values(run(k, src, blank(10, 9, 8, 2, FMT.float16), b)) for b in ("reference", "triton")}
+    assert_close(got["triton"], got["reference"], "float16", "8x7 depthwise")

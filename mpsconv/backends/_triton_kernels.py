@@ -177,6 +177,18 @@ def conv2d_nhwc(
 
 
 @triton.jit
+def _depthwise_tap(acc, t, x_ptr, w_ptr, x_img, x_chan, iy0, ix0, row_ok, oc, oc_ok, HE, WE, OC, sxh, sxw,
+                   dy, dx, uy, ux, KW: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr):
+    r = t // KW
+    s = t - r * KW
+    iy, ix, ok = _tap(iy0 + r * dy, ix0 + s * dx, row_ok, HE, WE, uy, ux, CLAMP, UPSAMPLE)
+    xv = tl.load(x_ptr + (x_img + iy * sxh + ix * sxw)[:, None] + x_chan[None, :],
+                 mask=ok[:, None] & oc_ok[None, :], other=0.0)
+    wv = tl.load(w_ptr + t * OC + oc, mask=oc_ok, other=0.0)
+    return acc + xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+
+
+@triton.jit
 def depthwise_nhwc(
     x_ptr, w_ptr, bias_ptr, prelu_ptr, y_ptr,
     M, GH, GW, HE, WE, OC, MULT,
@@ -204,14 +216,14 @@ def depthwise_nhwc(
     x_img = img.to(tl.int64) * sxn
     x_chan = (oc // MULT) * sxc
     acc = tl.zeros((BP, BC), dtype=tl.float32)
-    for t in range(0, KH * KW):
-        r = t // KW
-        s = t - r * KW
-        iy, ix, ok = _tap(iy0 + r * dy, ix0 + s * dx, row_ok, HE, WE, uy, ux, CLAMP, UPSAMPLE)
-        xv = tl.load(x_ptr + (x_img + iy * sxh + ix * sxw)[:, None] + x_chan[None, :],
-                     mask=ok[:, None] & oc_ok[None, :], other=0.0)
-        wv = tl.load(w_ptr + t * OC + oc, mask=oc_ok, other=0.0)
-        acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    if KH * KW <= 49:  # unrolled: every tap's load can be in flight at once
+        for t in tl.static_range(KH * KW):
+            acc = _depthwise_tap(acc, t, x_ptr, w_ptr, x_img, x_chan, iy0, ix0, row_ok, oc, oc_ok, HE, WE, OC,
+                                 sxh, sxw, dy, dx, uy, ux, KW, CLAMP, UPSAMPLE)
+    else:
+        for t in range(0, KH * KW):
+            acc = _depthwise_tap(acc, t, x_ptr, w_ptr, x_img, x_chan, iy0, ix0, row_ok, oc, oc_ok, HE, WE, OC,
+                                 sxh, sxw, dy, dx, uy, ux, KW, CLAMP, UPSAMPLE)
     _epilogue(acc, img, v, u, row_ok, oc, oc_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
               OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL)
 
