@@ -239,6 +239,9 @@ def main(argv=None):
                 continue
             r = row(device, queue, shape, dname, dname in compile_dtypes, rng, pk)
             rows.append(r)
+            if args.json:  # after every row: a run cut short still leaves what it measured
+                with open(args.json, "w") as f:
+                    json.dump(dict(rows=rows, peaks=pk, partial=True), f, indent=1)
             comp = f"{r['eager_ms'] and r['compile_ms'] and r['compile_ms'] / r['ours_ms']:.2f}" \
                 if r["compile_ms"] else "  - "
             print(f"{r['shape']:12s} {dname:5s} ours {r['ours_ms']:8.4f} eager {r['eager_ms']:8.4f} "
