@@ -85,7 +85,8 @@ SPLIT_CONFIGS = [Config(64, 64, 64, 4, 4, 2), Config(64, 64, 64, 4, 4, 4), Confi
 SPLIT_BELOW_TILES = 264
 DEPTHWISE_CONFIGS = [Config(32, 64, 0, 4, 1), Config(64, 32, 0, 4, 1), Config(16, 128, 0, 4, 1),
                      Config(64, 64, 0, 8, 1), Config(128, 32, 0, 8, 1), Config(128, 16, 0, 4, 1),
-                     Config(256, 16, 0, 8, 1), Config(32, 128, 0, 8, 1)]
+                     Config(256, 16, 0, 8, 1), Config(32, 128, 0, 8, 1), Config(8, 256, 0, 4, 1),
+                     Config(16, 256, 0, 8, 1), Config(32, 256, 0, 8, 1)]
 #: Small tiles for the interpreter, which runs every program one after another on the CPU.
 INTERPRET_CONFIG = {False: Config(16, 16, 16, 1, 1), True: Config(16, 16, 0, 1, 1)}
 #: The interpreter's split-K configuration (tests force it through ``MPSCONV_TRITON_SPLIT``).

@@ -124,7 +124,7 @@ def _scratch(problem, device, generator):
 
 
 def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds: int = 5) -> tuple:
-    """Time every option on scratch data (CUDA events, median of ``reps`` after a warm-up), then time
+    """Time every option on scratch data (``reps`` runs between CUDA events, after a warm-up), then time
     the ``finalists`` fastest again in alternating ``rounds`` (so that clock and cache drift hit them
     alike) and take the lowest median. Options that fail to compile or run are skipped."""
     p = problem
@@ -160,13 +160,12 @@ def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds
 
 
 def _time(backend, bound, prepared, reps, device) -> float:
-    """Median milliseconds of one run over ``reps`` runs, each between two CUDA events."""
-    samples = []
+    """Milliseconds per run of ``reps`` runs back to back between two CUDA events: the rate at which
+    the GPU gets through a stream of them, host time per launch included where it is the longer."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         backend.run(bound, prepared)
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return float(np.median(samples))
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
