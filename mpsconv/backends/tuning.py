@@ -131,7 +131,11 @@ def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds
     rng = np.random.default_rng(0)
     g = torch.Generator().manual_seed(0)
     ig = p.in_channels // p.groups
+    # Weights exact in the type the kernel would give them (§0.2's float16; bfloat16 for bfloat16
+    # sources), so that every candidate takes the product type it will take for real.
     weights = (rng.standard_normal((p.out_channels, *p.kernel, ig)) * 0.1).astype(np.float16).astype(np.float32)
+    if F(p.src_format) == F.bfloat16:
+        weights = torch.from_numpy(weights).to(torch.bfloat16).float().numpy()
     bias = rng.standard_normal(p.out_channels).astype(np.float32)
     prelu = rng.random(p.out_channels).astype(np.float32)
     src, dst = _scratch(problem, device, g)
