@@ -202,9 +202,10 @@ def depthwise_nhwc(
 ):
     """Depthwise convolution (one input channel per group, ``MULT`` outputs each): a direct float32
     multiply-add over the taps, channels innermost so that loads and stores are contiguous.
-    Weights are ``[KH][KW][OC]``. Grid: ``(cdiv(M, BP), cdiv(OC, BC))``."""
-    rows = tl.program_id(0) * BP + tl.arange(0, BP)
-    oc = tl.program_id(1) * BC + tl.arange(0, BC)
+    Weights are ``[KH][KW][OC]``. Grid: ``(cdiv(OC, BC), cdiv(M, BP))``: the channel blocks of the
+    same pixels run next to each other, so each pixel's channels leave DRAM together."""
+    oc = tl.program_id(0) * BC + tl.arange(0, BC)
+    rows = tl.program_id(1) * BP + tl.arange(0, BP)
     row_ok = rows < M
     oc_ok = oc < OC
     img = rows // (GH * GW)

@@ -261,7 +261,7 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     kwargs = dict(plan.constexprs, HAS_BIAS=prepared.bias is not None, num_warps=cfg.warps)
     if plan.dw:
         w = prepared.layout(p.groups, True, torch.float32)  # products are float32 here: exact for any weights
-        grid = (-(-rows // cfg.bm), -(-p.out_channels // cfg.bn))
+        grid = (-(-p.out_channels // cfg.bn), -(-rows // cfg.bm))
         args = (x, w, bias, prelu, y, rows, gh, gw, he, we, p.out_channels, p.out_channels // p.groups,
                 *x.stride(), *y.stride(), *p.out_size, *plan.scalars)
         return [(Launcher(k.depthwise_nhwc, dict(kwargs, BP=cfg.bm, BC=cfg.bn)), grid, args)]
