@@ -144,3 +144,23 @@ def test_depthwise_with_a_window_too_large_to_unroll():
     src = image(rng.uniform(-1, 1, (2, 9, 10, 8)), FMT.float16)
     got = {b: values(run(k, src, blank(10, 9, 8, 2, FMT.float16), b)) for b in ("reference", "triton")}
     assert_close(got["triton"], got["reference"], "float16", "8x7 depthwise")
+
+
+@pytest.mark.parametrize("kind", ["plain", "depthwise"])
+def test_64_bit_offsets_give_the_same_results(kind, monkeypatch):
+    """Storages of 2**31 elements or more switch the kernels to 64-bit offsets (``WIDE``); too big to
+    allocate here, so the switch is forced on a small problem and must not change a value."""
+    from mpsconv import MPSCNNDepthWiseConvolutionDescriptor
+
+    monkeypatch.setattr(triton_backend, "needs_wide_index", lambda *tensors: True)
+    rng = np.random.default_rng(13)
+    if kind == "plain":
+        d, w = descriptor(3, 3, 8, 12), rng.uniform(-1, 1, (12, 3, 3, 8))
+    else:
+        d = MPSCNNDepthWiseConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=8,
+                                                 outputFeatureChannels=8)
+        w = rng.uniform(-1, 1, (8, 3, 3, 1))
+    k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, w, rng.uniform(-1, 1, w.shape[0])))
+    src = image(rng.uniform(-1, 1, (2, 7, 9, 8)), FMT.float16)
+    got = {b: values(run(k, src, blank(9, 7, w.shape[0], 2, FMT.float16), b)) for b in ("reference", "triton")}
+    assert_close(got["triton"], got["reference"], "float16", kind)

@@ -24,6 +24,15 @@ def _tanh(z):
 
 
 @triton.jit
+def _index(i, WIDE: tl.constexpr):
+    """Offsets in 64 bits only for storages of 2**31 elements or more: 32-bit address arithmetic is
+    a good part of what the memory-bound kernels spend per element."""
+    if WIDE:
+        return i.to(tl.int64)
+    return i
+
+
+@triton.jit
 def _neuron(x, a, b, c, p2, alpha, NEURON: tl.constexpr):
     """``FORMULAS[NEURON](x, a, b, c)``; ``alpha`` is the per-channel PReLU slope, ``p2`` a host-side
     constant (exponential: log2 of the base; logarithm: 1 / ln(base)). Clamps use ``where`` so that
@@ -74,7 +83,7 @@ def _neuron(x, a, b, c, p2, alpha, NEURON: tl.constexpr):
 @triton.jit
 def _epilogue(acc, img, v, u, row_ok, oc, oc_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
               OUT_H, OUT_W, OC_TOTAL, na, nb, nc, np2,
-              NEURON: tl.constexpr, HAS_BIAS: tl.constexpr, SUBPIXEL: tl.constexpr):
+              NEURON: tl.constexpr, HAS_BIAS: tl.constexpr, SUBPIXEL: tl.constexpr, WIDE: tl.constexpr):
     """Bias, neuron and the store of a ``[rows, channels]`` float32 tile of convolution outputs at grid
     pixels ``(img, v, u)``, output channels ``oc``: straight into the destination's slice, or scattered
     depth-to-space (channel ``(OC/r²)·(r·dy + dx) + c`` to pixel ``(r·v + dy, r·u + dx)``)."""
@@ -84,7 +93,7 @@ def _epilogue(acc, img, v, u, row_ok, oc, oc_ok, bias_ptr, prelu_ptr, y_ptr, syn
     if NEURON == 10:
         alpha = tl.load(prelu_ptr + oc, mask=oc_ok, other=0.0)[None, :]
     acc = _neuron(acc, na, nb, nc, np2, alpha, NEURON)
-    base = img.to(tl.int64) * syn
+    base = _index(img, WIDE) * syn
     if SUBPIXEL == 1:
         offs = (base + v * syh + u * syw)[:, None] + (oc * syc)[None, :]
         mask = row_ok[:, None] & oc_ok[None, :]
@@ -126,7 +135,7 @@ def conv2d_nhwc(
     KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr,
     SUBPIXEL: tl.constexpr, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Implicit-GEMM convolution: rows are output pixels ``(img, v, u)`` of the grid, columns the
     group's output channels, the reduction runs over taps x input channels of the group. Weights are
@@ -150,7 +159,7 @@ def conv2d_nhwc(
     u = rem - v * GW
     iy0 = tap0y + v * sy
     ix0 = tap0x + u * sx
-    x_img = img.to(tl.int64) * sxn
+    x_img = _index(img, WIDE) * sxn
     w_group = w_ptr + g * (KH * KW * CG * OG)
     blocks = tl.cdiv(CG, BK)
     steps = KH * KW * blocks
@@ -170,9 +179,9 @@ def conv2d_nhwc(
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if SPLIT == 1:
         _epilogue(acc, img, v, u, row_ok, g * OG + cols, col_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
-                  OUT_H, OUT_W, OC_TOTAL, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL)
+                  OUT_H, OUT_W, OC_TOTAL, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL, WIDE)
     else:
-        offs = (part * M + rows).to(tl.int64)[:, None] * OC_TOTAL + (g * OG + cols)[None, :]
+        offs = _index(part * M + rows, WIDE)[:, None] * OC_TOTAL + (g * OG + cols)[None, :]
         tl.store(y_ptr + offs, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -198,7 +207,7 @@ def depthwise_nhwc(
     na, nb, nc, np2,
     KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr,
     SUBPIXEL: tl.constexpr, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BP: tl.constexpr, BC: tl.constexpr,
+    BP: tl.constexpr, BC: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Depthwise convolution (one input channel per group, ``MULT`` outputs each): a direct float32
     multiply-add over the taps, channels innermost so that loads and stores are contiguous.
@@ -214,7 +223,7 @@ def depthwise_nhwc(
     u = rem - v * GW
     iy0 = tap0y + v * sy
     ix0 = tap0x + u * sx
-    x_img = img.to(tl.int64) * sxn
+    x_img = _index(img, WIDE) * sxn
     x_chan = (oc // MULT) * sxc
     acc = tl.zeros((BP, BC), dtype=tl.float32)
     if KH * KW <= 49:  # unrolled: every tap's load can be in flight at once
@@ -226,7 +235,7 @@ def depthwise_nhwc(
             acc = _depthwise_tap(acc, t, x_ptr, w_ptr, x_img, x_chan, iy0, ix0, row_ok, oc, oc_ok, HE, WE, OC,
                                  sxh, sxw, dy, dx, uy, ux, KW, CLAMP, UPSAMPLE)
     _epilogue(acc, img, v, u, row_ok, oc, oc_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
-              OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL)
+              OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL, WIDE)
 
 
 @triton.jit
@@ -237,7 +246,7 @@ def epilogue_nhwc(
     OUT_H, OUT_W,
     na, nb, nc, np2, szp,
     SUBPIXEL: tl.constexpr, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BP: tl.constexpr, BC: tl.constexpr, PARTS: tl.constexpr,
+    BP: tl.constexpr, BC: tl.constexpr, PARTS: tl.constexpr, WIDE: tl.constexpr,
 ):
     """The epilogue alone, for a convolution computed elsewhere (cuDNN, or the parts of a split-K
     launch, ``PARTS`` of them ``szp`` elements apart): reads its ``[n, GH, GW, OC]`` output ``z`` once
@@ -250,10 +259,10 @@ def epilogue_nhwc(
     rem = rows - img * (GH * GW)
     v = rem // GW
     u = rem - v * GW
-    offs = (img.to(tl.int64) * szn + v * szh + u * szw)[:, None] + (oc * szc)[None, :]
+    offs = (_index(img, WIDE) * szn + v * szh + u * szw)[:, None] + (oc * szc)[None, :]
     mask = row_ok[:, None] & oc_ok[None, :]
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     for q in tl.static_range(1, PARTS):
         z += tl.load(z_ptr + q * szp + offs, mask=mask, other=0.0)
     _epilogue(z, img, v, u, row_ok, oc, oc_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
-              OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL)
+              OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL, WIDE)

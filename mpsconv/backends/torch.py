@@ -368,7 +368,9 @@ def _run_fused(bound: Bound, prepared: Prepared) -> None:
     # One launcher per bound encode: a compiled kernel is specialised to its pointers' alignment.
     has_bias = prepared.bias is not None
     if bound.epilogue is None or bound.epilogue[0] != has_bias:
-        bound.epilogue = (has_bias, triton_backend.epilogue_launcher(p, has_bias))
+        # the convolution's output is a new tensor each run: 64-bit offsets once it could reach 2**31
+        wide = triton_backend.needs_wide_index(bound.out, y)
+        bound.epilogue = (has_bias, triton_backend.epilogue_launcher(p, has_bias, wide))
     launch = bound.epilogue[1]
     triton_backend.epilogue(launch, y.permute(0, 2, 3, 1), bound.out.permute(0, 2, 3, 1), p, prepared.bias,
                             None if prepared.prelu is None else prepared.prelu.view(-1), plan.epilogue_args)

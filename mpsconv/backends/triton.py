@@ -258,7 +258,8 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     rows, gh, gw, he, we = plan.sizes
     bias = prepared.bias if prepared.bias is not None else y  # never read when HAS_BIAS is False
     prelu = prepared.prelu if prepared.prelu is not None else y
-    kwargs = dict(plan.constexprs, HAS_BIAS=prepared.bias is not None, num_warps=cfg.warps)
+    wide = needs_wide_index(x, y, bound.workspace)
+    kwargs = dict(plan.constexprs, HAS_BIAS=prepared.bias is not None, WIDE=wide, num_warps=cfg.warps)
     if plan.dw:
         w = prepared.layout(p.groups, True, torch.float32)  # products are float32 here: exact for any weights
         grid = (-(-p.out_channels // cfg.bn), -(-rows // cfg.bm))
@@ -281,7 +282,7 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
         return [conv]
     n = p.n_images
     z = bound.workspace.view(cfg.split, n, gh, gw, p.out_channels)[0]  # part 0; the others szp further
-    launcher, tile = epilogue_launcher(p, prepared.bias is not None, cfg.split)
+    launcher, tile = epilogue_launcher(p, prepared.bias is not None, wide, cfg.split)
     return [conv, (launcher, *_epilogue_args(tile, z, y, p, prepared.bias, prepared.prelu, plan.neuron_args,
                                              rows * p.out_channels))]
 
@@ -289,12 +290,17 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
 EPILOGUE_TILE = (32, 64, 4)  # pixels, channels, warps
 
 
-def epilogue_launcher(p: ConvProblem, has_bias: bool, parts: int = 1) -> tuple:
+def needs_wide_index(*tensors) -> bool:
+    """Whether any storage has 2**31 elements or more: then offsets are computed in 64 bits."""
+    return any(t is not None and t.untyped_storage().nbytes() // t.element_size() >= 2 ** 31 - 1 for t in tensors)
+
+
+def epilogue_launcher(p: ConvProblem, has_bias: bool, wide: bool, parts: int = 1) -> tuple:
     """``(launcher, (pixels, channels) tile)`` of the epilogue kernel for ``p`` (torch backend on CUDA:
     after cuDNN; split-K launches: adding ``parts`` partial sums)."""
     bp, bc, warps = (16, 16, 1) if interpreting() else EPILOGUE_TILE
     return Launcher(kernels().epilogue_nhwc, dict(SUBPIXEL=p.subpixel, NEURON=int(p.neuron.type), HAS_BIAS=has_bias,
-                                                  BP=bp, BC=bc, PARTS=parts, num_warps=warps)), (bp, bc)
+                                                  BP=bp, BC=bc, PARTS=parts, WIDE=wide, num_warps=warps)), (bp, bc)
 
 
 def _epilogue_args(tile, z, y, p, bias, prelu, neuron, part_stride=0) -> tuple:
