@@ -152,6 +152,7 @@ def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds
         except Exception:  # e.g. a tile that needs more shared memory than the GPU has: not a candidate
             torch.cuda.synchronize(device.torch_device)
     if not runs:
+        _graphs.clear()
         return options[-1]
     runs.sort(key=lambda r: r[0])
     final = runs[:finalists]
@@ -160,16 +161,37 @@ def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds
         for i, (_, backend, _, bound, prepared) in enumerate(final):
             samples[i].append(_time(backend, bound, prepared, reps, device))
     best = min(range(len(final)), key=lambda i: float(np.median(samples[i])))
+    _graphs.clear()  # (the bounds are kept alive by ``runs`` until here, so their ids stay unique)
     return final[best][1], final[best][2]
 
 
 def _time(backend, bound, prepared, reps, device) -> float:
-    """Milliseconds per run of ``reps`` runs back to back between two CUDA events: the rate at which
-    the GPU gets through a stream of them, host time per launch included where it is the longer."""
+    """Milliseconds of GPU time per run: ``reps`` runs captured as one CUDA graph and replayed between
+    two events, so that host time per launch (the same few µs for every candidate, and noise
+    that decided ties on small problems) stays out; streamed runs where a path cannot be captured."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph = _graphs.get(id(bound))
+    if graph is None:
+        try:
+            stream = torch.cuda.Stream(device.torch_device)
+            stream.wait_stream(torch.cuda.current_stream(device.torch_device))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(reps):
+                    backend.run(bound, prepared)
+        except Exception:
+            torch.cuda.synchronize(device.torch_device)
+            graph = False
+        _graphs[id(bound)] = graph
     start.record()
-    for _ in range(reps):
-        backend.run(bound, prepared)
+    if graph:
+        graph.replay()
+    else:
+        for _ in range(reps):
+            backend.run(bound, prepared)
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
+
+
+_graphs: dict = {}  # id(bound) -> captured graph (or False), for one measure() call
