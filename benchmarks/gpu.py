@@ -70,7 +70,6 @@ def peaks():
     x = torch.empty(2 * 1024 ** 3 // 4, device="cuda")
     y = torch.empty_like(x)
     res["bw_TBps"] = 2 * x.numel() * 4 / bench(lambda: y.copy_(x), 300) / 1e9
-    del a, b, a32, b32, x, y
     return res
 
 
@@ -142,7 +141,6 @@ def row(device, queue, shape, dname, compile_peer, rng, pk):
     nbytes = (n * c * h * w + k * (c // g) * r * s + n * k * p * q) * esz
     peak = pk["fp16" if dname in ("fp16", "bf16") else dname] * 1e12
     floor = max(flops / peak, nbytes / (pk["bw_TBps"] * 1e12)) * 1e3
-    from mpsconv.backends import REGISTRY  # noqa: F401  (the choice is in the kernel's plan cache)
     plan_entry = next(iter(conv.__dict__["_plan_cache"].values()))
     plan = plan_entry[2]
     choice = plan_entry[1].name + (f":{plan.config}" if hasattr(plan, "config") else "")

@@ -14,7 +14,7 @@ import torch
 from helpers import ArraySource, descriptor
 from mpsconv import (
     MPSCNNConvolution, MPSCNNConvolutionTranspose, MPSCNNDepthWiseConvolutionDescriptor, MPSDeviceError, MPSImage,
-    MPSImageDescriptor, MPSImageFeatureChannelFormat as FMT, MPSKernelOptions, MPSNNNeuronDescriptor,
+    MPSImageFeatureChannelFormat as FMT, MPSKernelOptions, MPSNNNeuronDescriptor,
     MPSCNNNeuronType, MTLCommandBufferStatus, MTLCopyAllDevices, MTLCreateSystemDefaultDevice, use_backend,
 )
 from mpsconv.metal import device_from_name
