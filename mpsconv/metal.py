@@ -1,9 +1,10 @@
 """The Metal objects the MPS API takes: devices, command queues, command buffers, buffers.
 
 A ``MTLDevice`` is a compute device (the CPU, or a CUDA GPU). A command buffer records the work
-that encodes describe; ``commit`` runs it, in the order the queue enqueued its buffers; completed
-handlers then run once, in registration order, on the queue's handler thread (never on the thread
-that called ``commit``). Spec: ``kernel-image.md`` §7.
+that encodes describe; ``commit`` runs it, in the order the queue enqueued its buffers (on CUDA:
+launches it on the queue's own stream and returns); completed handlers then run once, in
+registration order, on the queue's handler thread (never on the thread that called ``commit``).
+Spec: ``kernel-image.md`` §7. Our addition: ``make_replayable`` / ``replay`` (CUDA graphs).
 """
 from __future__ import annotations
 
@@ -593,9 +594,11 @@ class MTLCommandBuffer:
         """Run the recorded work (called by the queue, in order, holding its lock).
 
         On the CPU the work runs here. On CUDA it is launched on the queue's stream (after whatever
-        the caller's current stream has queued, e.g. image uploads) and an event marks its end; the
-        queue's handler thread waits for that event, then completes the buffer and runs its handlers,
-        so buffers complete in commit order and ``commit`` returns without waiting for the GPU.
+        the caller's current stream has queued, e.g. image uploads) and an event marks its end, so
+        ``commit`` returns without waiting for the GPU. A buffer with handlers (or to be replayed) is
+        completed by the queue's handler thread once the event has passed, then its handlers run
+        there, in commit order; one without is completed when ``status`` or ``waitUntilCompleted``
+        reads the event (no thread hand-off per commit: that cost more than a small kernel).
         """
         self._status = MTLCommandBufferStatus.scheduled
         work, self._work = self._work, []
@@ -682,9 +685,10 @@ class MTLCommandBuffer:
         self._replayable = True
 
     def replay(self) -> "MTLCommandBuffer":
-        """Run the work of a completed replayable buffer again (our addition). Returns a committed
-        command buffer of the same queue that completes when the replay does (``waitUntilCompleted``,
-        ``addCompletedHandler`` before nothing: it is already committed; ``status``, ``error``)."""
+        """Run the work of a completed replayable buffer again (our addition): the CUDA graph on CUDA,
+        the recorded work on the CPU. Returns a new, already committed command buffer of the same
+        queue, in its order; ``waitUntilCompleted()`` on it waits for the replay, ``status`` and
+        ``error`` report it."""
         if not self._replayable:
             raise MPSCommandBufferError("MTLCommandBuffer.replay: call make_replayable() before commit()")
         if self._replay_work is None:
