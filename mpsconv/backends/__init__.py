@@ -54,15 +54,17 @@ def select(problem, device, gradient: bool = False):
 
 
 def choose(problem, device):
-    """``(backend, plan)`` for a forward problem. On CUDA, unless a backend is forced or
-    ``MPSCONV_AUTOTUNE=0``, the eligible backends and launch configurations are timed once per problem
-    signature and the winner is remembered on disk (``tuning``)."""
+    """``(backend, plan)`` for a forward problem. On CUDA, unless ``MPSCONV_AUTOTUNE=0``, the eligible
+    backends (the forced one only, if one is forced) and their launch configurations are timed once
+    per problem signature and the winner is remembered on disk (``tuning``)."""
     backend = _forced(problem, device, False)
-    if backend is None and device.is_cuda and config.autotune() and not problem.empty:
+    if device.is_cuda and config.autotune() and not problem.empty:
         from . import tuning
 
-        backend, variant = tuning.choose(problem, device, [b for b in candidates(problem, device)
-                                                           if b.name != "reference"])
+        # a forced backend still gets its launch configuration tuned
+        eligible = [backend] if backend is not None else [b for b in candidates(problem, device)
+                                                          if b.name != "reference"]
+        backend, variant = tuning.choose(problem, device, eligible)
         return backend, _plan(backend, problem, device, variant)
     backend = backend or select(problem, device)
     return backend, None if problem.empty else _plan(backend, problem, device, None)

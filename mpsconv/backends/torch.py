@@ -216,7 +216,7 @@ class Plan:
         if self.fused:
             from . import triton as triton_backend
 
-            self.epilogue_args = triton_backend.neuron_args(p.neuron, None)
+            self.epilogue_args = triton_backend.neuron_args(p.neuron)
         # Epilogue: what is left after the convolution (and its bias).
         neuron = p.neuron
         relu = neuron.type == MPSCNNNeuronType.reLU and neuron.a == 0.0

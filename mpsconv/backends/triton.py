@@ -94,7 +94,7 @@ INTERPRET_CONFIG = {False: Config(16, 16, 16, 1, 1), True: Config(16, 16, 0, 1, 
 INTERPRET_SPLIT = Config(16, 16, 16, 1, 1, 3)
 
 
-def neuron_args(neuron, prelu) -> tuple[int, float, float, float, float]:
+def neuron_args(neuron) -> tuple[int, float, float, float, float]:
     """``(code, a, b, c, p2)`` for ``_neuron``; ``p2`` folds the base of exponential / logarithm."""
     kind, a, b, c = T(neuron.type), float(neuron.a), float(neuron.b), float(neuron.c)
     p2 = 0.0
@@ -162,7 +162,7 @@ class Plan:
             if interpreting() and not self.dw and os.environ.get("MPSCONV_TRITON_SPLIT") == "1":
                 config = INTERPRET_SPLIT
         self.config = config
-        code, a, b, c, p2 = self.neuron_args = neuron_args(p.neuron, None)
+        code, a, b, c, p2 = self.neuron_args = neuron_args(p.neuron)
         self.neuron = code
         self.scalars = (p.tap0[0], p.tap0[1], p.stride[0], p.stride[1], p.dilation[0], p.dilation[1],
                         p.upsample[0], p.upsample[1], a, b, c, p2)

@@ -94,8 +94,13 @@ def choose(problem, device, eligible: list) -> tuple:
     options = _options(eligible, problem)
     if len(options) == 1:
         return options[0]
+    if not options:
+        raise ValueError("tuning.choose: no eligible backend")
     by_name = {_encode(b, v): (b, v) for b, v in options}
-    path, key = _path(), signature(problem, device)
+    # the candidates are part of the key: a choice made among a forced backend's configurations
+    # says nothing about which backend wins
+    path = _path()
+    key = signature(problem, device) + "|" + ",".join(sorted({b.name for b, _ in options}))
     with _lock:
         choices = _choices(path)
         hit = by_name.get(choices.get(key, ""))
