@@ -164,3 +164,33 @@ def test_64_bit_offsets_give_the_same_results(kind, monkeypatch):
     src = image(rng.uniform(-1, 1, (2, 7, 9, 8)), FMT.float16)
     got = {b: values(run(k, src, blank(9, 7, w.shape[0], 2, FMT.float16), b)) for b in ("reference", "triton")}
     assert_close(got["triton"], got["reference"], "float16", kind)
+
+
+@settings(max_examples=30)
+@given(p=triton_problems())
+def test_torch_backend_cuda_path_matches_reference(p):
+    """The torch backend's CUDA path (convolution in the source's type, then the Triton epilogue) run
+    on CPU tensors, so that CI checks its window handling and the epilogue's indexing."""
+    from mpsconv.backends import torch as torch_backend
+
+    torch_backend.FUSED_ON_CPU = True
+    try:
+        kernel, src, prior = build(p)
+        check_against_reference(p, kernel, src, prior, "torch")
+    finally:
+        torch_backend.FUSED_ON_CPU = False
+
+
+@pytest.mark.parametrize("kind", ["depthwise", "subpixel"])
+@settings(max_examples=10)
+@given(data=st.data())
+def test_torch_backend_cuda_path_family(kind, data):
+    from mpsconv.backends import torch as torch_backend
+
+    p = data.draw(triton_problems(kind=kind))
+    torch_backend.FUSED_ON_CPU = True
+    try:
+        kernel, src, prior = build(p)
+        check_against_reference(p, kernel, src, prior, "torch")
+    finally:
+        torch_backend.FUSED_ON_CPU = False

@@ -28,6 +28,9 @@ from ..neuron import MPSCNNNeuronType, TORCH_OPS, apply_neuron
 
 _COPY, _RELU, _GENERAL = 0, 1, 2
 _ONEDNN: bool | None = None  # whether the prepacked oneDNN path works in this PyTorch build
+#: Tests set this (with Triton's interpreter) to run the CUDA path, convolution in the source's type
+#: plus the Triton epilogue, on CPU tensors.
+FUSED_ON_CPU = False
 #: Weights smaller than this (elements) go through conv2d: reordering them per call is cheaper than
 #: the private operator's own overhead. Tests lower it to exercise the oneDNN path on small shapes.
 ONEDNN_MIN_WEIGHTS = 16384
@@ -205,11 +208,16 @@ class Plan:
             self.pack_key = (self.conv_padding, p.stride, p.dilation, p.groups, shape)
 
         # On CUDA the epilogue after cuDNN is one Triton kernel: bias, neuron, store into the slice.
-        self.fused = (device.is_cuda and not p.identity and p.binary < 0 and not self.transposed
+        self.fused = ((device.is_cuda or FUSED_ON_CPU) and not p.identity and p.binary < 0 and not self.transposed
                       and self.src_format in _FLOAT_FORMATS and self.dst_format in _FLOAT_FORMATS
                       and _triton_epilogue_usable(p))
+        # cuDNN's output is rounded to its input type before our epilogue adds the bias. That costs
+        # nothing visible only when the destination has that same 16-bit type and the neuron cannot
+        # magnify half an ulp (none, ReLU with |a| <= 1); otherwise cuDNN runs in float32.
         self.compute_dtype = torch.float32
-        if self.fused and self.src_format != F.float32:
+        if (self.fused and self.src_format != F.float32 and self.dst_format == self.src_format
+                and (p.neuron.type == MPSCNNNeuronType.none
+                     or (p.neuron.type == MPSCNNNeuronType.reLU and abs(p.neuron.a) <= 1.0))):
             self.compute_dtype = STORAGE_DTYPE[self.src_format]
         if device.is_cuda and p.reduced_precision:
             self.conv2d = _tf32(Fn.conv2d)
