@@ -54,11 +54,13 @@ def test_the_signature_separates_what_decides_speed_and_ignores_where_the_window
 
 
 def test_cpu_dispatch_never_times_and_never_picks_triton():
-    p = problem()
-    backend, plan = choose(p, DEVICE)
+    from mpsconv.metal import device_from_name
+
+    cpu, p = device_from_name("cpu"), problem()
+    backend, plan = choose(p, cpu)
     assert backend is REGISTRY["torch"] and plan is not None
-    assert select(p, DEVICE, gradient=True) is REGISTRY["torch"]
-    assert usable(DEVICE)[:2] == ["reference", "torch"]
+    assert select(p, cpu, gradient=True) is REGISTRY["torch"]
+    assert usable(cpu)[:2] == ["reference", "torch"]
 
 
 def test_a_forced_backend_without_gradients_is_refused_for_gradients():
