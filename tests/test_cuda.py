@@ -230,3 +230,21 @@ def test_repeated_encodes_take_the_direct_launch_path_and_stay_right(backend):
         want = run(k, img(gpu(), values, FMT.float16), img(gpu(), np.zeros((2, 10, 12, 40)), FMT.float16),
                    "reference")
         assert_close(run(k, src, dst, backend), want, "float16", f"run {i}")
+
+
+@pytest.mark.parametrize("formats", [(FMT.float16, FMT.float32), (FMT.bfloat16, FMT.float16),
+                                     (FMT.float32, FMT.bfloat16)])
+@pytest.mark.parametrize("backend", [None, "triton", "torch"])
+def test_mixed_source_and_destination_formats(formats, backend):
+    """A destination wider than the source must not see the source type's rounding of the sum (the
+    torch path then runs cuDNN in float32 before its epilogue)."""
+    src_fmt, dst_fmt = formats
+    rng = np.random.default_rng(10)
+    d = descriptor(3, 3, 16, 16)
+    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.sigmoid)
+    k = MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (16, 3, 3, 16)),
+                                                            rng.uniform(-1, 1, 16)))
+    src = img(gpu(), rng.uniform(-2, 2, (2, 9, 8, 16)), src_fmt)
+    got = run(k, src, img(gpu(), np.zeros((2, 9, 8, 16)), dst_fmt), backend)
+    want = run(k, src, img(gpu(), np.zeros((2, 9, 8, 16)), dst_fmt), "reference")
+    assert_close(got, want, dst_fmt.name, f"{src_fmt.name} -> {dst_fmt.name} {backend}")
