@@ -39,11 +39,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mpsconv import (  # noqa: E402
-    MPSCNNConvolution, MPSCNNConvolutionDescriptor, MPSCNNDepthWiseConvolutionDescriptor, MPSCNNNeuronType,
-    MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat, MPSKernelOptions, MPSNNNeuronDescriptor, MPSOffset,
-    MTLCreateSystemDefaultDevice,
+    MPSCNNConvolution, MPSCNNConvolutionDescriptor, MPSCNNNeuronType, MPSImage, MPSImageDescriptor,
+    MPSImageFeatureChannelFormat, MPSKernelOptions, MPSNNNeuronDescriptor, MTLCreateSystemDefaultDevice,
 )
-from mpsconv.bench import SHAPES, Weights  # noqa: E402
+from mpsconv.bench import SHAPES, Weights, operation_kernel  # noqa: E402
 
 FMT = MPSImageFeatureChannelFormat
 DTYPES = {"fp16": (torch.float16, FMT.float16), "bf16": (torch.bfloat16, FMT.bfloat16),
@@ -76,22 +75,12 @@ def peaks():
 def row(device, queue, shape, dname, compile_peer, rng, pk):
     name, n, c, h, w, k, r, s, st, pad, dil, g = shape
     dtype, fmt = DTYPES[dname]
-    kd = (r - 1) * dil + 1
-    p, q = (h + 2 * pad - kd) // st + 1, (w + 2 * pad - kd) // st + 1
     depthwise = g == c == k
-    cls = MPSCNNDepthWiseConvolutionDescriptor if depthwise else MPSCNNConvolutionDescriptor
-    desc = cls(kernelWidth=s, kernelHeight=r, inputFeatureChannels=c, outputFeatureChannels=k)
-    desc.strideInPixelsX = desc.strideInPixelsY = st
-    desc.dilationRateX = desc.dilationRateY = dil
-    desc.groups = 1 if depthwise else g
-    desc.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
     wt = rng.standard_normal((k, r, s, c // g), dtype=np.float32) * (1.0 / math.sqrt(r * s * c / g))
     bias = rng.standard_normal(k, dtype=np.float32)
-    conv = MPSCNNConvolution(device=device, weights=Weights(desc, wt, bias))
+    conv, p, q = operation_kernel(device, c, h, w, k, r, s, st, pad, dil, g, wt, bias)
     if dname == "tf32":
         conv.options = MPSKernelOptions.allowReducedPrecision
-    conv.offset = MPSOffset((kd >> 1) - pad, (kd >> 1) - pad, 0)
-    conv.destinationFeatureChannelOffset = k
     x_nhwc = torch.randn(n, h, w, c, device="cuda").to(dtype)
     src = MPSImage.from_numpy(x_nhwc, featureChannelFormat=fmt, device=device)
     dst = MPSImage(device=device, imageDescriptor=MPSImageDescriptor(

@@ -96,11 +96,9 @@ def paired_medians(a, b, budget_s: float) -> tuple[float, float]:
     return statistics.median(ta), statistics.median(tb)
 
 
-def mps_operation(device, queue, n, c, h, w, k, r, s, stride, pad, dil, groups, dtype, rng):
-    fmt = MPSImageFeatureChannelFormat.float16 if dtype == torch.float16 else MPSImageFeatureChannelFormat.float32
-    x = rng.standard_normal((n, h, w, c), dtype=np.float32)
-    wt = (rng.standard_normal((k, r, s, c // groups), dtype=np.float32) * 0.1)
-    bias = rng.standard_normal(k, dtype=np.float32)
+def operation_kernel(device, c, h, w, k, r, s, stride, pad, dil, groups, wt, bias):
+    """The MPS side of a shape-table row: conv + bias + ReLU with PyTorch's padding ``pad`` (as an
+    ``offset``), writing channels ``[K, 2K)``; returns ``(kernel, output height, output width)``."""
     depthwise = groups == c == k
     cls = MPSCNNDepthWiseConvolutionDescriptor if depthwise else MPSCNNConvolutionDescriptor
     desc = cls(kernelWidth=s, kernelHeight=r, inputFeatureChannels=c, outputFeatureChannels=k)
@@ -112,8 +110,15 @@ def mps_operation(device, queue, n, c, h, w, k, r, s, stride, pad, dil, groups, 
     kd = (r - 1) * dil + 1
     conv.offset = MPSOffset((kd >> 1) - pad, (kd >> 1) - pad, 0)
     conv.destinationFeatureChannelOffset = k  # write the second half of a 2K-channel image
-    p = (h + 2 * pad - kd) // stride + 1
-    q = (w + 2 * pad - kd) // stride + 1
+    return conv, (h + 2 * pad - kd) // stride + 1, (w + 2 * pad - kd) // stride + 1
+
+
+def mps_operation(device, queue, n, c, h, w, k, r, s, stride, pad, dil, groups, dtype, rng):
+    fmt = MPSImageFeatureChannelFormat.float16 if dtype == torch.float16 else MPSImageFeatureChannelFormat.float32
+    x = rng.standard_normal((n, h, w, c), dtype=np.float32)
+    wt = (rng.standard_normal((k, r, s, c // groups), dtype=np.float32) * 0.1)
+    bias = rng.standard_normal(k, dtype=np.float32)
+    conv, p, q = operation_kernel(device, c, h, w, k, r, s, stride, pad, dil, groups, wt, bias)
     src = MPSImage.from_numpy(x, featureChannelFormat=fmt, device=device)
     dst = MPSImage(device=device, imageDescriptor=MPSImageDescriptor(
         channelFormat=fmt, width=q, height=p, featureChannels=2 * k, numberOfImages=n))
