@@ -108,6 +108,15 @@ def _epilogue(acc, img, v, u, row_ok, oc, oc_ok, bias_ptr, prelu_ptr, y_ptr, syn
 
 
 @triton.jit
+def _pixel(rows, GH, GW):
+    """Grid pixel ``(img, v, u)`` of flattened row index ``rows`` (images of ``GH x GW`` pixels)."""
+    img = rows // (GH * GW)
+    rem = rows - img * (GH * GW)
+    v = rem // GW
+    return img, v, rem - v * GW
+
+
+@triton.jit
 def _tap(iy, ix, row_ok, HE, WE, uy, ux, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr):
     """Source pixel ``(y, x)`` a tap at expanded coordinates ``(iy, ix)`` reads, and whether it reads
     one at all (zero edges read 0 outside; backwards kernels read 0 between source pixels)."""
@@ -153,10 +162,7 @@ def conv2d_nhwc(
     ks = tl.arange(0, BK)
     row_ok = rows < M
     col_ok = cols < OG
-    img = rows // (GH * GW)
-    rem = rows - img * (GH * GW)
-    v = rem // GW
-    u = rem - v * GW
+    img, v, u = _pixel(rows, GH, GW)
     iy0 = tap0y + v * sy
     ix0 = tap0x + u * sx
     x_img = _index(img, WIDE) * sxn
@@ -217,10 +223,7 @@ def depthwise_nhwc(
     rows = tl.program_id(1) * BP + tl.arange(0, BP)
     row_ok = rows < M
     oc_ok = oc < OC
-    img = rows // (GH * GW)
-    rem = rows - img * (GH * GW)
-    v = rem // GW
-    u = rem - v * GW
+    img, v, u = _pixel(rows, GH, GW)
     iy0 = tap0y + v * sy
     ix0 = tap0x + u * sx
     x_img = _index(img, WIDE) * sxn
@@ -255,10 +258,7 @@ def epilogue_nhwc(
     oc = tl.program_id(1) * BC + tl.arange(0, BC)
     row_ok = rows < M
     oc_ok = oc < OC
-    img = rows // (GH * GW)
-    rem = rows - img * (GH * GW)
-    v = rem // GW
-    u = rem - v * GW
+    img, v, u = _pixel(rows, GH, GW)
     offs = (_index(img, WIDE) * szn + v * szh + u * szw)[:, None] + (oc * szc)[None, :]
     mask = row_ok[:, None] & oc_ok[None, :]
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
