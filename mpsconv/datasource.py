@@ -191,6 +191,16 @@ def round_weights(weights: np.ndarray, kernel_type: MPSDataType) -> np.ndarray:
     return weights
 
 
+def round_for_source(weights: np.ndarray, src_format: int) -> np.ndarray:
+    """Our extension of §0.2 to bfloat16 images (a format of ours): their kernels multiply weights
+    rounded to bfloat16 (round-to-nearest-even), on every backend. Other sources: ``weights``."""
+    from .image import MPSImageFeatureChannelFormat
+
+    if src_format != MPSImageFeatureChannelFormat.bfloat16:
+        return weights
+    return torch.from_numpy(np.asarray(weights, np.float32)).to(torch.bfloat16).float().numpy()
+
+
 def _dequantize(ds, raw: np.ndarray, owner: str) -> np.ndarray:
     """uint8 weights -> float32, per output channel row (spec §7.2, §7.3)."""
     ranges, table = _optional(ds, "rangesForUInt8Kernel"), _optional(ds, "lookupTableForUInt8Kernel")

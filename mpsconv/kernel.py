@@ -532,7 +532,7 @@ class MPSCNNKernel(MPSKernel):
         """Record validated work, then consume one read of each distinct temporary source."""
         for item in pending:
             if not item.problem.empty:
-                prepared = self._prepared(item.backend, item.problem.src_format == MPSImageFeatureChannelFormat.bfloat16)
+                prepared = self._prepared(item.backend, item.problem.src_format)
                 cb._record(_Work(item.backend, self._bound(item), prepared, self))
         seen = set()
         for item in pending:
@@ -553,18 +553,18 @@ class MPSCNNKernel(MPSKernel):
             entry = cache[key] = (item.plan, item.backend.bind(item.plan, src, dst))
         return entry[1]
 
-    def _prepared(self, backend, bfloat16: bool = False):
-        """The kernel's parameters in ``backend``'s layout (kept until the weights change).
-
-        bfloat16 sources (our addition) take their weights rounded to bfloat16, as float16 weights
-        are by §0.2's rule: the products are then exact in bfloat16 on every backend.
-        """
+    def _prepared(self, backend, src_format: int):
+        """The kernel's parameters in ``backend``'s layout for sources of ``src_format`` (kept until the
+        weights change): bfloat16 sources take bfloat16-rounded weights (``round_for_source``)."""
         cache = self.__dict__.setdefault("_prepared_cache", {})
+        bfloat16 = src_format == MPSImageFeatureChannelFormat.bfloat16
         key = (backend.name, bfloat16)
         if key not in cache:
+            from .datasource import round_for_source  # datasource -> descriptor -> neuron imports this module
+
             weights, *rest = self._params()
-            if bfloat16 and isinstance(weights, np.ndarray):
-                weights = torch.from_numpy(np.asarray(weights, np.float32)).to(torch.bfloat16).float().numpy()
+            if isinstance(weights, np.ndarray):
+                weights = round_for_source(weights, src_format)
             cache[key] = backend.prepare(weights, *rest, self._device)
         return cache[key]
 

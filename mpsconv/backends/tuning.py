@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from .. import __version__, config
+from ..datasource import round_for_source, round_weights
 from ..image import MPSImageFeatureChannelFormat as F, STORAGE_DTYPE
+from ..types import MPSDataType
 
 FILE_NAME = "autotune-v1.json"
 _lock = threading.Lock()
@@ -144,9 +146,8 @@ def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds
     ig = p.in_channels // p.groups
     # Weights exact in the type the kernel would give them (§0.2's float16; bfloat16 for bfloat16
     # sources), so that every candidate takes the product type it will take for real.
-    weights = (rng.standard_normal((p.out_channels, *p.kernel, ig)) * 0.1).astype(np.float16).astype(np.float32)
-    if F(p.src_format) == F.bfloat16:
-        weights = torch.from_numpy(weights).to(torch.bfloat16).float().numpy()
+    weights = round_for_source(round_weights(rng.standard_normal((p.out_channels, *p.kernel, ig)) * 0.1,
+                                             MPSDataType.float16), p.src_format)
     bias = rng.standard_normal(p.out_channels).astype(np.float32)
     prelu = rng.random(p.out_channels).astype(np.float32)
     src, dst = _scratch(problem, device, g)
