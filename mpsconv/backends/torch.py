@@ -25,6 +25,7 @@ from ..geometry import ConvProblem, EdgeMode
 from ..image import FLOAT_FORMATS as _FLOAT_FORMATS, MPSImageFeatureChannelFormat as F, STORAGE_DTYPE, \
     storage_to_values, values_to_storage
 from ..neuron import MPSCNNNeuronType, TORCH_OPS, apply_neuron
+from . import triton as triton_backend  # its kernels: the CUDA epilogue (Triton itself loads on first use)
 
 _COPY, _RELU, _GENERAL = 0, 1, 2
 _ONEDNN: bool | None = None  # whether the prepacked oneDNN path works in this PyTorch build
@@ -222,8 +223,6 @@ class Plan:
         if device.is_cuda and p.reduced_precision:
             self.conv2d = _tf32(Fn.conv2d)
         if self.fused:
-            from . import triton as triton_backend
-
             self.epilogue_args = triton_backend.neuron_args(p.neuron)
         # Epilogue: what is left after the convolution (and its bias).
         neuron = p.neuron
@@ -371,8 +370,6 @@ def _run_fused(bound: Bound, prepared: Prepared) -> None:
     y = plan.conv2d(x, weights, None, p.stride, plan.conv_padding, p.dilation, p.groups)
     if plan.out_crop is not None:
         y = y[plan.out_crop]
-    from . import triton as triton_backend
-
     # One launcher per bound encode: a compiled kernel is specialised to its pointers' alignment.
     has_bias = prepared.bias is not None
     if bound.epilogue is None or bound.epilogue[0] != has_bias:
@@ -385,8 +382,6 @@ def _run_fused(bound: Bound, prepared: Prepared) -> None:
 
 
 def _triton_epilogue_usable(p: ConvProblem) -> bool:
-    from . import triton as triton_backend
-
     return triton_backend.available() and triton_backend.neuron_supported(p.neuron)
 
 
