@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
 
 from helpers import FMT, DEVICE, ArraySource, blank, descriptor, image, run, values
 from mpsconv import MPSCNNConvolution, MPSImage, MPSImageDescriptor, MPSValueError, MTLPixelFormat
@@ -44,16 +44,8 @@ def test_unknown_formats_still_refused_with_bfloat16_listed():
                                                                     featureChannels=4))
 
 
-@st.composite
-def bf16_problems(draw):
-    p = draw(problems())
-    p["src_fmt"] = draw(st.sampled_from([FMT.bfloat16, FMT.float32]))
-    p["dst_fmt"] = draw(st.sampled_from([FMT.bfloat16, FMT.float16]))
-    return p
-
-
 @settings(max_examples=40)
-@given(p=bf16_problems())
+@given(p=problems(src_fmts=(FMT.bfloat16, FMT.float32), dst_fmts=(FMT.bfloat16, FMT.float16)))
 def test_torch_backend_matches_reference_on_bfloat16_images(p):
     kernel, src, prior = build(p)
     check_against_reference(p, kernel, src, prior, "torch")

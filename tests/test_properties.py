@@ -36,8 +36,10 @@ def neuron_descriptor(neuron_type, channels, rng):
 
 
 @st.composite
-def problems(draw, fully_connected=False, kind="plain"):
-    """``kind``: ``plain``, ``depthwise`` (I = O, one filter per channel) or ``subpixel`` (r = 2 or 3)."""
+def problems(draw, fully_connected=False, kind="plain", src_fmts=(FMT.float32, FMT.float16, FMT.unorm8),
+             dst_fmts=(FMT.float32, FMT.float32, FMT.float16, FMT.unorm8)):
+    """``kind``: ``plain``, ``depthwise`` (I = O, one filter per channel) or ``subpixel`` (r = 2 or 3);
+    the source and destination formats are drawn from ``src_fmts`` and ``dst_fmts``."""
     g = 1 if fully_connected or kind != "plain" else draw(st.sampled_from([1, 1, 2, 3]))
     r = draw(st.sampled_from([2, 3])) if kind == "subpixel" else 1
     if g > 1:
@@ -83,8 +85,8 @@ def problems(draw, fully_connected=False, kind="plain"):
         offset=MPSOffset(draw(st.integers(-4, ws + 3)), draw(st.integers(-4, hs + 3)), oz),
         edge=draw(st.sampled_from([MPSImageEdgeMode.zero, MPSImageEdgeMode.clamp])),
         neuron=draw(st.sampled_from(list(T)[:-1])), bias=draw(st.booleans()),
-        src_fmt=draw(st.sampled_from([FMT.float32, FMT.float16, FMT.unorm8])),
-        dst_fmt=draw(st.sampled_from([FMT.float32, FMT.float32, FMT.float16, FMT.unorm8])),
+        src_fmt=draw(st.sampled_from(src_fmts)),
+        dst_fmt=draw(st.sampled_from(dst_fmts)),
         seed=draw(st.integers(0, 2**16)),
     )
 

@@ -7,13 +7,16 @@ tests run the compiled kernels on CUDA images.
 """
 from __future__ import annotations
 
+import functools
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from helpers import FMT, DEVICE, ArraySource, blank, descriptor, image, run, values
 from mpsconv import MPSCNNConvolution, MPSCNNConvolutionTranspose, MPSCNNFullyConnected, MPSCNNNeuronType
-from mpsconv.backends import triton as triton_backend
+from mpsconv.backends import torch as torch_backend, triton as triton_backend
 from test_properties import build, check_against_reference, neuron_descriptor, problems
 from tolerances import assert_close
 
@@ -22,12 +25,10 @@ T = MPSCNNNeuronType
 FLOATS = [FMT.float32, FMT.float16, FMT.bfloat16]
 
 
-@st.composite
-def triton_problems(draw, kind="plain", fully_connected=False):
-    p = draw(problems(fully_connected=fully_connected, kind=kind))
-    p["src_fmt"] = draw(st.sampled_from(FLOATS))
-    p["dst_fmt"] = draw(st.sampled_from(FLOATS))
-    return p
+triton_problems = functools.partial(problems, src_fmts=FLOATS, dst_fmts=FLOATS)
+#: Run the torch backend's CUDA path (convolution in the source's type, then the Triton epilogue) on
+#: CPU tensors.
+cuda_path_on_cpu = functools.partial(mock.patch.object, torch_backend, "FUSED_ON_CPU", True)
 
 
 @settings(max_examples=30)
@@ -113,18 +114,9 @@ def test_weights_that_float16_would_round_multiply_in_float32():
 @given(p=triton_problems())
 def test_split_k_matches_reference(p):
     """Split-K launches (partial sums in a workspace, then the epilogue kernel adds them and finishes)."""
-    import os
-
-    previous = os.environ.get("MPSCONV_TRITON_SPLIT")
-    os.environ["MPSCONV_TRITON_SPLIT"] = "1"
-    try:
+    with mock.patch.object(triton_backend, "SPLIT_IN_INTERPRETER", True):
         kernel, src, prior = build(p)
         check_against_reference(p, kernel, src, prior, "triton")
-    finally:
-        if previous is None:
-            del os.environ["MPSCONV_TRITON_SPLIT"]
-        else:
-            os.environ["MPSCONV_TRITON_SPLIT"] = previous
 
 
 def test_config_names_round_trip():
@@ -169,28 +161,18 @@ def test_64_bit_offsets_give_the_same_results(kind, monkeypatch):
 @settings(max_examples=30)
 @given(p=triton_problems())
 def test_torch_backend_cuda_path_matches_reference(p):
-    """The torch backend's CUDA path (convolution in the source's type, then the Triton epilogue) run
-    on CPU tensors, so that CI checks its window handling and the epilogue's indexing."""
-    from mpsconv.backends import torch as torch_backend
-
-    torch_backend.FUSED_ON_CPU = True
-    try:
+    """The torch backend's CUDA path run on CPU tensors, so that CI checks its window handling and the
+    epilogue's indexing."""
+    with cuda_path_on_cpu():
         kernel, src, prior = build(p)
         check_against_reference(p, kernel, src, prior, "torch")
-    finally:
-        torch_backend.FUSED_ON_CPU = False
 
 
 @pytest.mark.parametrize("kind", ["depthwise", "subpixel"])
 @settings(max_examples=10)
 @given(data=st.data())
 def test_torch_backend_cuda_path_family(kind, data):
-    from mpsconv.backends import torch as torch_backend
-
     p = data.draw(triton_problems(kind=kind))
-    torch_backend.FUSED_ON_CPU = True
-    try:
+    with cuda_path_on_cpu():
         kernel, src, prior = build(p)
         check_against_reference(p, kernel, src, prior, "torch")
-    finally:
-        torch_backend.FUSED_ON_CPU = False

@@ -90,8 +90,9 @@ DEPTHWISE_CONFIGS = [Config(32, 64, 0, 4, 1), Config(64, 32, 0, 4, 1), Config(16
                      Config(16, 256, 0, 8, 1), Config(32, 256, 0, 8, 1)]
 #: Small tiles for the interpreter, which runs every program one after another on the CPU.
 INTERPRET_CONFIG = {False: Config(16, 16, 16, 1, 1), True: Config(16, 16, 0, 1, 1)}
-#: The interpreter's split-K configuration (tests force it through ``MPSCONV_TRITON_SPLIT``).
+#: The interpreter's split-K configuration, taken while ``SPLIT_IN_INTERPRETER`` (tests set it).
 INTERPRET_SPLIT = Config(16, 16, 16, 1, 1, 3)
+SPLIT_IN_INTERPRETER = False
 
 
 def neuron_args(neuron) -> tuple[int, float, float, float, float]:
@@ -159,7 +160,7 @@ class Plan:
         if config is None:
             config = INTERPRET_CONFIG[self.dw] if interpreting() else (DEPTHWISE_CONFIGS if self.dw
                                                                          else GEMM_CONFIGS)[0]
-            if interpreting() and not self.dw and os.environ.get("MPSCONV_TRITON_SPLIT") == "1":
+            if interpreting() and not self.dw and SPLIT_IN_INTERPRETER:
                 config = INTERPRET_SPLIT
         self.config = config
         code, a, b, c, p2 = self.neuron_args = neuron_args(p.neuron)
