@@ -105,6 +105,16 @@ def run(kernel, src, dst=None, backend=None, **kwargs):
     return dst
 
 
+def framework_transpose_geometry(k: int, d: int, n: int, s: int, t: int):
+    """``(padding, output size)`` of PyTorch's ``conv_transpose2d`` that equals a transpose kernel with
+    ``kernelOffset = t`` on an ``n``-pixel source (spec §10.3: ``pad = T + (Kd - 1) - (Kd >> 1)``),
+    or None where PyTorch cannot express it (negative padding, no output)."""
+    kd = (k - 1) * d + 1
+    pad = t + (kd - 1) - (kd >> 1)
+    size = (n - 1) * s - 2 * pad + kd
+    return None if pad < 0 or size < 1 else (pad, size)
+
+
 def values(img) -> np.ndarray:
     """An image's feature values, NHWC float64."""
     return np.asarray(img.numpy(), dtype=np.float64)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as Fn
 from hypothesis import given, strategies as st
 
-from helpers import DEVICE, QUEUE, ArraySource, blank, descriptor, image, quiet, values
+from helpers import DEVICE, QUEUE, ArraySource, blank, descriptor, framework_transpose_geometry, image, quiet, values
 from mpsconv import *
 from tolerances import assert_close
 
@@ -185,11 +185,10 @@ def test_conv_checklist_100_data_gradient_is_the_transpose(backend, k, o, s, see
        seed=st.integers(0, 999))
 def test_transpose_gradient_is_the_vjp(backend, k, s, d, n, t, seed):
     rng = np.random.default_rng(seed)
-    kd = (k - 1) * d + 1
-    pad = t + (kd - 1) - (kd >> 1)
-    size = (n - 1) * s - 2 * pad + kd
-    if pad < 0 or size < 1:
+    geometry = framework_transpose_geometry(k, d, n, s, t)
+    if geometry is None:
         return
+    pad, size = geometry
     w_t = rng.uniform(-1, 1, (3, 2, k, k)).astype(np.float32)  # PyTorch [in][out][kh][kw]
     ours_w = np.ascontiguousarray(w_t[:, :, ::-1, ::-1].transpose(1, 2, 3, 0))  # spec §10.3
     ours_w = ours_w.astype(np.float16).astype(np.float32)

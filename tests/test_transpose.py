@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as Fn
 from hypothesis import given, strategies as st
 
-from helpers import DEVICE, ArraySource, blank, conv, descriptor, image, run, values
+from helpers import DEVICE, ArraySource, blank, conv, descriptor, framework_transpose_geometry, image, run, values
 from mpsconv import *
 from tolerances import assert_close
 
@@ -110,11 +110,10 @@ def test_conv_checklist_89_transpose_is_the_adjoint(backend, p):
        seed=st.integers(0, 999))
 def test_conv_checklist_90_equals_framework_transposed_convolution(backend, k, s, d, n, t, seed):
     rng = np.random.default_rng(seed)
-    kd = (k - 1) * d + 1
-    pad = t + (kd - 1) - (kd >> 1)
-    size = (n - 1) * s - 2 * pad + kd
-    if pad < 0 or size < 1:
+    geometry = framework_transpose_geometry(k, d, n, s, t)
+    if geometry is None:
         return
+    pad, size = geometry
     w_t = rng.uniform(-1, 1, (3, 2, k, k)).astype(np.float16).astype(np.float32)  # [ci][co][kh][kw]
     x = rng.uniform(-1, 1, (n, n, 3))
     expected = Fn.conv_transpose2d(torch.from_numpy(x).permute(2, 0, 1)[None], torch.from_numpy(w_t).double(),
