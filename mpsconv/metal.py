@@ -590,6 +590,11 @@ class MTLCommandBuffer:
                               f"{type(exc).__name__}: {exc}", exc)
         self._status = MTLCommandBufferStatus.error
 
+    def _complete(self) -> None:
+        """The work has finished: completed, unless it failed."""
+        if self._status != MTLCommandBufferStatus.error:
+            self._status = MTLCommandBufferStatus.completed
+
     def _run(self) -> None:
         """Run the recorded work (called by the queue, in order, holding its lock).
 
@@ -612,8 +617,7 @@ class MTLCommandBuffer:
         except Exception as exc:
             self._fail(exc)
         if event is None:
-            if self._status != MTLCommandBufferStatus.error:
-                self._status = MTLCommandBufferStatus.completed
+            self._complete()
             self._finish(work)
         elif self._scheduled_handlers or self._completed_handlers or self._replayable:
             # the handler thread completes it; ``work`` keeps the storages alive until then
@@ -634,8 +638,7 @@ class MTLCommandBuffer:
                     return
             except Exception as exc:  # a failed kernel reports here
                 self._fail(exc)
-            if self._status != MTLCommandBufferStatus.error:
-                self._status = MTLCommandBufferStatus.completed
+            self._complete()
             self._event = self._inflight = None
             self._queue._changed.notify_all()
 
@@ -659,8 +662,7 @@ class MTLCommandBuffer:
         except Exception as exc:
             self._fail(exc)
         with self._queue._changed:
-            if self._status != MTLCommandBufferStatus.error:
-                self._status = MTLCommandBufferStatus.completed
+            self._complete()
             self._finish(work)
 
     def _finish(self, work) -> None:
