@@ -565,7 +565,8 @@ class MPSCNNKernel(MPSKernel):
             weights, *rest = self._params()
             if isinstance(weights, np.ndarray):
                 weights = round_for_source(weights, src_format)
-            cache[key] = backend.prepare(weights, *rest, self._device)
+            prepared = cache[key] = backend.prepare(weights, *rest, self._device)
+            return prepared
         return cache[key]
 
     def _encode_pairs(self, cb, sources, destinations, owner) -> None:

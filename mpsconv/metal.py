@@ -483,7 +483,8 @@ class MTLCommandBuffer:
         self._completed_handlers: list[Callable] = []
         self._handlers_done = False
         self._open_encoder: MTLComputeCommandEncoder | None = None
-        self._encoding = False
+        self._encoding = threading.Lock()  # held by the one encode running into this buffer (§7.6.3)
+        self._state_lock = threading.Lock()  # enqueue / commit are atomic against other threads
         self._replayable = False
         self._event = None  # CUDA, no handlers: completion is read off this event when asked for
         self._inflight = None
@@ -529,15 +530,17 @@ class MTLCommandBuffer:
             raise MPSCommandBufferError(
                 f"{what}: a compute command encoder is still open on this command buffer; call endEncoding() first"
             )
-        if self._encoding:
+        if not self._encoding.acquire(blocking=False):
             raise MPSCommandBufferError(
                 f"{what}: another encode into this command buffer is in progress; a command buffer is encoded "
                 "by one thread at a time (give each thread its own command buffer)"
             )
-        self._encoding = True
+        if self._status >= MTLCommandBufferStatus.committed:  # committed by another thread meanwhile
+            self._encoding.release()
+            self._check_open(what)
 
     def _end_encode(self) -> None:
-        self._encoding = False
+        self._encoding.release()
 
     def _record(self, work: Callable[[], None]) -> None:
         self._work.append(work)
@@ -567,6 +570,10 @@ class MTLCommandBuffer:
 
     def enqueue(self) -> None:
         """``enqueue()``: reserve this buffer's place in its queue's order."""
+        with self._state_lock:
+            self._enqueue()
+
+    def _enqueue(self) -> None:
         if self._status != MTLCommandBufferStatus.notEnqueued:
             if self._status >= MTLCommandBufferStatus.committed:
                 raise MPSCommandBufferError("MTLCommandBuffer.enqueue: the command buffer is already committed")
@@ -576,12 +583,19 @@ class MTLCommandBuffer:
 
     def commit(self) -> None:
         """``commit()``: submit. Buffers of one queue run in enqueue order."""
-        if self._status >= MTLCommandBufferStatus.committed:
-            raise MPSCommandBufferError("MTLCommandBuffer.commit: the command buffer was already committed")
-        if self._open_encoder is not None:
-            raise MPSCommandBufferError("MTLCommandBuffer.commit: a compute command encoder is still open")
-        self.enqueue()
-        self._status = MTLCommandBufferStatus.committed
+        with self._state_lock:
+            if self._status >= MTLCommandBufferStatus.committed:
+                raise MPSCommandBufferError("MTLCommandBuffer.commit: the command buffer was already committed")
+            if self._open_encoder is not None:
+                raise MPSCommandBufferError("MTLCommandBuffer.commit: a compute command encoder is still open")
+            if not self._encoding.acquire(blocking=False):
+                raise MPSCommandBufferError("MTLCommandBuffer.commit: an encode into this command buffer is still "
+                                            "running on another thread; commit after it returns")
+            try:
+                self._enqueue()
+                self._status = MTLCommandBufferStatus.committed
+            finally:
+                self._encoding.release()
         self._queue._drain()
 
     def _fail(self, exc: BaseException) -> None:

@@ -16,6 +16,7 @@ frozen CPU models). Elsewhere ``torch.nn.functional.conv2d`` runs.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 import torch
@@ -432,15 +433,19 @@ def _cudnn(op, tf32: bool):
     get_t, set_t = torch._C._get_cudnn_allow_tf32, torch._C._set_cudnn_allow_tf32
 
     def call(*args):
-        benchmark, allow = get_b(), get_t()
-        set_b(True)
-        set_t(tf32)
-        try:
-            return op(*args)
-        finally:
-            set_b(benchmark)
-            set_t(allow)
+        with _CUDNN_FLAGS:  # the flags are process-wide: queues on two threads must not interleave them
+            benchmark, allow = get_b(), get_t()
+            set_b(True)
+            set_t(tf32)
+            try:
+                return op(*args)
+            finally:
+                set_b(benchmark)
+                set_t(allow)
     return call
+
+
+_CUDNN_FLAGS = threading.RLock()
 
 
 def _tf32(op):
