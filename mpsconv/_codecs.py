@@ -235,7 +235,11 @@ def _decode_binary(k, fields: dict, tensors: dict, device) -> None:
 
     descriptor = MPSCNNConvolutionDescriptor.__new__(MPSCNNConvolutionDescriptor)
     _decode_descriptor(descriptor, _field(fields, "descriptor"), "descriptor.", tensors, device)
-    source = _ArrayDataSource(descriptor, _tensor(tensors, "bits").astype(np.uint32), None,
+    bits = _tensor(tensors, "bits")
+    if bits.dtype != np.int64 or (bits.size and (bits.min() < 0 or bits.max() >= 2**32)):
+        raise MPSArchiveError("NSKeyedUnarchiver: the array 'bits' must hold 32-bit words as int64 values in "
+                              f"[0, 2**32); it is {bits.dtype} {bits.shape}")
+    source = _ArrayDataSource(descriptor, bits.astype(np.uint32), None,
                               label=fields.get("data_source_label"))
     k._init_binary(dict(device=device, convolutionData=source, type=_field(fields, "type"),
                         flags=_field(fields, "flags"), outputBiasTerms=_tensor(tensors, "out_bias"),

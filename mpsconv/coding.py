@@ -4,7 +4,14 @@ An archive is one safetensors file: arrays (weights, biases, batch-norm and PReL
 every other field as JSON in the metadata, and a SHA-256 digest of both. Nothing is ever
 unpickled: decoding parses JSON and raw little-endian arrays, checks the digest and the class, and
 rebuilds the object through its normal initializer. A truncated, tampered or wrong-class archive
-raises ``MPSArchiveError``.
+raises ``MPSArchiveError``, and so does one whose digest was recomputed over hostile fields: every
+field is checked by the initializers, and every error they raise while decoding becomes an
+``MPSArchiveError``.
+
+Memory: an archive larger than ``config.max_archive_bytes()`` is refused before it is read; every
+array is as large as the archive's header declares, and safetensors checks that the archive holds
+those bytes; descriptor sizes are checked against the archive's weights before anything is sized by
+them. Decoding allocates at most about three times the archive's size (docs/reliability.md).
 
 Swift:  ``let a = NSKeyedArchiver(requiringSecureCoding: true); conv.encode(with: a)``
         ``let u = try NSKeyedUnarchiver(forReadingFrom: a.encodedData)``
@@ -24,7 +31,8 @@ import struct
 import numpy as np
 import safetensors.numpy
 
-from .errors import MPSArchiveError, MPSTypeError
+from . import config
+from .errors import MPSArchiveError, MPSConvError, MPSTypeError
 
 FORMAT = "mpsconv.archive"
 VERSION = "1"
@@ -44,7 +52,7 @@ def _digest(class_name: str, fields_json: str, tensors: dict) -> str:
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
         h.update(f"\0{name}:{arr.dtype.str}:{arr.shape}\0".encode())
-        h.update(arr.tobytes())
+        h.update(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")  # no copy of the array
     return h.hexdigest()
 
 
@@ -87,6 +95,10 @@ def _parse(data) -> tuple[str, dict, dict]:
     """Validate an archive and return ``(class name, fields, tensors)``."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MPSTypeError(f"NSKeyedUnarchiver: archive data must be bytes, not {type(data).__name__}")
+    limit = config.max_archive_bytes()
+    if len(data) > limit:
+        raise MPSArchiveError(f"NSKeyedUnarchiver: the archive has {len(data)} bytes; the limit is {limit} "
+                              "(MPSCONV_MAX_ARCHIVE_BYTES)")
     data = bytes(data)
     if len(data) < 8:
         raise MPSArchiveError(f"NSKeyedUnarchiver: the archive is truncated ({len(data)} bytes; not a safetensors file)")
@@ -97,7 +109,8 @@ def _parse(data) -> tuple[str, dict, dict]:
     try:
         header = json.loads(data[8:8 + header_len])
         metadata = header["__metadata__"]
-    except (ValueError, KeyError, TypeError):
+        dtypes = {entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise MPSArchiveError("NSKeyedUnarchiver: the archive header is not valid safetensors JSON with metadata") from None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise MPSArchiveError("NSKeyedUnarchiver: this is not an mpsconv archive (metadata format "
@@ -105,6 +118,9 @@ def _parse(data) -> tuple[str, dict, dict]:
     if metadata.get("version") != VERSION:
         raise MPSArchiveError(f"NSKeyedUnarchiver: archive version {metadata.get('version')!r}; this mpsconv reads "
                               f"version {VERSION}")
+    if not dtypes <= _DTYPES:
+        raise MPSArchiveError(f"NSKeyedUnarchiver: the archive holds arrays of type {sorted(dtypes - _DTYPES)}; "
+                              f"mpsconv archives hold only {sorted(_DTYPES)}")
     try:
         tensors = safetensors.numpy.load(data)
     except Exception as exc:  # safetensors raises its own error type for bad offsets and sizes
@@ -115,9 +131,29 @@ def _parse(data) -> tuple[str, dict, dict]:
                               "(it was modified or damaged)")
     try:
         fields = json.loads(fields_json)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise MPSArchiveError("NSKeyedUnarchiver: the archive's fields are not valid JSON") from None
+    if not isinstance(fields, dict):
+        raise MPSArchiveError(f"NSKeyedUnarchiver: the archive's fields are a {type(fields).__name__}, not an object")
     return class_name, fields, tensors
+
+
+_DTYPES = {"F32", "I64"}  # what encodeRootObject writes
+
+
+def _decode(class_name: str, obj, fields: dict, tensors: dict, device) -> None:
+    """``_codecs.decode_into`` with every error an initializer raises over a field made an
+    ``MPSArchiveError`` (a hostile archive can carry a valid digest over any fields)."""
+    from . import _codecs
+
+    try:
+        _codecs.decode_into(obj, fields, tensors, device)
+    except MPSArchiveError:
+        raise
+    except (MPSConvError, TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError,
+            RecursionError) as exc:
+        raise MPSArchiveError(f"NSKeyedUnarchiver: the archived {class_name} has an invalid field: "
+                              f"{type(exc).__name__}: {exc}") from exc
 
 
 class NSKeyedUnarchiver(NSCoder):
@@ -150,7 +186,7 @@ class NSKeyedUnarchiver(NSCoder):
                                   f"{type(obj).__name__}")
         if type(obj) is not cls:
             obj.__class__ = cls  # decoding as a base class yields the archived subclass
-        _codecs.decode_into(obj, self._fields, self._tensors, device or self._device)
+        _decode(self._class_name, obj, self._fields, self._tensors, device or self._device)
 
     @classmethod
     def unarchivedObject(cls, ofClass, data, /, *, device=None):
@@ -163,7 +199,7 @@ class NSKeyedUnarchiver(NSCoder):
             raise MPSArchiveError(f"NSKeyedUnarchiver.unarchivedObject: the archive holds a "
                                   f"{unarchiver._class_name}, not a {ofClass.__name__}")
         obj = stored.__new__(stored)
-        _codecs.decode_into(obj, unarchiver._fields, unarchiver._tensors, device)
+        _decode(unarchiver._class_name, obj, unarchiver._fields, unarchiver._tensors, device)
         return obj
 
 
@@ -179,9 +215,14 @@ def save(obj, path: str | os.PathLike) -> None:
 
 def load(path: str | os.PathLike, *, ofClass=object, device=None):
     """Read a secure archive written by ``save`` (our addition)."""
+    limit = config.max_archive_bytes()
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise MPSArchiveError(f"load: {os.fspath(path)!r} has {size} bytes; the limit is {limit} "
+                                      "(MPSCONV_MAX_ARCHIVE_BYTES)")
+            data = f.read(limit + 1)
     except OSError as exc:
         raise MPSArchiveError(f"load: cannot read {os.fspath(path)!r}: {exc.strerror}") from None
     return NSKeyedUnarchiver.unarchivedObject(ofClass, data, device=device)

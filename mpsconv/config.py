@@ -5,6 +5,10 @@
 ``MPSCONV_AUTOTUNE``   ``1`` (default) or ``0``: on CUDA, time the eligible backends once per problem
                        signature and keep the winner on disk; ``0`` takes the first eligible one.
 ``MPSCONV_CACHE_DIR``  where the autotuner's choices live (default ``$XDG_CACHE_HOME/mpsconv``).
+``MPSCONV_MAX_ARCHIVE_BYTES``  the largest secure archive that is read (default 1 GiB; ``K``, ``M``,
+                       ``G`` suffixes allowed).
+``MPSCONV_MEMORY_LIMIT``  bytes one encode may allocate on the CPU, images it allocates included
+                       (default: the memory the system reports available; suffixes as above).
 """
 from __future__ import annotations
 
@@ -65,3 +69,59 @@ def cache_dir() -> Path:
     if explicit:
         return Path(explicit)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mpsconv"
+
+
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _bytes(name: str, default: int | None) -> int | None:
+    raw = os.environ.get(name, "").strip().upper().removesuffix("B").removesuffix("I")
+    if not raw:
+        return default
+    number, suffix = (raw[:-1], raw[-1]) if raw[-1] in _SUFFIXES else (raw, "")
+    try:
+        value = int(float(number) * _SUFFIXES[suffix])
+    except ValueError:
+        raise ValueError(f"{name}={os.environ[name]!r} is not a byte count (e.g. 512M, 8G, 1073741824)") from None
+    if value <= 0:
+        raise ValueError(f"{name}={os.environ[name]!r} must be a positive byte count")
+    return value
+
+
+def max_archive_bytes() -> int:
+    """The largest archive ``NSKeyedUnarchiver`` and ``load`` read: ``$MPSCONV_MAX_ARCHIVE_BYTES``,
+    default 1 GiB (a 3x3 convolution of 4096 -> 4096 channels in float32 is 604 MB)."""
+    return _bytes("MPSCONV_MAX_ARCHIVE_BYTES", 1 << 30)
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+_limit_override = None
+
+
+def memory_limit() -> int:
+    """Bytes one CPU encode may allocate (``use_memory_limit``, else ``$MPSCONV_MEMORY_LIMIT``, else
+    the memory the system reports available now)."""
+    if _limit_override is not None:
+        return _limit_override
+    return _bytes("MPSCONV_MEMORY_LIMIT", None) or _available_memory()
+
+
+@contextlib.contextmanager
+def use_memory_limit(nbytes: int):
+    """Set the CPU memory limit for the block (process-wide, e.g. for tests)."""
+    global _limit_override
+    previous, _limit_override = _limit_override, int(nbytes)
+    try:
+        yield
+    finally:
+        _limit_override = previous

@@ -207,7 +207,7 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
                                "MPSCNNConvolutionWeightsAndBiasesState")
         state._check_for_encode(commandBuffer, owner, "state")
         shape = self._desc._weight_shape()
-        weights = state.weight_values(int(np.prod(shape)), owner).numpy().reshape(shape)
+        weights = state.weight_values(int(np.prod(shape)), owner).numpy().reshape(shape).copy()
         biases = state.bias_values(shape[0], owner)
         bias = np.zeros(shape[0], np.float32) if biases is None else biases.numpy().copy()
         self._install(replace(self._loaded, weights=round_weights(weights, self._loaded.kernel_weights_type),

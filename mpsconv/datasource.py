@@ -167,7 +167,7 @@ def load_weights(ds, owner: str, *, accumulator: MPSNNConvolutionAccumulatorPrec
         if data_type == MPSDataType.uInt8:
             weights = _dequantize(ds, raw.reshape(o, -1), owner).reshape(shape)
         else:
-            weights = raw.astype(np.float32).reshape(shape)
+            weights = raw.astype(np.float32, copy=False).reshape(shape)
         bias_data = ds.biasTerms()
         bias = np.zeros(o, np.float32) if bias_data is None else \
             read_array(bias_data, np.float32, o, owner, "dataSource.biasTerms()")
@@ -184,8 +184,9 @@ def load_weights(ds, owner: str, *, accumulator: MPSNNConvolutionAccumulatorPrec
 
 
 def round_weights(weights: np.ndarray, kernel_type: MPSDataType) -> np.ndarray:
-    """The weight-precision rule (§0.2): float16 round-to-nearest-even unless float32 is asked for."""
-    weights = weights.astype(np.float32)
+    """The weight-precision rule (§0.2): float16 round-to-nearest-even unless float32 is asked for.
+    Float32 ``weights`` asked to stay float32 come back as they are, not copied."""
+    weights = weights.astype(np.float32, copy=False)
     if kernel_type == MPSDataType.float16:
         weights = weights.astype(np.float16).astype(np.float32)
     return weights
