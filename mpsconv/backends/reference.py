@@ -52,7 +52,7 @@ def gather_windows(x: np.ndarray, problem: ConvProblem) -> np.ndarray:
     xs, x_in = taps(problem.tap0[1], ow, problem.stride[1], kw, problem.dilation[1], x.shape[2], problem.edge)
     windows = x[:, ys[:, None, :, None], xs[None, :, None, :], :]  # [n, oh, ow, kh, kw, C]
     mask = y_in[:, None, :, None] & x_in[None, :, None, :]
-    return windows * mask[None, :, :, :, :, None]
+    return np.where(mask[None, :, :, :, :, None], windows, 0.0)  # not windows·mask: inf·0 is NaN
 
 
 def depth_to_space(x: np.ndarray, r: int) -> np.ndarray:
@@ -84,6 +84,7 @@ def binary_accumulate(x: np.ndarray, windows: np.ndarray, problem: ConvProblem, 
     return acc * params.out_scale * beta + params.out_bias
 
 
+@np.errstate(all="ignore")  # IEEE special values are the semantics here, not accidents to warn about
 def forward(problem: ConvProblem, src: torch.Tensor, dst: torch.Tensor, prepared: Prepared) -> None:
     if problem.empty:
         return
@@ -103,9 +104,8 @@ def forward(problem: ConvProblem, src: torch.Tensor, dst: torch.Tensor, prepared
         out = np.einsum("nyxqpgc,goqpc->nyxgo", grouped, w, optimize=True).reshape(nb, oh, ow, -1)
         if prepared.bias is not None:
             out = out + prepared.bias
-    with np.errstate(all="ignore"):
-        prelu = None if prepared.prelu is None else prepared.prelu[: out.shape[-1]]
-        out = apply_neuron(out, problem.neuron, prelu, NUMPY_OPS)
+    prelu = None if prepared.prelu is None else prepared.prelu[: out.shape[-1]]
+    out = apply_neuron(out, problem.neuron, prelu, NUMPY_OPS)
     (y0, x0), (oh, ow), d0 = problem.out_origin, problem.out_size, problem.dst_channel0
     if problem.subpixel > 1:
         out = depth_to_space(out, problem.subpixel)[:, :oh, :ow]
@@ -114,6 +114,7 @@ def forward(problem: ConvProblem, src: torch.Tensor, dst: torch.Tensor, prepared
         stored.to(dst.device)
 
 
+@np.errstate(all="ignore")
 def gradient(problem: ConvProblem, src: torch.Tensor, e: torch.Tensor, weights: np.ndarray, device=None):
     """Spec §11.4, §11.5, literally: ``(dS, dW, dB)`` for the incoming gradient ``e`` ``[n, He, We, O]``.
 

@@ -9,7 +9,7 @@ ReLU. Everything that depends only on the problem is worked out once, in ``Plan`
 
 On the CPU, when PyTorch's oneDNN operators are there, weights are reordered once into oneDNN's
 blocked layout per geometry (``mkldnn_reorder_conv2d_weight``) and the convolution runs through
-``mkldnn._convolution_pointwise`` with ReLU as a fused post-op: the same oneDNN kernels as
+``mkldnn._convolution_pointwise``: the same oneDNN kernels as
 ``conv2d``, bit for bit, without reordering the weights on every call (what inductor does for
 frozen CPU models). Elsewhere ``torch.nn.functional.conv2d`` runs.
 """
@@ -45,7 +45,7 @@ def onednn_usable() -> bool:
         try:
             x = torch.ones(1, 4, 2, 2).to(memory_format=torch.channels_last)
             w = _reorder(torch.ones(4, 4, 1, 1), (0, 0), (1, 1), (1, 1), 1, (1, 4, 2, 2))
-            y = torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 0], [1, 1], [1, 1], 1, "relu", [], "")
+            y = torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
             _ONEDNN = bool(torch.backends.mkldnn.is_available()) and bool((y == 4).all())
         except Exception:
             _ONEDNN = False
@@ -228,13 +228,14 @@ class Plan:
         # Epilogue: what is left after the convolution (and its bias).
         neuron = p.neuron
         relu = neuron.type == MPSCNNNeuronType.reLU and neuron.a == 0.0
-        self.post_op = "relu" if self.onednn and relu else "none"  # oneDNN applies it as a post-op
-        self.apply_neuron = neuron.type != MPSCNNNeuronType.none and self.post_op == "none"
+        # Not oneDNN's relu post-op: it maps NaN and -inf to 0 (docs/reliability.md "Numerics"); its
+        # output is copied into the destination anyway, and leaky_relu(out=) is that copy.
+        self.apply_neuron = neuron.type != MPSCNNNeuronType.none
         if p.subpixel > 1 or p.binary >= 0 or self.dst_format not in _FLOAT_FORMATS:
             self.epilogue = _GENERAL  # neuron, depth-to-space, format conversion as needed
         elif not self.apply_neuron:
             self.epilogue = _COPY
-        elif relu and self.dst_format == F.float32:  # clamp_min(out=) needs out's dtype to be y's
+        elif relu and self.dst_format == F.float32:  # leaky_relu(out=) needs out's dtype to be y's
             self.epilogue = _RELU
         else:
             self.epilogue = _GENERAL
@@ -337,7 +338,7 @@ def run(bound: Bound, prepared: Prepared) -> None:
                 y = y + prepared.bias.view(1, -1, 1, 1)
     elif plan.onednn:
         y = torch.ops.mkldnn._convolution_pointwise(x, prepared.packed(plan), prepared.bias, plan.conv_padding,
-                                                    p.stride, p.dilation, p.groups, plan.post_op, [], "")
+                                                    p.stride, p.dilation, p.groups, "none", [], "")
     else:
         y = plan.conv2d(x, prepared.weights, prepared.bias, p.stride, plan.conv_padding, p.dilation, p.groups)
     if plan.out_crop is not None:
@@ -346,7 +347,9 @@ def run(bound: Bound, prepared: Prepared) -> None:
     if plan.epilogue == _COPY:
         out.copy_(y)
     elif plan.epilogue == _RELU:
-        torch.clamp_min(y, 0.0, out=out)  # ReLU and the write into the slice in one pass
+        # ReLU and the write into the slice in one pass; leaky_relu with slope 0, not clamp_min, so that
+        # -inf gives the formula's 0·(-inf) = NaN (docs/reliability.md "Numerics")
+        torch.ops.aten.leaky_relu.out(y, 0.0, out=out)
     else:
         if plan.apply_neuron:
             y = _neuron(y, p, prepared)
@@ -389,11 +392,10 @@ def _triton_epilogue_usable(p: ConvProblem) -> bool:
 def _neuron(y: torch.Tensor, p: ConvProblem, prepared: Prepared) -> torch.Tensor:
     neuron = p.neuron
     if neuron.type == MPSCNNNeuronType.reLU:
-        # FORMULAS' where(x >= 0, x, a·x) as one pass instead of four: in place on the convolution's
-        # own output, out of place for a neuron kernel, whose y is a view of the source image.
-        if p.identity:
-            return torch.clamp_min(y, 0.0) if neuron.a == 0.0 else Fn.leaky_relu(y, neuron.a)
-        return y.clamp_min_(0.0) if neuron.a == 0.0 else Fn.leaky_relu_(y, neuron.a)
+        # FORMULAS' where(x >= 0, x, a·x) as one pass instead of four (with a = 0 too: -inf gives
+        # 0·(-inf) = NaN, as the formula does): in place on the convolution's own output, out of
+        # place for a neuron kernel, whose y is a view of the source image.
+        return Fn.leaky_relu(y, neuron.a) if p.identity else Fn.leaky_relu_(y, neuron.a)
     prelu = None if prepared.prelu is None else prepared.prelu[: y.shape[1]]
     return apply_neuron(y, neuron, prelu, TORCH_OPS)
 
