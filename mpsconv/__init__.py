@@ -6,7 +6,7 @@ Public names keep Apple's Swift spellings (``MPSCNNConvolution``, ``kernelWidth`
 """
 from .binary import MPSCNNBinaryConvolution, MPSCNNBinaryFullyConnected
 from .coding import NSCoder, NSKeyedArchiver, NSKeyedUnarchiver, load, save
-from .config import use_backend
+from .config import use_backend, use_memory_limit
 from .convolution import MPSCNNConvolution, MPSCNNFullyConnected
 from .datasource import MPSCNNConvolutionDataSource
 from .descriptor import (
@@ -16,7 +16,7 @@ from .descriptor import (
     MPSNNConvolutionAccumulatorPrecisionOption,
 )
 from .errors import (
-    MPSArchiveError, MPSCommandBufferError, MPSConvError, MPSDeviceError, MPSTypeError, MPSValueError,
+    MPSArchiveError, MPSCommandBufferError, MPSConvError, MPSDeviceError, MPSMemoryError, MPSTypeError, MPSValueError,
 )
 from .geometry import MPSNNPaddingMethod
 from .image import (
@@ -62,4 +62,4 @@ __version__ = "0.1.0"
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in {
     "coding", "config", "convolution", "datasource", "descriptor", "errors", "geometry", "image", "kernel",
-    "metal", "neuron", "types", "backends", "transpose", "binary", "state", "gradient", "layout", "cli"}]
+    "metal", "memory", "neuron", "types", "backends", "transpose", "binary", "state", "gradient", "layout", "cli"}]

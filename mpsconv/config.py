@@ -108,12 +108,24 @@ def _available_memory() -> int:
 _limit_override = None
 
 
-def memory_limit() -> int:
-    """Bytes one CPU encode may allocate (``use_memory_limit``, else ``$MPSCONV_MEMORY_LIMIT``, else
-    the memory the system reports available now)."""
+_limit_env: tuple[str | None, int | None] = (None, None)
+
+
+def explicit_memory_limit() -> int | None:
+    """The CPU limit set by ``use_memory_limit`` or ``$MPSCONV_MEMORY_LIMIT``, else None."""
+    global _limit_env
     if _limit_override is not None:
         return _limit_override
-    return _bytes("MPSCONV_MEMORY_LIMIT", None) or _available_memory()
+    raw = os.environ.get("MPSCONV_MEMORY_LIMIT")
+    if raw != _limit_env[0]:  # parsed once per value: this runs on every encode
+        _limit_env = (raw, _bytes("MPSCONV_MEMORY_LIMIT", None))
+    return _limit_env[1]
+
+
+def memory_limit() -> int:
+    """Bytes one CPU encode may allocate: the explicit limit, else the memory the system reports
+    available now."""
+    return explicit_memory_limit() or _available_memory()
 
 
 @contextlib.contextmanager

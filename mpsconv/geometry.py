@@ -17,7 +17,7 @@ cross-correlation of the source, read through the edge mode, starting at ``tap0`
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import MPSValueError
 
@@ -250,12 +250,39 @@ class ConvProblem:
     def extent(self, axis: int) -> int:
         return dilated_extent(self.kernel[axis], self.dilation[axis])
 
+    def read_elements(self) -> int:
+        """Source values the clip region's windows span (images x rows x columns x channels)."""
+        (y0, y1), (x0, x1) = self.read_range(0), self.read_range(1)
+        return self.n_images * (y1 - y0 + 1) * (x1 - x0 + 1) * self.in_channels
+
+    def out_elements(self) -> int:
+        """Values the convolution computes before any depth-to-space (images x grid x channels)."""
+        return self.n_images * self.grid[0] * self.grid[1] * self.out_channels
+
     def read_range(self, axis: int) -> tuple[int, int]:
         """First and last source coordinate the clip region reads on ``axis`` (may lie outside)."""
         first = self.tap0[axis]
         last = first + (self.grid[axis] - 1) * self.stride[axis] + self.extent(axis) - 1
         return first, last
 
+
+
+def tiles(problem: ConvProblem, rows: int, images: int) -> list[ConvProblem]:
+    """``problem`` cut into pieces of at most ``rows`` rows of its ``grid`` and ``images`` images,
+    which together write exactly what it writes (each destination pixel depends only on its own
+    window, so the pieces are independent). A sub-pixel piece covers ``r`` destination rows per grid
+    row; the last one ends at the clip region's edge."""
+    p, r = problem, problem.subpixel
+    (gh, _), (oh, ow), (oy, ox) = p.grid, p.out_size, p.out_origin
+    pieces = []
+    for i0 in range(0, p.n_images, images):
+        n = min(images, p.n_images - i0)
+        for g0 in range(0, gh, rows):
+            g1 = min(g0 + rows, gh)
+            pieces.append(replace(p, n_images=n, src_image0=p.src_image0 + i0, dst_image0=p.dst_image0 + i0,
+                                  out_origin=(oy + g0 * r, ox), out_size=(min(g1 * r, oh) - g0 * r, ow),
+                                  tap0=(p.tap0[0] + g0 * p.stride[0], p.tap0[1])))
+    return pieces
 
 
 def source_region(

@@ -8,6 +8,7 @@ float32) and converted on read and write as Metal does (spec ``kernel-image.md``
 from __future__ import annotations
 
 import enum
+import math
 import warnings
 from typing import Callable, NamedTuple, Sequence
 
@@ -438,8 +439,17 @@ class MPSImage:
     def _ensure_storage(self) -> torch.Tensor:
         if self._storage is None:
             self._check_alive("MPSImage")
-            self._storage = torch.zeros(self._n, self._h, self._w, 4 * slices_for(self._c),
-                                        dtype=STORAGE_DTYPE[self._format], device=self._device.torch_device)
+            shape = (self._n, self._h, self._w, 4 * slices_for(self._c))
+            try:
+                self._storage = torch.zeros(shape, dtype=STORAGE_DTYPE[self._format], device=self._device.torch_device)
+            except RuntimeError as exc:
+                from .memory import allocation_failed, out_of_memory  # memory -> image
+
+                if not out_of_memory(exc):
+                    raise
+                nbytes = math.prod(shape) * STORAGE_DTYPE[self._format].itemsize
+                raise allocation_failed(f"{type(self).__name__} ({self._w}x{self._h}, {self._c} channels, "
+                                        f"{self._n} images)", nbytes, exc) from exc
         return self._storage
 
     def _check_alive(self, owner: str) -> None:

@@ -16,7 +16,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from . import backends, config
+from . import backends, config, memory
 from .errors import (
     MPSDeviceError, MPSTypeError, MPSValueError,
 )
@@ -240,6 +240,7 @@ class _Pending(NamedTuple):
     problem: ConvProblem
     backend: object
     plan: object
+    scratch: int  # the backend's scratch bytes for the whole problem
     source: MPSImage
     destination: MPSImage
 
@@ -522,18 +523,46 @@ class MPSCNNKernel(MPSKernel):
         entry = cache.get(key)
         if entry is None:
             problem = self._resolve(source, destination, owner)
-            entry = (problem, *backends.choose(problem, self._device))
+            backend, plan = backends.choose(problem, self._device)
+            entry = (problem, backend, plan, 0 if problem.empty else backend.scratch_bytes(problem))
             if len(cache) >= 64:
                 cache.clear()
             cache[key] = entry
         return entry
 
-    def _record(self, cb: MTLCommandBuffer, pending: list[_Pending]) -> None:
-        """Record validated work, then consume one read of each distinct temporary source."""
+    def _fit(self, pending: list[_Pending], owner: str) -> list:
+        """Per pending item, None (run it whole) or its tiles' ``(backend, plan)``: the tiles that keep
+        the scratch memory under the budget (``memory``). Raises ``MPSMemoryError`` when the storage
+        the encode allocates plus its largest scratch would not fit."""
+        new = memory.unallocated_bytes([image for item in pending for image in (item.source, item.destination)])
+        budget = memory.tile_budget(self._device, new + max(item.scratch for item in pending))
+        if budget is None:
+            return [None] * len(pending)
+        pieces, peak = [], 0
         for item in pending:
-            if not item.problem.empty:
-                prepared = self._prepared(item.backend, item.problem.src_format)
+            if item.scratch <= budget:
+                pieces.append(None)
+                peak = max(peak, item.scratch)
+                continue
+            parts = memory.split(item.problem, item.backend, budget)
+            peak = max(peak, *(item.backend.scratch_bytes(part) for part in parts))
+            pieces.append([(item.backend, backends.plan(item.backend, part, self._device)) for part in parts])
+        memory.check(owner, self._device, new, peak)
+        return pieces
+
+    def _record(self, cb: MTLCommandBuffer, pending: list[_Pending], pieces: list) -> None:
+        """Record validated work (whole, or as the tiles ``_fit`` chose), then consume one read of
+        each distinct temporary source."""
+        for item, tiles in zip(pending, pieces):
+            if item.problem.empty:
+                continue
+            prepared = self._prepared(item.backend, item.problem.src_format)
+            if tiles is None:
                 cb._record(_Work(item.backend, self._bound(item), prepared, self))
+                continue
+            src, dst = item.source._ensure_storage(), item.destination._ensure_storage()
+            for backend, plan in tiles:
+                cb._record(_Work(backend, backend.bind(plan, src, dst), prepared, self))
         seen = set()
         for item in pending:
             if id(item.source) not in seen:
@@ -587,7 +616,7 @@ class MPSCNNKernel(MPSKernel):
                 pending.append(_Pending(*self._plan(src, dst, owner), src, dst))
             if batch:
                 _check_uniform_batch(sources, owner, "sourceImages")
-            self._record(cb, pending)
+            self._record(cb, pending, self._fit(pending, owner))
         finally:
             cb._end_encode()
 

@@ -599,9 +599,19 @@ class MTLCommandBuffer:
         self._queue._drain()
 
     def _fail(self, exc: BaseException) -> None:
-        """The error lands in status / error, as on Metal."""
-        self._error = NSError(MTLCommandBufferErrorDomain, MTLCommandBufferError.internal,
-                              f"{type(exc).__name__}: {exc}", exc)
+        """The error lands in status / error, as on Metal; running out of memory is ``outOfMemory``,
+        with an ``MPSMemoryError`` as the underlying error (and PyTorch's unused cached blocks are
+        released, so that later command buffers have the memory this one could not get)."""
+        from .memory import allocation_failed, out_of_memory  # memory -> image -> metal
+
+        code = MTLCommandBufferError.internal
+        if out_of_memory(exc):
+            code = MTLCommandBufferError.outOfMemory
+            cause, exc = exc, allocation_failed("MTLCommandBuffer: the work", None, exc)
+            exc.__cause__ = cause
+            if self._device.is_cuda:
+                torch.cuda.empty_cache()
+        self._error = NSError(MTLCommandBufferErrorDomain, code, f"{type(exc).__name__}: {exc}", exc)
         self._status = MTLCommandBufferStatus.error
 
     def _complete(self) -> None:

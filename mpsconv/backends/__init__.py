@@ -4,7 +4,9 @@ A backend has ``name``, ``supports(problem, device) -> bool``, ``prepare(weights
 device)`` (converts a kernel's effective parameters once into its layout), ``plan(problem, device)``
 (whatever it can work out once per problem), ``bind(plan, src, dst)`` (whatever it can work out
 once per encode: views of the source and destination storage), ``run(bound, prepared)`` (at
-commit: reads the source storage, writes the destination storage) and ``gradient`` (or None).
+commit: reads the source storage, writes the destination storage), ``scratch_bytes(problem)``
+(at most the temporary memory ``run`` allocates; ``memory`` tiles problems by it) and
+``gradient`` (or None).
 A backend with launch configurations also has ``variants(problem)`` and takes one as ``plan``'s
 third argument. Kernels cache plans and prepared parameters; an encode records one bound call.
 """
@@ -65,10 +67,11 @@ def choose(problem, device):
         eligible = [backend] if backend is not None else [b for b in candidates(problem, device)
                                                           if b.name != "reference"]
         backend, variant = tuning.choose(problem, device, eligible)
-        return backend, _plan(backend, problem, device, variant)
+        return backend, plan(backend, problem, device, variant)
     backend = backend or select(problem, device)
-    return backend, None if problem.empty else _plan(backend, problem, device, None)
+    return backend, None if problem.empty else plan(backend, problem, device)
 
 
-def _plan(backend, problem, device, variant):
+def plan(backend, problem, device, variant=None):
+    """``backend``'s plan for ``problem``, in its launch configuration ``variant`` if one is given."""
     return backend.plan(problem, device, variant) if variant else backend.plan(problem, device)

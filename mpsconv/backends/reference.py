@@ -159,6 +159,14 @@ class _Reference:
         return Prepared(weights, bias, prelu)
 
     @staticmethod
+    def scratch_bytes(problem: ConvProblem) -> int:
+        """At most what ``forward`` allocates (float64): the whole source slice converted, every tap
+        of every output (twice, gathered and masked), the sums and the neuron's copies."""
+        p = problem
+        (h, w), taps = p.expanded_size, p.kernel[0] * p.kernel[1]
+        return 8 * (2 * p.n_images * h * w * p.in_channels + 2 * taps * p.out_elements() // p.out_channels
+                    * p.in_channels + 4 * p.out_elements())
+    @staticmethod
     def plan(problem, device) -> ConvProblem:
         return problem
 

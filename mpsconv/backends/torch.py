@@ -606,6 +606,12 @@ class _Torch:
     def prepare(weights, bias, prelu, device) -> Prepared:
         return Prepared(weights, bias, prelu, device)
 
+    @staticmethod
+    def scratch_bytes(problem: ConvProblem) -> int:
+        """At most what ``run`` allocates besides the images (float32): the read window converted
+        and padded, the convolution's output, and the neuron's and the store's copies of it."""
+        return 4 * (2 * problem.read_elements() + 3 * problem.out_elements())
+
     plan = staticmethod(Plan)
     bind = staticmethod(Bound)
     run = staticmethod(run)

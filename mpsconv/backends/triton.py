@@ -360,6 +360,12 @@ class _Triton:
     def variants(problem) -> list[str]:
         return [str(c) for c in configs(problem)]
 
+    @staticmethod
+    def scratch_bytes(problem: ConvProblem) -> int:
+        """The split-K workspace of the widest split offered for ``problem`` (float32), else 0."""
+        split = max(c.split for c in configs(problem))
+        return 0 if split == 1 else 4 * split * problem.out_elements()
+
     bind = staticmethod(Bound)
     run = staticmethod(run)
     gradient = None  # gradients run through the torch backend (cuDNN)

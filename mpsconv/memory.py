@@ -1,0 +1,101 @@
+"""Memory for an encode: what it will allocate, whether that fits, and the tiles that make it fit.
+
+Metal would fail a command buffer that runs out of memory; we refuse the encode instead, before it
+records anything or allocates a storage (docs/reliability.md "Memory"). An encode allocates the
+storage of images it is the first to touch (an allocating encode's destination, a never-written
+source) and the backend's scratch memory (``scratch_bytes``). Scratch grows with the image, so a
+problem whose scratch exceeds the tile budget runs as bands of rows (``geometry.tiles``): the
+images must fit, their scratch need not.
+
+CPU: the limit is ``config.memory_limit()`` (``MPSCONV_MEMORY_LIMIT``, else the memory the system
+reports available). CUDA: the GPU's free memory plus what PyTorch's allocator holds unused.
+Encodes needing less than ``SMALL`` are not measured against the system (reading it costs more
+than such an encode), only against an explicit limit.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import config
+from .errors import MPSMemoryError
+from .geometry import ConvProblem, tiles
+from .image import STORAGE_DTYPE
+
+SMALL = 64 << 20
+#: The largest scratch one tile may take: a quarter of the limit, at most this.
+TILE_BYTES = 1 << 30
+
+
+def storage_bytes(image) -> int:
+    """Bytes of an image's storage (``numberOfImages x H x W x 4·slices`` elements)."""
+    root = image._root
+    return root._n * root._h * root._w * 4 * (-(-root._c // 4)) * STORAGE_DTYPE[root._format].itemsize
+
+
+def unallocated_bytes(images) -> int:
+    """Bytes the storages of ``images`` not yet allocated will take (each root once)."""
+    roots = {id(image._root): image._root for image in images if image._root._storage is None}
+    return sum(storage_bytes(root) for root in roots.values())
+
+
+def limit(device) -> int:
+    """Bytes an encode on ``device`` may allocate now."""
+    if device.is_cuda:
+        free, _ = torch.cuda.mem_get_info(device.torch_device)
+        cached = torch.cuda.memory_reserved(device.torch_device) - torch.cuda.memory_allocated(device.torch_device)
+        return free + cached
+    return config.memory_limit()
+
+
+def tile_budget(device, required: int) -> int | None:
+    """The scratch one tile may take, or None when ``required`` bytes are too few to look."""
+    explicit = None if device.is_cuda else config.explicit_memory_limit()
+    if explicit is None and required < SMALL:
+        return None
+    return max(1, min(TILE_BYTES, (explicit or limit(device)) // 4))
+
+
+def split(problem: ConvProblem, backend, budget: int) -> list[ConvProblem]:
+    """``problem`` cut into the fewest row bands (then image groups) whose scratch fits ``budget``;
+    ``[problem]`` when it fits whole or cannot be cut finer."""
+    scratch = backend.scratch_bytes
+    if scratch(problem) <= budget or problem.empty:
+        return [problem]
+    per_image = scratch(tiles(problem, problem.grid[0], 1)[0])
+    if per_image <= budget:
+        return tiles(problem, problem.grid[0], max(1, budget // per_image))
+    per_row = scratch(tiles(problem, 1, 1)[0])
+    return tiles(problem, max(1, budget // per_row), 1)
+
+
+def check(owner: str, device, new_bytes: int, scratch: int) -> None:
+    """Raise ``MPSMemoryError`` unless ``new_bytes`` of storage plus ``scratch`` fit on ``device``."""
+    required = new_bytes + scratch
+    explicit = None if device.is_cuda else config.explicit_memory_limit()
+    if explicit is None and required < SMALL:
+        return
+    available = explicit or limit(device)
+    if required > available:
+        where = "on the GPU" if device.is_cuda else "(MPSCONV_MEMORY_LIMIT or mpsconv.use_memory_limit)"
+        raise MPSMemoryError(
+            f"{owner}: the encode needs {_size(required)} ({_size(new_bytes)} for image storage it allocates, "
+            f"{_size(scratch)} of scratch); {_size(available)} is available {where}. Nothing was encoded; "
+            "use smaller or fewer images, or raise the limit")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator's out-of-memory error (the CPU allocator raises RuntimeError)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "alloc" in str(exc))
+
+
+def allocation_failed(owner: str, nbytes: int | None, exc: BaseException) -> MPSMemoryError:
+    """The allocator's own out-of-memory error, as ours."""
+    what = "memory" if nbytes is None else _size(nbytes)
+    return MPSMemoryError(f"{owner}: allocating {what} failed: {type(exc).__name__}: {exc}")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
