@@ -1,0 +1,244 @@
+"""The public surface under arbitrary input (issue 7, item 1).
+
+A drawn scenario builds a descriptor, sets its fields, builds a kernel from weights (of any
+length, type and content), sets the kernel's properties, makes images of any shape and format,
+and encodes: each step with values that are mostly valid and often not. Every step either
+succeeds or raises an ``MPSConvError`` whose message names what was wrong (the field, or the
+class whose argument it was); never another exception. After a refused encode the destination is
+bit for bit what it was and nothing is recorded; after a successful one the command buffer
+completes and the destination matches the reference backend's (NaN where it has NaN).
+
+CI draws a few hundred scenarios; tests/fuzz/ runs 20,000 or more.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from hypothesis import given, note, settings, strategies as st
+
+from helpers import DEVICE, FMT, QUEUE, ArraySource
+from mpsconv import (
+    MPSCNNConvolution, MPSCNNConvolutionDescriptor, MPSCNNConvolutionTranspose, MPSCNNDepthWiseConvolutionDescriptor,
+    MPSCNNFullyConnected, MPSCNNSubPixelConvolutionDescriptor, MPSConvError, MPSImage, MPSImageDescriptor,
+    MPSNNDefaultPadding, MPSNNNeuronDescriptor, MPSOffset, MTLOrigin, MTLRegion, MTLSize, use_backend,
+)
+from mpsconv.tolerances import mismatches
+
+# -- values: mostly valid, often not
+
+small = st.integers(1, 5)
+hostile_int = st.one_of(st.integers(-3, 0), st.sampled_from([2**31, 2**63 - 1, 10**20]), st.floats(allow_nan=True),
+                        st.just("3"), st.none(), st.booleans(), st.just([1]))
+
+
+def sometimes(valid, invalid=hostile_int, p=12):
+    """``valid`` about ``p`` times in ``p + 1``, else ``invalid`` (shrinking toward valid)."""
+    return st.sampled_from([True] * p + [False]).flatmap(lambda ok: valid if ok else invalid)
+
+
+FLOATS = st.floats(-2, 2, width=32) | st.sampled_from([math.nan, math.inf, -math.inf, 0.0])
+FORMATS = sometimes(st.sampled_from([FMT.float32, FMT.float16, FMT.bfloat16, FMT.unorm8, FMT.unorm16]),
+                    st.sampled_from([0, 5, 6, 99, "float32", None]), p=10)
+
+
+@st.composite
+def weight_arrays(draw, count: int):
+    """Weights for ``count`` values: right or wrong length, dtype, layout, content."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["ok"] * 12 + ["nan", "strided", "readonly", "list", "bytes", "tensor", "float64",
+                                              "int"] * 2 + ["length", "0-d", "complex", "object", "str", "bool"]))
+    n = count if kind != "length" else draw(st.sampled_from([0, 1, max(0, count - 1), count + 1, 2 * count]))
+    values = rng.uniform(-1, 1, n).astype(np.float32)
+    if kind == "nan":
+        values[rng.integers(0, max(1, n), 3) % max(1, n)] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    if kind == "strided":
+        return np.repeat(values, 2)[::2]
+    if kind == "readonly":
+        values.setflags(write=False)
+    if kind == "0-d":
+        return np.array(values[0] if n else 1.0, np.float32)
+    if kind == "list":
+        return values.tolist()
+    if kind == "bytes":
+        return values.tobytes()
+    if kind == "tensor":
+        return torch.from_numpy(values)
+    if kind == "float64":
+        return values.astype(np.float64)
+    if kind == "int":
+        return rng.integers(-2, 3, n)
+    if kind == "complex":
+        return values.astype(np.complex64)
+    if kind == "object":
+        return np.array([None] * n, dtype=object)
+    if kind == "str":
+        return np.array(["1.0"] * n)
+    if kind == "bool":
+        return values > 0
+    return values
+
+
+@st.composite
+def scenarios(draw):
+    """A list of ``(step name, field, callable(state))`` making and encoding one kernel."""
+    steps = []
+    kind = draw(st.sampled_from(["plain", "plain", "depthwise", "subpixel"]))
+    kw, kh, cin, cout, r = draw(small), draw(small), draw(st.integers(1, 9)), draw(st.integers(1, 9)), 1
+    if kind == "depthwise":
+        cout = cin
+    if kind == "subpixel":
+        r = draw(st.integers(1, 3))
+        cout = r * r * draw(st.integers(1, 3))
+    cls = {"plain": MPSCNNConvolutionDescriptor, "depthwise": MPSCNNDepthWiseConvolutionDescriptor,
+           "subpixel": MPSCNNSubPixelConvolutionDescriptor}[kind]
+    sizes = {name: draw(sometimes(st.just(value), p=40)) for name, value in (
+        ("kernelWidth", kw), ("kernelHeight", kh), ("inputFeatureChannels", cin), ("outputFeatureChannels", cout))}
+    steps.append(("descriptor", cls.__name__, lambda s: s.update(desc=cls(**sizes))))
+    fields = {"strideInPixelsX": sometimes(small), "strideInPixelsY": sometimes(small),
+              "dilationRateX": sometimes(st.integers(1, 3)), "dilationRateY": sometimes(st.integers(1, 3)),
+              "groups": sometimes(st.sampled_from([1] * 6 + [2, 3, 4]))}
+    if kind == "subpixel":
+        fields["subPixelScaleFactor"] = sometimes(st.just(r))
+    for name in draw(st.lists(st.sampled_from(sorted(fields)), unique=True, max_size=3)):
+        value = draw(fields[name])
+        steps.append(("descriptor field", name, lambda s, n=name, v=value: setattr(s["desc"], n, v)))
+    if draw(st.booleans()):
+        neuron_type = draw(sometimes(st.integers(0, 15), st.sampled_from([16, 17, -1, "reLU", None])))
+        a, b, c = draw(FLOATS), draw(FLOATS), draw(FLOATS)
+        steps.append(("neuron", "MPSNNNeuronDescriptor", lambda s: s.update(
+            neuron=MPSNNNeuronDescriptor.cnnNeuronDescriptor(neuron_type, a=a, b=b, c=c))))
+        steps.append(("descriptor field", "fusedNeuronDescriptor",
+                      lambda s: setattr(s["desc"], "fusedNeuronDescriptor", s["neuron"])))
+
+    per_out = kh * kw * (1 if kind == "depthwise" else cin)
+    weights = draw(weight_arrays(cout * per_out))
+    bias = draw(st.one_of(st.none(), weight_arrays(cout)))
+    kernel_cls = draw(sometimes(st.just(MPSCNNConvolution) if kind != "plain" else st.sampled_from(
+        [MPSCNNConvolution] * 3 + [MPSCNNFullyConnected, MPSCNNConvolutionTranspose]),
+        st.sampled_from([MPSCNNFullyConnected, MPSCNNConvolutionTranspose])))
+    steps.append(("kernel", kernel_cls.__name__, lambda s: s.update(
+        kernel=kernel_cls(device=DEVICE, weights=ArraySource(s["desc"], weights, bias)))))
+
+    coord = sometimes(st.integers(-3, 6), st.sampled_from([2**31, -2**31 - 1, 2**62, math.nan, "1", None]), p=12)
+    props = {
+        "offset": st.builds(MPSOffset, coord, coord, sometimes(st.just(0), st.integers(-1, 2))),
+        "clipRect": st.one_of(st.builds(lambda ox, oy, w, h: MTLRegion(MTLOrigin(ox, oy, 0), MTLSize(w, h, 1)),
+                                        coord, coord, coord, coord),
+                              st.sampled_from(["(0,0,0,1,1,1)", None])),
+        "edgeMode": sometimes(st.sampled_from([0, 1]), st.sampled_from([2, -1, "zero", None])),
+        "destinationFeatureChannelOffset": sometimes(st.sampled_from([0, 0, 4, 8]), st.sampled_from([1, 3, -4])),
+        "sourceFeatureChannelOffset": sometimes(st.sampled_from([0, 0, 4]), st.sampled_from([1, 2, -4, 10**9])),
+        "sourceFeatureChannelMaxCount": sometimes(st.sampled_from([2**64 - 1, 4, 8, 3]),
+                                                  st.sampled_from([0, -1, "all"])),
+        "padding": st.builds(MPSNNDefaultPadding.padding, sometimes(st.sampled_from([0x10, 0x1C, 0x00, 0x14]),
+                                                                    st.sampled_from([0x3, 0x8000, -1]))),
+    }
+    for name in draw(st.lists(st.sampled_from(sorted(props)), unique=True, max_size=4)):
+        value = draw(props[name])
+        steps.append(("kernel property", name, lambda s, n=name, v=value: setattr(s["kernel"], n, v)))
+
+    def image_spec(channels):
+        """Mostly one image of the kernel's channels; sometimes batches, other channel counts, and
+        sizes no image can have."""
+        images = sometimes(st.sampled_from([1, 1, 1, 2, 3]), st.sampled_from([-1, 0]))
+        count = sometimes(st.sampled_from([channels] * 3 + list(range(1, 13))), st.sampled_from([0, -1, 2**40]))
+        return st.tuples(images, st.integers(1, 9), st.integers(1, 9), count, FORMATS)
+
+    src_spec = draw(image_spec(cin))
+    dst_spec = draw(sometimes(image_spec(cout // (r * r) if kind == "subpixel" else cout), st.none(), p=3))
+    # None: the allocating encode
+    seed = draw(st.integers(0, 2**32 - 1))
+    steps.append(("image", "sourceImage", lambda s: s.update(src=_image(src_spec, seed))))
+    if dst_spec is not None:
+        steps.append(("image", "destinationImage", lambda s: s.update(dst=_image(dst_spec, seed + 1))))
+    steps.append(("encode", "encode", None))
+    return steps
+
+
+def _image(spec, seed):
+    """An image of ``spec`` holding random values (some outside unorm's [0, 1]), written through
+    ``torch()`` (float formats) or ``from_numpy`` (unorm)."""
+    n, h, w, c, fmt = spec
+    image = MPSImage(device=DEVICE, imageDescriptor=MPSImageDescriptor(
+        channelFormat=fmt, width=w, height=h, featureChannels=c, numberOfImages=n))
+    if n * h * w * c <= 1 << 16:
+        values = torch.from_numpy(np.random.default_rng(seed).uniform(-1.5, 1.5, (n, h, w, c)))
+        if image.featureChannelFormat in (FMT.float32, FMT.float16, FMT.bfloat16):
+            image.torch()[...] = values.to(image.torch().dtype)
+        else:
+            image = MPSImage.from_numpy(values, featureChannelFormat=image.featureChannelFormat, device=DEVICE)
+    return image
+
+
+def _encode(state, backend):
+    """Encode ``state``'s kernel with ``backend``; returns (command buffer, destination)."""
+    kernel, src, dst = state["kernel"], state["src"], state.get("dst")
+    with use_backend(backend):
+        cb = QUEUE.makeCommandBuffer()
+        if dst is None:
+            kernel.destinationImageAllocator = MPSImage.defaultAllocator()  # readable on the CPU
+            dst = kernel.encode(commandBuffer=cb, sourceImage=src)
+        else:
+            kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+    return cb, dst
+
+
+def _named(exc: MPSConvError, field: str, owner: str) -> bool:
+    text = str(exc)
+    return field in text or owner in text
+
+
+def run_scenario(steps, backend="torch"):
+    state = {}
+    for step, field, action in steps:
+        note(f"{step} {field}")
+        if step == "encode":
+            break
+        try:
+            action(state)
+        except MPSConvError as exc:
+            owner = {"descriptor field": type(state.get("desc")).__name__, "image": "MPSImage",
+                     "kernel property": type(state.get("kernel")).__name__}.get(step, field)
+            assert _named(exc, field, owner), f"{step} {field}: the message does not name it: {exc}"
+            return "refused at " + step
+    else:
+        raise AssertionError("no encode step")
+    dst = state.get("dst")
+    before = None if dst is None or dst._storage is None else dst._storage.clone()
+    kernel = state["kernel"]
+    saved = (kernel.offset, kernel.edgeMode)
+    try:
+        cb, out = _encode(state, backend)
+    except MPSConvError as exc:
+        assert _named(exc, "encode", type(kernel).__name__), f"encode: {exc}"
+        if dst is not None:
+            assert (dst._storage is None if before is None else torch.equal(dst._storage, before)), \
+                "a refused encode changed (or allocated) the destination"
+        return "refused at encode"
+    cb.commit()
+    cb.waitUntilCompleted()
+    # the same encode on the reference backend, into a destination holding the same bits
+    kernel.offset, kernel.edgeMode = saved  # an allocating encode sets offset; start from the same one
+    if dst is not None:
+        state["dst"] = MPSImage(device=DEVICE, imageDescriptor=MPSImageDescriptor(
+            channelFormat=dst.featureChannelFormat, width=dst.width, height=dst.height,
+            featureChannels=dst.featureChannels, numberOfImages=dst.numberOfImages))
+        if before is not None:
+            state["dst"]._ensure_storage().copy_(before)
+    ref_cb, expected = _encode(state, "reference")
+    ref_cb.commit()
+    ref_cb.waitUntilCompleted()
+    got, want = out.numpy().astype(np.float64), expected.numpy().astype(np.float64)
+    fmt = FMT(out.featureChannelFormat).name
+    bad = mismatches(got, want, fmt)
+    assert not bad.any(), f"{int(bad.sum())} values differ from the reference ({fmt}); first at " \
+                          f"{tuple(np.argwhere(bad)[0])}: {got[bad][0]} vs {want[bad][0]}"
+    return "encoded"
+
+
+@settings(max_examples=max(300, settings.default.max_examples))  # the fuzz job's profile sets more
+@given(scenarios())
+def test_every_call_succeeds_and_matches_the_reference_or_raises_a_named_error(steps):
+    run_scenario(steps)
