@@ -248,3 +248,96 @@ def test_mixed_source_and_destination_formats(formats, backend):
     got = run(k, src, img(gpu(), np.zeros((2, 9, 8, 16)), dst_fmt), backend)
     want = run(k, src, img(gpu(), np.zeros((2, 9, 8, 16)), dst_fmt), "reference")
     assert_close(got, want, dst_fmt.name, f"{src_fmt.name} -> {dst_fmt.name} {backend}")
+
+
+# -- issue 7 on the GPU: memory and threads
+
+
+def test_out_of_memory_while_running_fails_the_buffer_and_later_buffers_work(monkeypatch):
+    """A CUDA allocator failure during the work: status error, code outOfMemory, an MPSMemoryError
+    underneath, raised by waitUntilCompleted; the next command buffer runs normally."""
+    from mpsconv import MPSCommandBufferError, MPSMemoryError
+    from mpsconv.backends import torch as torch_backend
+    from mpsconv.metal import MTLCommandBufferError
+
+    device = gpu()
+    rng = np.random.default_rng(7)
+    k = MPSCNNConvolution(device=device, weights=ArraySource(descriptor(3, 3, 8, 8), rng.uniform(-1, 1, 576)))
+    src = img(device, rng.uniform(-1, 1, (9, 9, 8)), FMT.float32)
+    dst = img(device, np.zeros((9, 9, 8)), FMT.float32)
+    real = torch_backend.run
+
+    def starved(bound, prepared):  # what the allocator raises when a 40 GB scratch tensor does not fit
+        torch.empty(1 << 45, dtype=torch.uint8, device=device.torch_device)
+        real(bound, prepared)
+
+    queue = device.makeCommandQueue()
+    monkeypatch.setattr(torch_backend.BACKEND, "run", staticmethod(starved))
+    with use_backend("torch"):
+        cb = queue.makeCommandBuffer()
+        k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+    cb.commit()
+    with pytest.raises(MPSCommandBufferError, match="ran out of memory"):
+        cb.waitUntilCompleted()
+    assert cb.status == MTLCommandBufferStatus.error and cb.error.code == MTLCommandBufferError.outOfMemory
+    assert isinstance(cb.error.underlyingError, MPSMemoryError)
+    monkeypatch.setattr(torch_backend.BACKEND, "run", staticmethod(real))
+    expected = run(k, src, img(device, np.zeros((9, 9, 8)), FMT.float32), "reference")
+    with use_backend("torch"):
+        later = queue.makeCommandBuffer()
+        k.encode(commandBuffer=later, sourceImage=src, destinationImage=dst)
+    later.commit()
+    later.waitUntilCompleted()
+    assert later.status == MTLCommandBufferStatus.completed
+    assert_close(dst.numpy(), expected, "float32")
+
+
+def test_an_encode_larger_than_the_free_gpu_memory_is_refused_at_encode():
+    from mpsconv import MPSImageDescriptor, MPSMemoryError
+
+    device = gpu()
+    free, _ = torch.cuda.mem_get_info()
+    side = int((2 * free / 16) ** 0.5)  # a float32 destination of 4 channels, twice the free memory
+    k = MPSCNNConvolution(device=device, weights=ArraySource(descriptor(1, 1, 4, 4), np.eye(4).reshape(-1)))
+    src = img(device, np.ones((1, 1, 4)), FMT.float32)
+    dst = MPSImage(device=device, imageDescriptor=MPSImageDescriptor(
+        channelFormat=FMT.float32, width=side, height=side, featureChannels=4, numberOfImages=1))
+    cb = device.makeCommandQueue().makeCommandBuffer()
+    with pytest.raises(MPSMemoryError, match="available on the GPU"):
+        k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+    assert dst._storage is None and cb._work == []
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_threads_with_their_own_queues_on_the_gpu(backend):
+    """4 threads x 100 command buffers on a queue (stream) each, one shared kernel, with handlers:
+    every result equals the single-thread one."""
+    device = gpu()
+    rng = np.random.default_rng(8)
+    k = MPSCNNConvolution(device=device, weights=ArraySource(descriptor(3, 3, 16, 16), rng.uniform(-1, 1, 2304)))
+    sources = [img(device, rng.uniform(-1, 1, (12, 12, 16)), FMT.float16) for _ in range(4)]
+    expected = [run(k, s, img(device, np.zeros((12, 12, 16)), FMT.float16), backend) for s in sources]
+    errors, handled = [], [0] * 4
+
+    def worker(t):
+        try:
+            queue = device.makeCommandQueue()
+            for i in range(100):
+                dst = img(device, np.zeros((12, 12, 16)), FMT.float16)
+                with use_backend(backend):
+                    cb = queue.makeCommandBuffer()
+                    k.encode(commandBuffer=cb, sourceImage=sources[(t + i) % 4], destinationImage=dst)
+                cb.addCompletedHandler(lambda _, t=t: handled.__setitem__(t, handled[t] + 1))
+                cb.commit()
+                cb.waitUntilCompleted()
+                assert_close(dst.numpy(), expected[(t + i) % 4], "float16", f"thread {t}, buffer {i}")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+    assert handled == [100] * 4
