@@ -180,7 +180,22 @@ def load_weights(ds, owner: str, *, accumulator: MPSNNConvolutionAccumulatorPrec
         weights = weights * scale.reshape(-1, 1, 1, 1)
         bias = bias * scale + shift
     weights = round_weights(weights, kernel_type)
+    _check_finite(weights, owner, desc._batch_norm is not None)
     return LoadedWeights(desc, weights, bias.astype(np.float32), neuron, prelu, label, kernel_type)
+
+
+def _check_finite(weights: np.ndarray, owner: str, folded: bool) -> None:
+    """Weights must be finite (docs/reliability.md "Numerics"): an infinite or NaN weight on a tap
+    that reads the zero edge gives inf·0 = NaN where the window is multiplied out and nothing where
+    a backend skips the padding, so no answer would be the same on every backend. (float16 rounding
+    turns weights beyond 65504 into infinities too.)"""
+    bad = ~np.isfinite(weights)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        source = "after folding in the batch-normalization parameters, " if folded else ""
+        raise MPSValueError(f"{owner}: dataSource.weights() holds {int(bad.sum())} non-finite values {source}"
+                            f"(the first, [o, kH, kW, i] = {list(first)}, is {weights[first]}); weights must be "
+                            "finite (float16 kernel weights also beyond ±65504)")
 
 
 def round_weights(weights: np.ndarray, kernel_type: MPSDataType) -> np.ndarray:

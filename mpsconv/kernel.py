@@ -530,11 +530,10 @@ class MPSCNNKernel(MPSKernel):
             cache[key] = entry
         return entry
 
-    def _fit(self, pending: list[_Pending], owner: str) -> list:
+    def _fit(self, pending: list[_Pending], owner: str, new: int) -> list:
         """Per pending item, None (run it whole) or its tiles' ``(backend, plan)``: the tiles that keep
-        the scratch memory under the budget (``memory``). Raises ``MPSMemoryError`` when the storage
-        the encode allocates plus its largest scratch would not fit."""
-        new = memory.unallocated_bytes([image for item in pending for image in (item.source, item.destination)])
+        the scratch memory under the budget (``memory``). Raises ``MPSMemoryError`` when the ``new``
+        bytes of storage the encode allocates plus its largest scratch would not fit."""
         budget = memory.tile_budget(self._device, new + max(item.scratch for item in pending))
         if budget is None:
             return [None] * len(pending)
@@ -605,18 +604,22 @@ class MPSCNNKernel(MPSKernel):
         try:
             batch = len(sources) > 1
             roots = {id(s._root) for s in sources if isinstance(s, MPSImage)}
-            pending = []
-            for i, (src, dst) in enumerate(zip(sources, destinations)):
+            pairs = list(zip(sources, destinations))
+            for i, (src, dst) in enumerate(pairs):
                 index = f"[{i}]" if batch else ""
                 self._check_pair(cb, src, dst, owner, index)
                 if id(dst._root) in roots:
                     what = "a source image of the batch" if batch else "the source image"
                     raise MPSValueError(f"{owner}: destinationImage{index} shares storage with {what}; the "
                                         "destination may not alias a source")
-                pending.append(_Pending(*self._plan(src, dst, owner), src, dst))
+            # images that cannot exist are refused before planning (on CUDA, planning may autotune)
+            new = memory.unallocated_bytes([image for pair in pairs for image in pair])
+            if new:
+                memory.check(owner, self._device, new, 0)
+            pending = [_Pending(*self._plan(src, dst, owner), src, dst) for src, dst in pairs]
             if batch:
                 _check_uniform_batch(sources, owner, "sourceImages")
-            self._record(cb, pending, self._fit(pending, owner))
+            self._record(cb, pending, self._fit(pending, owner, new))
         finally:
             cb._end_encode()
 

@@ -90,8 +90,9 @@ def out_of_memory(exc: BaseException) -> bool:
 
 def allocation_failed(owner: str, nbytes: int | None, exc: BaseException) -> MPSMemoryError:
     """The allocator's own out-of-memory error, as ours."""
-    what = "memory" if nbytes is None else _size(nbytes)
-    return MPSMemoryError(f"{owner}: allocating {what} failed: {type(exc).__name__}: {exc}")
+    if nbytes is None:
+        return MPSMemoryError(f"{owner} ran out of memory: {type(exc).__name__}: {exc}")
+    return MPSMemoryError(f"{owner}: allocating {_size(nbytes)} failed: {type(exc).__name__}: {exc}")
 
 
 def _size(n: int) -> str:

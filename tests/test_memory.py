@@ -22,6 +22,10 @@ from tolerances import assert_close
 
 RNG = np.random.default_rng(11)
 
+# The limit and the tiles are the CPU's (a GPU encode is checked against the free GPU memory, and
+# the GPU's backends need no tiles): test_cuda.py covers CUDA.
+pytestmark = pytest.mark.skipif(DEVICE.is_cuda, reason="the CPU memory limit; test_cuda.py covers the GPU")
+
 
 def _encode(kernel, src, dst, backend):
     """Encode into a fresh command buffer; returns it uncommitted."""

@@ -169,3 +169,27 @@ def test_onednn_path_keeps_nan_through_relu(onednn_everywhere):
     x[0, :, 0] = [-np.inf, np.nan, np.inf, -2.0]
     got = values(run(kernel, image(x), blank(4, 1, 4), "torch"))[0, 0, :, 0]
     np.testing.assert_array_equal(got, [np.nan, np.nan, np.inf, 0.0])
+
+
+def test_non_finite_weights_are_refused_when_the_kernel_is_made():
+    """A NaN or infinite weight would meet the zero edge as inf·0 = NaN on backends that multiply the
+    padding and not at all on those that skip it; so weights must be finite (docs/reliability.md)."""
+    from mpsconv import MPSDataType, MPSValueError
+
+    rng = np.random.default_rng(3)
+    for bad, kernel_type, match in [(np.nan, MPSDataType.float32, r"\[o, kH, kW, i\] = \[0, 0, 1, 2\], is nan"),
+                                    (-np.inf, MPSDataType.float32, "is -inf"),
+                                    (1e5, MPSDataType.float16, "float16 kernel weights also beyond")]:
+        weights = rng.uniform(-1, 1, 36).astype(np.float32)
+        weights[6] = bad
+        with pytest.raises(MPSValueError, match="MPSCNNConvolution: dataSource.weights\\(\\) holds 1 non-finite"):
+            MPSCNNConvolution(device=DEVICE, weights=ArraySource(descriptor(3, 3, 4, 1), weights,
+                                                                 kernel_type=kernel_type))
+        with pytest.raises(MPSValueError, match=match):
+            MPSCNNConvolution(device=DEVICE, weights=ArraySource(descriptor(3, 3, 4, 1), weights,
+                                                                 kernel_type=kernel_type))
+    d = descriptor(1, 1, 4, 2)
+    d.setBatchNormalizationParametersForInferenceWithMean(np.zeros(2), variance=np.zeros(2), gamma=np.ones(2),
+                                                          beta=np.zeros(2), epsilon=0.0)
+    with pytest.raises(MPSValueError, match="8 non-finite values after folding in the batch-normalization"):
+        MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, np.ones(8, np.float32)))

@@ -108,7 +108,11 @@ def choose(problem, device, eligible: list) -> tuple:
         hit = by_name.get(choices.get(key, ""))
         if hit is not None:
             return hit
-        best = measure(problem, device, options)
+        try:
+            best = measure(problem, device, options)
+        except torch.OutOfMemoryError:  # no room for scratch images: run untimed, tune another time
+            torch.cuda.empty_cache()
+            return options[0]
         choices[key] = _encode(*best)
         fresh = load(path)  # keep what other processes stored meanwhile
         fresh.update(choices)
