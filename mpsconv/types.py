@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
+import numpy as np
+
 from .errors import MPSTypeError, MPSValueError
 
 NSUIntegerMax = 2**64 - 1
@@ -75,27 +77,40 @@ class MPSDataType(enum.IntEnum):
     unorm8 = 0x40000008
 
 
-def as_offset(value, owner: str) -> MPSOffset:
-    if isinstance(value, MPSOffset):
-        return value
+def _integers(value, count: int) -> tuple[int, ...] | None:
+    """``value``'s ``count`` components as ints, or None unless each is an integer (not a bool, a
+    float or a string: Metal's fields are integers, and truncating 1.5 or NaN would hide a bug)."""
     try:
-        x, y, z = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise MPSTypeError(f"{owner}: offset={value!r} must be an MPSOffset(x, y, z) of integers") from None
-    return MPSOffset(x, y, z)
+        parts = tuple(value)
+    except TypeError:
+        return None
+    if len(parts) != count or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in parts):
+        return None
+    return tuple(int(v) for v in parts)
+
+
+def as_offset(value, owner: str) -> MPSOffset:
+    parts = _integers(value, 3)
+    if parts is None:
+        raise MPSTypeError(f"{owner}: offset={value!r} must be an MPSOffset(x, y, z) of integers")
+    if not all(NSIntegerMin <= v <= -NSIntegerMin - 1 for v in parts):
+        raise MPSValueError(f"{owner}: offset={value!r} has a component outside Int's range -2**63...2**63-1")
+    return MPSOffset(*parts)
 
 
 def as_region(value, owner: str, prop: str = "clipRect") -> MTLRegion:
     try:
         origin, size = value
-        origin = MTLOrigin(*(int(v) for v in origin))
-        size = MTLSize(*(int(v) for v in size))
     except (TypeError, ValueError):
+        origin = size = None
+    origin, size = _integers(origin, 3), _integers(size, 3)
+    if origin is None or size is None:
         raise MPSTypeError(
-            f"{owner}: {prop}={value!r} must be an MTLRegion(origin=MTLOrigin(x, y, z), size=MTLSize(w, h, d))"
-        ) from None
+            f"{owner}: {prop}={value!r} must be an MTLRegion(origin=MTLOrigin(x, y, z), size=MTLSize(w, h, d)) "
+            "of integers"
+        )
     if min(origin) < 0 or min(size) < 0:
         raise MPSValueError(f"{owner}: {prop}={value!r} has a negative component; MTLRegion fields are unsigned")
     if max(origin) > NSUIntegerMax or max(size) > NSUIntegerMax:
         raise MPSValueError(f"{owner}: {prop}={value!r} has a component above NSUIntegerMax = 2**64 - 1")
-    return MTLRegion(origin, size)
+    return MTLRegion(MTLOrigin(*origin), MTLSize(*size))

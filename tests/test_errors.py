@@ -346,6 +346,13 @@ ROWS = [
     ("destination is a view of the source", lambda: (lambda s: encode_case(src=s, dst=s.subImage(featureChannelRange=range(4, 8))))(blank(5, 5, 8, rng=rng)), E, "shares storage"),
     ("mirror edge", lambda: encode_case(edgeMode=MPSImageEdgeMode.mirror), E, "edgeMode=mirror is not defined"),
     ("negative offset.z", lambda: encode_case(offset=MPSOffset(0, 0, -1)), E, "offset.z=-1"),
+    # found by tests/test_surface_fuzz.py: a NaN offset reached the backend as a float
+    ("NaN offset", lambda: make(set_attr(box(), "offset", MPSOffset(float("nan"), 0, 0))), T,
+     r"offset=MPSOffset\(x=nan, y=0, z=0\) must be an MPSOffset\(x, y, z\) of integers"),
+    ("offset beyond Int", lambda: make(set_attr(box(), "offset", MPSOffset(2**63, 0, 0))), E, "outside Int's range"),
+    ("infinite clipRect", lambda: make(set_attr(box(), "clipRect", MTLRegion(MTLOrigin(0, 0, 0),
+                                                                         MTLSize(float("inf"), 1, 1)))), T,
+     "clipRect=.* of integers"),
     ("too few source images", lambda: encode_case(offset=MPSOffset(0, 0, 1)), E, "exceeds the source's numberOfImages=1"),
     ("encode after commit", committed_case, MPSCommandBufferError, "already committed"),
     ("open compute encoder", open_encoder_case, MPSCommandBufferError, "endEncoding"),
