@@ -534,10 +534,10 @@ class MPSCNNKernel(MPSKernel):
         """Per pending item, None (run it whole) or its tiles' ``(backend, plan)``: the tiles that keep
         the scratch memory under the budget (``memory``). Raises ``MPSMemoryError`` when the ``new``
         bytes of storage the encode allocates plus its largest scratch would not fit."""
-        budget = memory.tile_budget(self._device, new + max(item.scratch for item in pending))
-        if budget is None:
+        available = memory.available(self._device, new, max(item.scratch for item in pending))
+        if available is None:
             return [None] * len(pending)
-        pieces, peak = [], 0
+        budget, pieces, peak = memory.tile_budget(self._device, available), [], 0
         for item in pending:
             if item.scratch <= budget:
                 pieces.append(None)
@@ -546,7 +546,7 @@ class MPSCNNKernel(MPSKernel):
             parts = memory.split(item.problem, item.backend, budget)
             peak = max(peak, *(item.backend.scratch_bytes(part) for part in parts))
             pieces.append([(item.backend, backends.plan(item.backend, part, self._device)) for part in parts])
-        memory.check(owner, self._device, new, peak)
+        memory.check(owner, self._device, new, peak, available)
         return pieces
 
     def _record(self, cb: MTLCommandBuffer, pending: list[_Pending], pieces: list) -> None:
@@ -615,7 +615,7 @@ class MPSCNNKernel(MPSKernel):
             # images that cannot exist are refused before planning (on CUDA, planning may autotune)
             new = memory.unallocated_bytes([image for pair in pairs for image in pair])
             if new:
-                memory.check(owner, self._device, new, 0)
+                memory.check(owner, self._device, new, 0, memory.available(self._device, new, 0))
             pending = [_Pending(*self._plan(src, dst, owner), src, dst) for src, dst in pairs]
             if batch:
                 _check_uniform_batch(sources, owner, "sourceImages")

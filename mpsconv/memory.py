@@ -8,9 +8,9 @@ problem whose scratch exceeds the tile budget runs as bands of rows (``geometry.
 images must fit, their scratch need not.
 
 CPU: the limit is ``config.memory_limit()`` (``MPSCONV_MEMORY_LIMIT``, else the memory the system
-reports available). CUDA: the GPU's free memory plus what PyTorch's allocator holds unused.
-Encodes needing less than ``SMALL`` are not measured against the system (reading it costs more
-than such an encode), only against an explicit limit.
+reports available). CUDA: the GPU's free memory plus what PyTorch's allocator holds unused, asked
+for when an encode allocates images (``available``). Encodes needing less than ``SMALL`` are not
+measured against the system (reading it costs more than such an encode).
 """
 from __future__ import annotations
 
@@ -47,12 +47,24 @@ def limit(device) -> int:
     return config.memory_limit()
 
 
-def tile_budget(device, required: int) -> int | None:
-    """The scratch one tile may take, or None when ``required`` bytes are too few to look."""
-    explicit = None if device.is_cuda else config.explicit_memory_limit()
-    if explicit is None and required < SMALL:
-        return None
-    return max(1, min(TILE_BYTES, (explicit or limit(device)) // 4))
+def available(device, new: int, scratch: int) -> int | None:
+    """Bytes an encode that allocates ``new`` bytes of storage and ``scratch`` bytes of scratch may
+    use, or None when it need not look. CPU: an explicit limit always applies; the system's figure
+    from ``SMALL`` bytes up. CUDA: the GPU is asked only when the encode allocates ``SMALL`` bytes of
+    storage or more; a steady-state encode (its images exist) makes no driver call, and running out
+    of memory in the work fails its command buffer instead (``outOfMemory``)."""
+    if device.is_cuda:
+        return limit(device) if new >= SMALL else None
+    explicit = config.explicit_memory_limit()
+    if explicit is not None:
+        return explicit
+    return limit(device) if new + scratch >= SMALL else None
+
+
+def tile_budget(device, available: int) -> int:
+    """The scratch one tile may take: a quarter of what is available, at most ``TILE_BYTES`` on the
+    CPU (bands of a few hundred MB cost the CPU's convolutions nothing); half of it on CUDA."""
+    return max(1, available // 2 if device.is_cuda else min(TILE_BYTES, available // 4))
 
 
 def split(problem: ConvProblem, backend, budget: int) -> list[ConvProblem]:
@@ -68,14 +80,11 @@ def split(problem: ConvProblem, backend, budget: int) -> list[ConvProblem]:
     return tiles(problem, max(1, budget // per_row), 1)
 
 
-def check(owner: str, device, new_bytes: int, scratch: int) -> None:
-    """Raise ``MPSMemoryError`` unless ``new_bytes`` of storage plus ``scratch`` fit on ``device``."""
+def check(owner: str, device, new_bytes: int, scratch: int, available: int | None) -> None:
+    """Raise ``MPSMemoryError`` unless ``new_bytes`` of storage plus ``scratch`` fit in ``available``
+    (None: nothing to check)."""
     required = new_bytes + scratch
-    explicit = None if device.is_cuda else config.explicit_memory_limit()
-    if explicit is None and required < SMALL:
-        return
-    available = explicit or limit(device)
-    if required > available:
+    if available is not None and required > available:
         where = "on the GPU" if device.is_cuda else "(MPSCONV_MEMORY_LIMIT or mpsconv.use_memory_limit)"
         raise MPSMemoryError(
             f"{owner}: the encode needs {_size(required)} ({_size(new_bytes)} for image storage it allocates, "
