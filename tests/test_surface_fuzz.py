@@ -153,7 +153,7 @@ def scenarios(draw):
     steps.append(("image", "sourceImage", lambda s: s.update(src=_image(src_spec, seed))))
     if dst_spec is not None:
         steps.append(("image", "destinationImage", lambda s: s.update(dst=_image(dst_spec, seed + 1))))
-    steps.append(("encode", "encode", None))
+    steps.append(("encode", draw(st.sampled_from(["encode"] * 3 + ["encodeBatch"])), None))
     return steps
 
 
@@ -172,17 +172,32 @@ def _image(spec, seed):
     return image
 
 
-def _encode(state, backend):
-    """Encode ``state``'s kernel with ``backend``; returns (command buffer, destination)."""
+def _encode(state, backend, batch: bool):
+    """Encode ``state``'s kernel with ``backend`` (a batch encodes the source twice, into the
+    destination and a twin of it); returns (command buffer, destinations)."""
     kernel, src, dst = state["kernel"], state["src"], state.get("dst")
     with use_backend(backend):
         cb = QUEUE.makeCommandBuffer()
         if dst is None:
             kernel.destinationImageAllocator = MPSImage.defaultAllocator()  # readable on the CPU
-            dst = kernel.encode(commandBuffer=cb, sourceImage=src)
-        else:
-            kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
-    return cb, dst
+            if batch:
+                return cb, kernel.encodeBatch(commandBuffer=cb, sourceImages=[src, src])
+            return cb, [kernel.encode(commandBuffer=cb, sourceImage=src)]
+        if batch:
+            kernel.encodeBatch(commandBuffer=cb, sourceImages=[src, src], destinationImages=[dst, state["twin"]])
+            return cb, [dst, state["twin"]]
+        kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+    return cb, [dst]
+
+
+def _like(image, storage):
+    """A new image of ``image``'s shape and format holding ``storage`` (None: never written)."""
+    twin = MPSImage(device=DEVICE, imageDescriptor=MPSImageDescriptor(
+        channelFormat=image.featureChannelFormat, width=image.width, height=image.height,
+        featureChannels=image.featureChannels, numberOfImages=image.numberOfImages))
+    if storage is not None:
+        twin._ensure_storage().copy_(storage)
+    return twin
 
 
 def _named(exc: MPSConvError, field: str, owner: str) -> bool:
@@ -195,6 +210,7 @@ def run_scenario(steps, backend="torch"):
     for step, field, action in steps:
         note(f"{step} {field}")
         if step == "encode":
+            batch = field == "encodeBatch"
             break
         try:
             action(state)
@@ -207,34 +223,35 @@ def run_scenario(steps, backend="torch"):
         raise AssertionError("no encode step")
     dst = state.get("dst")
     before = None if dst is None or dst._storage is None else dst._storage.clone()
+    if dst is not None and batch:
+        state["twin"] = _like(dst, before)
+    watched = [image for image in (dst, state.get("twin")) if image is not None]
     kernel = state["kernel"]
     saved = (kernel.offset, kernel.edgeMode)
     try:
-        cb, out = _encode(state, backend)
+        cb, outs = _encode(state, backend, batch)
     except MPSConvError as exc:
         assert _named(exc, "encode", type(kernel).__name__), f"encode: {exc}"
-        if dst is not None:
-            assert (dst._storage is None if before is None else torch.equal(dst._storage, before)), \
-                "a refused encode changed (or allocated) the destination"
+        for image in watched:
+            assert (image._storage is None if before is None else torch.equal(image._storage, before)), \
+                "a refused encode changed (or allocated) a destination"
         return "refused at encode"
     cb.commit()
     cb.waitUntilCompleted()
-    # the same encode on the reference backend, into a destination holding the same bits
+    # the same encode on the reference backend, into destinations holding the same bits
     kernel.offset, kernel.edgeMode = saved  # an allocating encode sets offset; start from the same one
     if dst is not None:
-        state["dst"] = MPSImage(device=DEVICE, imageDescriptor=MPSImageDescriptor(
-            channelFormat=dst.featureChannelFormat, width=dst.width, height=dst.height,
-            featureChannels=dst.featureChannels, numberOfImages=dst.numberOfImages))
-        if before is not None:
-            state["dst"]._ensure_storage().copy_(before)
-    ref_cb, expected = _encode(state, "reference")
+        state["dst"] = _like(dst, before)
+        state["twin"] = _like(dst, before)
+    ref_cb, expected = _encode(state, "reference", batch)
     ref_cb.commit()
     ref_cb.waitUntilCompleted()
-    got, want = out.numpy().astype(np.float64), expected.numpy().astype(np.float64)
-    fmt = FMT(out.featureChannelFormat).name
-    bad = mismatches(got, want, fmt)
-    assert not bad.any(), f"{int(bad.sum())} values differ from the reference ({fmt}); first at " \
-                          f"{tuple(np.argwhere(bad)[0])}: {got[bad][0]} vs {want[bad][0]}"
+    for out, ref in zip(outs, expected):
+        got, want = out.numpy().astype(np.float64), ref.numpy().astype(np.float64)
+        fmt = FMT(out.featureChannelFormat).name
+        bad = mismatches(got, want, fmt)
+        assert not bad.any(), f"{int(bad.sum())} values differ from the reference ({fmt}); first at " \
+                              f"{tuple(np.argwhere(bad)[0])}: {got[bad][0]} vs {want[bad][0]}"
     return "encoded"
 
 
