@@ -63,11 +63,19 @@ class MPSCNNBinaryConvolutionFlags(enum.IntEnum):
     useBetaScaling = 1
 
 
+#: The largest kernel size, channel count, stride, dilation, group count or scale factor: sizes and
+#: strides stay 32-bit integers, as Metal's are in practice (textures are at most 16384 wide) and as
+#: the backends' index arithmetic needs.
+MAX_DESCRIPTOR_VALUE = 2**31 - 1
+
+
 def positive_int(value, owner: str, prop: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise MPSTypeError(f"{owner}: {prop}={value!r} must be an integer")
     if value < minimum:
         raise MPSValueError(f"{owner}: {prop}={value} must be >= {minimum}")
+    if value > MAX_DESCRIPTOR_VALUE:
+        raise MPSValueError(f"{owner}: {prop}={value} must be <= 2**31 - 1")
     return int(value)
 
 

@@ -350,6 +350,8 @@ ROWS = [
     ("NaN offset", lambda: make(set_attr(box(), "offset", MPSOffset(float("nan"), 0, 0))), T,
      r"offset=MPSOffset\(x=nan, y=0, z=0\) must be an MPSOffset\(x, y, z\) of integers"),
     ("offset beyond Int", lambda: make(set_attr(box(), "offset", MPSOffset(2**63, 0, 0))), E, "outside Int's range"),
+    ("dilation beyond 2**31 - 1", lambda: make(set_attr(MPSCNNConvolutionDescriptor(), "dilationRateY", 2**31)), E,
+     r"dilationRateY=2147483648 must be <= 2\*\*31 - 1"),
     ("infinite clipRect", lambda: make(set_attr(box(), "clipRect", MTLRegion(MTLOrigin(0, 0, 0),
                                                                          MTLSize(float("inf"), 1, 1)))), T,
      "clipRect=.* of integers"),

@@ -160,3 +160,18 @@ def test_an_image_the_allocator_cannot_hold_raises_our_error():
     with pytest.raises(MPSMemoryError, match=r"MPSImage \(1048576x1048576, 4 channels, 1 images\): allocating "
                                              r"16384.0 GiB failed"):
         huge.numpy()
+
+
+def test_a_window_spanning_a_billion_rows_is_refused_not_allocated():
+    """Found by the surface fuzzer: a clamp edge with dilation 2**30 makes the torch backend gather a
+    read window of 2**30 + 1 rows (a 1x1 source!). Its scratch is counted, so the encode is refused;
+    before, the CPU allocator was asked for 17 GB and the process was killed."""
+    kernel = conv(1, 2, 1, 1, weights=[0.5, -0.25], dilationRateY=2**30)
+    kernel.edgeMode = MPSImageEdgeMode.clamp
+    dst = blank(1, 1, 1, rng=RNG)
+    before = dst._storage.clone()
+    cb = QUEUE.makeCommandBuffer()
+    with use_memory_limit(1 << 30), use_backend("torch"):
+        with pytest.raises(MPSMemoryError, match=r"GiB of scratch\); 1.0 GiB is available"):
+            kernel.encode(commandBuffer=cb, sourceImage=blank(1, 1, 1, rng=RNG), destinationImage=dst)
+    assert torch_equal(dst._storage, before) and cb._work == []

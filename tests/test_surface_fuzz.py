@@ -208,6 +208,12 @@ def _named(exc: MPSConvError, field: str, owner: str) -> bool:
     return field in text or owner in text
 
 
+#: power, exponential, logarithm: c^(a·x) and (a·x)^c multiply the float32 rounding of x by up to
+#: |c·ln(...)| (about 100 with parameters in [-2, 2]), beyond float32's tolerance row; their float32
+#: results are held to float16's (1e-3 relative) instead.
+ILL_CONDITIONED = {12, 13, 14}
+
+
 def _describe(state) -> str:
     """What a mismatch report needs: the kernel's resolved parameters and the images."""
     k = state["kernel"]
@@ -249,8 +255,13 @@ def run_scenario(steps, backend="torch"):
             assert (image._storage is None if before is None else torch.equal(image._storage, before)), \
                 "a refused encode changed (or allocated) a destination"
         return "refused at encode"
-    cb.commit()
-    cb.waitUntilCompleted()
+    except Exception as exc:
+        raise AssertionError(f"encode raised {type(exc).__name__}: {exc}; {_describe(state)}") from exc
+    try:
+        cb.commit()
+        cb.waitUntilCompleted()
+    except Exception as exc:  # the encode accepted it: the work must not fail
+        raise AssertionError(f"the work failed: {exc}; {_describe(state)}") from exc
     # the same encode on the reference backend, into destinations holding the same bits
     kernel.offset, kernel.edgeMode = saved  # an allocating encode sets offset; start from the same one
     if dst is not None:
@@ -262,6 +273,8 @@ def run_scenario(steps, backend="torch"):
     for out, ref in zip(outs, expected):
         got, want = out.numpy().astype(np.float64), ref.numpy().astype(np.float64)
         fmt = FMT(out.featureChannelFormat).name
+        if fmt == "float32" and kernel._loaded.neuron.type in ILL_CONDITIONED:
+            fmt = "float16"
         bad = mismatches(got, want, fmt)
         assert not bad.any(), f"{int(bad.sum())} values differ from the reference ({fmt}); first at " \
                               f"{tuple(np.argwhere(bad)[0])}: {got[bad][0]} vs {want[bad][0]}; {_describe(state)}"

@@ -16,6 +16,7 @@ frozen CPU models). Elsewhere ``torch.nn.functional.conv2d`` runs.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import numpy as np
@@ -118,6 +119,7 @@ class Plan:
         self.src_index = (slice(i0, i0 + n), slice(None), slice(None), slice(c0, c0 + p.in_channels))
         self.src_format = F(p.src_format)
         crop, self.gathers, pads, self.zeros_shape = [slice(None)] * 4, [], [], None
+        self.device, self._gather_indices = device.torch_device, None
         self.upsample = p.upsample if p.upsample != (1, 1) else None
         for axis, dim in ((0, 2), (1, 3)):
             first, last = p.read_range(axis)
@@ -125,9 +127,8 @@ class Plan:
             if p.edge == EdgeMode.clamp:
                 if first >= 0 and last < size:
                     crop[dim] = slice(first, last + 1)
-                else:
-                    index = torch.arange(first, last + 1).clamp_(0, size - 1).to(device.torch_device)
-                    self.gathers.append((dim, index))
+                else:  # the index is made on first use: encode checks the memory it takes first
+                    self.gathers.append((dim, first, last, size))
                 pads.append((0, 0))
             else:
                 lo, hi = max(first, 0), min(last, size - 1)
@@ -391,10 +392,11 @@ def _triton_epilogue_usable(p: ConvProblem) -> bool:
 
 def _neuron(y: torch.Tensor, p: ConvProblem, prepared: Prepared) -> torch.Tensor:
     neuron = p.neuron
-    if neuron.type == MPSCNNNeuronType.reLU:
+    if neuron.type == MPSCNNNeuronType.reLU and math.isfinite(neuron.a):
         # FORMULAS' where(x >= 0, x, a·x) as one pass instead of four (with a = 0 too: -inf gives
         # 0·(-inf) = NaN, as the formula does): in place on the convolution's own output, out of
-        # place for a neuron kernel, whose y is a view of the source image.
+        # place for a neuron kernel, whose y is a view of the source image. leaky_relu tests x > 0,
+        # not x >= 0: the same wherever a·0 = 0, i.e. for a finite slope.
         return Fn.leaky_relu(y, neuron.a) if p.identity else Fn.leaky_relu_(y, neuron.a)
     prelu = None if prepared.prelu is None else prepared.prelu[: y.shape[1]]
     return apply_neuron(y, neuron, prelu, TORCH_OPS)
@@ -402,7 +404,10 @@ def _neuron(y: torch.Tensor, p: ConvProblem, prepared: Prepared) -> torch.Tensor
 
 def _gather_and_pad(x: torch.Tensor, plan) -> torch.Tensor:
     """The window ops after the crop, shared by run and gradient: edge gathers, then zero padding."""
-    for dim, index in plan.gathers:
+    if plan.gathers and plan._gather_indices is None:
+        plan._gather_indices = [(dim, torch.arange(first, last + 1).clamp_(0, size - 1).to(plan.device))
+                                for dim, first, last, size in plan.gathers]
+    for dim, index in plan._gather_indices or ():
         x = x.index_select(dim, index)
     return x if plan.pad is None else Fn.pad(x, plan.pad)
 
@@ -608,9 +613,14 @@ class _Torch:
 
     @staticmethod
     def scratch_bytes(problem: ConvProblem) -> int:
-        """At most what ``run`` allocates besides the images (float32): the read window converted
-        and padded, the convolution's output, and the neuron's and the store's copies of it."""
-        return 4 * (2 * problem.read_elements() + 3 * problem.out_elements())
+        """At most what ``run`` allocates besides the images: in float32 the read window three times
+        (converted, gathered through the clamp edge, padded) and the whole expanded source of a
+        backwards kernel, the convolution's output and the neuron's and the store's copies of it;
+        the clamp edge's int64 row and column indices."""
+        p = problem
+        (y0, y1), (x0, x1) = p.read_range(0), p.read_range(1)
+        expanded = p.n_images * p.expanded_size[0] * p.expanded_size[1] * p.in_channels if p.upsample != (1, 1) else 0
+        return 4 * (3 * p.read_elements() + expanded + 3 * p.out_elements()) + 8 * (y1 - y0 + x1 - x0 + 2)
 
     plan = staticmethod(Plan)
     bind = staticmethod(Bound)
