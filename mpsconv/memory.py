@@ -68,8 +68,9 @@ def tile_budget(device, available: int) -> int:
 
 
 def split(problem: ConvProblem, backend, budget: int) -> list[ConvProblem]:
-    """``problem`` cut into the fewest row bands (then image groups) whose scratch fits ``budget``;
-    ``[problem]`` when it fits whole or cannot be cut finer."""
+    """``problem`` cut so that each piece's scratch fits ``budget``: into groups of whole images
+    when one image fits, else into row bands of one image (one grid row at the finest, which may
+    still not fit: ``check`` then refuses the encode). ``[problem]`` when it fits whole."""
     scratch = backend.scratch_bytes
     if scratch(problem) <= budget or problem.empty:
         return [problem]
