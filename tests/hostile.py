@@ -6,6 +6,7 @@ job in tests/fuzz/ runs the same tests with 20,000 or more.
 """
 from __future__ import annotations
 
+import collections
 import json
 import struct
 import sys
@@ -22,6 +23,9 @@ from mpsconv import (
     MPSCNNConvolution, MPSNNNeuronDescriptor, MPSCNNNeuronType, MPSOffset, NSKeyedArchiver, NSKeyedUnarchiver,
 )
 from mpsconv import coding
+
+#: How the surface fuzz job's scenarios ended (tests/fuzz/test_surface.py counts, conftest prints).
+SURFACE_OUTCOMES = collections.Counter()
 
 # -- archives to start from: every archivable class, with arrays and nested fields
 
