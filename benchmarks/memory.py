@@ -23,43 +23,22 @@ import torch
 
 import mpsconv
 from mpsconv import (
-    MPSCNNConvolution, MPSCNNConvolutionDataSource, MPSCNNConvolutionDescriptor, MPSDataType, MPSImage,
+    MPSCNNConvolution, MPSCNNConvolutionDescriptor, MPSImage,
     MPSImageDescriptor, MPSImageFeatureChannelFormat as F, MPSNNNeuronDescriptor, MPSCNNNeuronType, MPSOffset,
     MTLCreateSystemDefaultDevice, config, use_backend,
 )
 from mpsconv.backends import REGISTRY
+from mpsconv.bench import Weights
 
 C = 16
 
 
-class Weights(MPSCNNConvolutionDataSource):
-    def __init__(self, rng):
-        self.d = MPSCNNConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=C,
-                                             outputFeatureChannels=C)
-        self.d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
-        self.w = rng.uniform(-0.3, 0.3, C * 9 * C).astype(np.float32)
-        self.b = rng.uniform(-0.1, 0.1, C).astype(np.float32)
-
-    def dataType(self):
-        return MPSDataType.float32
-
-    def descriptor(self):
-        return self.d
-
-    def weights(self):
-        return self.w
-
-    def biasTerms(self):
-        return self.b
-
-    def load(self):
-        return True
-
-    def purge(self):
-        pass
-
-    def label(self):
-        return "memory benchmark"
+def weights(rng):
+    """The benchmark's data source: a 3x3 convolution of C -> C channels, bias, ReLU."""
+    desc = MPSCNNConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=C, outputFeatureChannels=C)
+    desc.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
+    return Weights(desc, rng.uniform(-0.3, 0.3, C * 9 * C).astype(np.float32),
+                   rng.uniform(-0.1, 0.1, C).astype(np.float32))
 
 
 def main() -> None:
@@ -70,7 +49,7 @@ def main() -> None:
     available = config.memory_limit()
     side = int(math.sqrt(args.fraction * available / (2 * 2 * C)))  # two float16 images of C channels
     rng = np.random.default_rng(0)
-    kernel = MPSCNNConvolution(device=device, weights=Weights(rng))
+    kernel = MPSCNNConvolution(device=device, weights=weights(rng))
     desc = MPSImageDescriptor(channelFormat=F.float16, width=side, height=side, featureChannels=C, numberOfImages=1)
     src, dst = MPSImage(device=device, imageDescriptor=desc), MPSImage(device=device, imageDescriptor=desc)
     gen = torch.Generator().manual_seed(0)
@@ -94,7 +73,7 @@ def main() -> None:
 
     # random 16x16 patches against the reference, through a "valid"-offset copy of the kernel on the
     # source crop around each patch (with the zero edge where the patch touches the border)
-    check = MPSCNNConvolution(device=device, weights=Weights(np.random.default_rng(0)))
+    check = MPSCNNConvolution(device=device, weights=weights(np.random.default_rng(0)))
     check.offset = MPSOffset(1, 1, 0)
     worst = 0.0
     for y, x in [(0, 0), (side - 16, side - 16)] + [tuple(rng.integers(0, side - 16, 2)) for _ in range(6)]:
