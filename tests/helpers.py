@@ -8,7 +8,8 @@ import numpy as np
 
 from mpsconv import (
     MPSCNNConvolution, MPSCNNConvolutionDataSource, MPSCNNConvolutionDescriptor, MPSDataType, MPSImage,
-    MPSImageDescriptor, MPSImageFeatureChannelFormat, MTLCreateSystemDefaultDevice, use_backend,
+    MPSImageDescriptor, MPSImageFeatureChannelFormat, MPSNNNeuronDescriptor, MPSOffset, MTLCreateSystemDefaultDevice,
+    use_backend,
 )
 
 FMT = MPSImageFeatureChannelFormat
@@ -90,6 +91,19 @@ def conv(kw=3, kh=3, cin=1, cout=1, weights=None, bias=None, cls=MPSCNNConvoluti
     count = cout * kh * kw * (cin // d.groups)
     w = np.ones(count, np.float32) if weights is None else np.asarray(weights, np.float32).reshape(-1)
     return cls(device=DEVICE, weights=ArraySource(d, w, bias, kernel_type=kernel_type))
+
+
+def batch_norm_prelu_conv(rng):
+    """A 3x2, 8 -> 8 convolution (stride 2 in x, 2 groups) with batch normalization, a per-channel
+    PReLU, a bias, offset (1, 0, 0) and a label: every part an archive must carry."""
+    d = descriptor(3, 2, 8, 8, strideInPixelsX=2, groups=2)
+    d.setBatchNormalizationParametersForInferenceWithMean(
+        rng.uniform(-1, 1, 8), variance=rng.uniform(0.5, 2, 8), gamma=rng.uniform(-1, 1, 8),
+        beta=rng.uniform(-1, 1, 8), epsilon=1e-3)
+    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronPReLUDescriptor(rng.uniform(0, 1, 8).astype(np.float32))
+    k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, 192), rng.uniform(-1, 1, 8)))
+    k.offset, k.label = MPSOffset(1, 0, 0), "layer"
+    return k
 
 
 def run(kernel, src, dst=None, backend=None, **kwargs):

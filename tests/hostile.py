@@ -16,11 +16,11 @@ import tracemalloc
 import numpy as np
 import safetensors.numpy
 
-from helpers import ArraySource, DEVICE, conv, descriptor
+from helpers import ArraySource, DEVICE, batch_norm_prelu_conv, conv, descriptor
 from mpsconv import (
     MPSCNNBinaryConvolution, MPSCNNBinaryConvolutionType, MPSCNNConvolutionTranspose,
     MPSCNNDepthWiseConvolutionDescriptor, MPSCNNFullyConnected, MPSCNNNeuron, MPSCNNSubPixelConvolutionDescriptor,
-    MPSCNNConvolution, MPSNNNeuronDescriptor, MPSCNNNeuronType, MPSOffset, NSKeyedArchiver, NSKeyedUnarchiver,
+    MPSCNNConvolution, MPSNNNeuronDescriptor, MPSCNNNeuronType, NSKeyedArchiver, NSKeyedUnarchiver,
 )
 from mpsconv import coding
 
@@ -33,14 +33,7 @@ SURFACE_OUTCOMES = collections.Counter()
 def _base_objects():
     rng = np.random.default_rng(7)
     objects = {}
-    d = descriptor(3, 2, 8, 8, strideInPixelsX=2, groups=2)
-    d.setBatchNormalizationParametersForInferenceWithMean(
-        rng.uniform(-1, 1, 8), variance=rng.uniform(0.5, 2, 8), gamma=rng.uniform(-1, 1, 8),
-        beta=rng.uniform(-1, 1, 8), epsilon=1e-3)
-    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronPReLUDescriptor(rng.uniform(0, 1, 8).astype(np.float32))
-    k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, 192), rng.uniform(-1, 1, 8)))
-    k.offset, k.label = MPSOffset(1, 0, 0), "layer"
-    objects["convolution"] = k
+    objects["convolution"] = k = batch_norm_prelu_conv(rng)
     dw = MPSCNNDepthWiseConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=4,
                                               outputFeatureChannels=4)
     objects["depthwise"] = MPSCNNConvolution(device=DEVICE, weights=ArraySource(dw, rng.uniform(-1, 1, 36)))
@@ -58,7 +51,7 @@ def _base_objects():
     objects["neuron_kernel"] = MPSCNNNeuron(device=DEVICE, neuronDescriptor=MPSNNNeuronDescriptor.cnnNeuronDescriptor(
         MPSCNNNeuronType.linear, a=2.0, b=-1.0))
     objects["neuron_descriptor"] = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.softPlus, a=0.5, b=2.0)
-    objects["descriptor"] = d
+    objects["descriptor"] = k._data_source.desc  # its descriptor, batch norm and PReLU included
     return objects
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import ArraySource, DEVICE, QUEUE, blank, conv, descriptor, image, quiet, run, values
+from helpers import ArraySource, DEVICE, QUEUE, batch_norm_prelu_conv, blank, conv, descriptor, image, quiet, run, values
 from mpsconv import *
 
 BACKENDS = ["reference", "torch"]
@@ -391,13 +391,8 @@ def test_conv_checklist_72_pointer_kernels_cannot_be_archived():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_conv_checklist_73_archive_round_trip(backend, tmp_path):
     rng = np.random.default_rng(73)
-    d = descriptor(3, 2, 8, 8, strideInPixelsX=2, groups=2)
-    d.setBatchNormalizationParametersForInferenceWithMean(
-        rng.uniform(-1, 1, 8), variance=rng.uniform(0.5, 2, 8), gamma=rng.uniform(-1, 1, 8),
-        beta=rng.uniform(-1, 1, 8), epsilon=1e-3)
-    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronPReLUDescriptor(rng.uniform(0, 1, 8).astype(np.float32))
-    k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, 192), rng.uniform(-1, 1, 8)))
-    k.offset, k.edgeMode, k.label = MPSOffset(1, 0, 0), MPSImageEdgeMode.clamp, "layer"
+    k = batch_norm_prelu_conv(rng)
+    k.edgeMode = MPSImageEdgeMode.clamp
     k.destinationFeatureChannelOffset = 4
     save(k, tmp_path / "k.mpsconv")
     back = load(tmp_path / "k.mpsconv", device=DEVICE)
