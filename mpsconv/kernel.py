@@ -587,15 +587,15 @@ class MPSCNNKernel(MPSKernel):
         cache = self.__dict__.setdefault("_prepared_cache", {})
         bfloat16 = src_format == MPSImageFeatureChannelFormat.bfloat16
         key = (backend.name, bfloat16)
-        if key not in cache:
+        prepared = cache.get(key)  # one look-up: another thread's _drop_caches may empty the dict
+        if prepared is None:
             from .datasource import round_for_source  # datasource -> descriptor -> neuron imports this module
 
             weights, *rest = self._params()
             if isinstance(weights, np.ndarray):
                 weights = round_for_source(weights, src_format)
             prepared = cache[key] = backend.prepare(weights, *rest, self._device)
-            return prepared
-        return cache[key]
+        return prepared
 
     def _encode_pairs(self, cb, sources, destinations, owner) -> None:
         """Validate every pair, then record them all (nothing is recorded if any pair is bad)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import DEVICE, FMT, QUEUE, ArraySource, blank, conv, descriptor, image, run, values
 from mpsconv import (
@@ -133,15 +134,11 @@ def test_an_encode_over_the_limit_raises_before_touching_anything():
             kernel.encode(commandBuffer=cb, sourceImage=src)  # allocating: the same storage
         assert fresh._storage is None and cb._work == []
         kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)  # fits: tiles
-    assert torch_equal(dst._storage, before)  # nothing ran yet
+    assert torch.equal(dst._storage, before)  # nothing ran yet
     cb.commit()
     cb.waitUntilCompleted()
     assert cb.status == MTLCommandBufferStatus.completed
     assert_close(values(dst), values(run(kernel, src, blank(64, 64, 8), "reference")), "float32")
-
-
-def torch_equal(a, b) -> bool:
-    return bool((a == b).all())
 
 
 def test_the_limit_comes_from_the_environment(monkeypatch):
@@ -174,4 +171,4 @@ def test_a_window_spanning_a_billion_rows_is_refused_not_allocated():
     with use_memory_limit(1 << 30), use_backend("torch"):
         with pytest.raises(MPSMemoryError, match=r"GiB of scratch\); 1.0 GiB is available"):
             kernel.encode(commandBuffer=cb, sourceImage=blank(1, 1, 1, rng=RNG), destinationImage=dst)
-    assert torch_equal(dst._storage, before) and cb._work == []
+    assert torch.equal(dst._storage, before) and cb._work == []
