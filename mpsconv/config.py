@@ -27,19 +27,24 @@ def _check_backend(name: str) -> str:
     return name
 
 
-_env_cache: tuple[str | None, str] = (None, "auto")
+_parsed: dict[str, tuple] = {}
+
+
+def _env(name: str, parse):
+    """``parse`` of ``$name`` (None when unset), parsed once per value: encodes read these every time."""
+    raw = os.environ.get(name)
+    hit = _parsed.get(name)
+    if hit is None or hit[0] != raw:
+        hit = _parsed[name] = (raw, parse(raw))
+    return hit[1]
 
 
 def backend() -> str:
     """The backend forced by ``use_backend`` or ``MPSCONV_BACKEND``; ``auto`` lets dispatch choose."""
-    global _env_cache
     forced = getattr(_local, "backend", None)
     if forced is not None:
         return forced
-    raw = os.environ.get("MPSCONV_BACKEND")
-    if raw != _env_cache[0]:  # parsed once per value: this runs on every encode
-        _env_cache = (raw, _check_backend((raw or "auto").strip().lower() or "auto"))
-    return _env_cache[1]
+    return _env("MPSCONV_BACKEND", lambda raw: _check_backend((raw or "auto").strip().lower() or "auto"))
 
 
 @contextlib.contextmanager
@@ -75,7 +80,7 @@ _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def _bytes(name: str, default: int | None) -> int | None:
-    raw = os.environ.get(name, "").strip().upper().removesuffix("B").removesuffix("I")
+    raw = (os.environ.get(name) or "").strip().upper().removesuffix("B").removesuffix("I")
     if not raw:
         return default
     number, suffix = (raw[:-1], raw[-1]) if raw[-1] in _SUFFIXES else (raw, "")
@@ -108,18 +113,11 @@ def _available_memory() -> int:
 _limit_override = None
 
 
-_limit_env: tuple[str | None, int | None] = (None, None)
-
-
 def explicit_memory_limit() -> int | None:
     """The CPU limit set by ``use_memory_limit`` or ``$MPSCONV_MEMORY_LIMIT``, else None."""
-    global _limit_env
     if _limit_override is not None:
         return _limit_override
-    raw = os.environ.get("MPSCONV_MEMORY_LIMIT")
-    if raw != _limit_env[0]:  # parsed once per value: this runs on every encode
-        _limit_env = (raw, _bytes("MPSCONV_MEMORY_LIMIT", None))
-    return _limit_env[1]
+    return _env("MPSCONV_MEMORY_LIMIT", lambda raw: _bytes("MPSCONV_MEMORY_LIMIT", None))
 
 
 def memory_limit() -> int:
