@@ -17,6 +17,7 @@ from mpsconv import (
     MPSImageFeatureChannelFormat as FMT, MPSKernelOptions, MPSNNNeuronDescriptor,
     MPSCNNNeuronType, MTLCommandBufferStatus, MTLCopyAllDevices, MTLCreateSystemDefaultDevice, use_backend,
 )
+from mpsconv.backends import triton as triton_backend
 from mpsconv.metal import device_from_name
 from tolerances import assert_close
 
@@ -110,6 +111,31 @@ def test_depthwise_subpixel_transpose_on_gpu(fmt):
             got = run(kernel, src, img(gpu(), np.zeros(shape), fmt), backend)
             want = run(kernel, src, img(gpu(), np.zeros(shape), fmt), "reference")
             assert_close(got, want, fmt.name, f"{type(kernel).__name__} {backend}")
+
+
+@pytest.mark.parametrize("config", [str(c) for c in triton_backend.DEPTHWISE_CONFIGS])
+def test_every_depthwise_configuration_on_gpu(config, monkeypatch):
+    """Each depthwise candidate compiled (the interpreter runs only the small ones): 40 channels (not a
+    multiple of the tiles), zero and clamp edges, a window offset, stride 2 for the tiled kernel."""
+    from mpsconv import MPSImageEdgeMode
+
+    cfg = triton_backend.Config.parse(config)
+    monkeypatch.setattr(triton_backend, "DEPTHWISE_CONFIGS", [cfg])
+    rng = np.random.default_rng(7)
+    for stride in (1, 2) if cfg.bk == 0 else (1,):
+        for edge in (MPSImageEdgeMode.zero, MPSImageEdgeMode.clamp):
+            d = MPSCNNDepthWiseConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=40,
+                                                     outputFeatureChannels=40)
+            d.strideInPixelsX = d.strideInPixelsY = stride
+            d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU, a=0.1)
+            k = MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (40, 3, 3, 1)),
+                                                                    rng.uniform(-1, 1, 40)))
+            k.edgeMode, k.offset, k.destinationFeatureChannelOffset = edge, (0, 1, 0), 4
+            src = img(gpu(), rng.uniform(-1, 1, (3, 37, 29, 40)), FMT.float16)
+            prior = rng.uniform(-1, 1, (3, 37 // stride, 29 // stride, 48))
+            got = run(k, src, img(gpu(), prior, FMT.float16), "triton")
+            want = run(k, src, img(gpu(), prior, FMT.float16), "reference")
+            assert_close(got, want, "float16", f"{config} stride {stride} {edge.name}")
 
 
 def test_reduced_precision_allows_tf32_and_stays_close():

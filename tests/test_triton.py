@@ -48,6 +48,16 @@ def test_family_matches_reference(kind, data):
 
 
 @settings(max_examples=10)
+@given(p=triton_problems(kind="depthwise"))
+def test_tiled_depthwise_matches_reference(p):
+    """The tiled depthwise kernel, forced for every problem (by default it takes only those the rolling
+    kernel cannot: vertical stride or dilation above 1, windows over 5x5)."""
+    with mock.patch.object(triton_backend, "TILED_IN_INTERPRETER", True):
+        kernel, src, prior = build(p)
+        check_against_reference(p, kernel, src, prior, "triton")
+
+
+@settings(max_examples=10)
 @given(p=triton_problems(fully_connected=True))
 def test_fully_connected_matches_reference(p):
     kernel, src, prior = build(p, MPSCNNFullyConnected)

@@ -84,26 +84,28 @@ def _neuron(x, a, b, c, p2, alpha, NEURON: tl.constexpr):
 def _epilogue(acc, img, v, u, row_ok, oc, oc_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
               OUT_H, OUT_W, OC_TOTAL, na, nb, nc, np2,
               NEURON: tl.constexpr, HAS_BIAS: tl.constexpr, SUBPIXEL: tl.constexpr, WIDE: tl.constexpr):
-    """Bias, neuron and the store of a ``[rows, channels]`` float32 tile of convolution outputs at grid
+    """Bias, neuron and the store of a ``[rows, columns]`` float32 tile of convolution outputs at grid
     pixels ``(img, v, u)``, output channels ``oc``: straight into the destination's slice, or scattered
-    depth-to-space (channel ``(OC/r²)·(r·dy + dx) + c`` to pixel ``(r·v + dy, r·u + dx)``)."""
+    depth-to-space (channel ``(OC/r²)·(r·dy + dx) + c`` to pixel ``(r·v + dy, r·u + dx)``). Every
+    index comes broadcastable to the tile: ``img`` and ``row_ok`` as ``[rows, 1]``, ``oc`` and ``oc_ok``
+    as ``[1, columns]``, ``v`` and ``u`` as either, as each kernel lays pixels out."""
     if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + oc, mask=oc_ok, other=0.0)[None, :]
+        acc = acc + tl.load(bias_ptr + oc, mask=oc_ok, other=0.0)
     alpha = 0.0
     if NEURON == 10:
-        alpha = tl.load(prelu_ptr + oc, mask=oc_ok, other=0.0)[None, :]
+        alpha = tl.load(prelu_ptr + oc, mask=oc_ok, other=0.0)
     acc = _neuron(acc, na, nb, nc, np2, alpha, NEURON)
     base = _index(img, WIDE) * syn
+    mask = row_ok & oc_ok
     if SUBPIXEL == 1:
-        offs = (base + v * syh + u * syw)[:, None] + (oc * syc)[None, :]
-        mask = row_ok[:, None] & oc_ok[None, :]
+        offs = base + v * syh + u * syw + oc * syc
     else:
         per_block = OC_TOTAL // (SUBPIXEL * SUBPIXEL)
         block = oc // per_block
-        py = v[:, None] * SUBPIXEL + (block // SUBPIXEL)[None, :]
-        px = u[:, None] * SUBPIXEL + (block % SUBPIXEL)[None, :]
-        offs = base[:, None] + py * syh + px * syw + ((oc - block * per_block) * syc)[None, :]
-        mask = row_ok[:, None] & oc_ok[None, :] & (py < OUT_H) & (px < OUT_W)
+        py = v * SUBPIXEL + block // SUBPIXEL
+        px = u * SUBPIXEL + block % SUBPIXEL
+        offs = base + py * syh + px * syw + (oc - block * per_block) * syc
+        mask = mask & (py < OUT_H) & (px < OUT_W)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -117,19 +119,24 @@ def _pixel(rows, GH, GW):
 
 
 @triton.jit
+def _tap_axis(i, ok, E, up, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr):
+    """One axis of ``_tap``: the source index a tap at expanded index ``i`` reads, and whether it reads."""
+    if CLAMP:
+        i = tl.minimum(tl.maximum(i, 0), E - 1)
+    else:
+        ok = ok & (i >= 0) & (i < E)
+    if UPSAMPLE:
+        ok = ok & (i % up == 0)
+        i = i // up
+    return i, ok
+
+
+@triton.jit
 def _tap(iy, ix, row_ok, HE, WE, uy, ux, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr):
     """Source pixel ``(y, x)`` a tap at expanded coordinates ``(iy, ix)`` reads, and whether it reads
     one at all (zero edges read 0 outside; backwards kernels read 0 between source pixels)."""
-    if CLAMP:
-        iy = tl.minimum(tl.maximum(iy, 0), HE - 1)
-        ix = tl.minimum(tl.maximum(ix, 0), WE - 1)
-        ok = row_ok
-    else:
-        ok = row_ok & (iy >= 0) & (iy < HE) & (ix >= 0) & (ix < WE)
-    if UPSAMPLE:
-        ok = ok & (iy % uy == 0) & (ix % ux == 0)
-        iy = iy // uy
-        ix = ix // ux
+    iy, ok = _tap_axis(iy, row_ok, HE, uy, CLAMP, UPSAMPLE)
+    ix, ok = _tap_axis(ix, ok, WE, ux, CLAMP, UPSAMPLE)
     return iy, ix, ok
 
 
@@ -184,7 +191,7 @@ def conv2d_nhwc(
                     other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if SPLIT == 1:
-        _epilogue(acc, img, v, u, row_ok, g * OG + cols, col_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
+        _epilogue(acc, img[:, None], v[:, None], u[:, None], row_ok[:, None], (g * OG + cols)[None, :], col_ok[None, :], bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
                   OUT_H, OUT_W, OC_TOTAL, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL, WIDE)
     else:
         offs = _index(part * M + rows, WIDE)[:, None] * OC_TOTAL + (g * OG + cols)[None, :]
@@ -192,53 +199,134 @@ def conv2d_nhwc(
 
 
 @triton.jit
-def _depthwise_tap(acc, t, x_ptr, w_ptr, x_img, x_chan, iy0, ix0, row_ok, oc, oc_ok, HE, WE, OC, sxh, sxw,
+def _depthwise_tap(acc, t, x_ptr, w_ptr, x_rows, iy0, rows_ok, x_chan, ix0, cols_ok, oc, HE, WE, OC, sxh, sxw,
                    dy, dx, uy, ux, KW: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr):
     r = t // KW
     s = t - r * KW
-    iy, ix, ok = _tap(iy0 + r * dy, ix0 + s * dx, row_ok, HE, WE, uy, ux, CLAMP, UPSAMPLE)
-    xv = tl.load(x_ptr + (x_img + iy * sxh + ix * sxw)[:, None] + x_chan[None, :],
-                 mask=ok[:, None] & oc_ok[None, :], other=0.0)
-    wv = tl.load(w_ptr + t * OC + oc, mask=oc_ok, other=0.0)
-    return acc + xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    iy, ok_y = _tap_axis(iy0 + r * dy, rows_ok, HE, uy, CLAMP, UPSAMPLE)  # [rows, 1]
+    ix, ok_x = _tap_axis(ix0 + s * dx, cols_ok, WE, ux, CLAMP, UPSAMPLE)  # [1, columns]
+    xv = tl.load(x_ptr + tl.max_contiguous((x_rows + iy * sxh) + (ix * sxw + x_chan), [1, 4]), mask=ok_y & ok_x, other=0.0)
+    wv = tl.load(w_ptr + t * OC + oc + 0 * iy, mask=cols_ok & rows_ok, other=0.0)
+    return acc + xv.to(tl.float32) * wv
 
 
 @triton.jit
 def depthwise_nhwc(
     x_ptr, w_ptr, bias_ptr, prelu_ptr, y_ptr,
-    M, GH, GW, HE, WE, OC, MULT,
+    ROWS, GH, GW, HE, WE, OC, MULT,
     sxn, sxh, sxw, sxc, syn, syh, syw, syc,
     OUT_H, OUT_W,
     tap0y, tap0x, sy, sx, dy, dx, uy, ux,
     na, nb, nc, np2,
     KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr,
     SUBPIXEL: tl.constexpr, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BP: tl.constexpr, BC: tl.constexpr, WIDE: tl.constexpr,
+    BH: tl.constexpr, BF: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Depthwise convolution (one input channel per group, ``MULT`` outputs each): a direct float32
-    multiply-add over the taps, channels innermost so that loads and stores are contiguous.
-    Weights are ``[KH][KW][OC]``. Grid: ``(cdiv(OC, BC), cdiv(M, BP))``: the channel blocks of the
-    same pixels run next to each other, so each pixel's channels leave DRAM together."""
-    oc = tl.program_id(0) * BC + tl.arange(0, BC)
-    rows = tl.program_id(1) * BP + tl.arange(0, BP)
-    row_ok = rows < M
-    oc_ok = oc < OC
-    img, v, u = _pixel(rows, GH, GW)
+    multiply-add over the taps. A tile is ``BH`` output rows (of all images: row ``img·GH + v``) by
+    ``BF`` consecutive (column, channel) positions of a row, ``f = u·OC + oc``: every channel of a
+    pixel, pixels side by side, which is how NHWC lays a row out. So each tap's address and mask split
+    into a per-row and a per-column part, worked out once per tile, and its loads are contiguous runs
+    of whole rows. Weights are ``[KH][KW][OC]`` float32. Grid: ``cdiv(GW·OC, BF) · cdiv(ROWS, BH)``,
+    the tiles of one row band next to each other (they share the band's source rows)."""
+    chunks = tl.cdiv(GW * OC, BF)
+    pid = tl.program_id(0)
+    band = pid // chunks
+    # [1, BF] and [BH, 1] from the start: per-row and per-column work stays in the tile's own layout
+    f = (pid - band * chunks) * BF + tl.arange(0, BF)[None, :]
+    rows = band * BH + tl.arange(0, BH)[:, None]
+    u = f // OC
+    oc = f - u * OC
+    cols_ok = u < GW
+    rows_ok = rows < ROWS
+    img = rows // GH
+    v = rows - img * GH
+    x_rows = _index(img, WIDE) * sxn
+    x_chan = (oc // MULT) * sxc
     iy0 = tap0y + v * sy
     ix0 = tap0x + u * sx
-    x_img = _index(img, WIDE) * sxn
-    x_chan = (oc // MULT) * sxc
-    acc = tl.zeros((BP, BC), dtype=tl.float32)
+    acc = tl.zeros((BH, BF), dtype=tl.float32)
     if KH * KW <= 49:  # unrolled: every tap's load can be in flight at once
         for t in tl.static_range(KH * KW):
-            acc = _depthwise_tap(acc, t, x_ptr, w_ptr, x_img, x_chan, iy0, ix0, row_ok, oc, oc_ok, HE, WE, OC,
+            acc = _depthwise_tap(acc, t, x_ptr, w_ptr, x_rows, iy0, rows_ok, x_chan, ix0, cols_ok, oc, HE, WE, OC,
                                  sxh, sxw, dy, dx, uy, ux, KW, CLAMP, UPSAMPLE)
     else:
         for t in range(0, KH * KW):
-            acc = _depthwise_tap(acc, t, x_ptr, w_ptr, x_img, x_chan, iy0, ix0, row_ok, oc, oc_ok, HE, WE, OC,
+            acc = _depthwise_tap(acc, t, x_ptr, w_ptr, x_rows, iy0, rows_ok, x_chan, ix0, cols_ok, oc, HE, WE, OC,
                                  sxh, sxw, dy, dx, uy, ux, KW, CLAMP, UPSAMPLE)
-    _epilogue(acc, img, v, u, row_ok, oc, oc_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
-              OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL, WIDE)
+    _epilogue(acc, img, v, u, rows_ok, oc, cols_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh, syw,
+              syc, OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL, WIDE)
+
+
+@triton.jit
+def depthwise_rolling_nhwc(
+    x_ptr, w_ptr, bias_ptr, prelu_ptr, y_ptr,
+    GH, GW, HE, WE, OC, MULT, BANDS,
+    sxn, sxh, sxw, sxc, syn, syh, syw, syc,
+    OUT_H, OUT_W,
+    tap0y, tap0x, sx, dx, uy, ux,
+    na, nb, nc, np2,
+    KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr,
+    SUBPIXEL: tl.constexpr, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BH: tl.constexpr, BF: tl.constexpr, ROLL: tl.constexpr, WIDE: tl.constexpr,
+):
+    """Depthwise convolution of vertical stride and dilation 1, rolling down the rows: a program
+    takes ``BF`` consecutive (column, channel) positions ``f = u·OC + oc`` of ``BH`` output rows of one
+    image, and walks the source rows once. Each source row is loaded as ``KW`` shifted runs (one per
+    tap column) and converted once, then multiplied by every weight row: row ``r``'s products finish
+    output row ``i - r``. ``KH - 1`` partial sums roll along. So a pixel costs ``KW`` loads and
+    conversions instead of ``KH·KW``; column offsets, masks and the weights are worked out once per
+    program. Grid: ``cdiv(GW·OC, BF) · BANDS · images``, ``BANDS = cdiv(GH, BH)``."""
+    chunks = tl.cdiv(GW * OC, BF)
+    pid = tl.program_id(0)
+    rest = pid // chunks
+    img = rest // BANDS
+    v0 = (rest - img * BANDS) * BH
+    f = (pid - rest * chunks) * BF + tl.arange(0, BF)[None, :]
+    u = f // OC
+    oc = f - u * OC
+    cols_ok = u < GW
+    x_img = x_ptr + _index(img, WIDE) * sxn
+    x_chan = (oc // MULT) * sxc
+    cols = ()
+    col_oks = ()
+    for s in tl.static_range(KW):
+        ix, ok = _tap_axis(tap0x + u * sx + s * dx, cols_ok, WE, ux, CLAMP, UPSAMPLE)
+        cols = cols + (ix * sxw + x_chan,)
+        col_oks = col_oks + (ok,)
+    ws = ()
+    for t in tl.static_range(KH * KW):
+        ws = ws + (tl.load(w_ptr + t * OC + oc, mask=cols_ok, other=0.0),)
+    pend = ()  # pend[j]: output row (i - KH + 1 + j)'s sum over the source rows so far
+    for j in tl.static_range(KH - 1):
+        pend = pend + (tl.zeros((1, BF), dtype=tl.float32),)
+    last = tl.minimum(v0 + BH, GH)
+    end = last + KH - 1
+    for i0 in range(v0, end, ROLL):  # output row i - r takes source row i + tap0y as its tap row r
+        rows = ()  # ROLL source rows' loads first, all in flight together
+        for q in tl.static_range(ROLL):
+            iy, row_ok = _tap_axis(i0 + q + tap0y, i0 + q < end, HE, uy, CLAMP, UPSAMPLE)
+            x_row = x_img + iy * sxh
+            xs = ()
+            for s in tl.static_range(KW):  # where, not &: Triton's interpreter makes scalar & block int32
+                xs = xs + (tl.load(x_row + cols[s], mask=tl.where(row_ok, col_oks[s], False), other=0.0),)
+            rows = rows + (xs,)
+        for q in tl.static_range(ROLL):
+            rolled = ()
+            for r in tl.static_range(KH):
+                p = rows[q][0].to(tl.float32) * ws[r * KW]
+                for s in tl.static_range(1, KW):
+                    p += rows[q][s].to(tl.float32) * ws[r * KW + s]
+                if r == KH - 1:
+                    done = p if KH == 1 else pend[0] + p
+                elif r == 0:
+                    rolled = (p,)
+                else:
+                    rolled = (pend[KH - 1 - r] + p,) + rolled
+            o = i0 + q - (KH - 1)
+            _epilogue(done, img, o, u, tl.where((o >= v0) & (o < last), cols_ok, False), oc, cols_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh,
+                      syw, syc, OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL, WIDE)
+            pend = rolled
 
 
 @triton.jit
@@ -264,5 +352,5 @@ def epilogue_nhwc(
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     for q in tl.static_range(1, PARTS):
         z += tl.load(z_ptr + q * szp + offs, mask=mask, other=0.0)
-    _epilogue(z, img, v, u, row_ok, oc, oc_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
+    _epilogue(z, img[:, None], v[:, None], u[:, None], row_ok[:, None], oc[None, :], oc_ok[None, :], bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
               OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL, WIDE)

@@ -73,7 +73,7 @@ class Config:
 
 
 #: Candidates the autotuner times for implicit-GEMM problems (bm, bn, bk, warps, stages); depthwise
-#: problems use (pixels, channels, warps, 1).
+#: problems use (rows, row positions, 0, warps, 1).
 GEMM_CONFIGS = [Config(128, 64, 32, 4, 3), Config(128, 128, 32, 8, 3), Config(64, 64, 32, 4, 4),
                 Config(128, 128, 64, 8, 3), Config(64, 128, 64, 4, 3), Config(256, 128, 64, 8, 3),
                 Config(128, 256, 64, 8, 3), Config(64, 32, 32, 4, 3), Config(64, 64, 64, 4, 4),
@@ -84,15 +84,22 @@ SPLIT_CONFIGS = [Config(64, 64, 64, 4, 4, 2), Config(64, 64, 64, 4, 4, 4), Confi
                  Config(32, 128, 64, 4, 4, 8)]
 #: Tiles below which split-K candidates are timed too (about two waves of a 132-SM H100).
 SPLIT_BELOW_TILES = 264
-DEPTHWISE_CONFIGS = [Config(32, 64, 0, 4, 1), Config(64, 32, 0, 4, 1), Config(16, 128, 0, 4, 1),
-                     Config(64, 64, 0, 8, 1), Config(128, 32, 0, 8, 1), Config(128, 16, 0, 4, 1),
-                     Config(256, 16, 0, 8, 1), Config(32, 128, 0, 8, 1), Config(8, 256, 0, 4, 1),
-                     Config(16, 256, 0, 8, 1), Config(32, 256, 0, 8, 1)]
+#: Depthwise candidates: (rows, row positions, source rows loaded together, warps, 1). ``bk`` 0 is the
+#: tiled kernel (``depthwise_nhwc``); ``bk`` > 0 the rolling one (``depthwise_rolling_nhwc``), which
+#: needs vertical stride and dilation 1, loading ``bk`` source rows at a time.
+DEPTHWISE_CONFIGS = [Config(4, 256, 0, 4, 1), Config(8, 256, 0, 4, 1), Config(4, 512, 0, 8, 1),
+                     Config(2, 512, 0, 4, 1), Config(16, 512, 4, 4, 1), Config(16, 512, 8, 4, 1),
+                     Config(28, 512, 4, 4, 1), Config(16, 256, 4, 2, 1), Config(16, 1024, 4, 8, 1),
+                     Config(8, 256, 4, 2, 1), Config(32, 128, 8, 1, 1)]
 #: Small tiles for the interpreter, which runs every program one after another on the CPU.
-INTERPRET_CONFIG = {False: Config(16, 16, 16, 1, 1), True: Config(16, 16, 0, 1, 1)}
+INTERPRET_CONFIG = {False: Config(16, 16, 16, 1, 1), True: Config(4, 32, 2, 1, 1)}
 #: The interpreter's split-K configuration, taken while ``SPLIT_IN_INTERPRETER`` (tests set it).
 INTERPRET_SPLIT = Config(16, 16, 16, 1, 1, 3)
 SPLIT_IN_INTERPRETER = False
+#: The interpreter's tiled depthwise configuration: for problems the rolling kernel cannot take, and
+#: for all while ``TILED_IN_INTERPRETER`` (tests set it).
+INTERPRET_TILED = Config(4, 32, 0, 1, 1)
+TILED_IN_INTERPRETER = False
 
 
 def neuron_args(neuron) -> tuple[int, float, float, float, float]:
@@ -113,6 +120,20 @@ def neuron_supported(neuron) -> bool:
 
 def depthwise(p: ConvProblem) -> bool:
     return p.in_channels == p.groups
+
+
+def rolls(p: ConvProblem) -> bool:
+    """Whether the rolling depthwise kernel takes ``p``: each source row must serve consecutive output
+    rows (vertical stride and dilation 1), and its weights, held in registers, at most 5x5 taps."""
+    return p.stride[0] == 1 and p.dilation[0] == 1 and p.kernel[0] * p.kernel[1] <= 25
+
+
+def _default_config(p: ConvProblem, dw: bool) -> Config:
+    if not interpreting():
+        return configs(p)[0]
+    if not dw:
+        return INTERPRET_SPLIT if SPLIT_IN_INTERPRETER else INTERPRET_CONFIG[False]
+    return INTERPRET_CONFIG[True] if rolls(p) and not TILED_IN_INTERPRETER else INTERPRET_TILED
 
 
 class Prepared:
@@ -157,12 +178,7 @@ class Plan:
         self.rows = p.n_images * gh * gw
         he, we = p.expanded_size
         self.src_dtype = STORAGE_DTYPE[F(p.src_format)]
-        if config is None:
-            config = INTERPRET_CONFIG[self.dw] if interpreting() else (DEPTHWISE_CONFIGS if self.dw
-                                                                         else GEMM_CONFIGS)[0]
-            if interpreting() and not self.dw and SPLIT_IN_INTERPRETER:
-                config = INTERPRET_SPLIT
-        self.config = config
+        self.config = config or _default_config(p, self.dw)
         code, a, b, c, p2 = self.neuron_args = neuron_args(p.neuron)
         self.neuron = code
         self.scalars = (p.tap0[0], p.tap0[1], p.stride[0], p.stride[1], p.dilation[0], p.dilation[1],
@@ -263,10 +279,22 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     kwargs = dict(plan.constexprs, HAS_BIAS=prepared.bias is not None, WIDE=wide, num_warps=cfg.warps)
     if plan.dw:
         w = prepared.layout(p.groups, True, torch.float32)  # products are float32 here: exact for any weights
-        grid = (-(-p.out_channels // cfg.bn), -(-rows // cfg.bm))
-        args = (x, w, bias, prelu, y, rows, gh, gw, he, we, p.out_channels, p.out_channels // p.groups,
-                *x.stride(), *y.stride(), *p.out_size, *plan.scalars)
-        return [(Launcher(k.depthwise_nhwc, dict(kwargs, BP=cfg.bm, BC=cfg.bn)), grid, args)]
+        chunks = -(-(gw * p.out_channels) // cfg.bn)  # runs of BF (column, channel) positions per row
+        head = (x, w, bias, prelu, y)
+        sizes = (gh, gw, he, we, p.out_channels, p.out_channels // p.groups)
+        strides = (*x.stride(), *y.stride(), *p.out_size)
+        if cfg.bk and rolls(p):
+            bands = -(-gh // cfg.bm)
+            (ty, tx, _, sx, _, dx, uy, ux, *neuron) = plan.scalars
+            args = (*head, *sizes, bands, *strides, ty, tx, sx, dx, uy, ux, *neuron)
+            kernel, tiles = k.depthwise_rolling_nhwc, dict(BH=cfg.bm, BF=cfg.bn, ROLL=cfg.bk)
+            grid = (chunks * bands * p.n_images,)
+        else:
+            lines = p.n_images * gh  # output rows of every image
+            args = (*head, lines, *sizes, *strides, *plan.scalars)
+            kernel, tiles = k.depthwise_nhwc, dict(BH=cfg.bm, BF=cfg.bn)
+            grid = (chunks * -(-lines // cfg.bm),)
+        return [(Launcher(kernel, dict(kwargs, **tiles)), grid, args)]
     operand = plan.operand_dtype(prepared)
     w = prepared.layout(p.groups, False, operand)
     og, cg = p.out_channels // p.groups, p.in_channels // p.groups
@@ -326,7 +354,7 @@ def epilogue(launch, z: torch.Tensor, y: torch.Tensor, p: ConvProblem, bias, pre
 def configs(problem: ConvProblem) -> list[Config]:
     """The configurations worth timing for ``problem`` (tiles no wider than the channels need)."""
     if depthwise(problem):
-        return DEPTHWISE_CONFIGS
+        return [c for c in DEPTHWISE_CONFIGS if c.bk == 0 or rolls(problem)]
     og = problem.out_channels // problem.groups
     cg = problem.in_channels // problem.groups
     fits = [c for c in GEMM_CONFIGS + SPLIT_CONFIGS if c.bn <= max(32, 1 << (og - 1).bit_length())
