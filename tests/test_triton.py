@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from helpers import FMT, DEVICE, ArraySource, blank, descriptor, image, run, values
+from helpers import FMT, DEVICE, QUEUE, ArraySource, blank, descriptor, image, run, values
 from mpsconv import MPSCNNConvolution, MPSCNNConvolutionTranspose, MPSCNNFullyConnected, MPSCNNNeuronType
 from mpsconv.backends import torch as torch_backend, triton as triton_backend
 from test_properties import build, check_against_reference, neuron_descriptor, problems
@@ -127,6 +127,27 @@ def test_split_k_matches_reference(p):
     with mock.patch.object(triton_backend, "SPLIT_IN_INTERPRETER", True):
         kernel, src, prior = build(p)
         check_against_reference(p, kernel, src, prior, "triton")
+
+
+def test_split_k_replays_on_new_contents():
+    """A replay of a split-K launch (the same workspace, parts and epilogue) on new source contents."""
+    from mpsconv import use_backend
+
+    rng = np.random.default_rng(14)
+    k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(descriptor(3, 3, 8, 12), rng.uniform(-1, 1, (12, 3, 3, 8)),
+                                                             rng.uniform(-1, 1, 12)))
+    src, dst = image(rng.uniform(-1, 1, (2, 7, 6, 8))), blank(6, 7, 12, 2)
+    with mock.patch.object(triton_backend, "SPLIT_IN_INTERPRETER", True), use_backend("triton"):
+        cb = QUEUE.makeCommandBuffer()
+        k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+        cb.make_replayable()
+        cb.commit()
+        cb.waitUntilCompleted()
+        new = rng.uniform(-1, 1, (2, 7, 6, 8)).astype(np.float32)
+        for i in range(2):
+            src.writeBytes(new[i], dataLayout=0, imageIndex=i)
+        cb.replay().waitUntilCompleted()
+    assert_close(values(dst), values(run(k, image(new), blank(6, 7, 12, 2), "reference")), "float32", "replay")
 
 
 def test_config_names_round_trip():

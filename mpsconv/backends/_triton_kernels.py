@@ -205,9 +205,9 @@ def _depthwise_tap(acc, t, x_ptr, w_ptr, x_rows, iy0, rows_ok, x_chan, ix0, cols
     s = t - r * KW
     iy, ok_y = _tap_axis(iy0 + r * dy, rows_ok, HE, uy, CLAMP, UPSAMPLE)  # [rows, 1]
     ix, ok_x = _tap_axis(ix0 + s * dx, cols_ok, WE, ux, CLAMP, UPSAMPLE)  # [1, columns]
-    xv = tl.load(x_ptr + tl.max_contiguous((x_rows + iy * sxh) + (ix * sxw + x_chan), [1, 4]), mask=ok_y & ok_x, other=0.0)
-    wv = tl.load(w_ptr + t * OC + oc + 0 * iy, mask=cols_ok & rows_ok, other=0.0)
-    return acc + xv.to(tl.float32) * wv
+    xv = tl.load(x_ptr + (x_rows + iy * sxh) + (ix * sxw + x_chan), mask=ok_y & ok_x, other=0.0)
+    wv = tl.load(w_ptr + t * OC + oc, mask=cols_ok, other=0.0)
+    return acc + xv.to(tl.float32) * wv.to(tl.float32)
 
 
 @triton.jit
@@ -227,7 +227,7 @@ def depthwise_nhwc(
     ``BF`` consecutive (column, channel) positions of a row, ``f = u·OC + oc``: every channel of a
     pixel, pixels side by side, which is how NHWC lays a row out. So each tap's address and mask split
     into a per-row and a per-column part, worked out once per tile, and its loads are contiguous runs
-    of whole rows. Weights are ``[KH][KW][OC]`` float32. Grid: ``cdiv(GW·OC, BF) · cdiv(ROWS, BH)``,
+    of whole rows. Weights are ``[KH][KW][OC]`` (float32, or the source's type where exact). Grid: ``cdiv(GW·OC, BF) · cdiv(ROWS, BH)``,
     the tiles of one row band next to each other (they share the band's source rows)."""
     chunks = tl.cdiv(GW * OC, BF)
     pid = tl.program_id(0)
@@ -296,7 +296,7 @@ def depthwise_rolling_nhwc(
         col_oks = col_oks + (ok,)
     ws = ()
     for t in tl.static_range(KH * KW):
-        ws = ws + (tl.load(w_ptr + t * OC + oc, mask=cols_ok, other=0.0),)
+        ws = ws + (tl.load(w_ptr + t * OC + oc, mask=cols_ok, other=0.0).to(tl.float32),)
     pend = ()  # pend[j]: output row (i - KH + 1 + j)'s sum over the source rows so far
     for j in tl.static_range(KH - 1):
         pend = pend + (tl.zeros((1, BF), dtype=tl.float32),)

@@ -87,10 +87,10 @@ SPLIT_BELOW_TILES = 264
 #: Depthwise candidates: (rows, row positions, source rows loaded together, warps, 1). ``bk`` 0 is the
 #: tiled kernel (``depthwise_nhwc``); ``bk`` > 0 the rolling one (``depthwise_rolling_nhwc``), which
 #: needs vertical stride and dilation 1, loading ``bk`` source rows at a time.
-DEPTHWISE_CONFIGS = [Config(4, 256, 0, 4, 1), Config(8, 256, 0, 4, 1), Config(4, 512, 0, 8, 1),
-                     Config(2, 512, 0, 4, 1), Config(16, 512, 4, 4, 1), Config(16, 512, 8, 4, 1),
-                     Config(28, 512, 4, 4, 1), Config(16, 256, 4, 2, 1), Config(16, 1024, 4, 8, 1),
-                     Config(8, 256, 4, 2, 1), Config(32, 128, 8, 1, 1)]
+DEPTHWISE_CONFIGS = [Config(32, 256, 8, 2, 1), Config(32, 512, 8, 4, 1), Config(32, 128, 8, 1, 1),
+                     Config(16, 512, 8, 4, 1), Config(16, 256, 8, 2, 1), Config(16, 128, 8, 1, 1),
+                     Config(16, 128, 4, 1, 1), Config(32, 512, 4, 4, 1),
+                     Config(2, 512, 0, 4, 1), Config(4, 256, 0, 4, 1), Config(8, 256, 0, 4, 1)]
 #: Small tiles for the interpreter, which runs every program one after another on the CPU.
 INTERPRET_CONFIG = {False: Config(16, 16, 16, 1, 1), True: Config(4, 32, 2, 1, 1)}
 #: The interpreter's split-K configuration, taken while ``SPLIT_IN_INTERPRETER`` (tests set it).
@@ -278,7 +278,9 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     wide = needs_wide_index(x, y, bound.workspace)
     kwargs = dict(plan.constexprs, HAS_BIAS=prepared.bias is not None, WIDE=wide, num_warps=cfg.warps)
     if plan.dw:
-        w = prepared.layout(p.groups, True, torch.float32)  # products are float32 here: exact for any weights
+        # Products are float32 here. Weights exact in the source's 16-bit type are stored in it: half the
+        # bytes, and loads of the same width as the source's, so both take one register layout.
+        w = prepared.layout(p.groups, True, plan.operand_dtype(prepared))
         chunks = -(-(gw * p.out_channels) // cfg.bn)  # runs of BF (column, channel) positions per row
         head = (x, w, bias, prelu, y)
         sizes = (gh, gw, he, we, p.out_channels, p.out_channels // p.groups)

@@ -1,5 +1,5 @@
 """Autotuned dispatch on CUDA: time each eligible (backend, launch configuration) once per problem
-signature, keep the fastest in ``<cache dir>/autotune-v1.json``.
+signature, keep the fastest in ``<cache dir>/autotune-v2.json``.
 
 The signature holds what decides speed (sizes, window, channels, groups, formats, neuron, the GPU
 and the library versions), not where the window sits. Timing runs on scratch images of the
@@ -23,7 +23,9 @@ from ..datasource import round_for_source, round_weights
 from ..image import MPSImageFeatureChannelFormat as F, STORAGE_DTYPE
 from ..types import MPSDataType
 
-FILE_NAME = "autotune-v1.json"
+#: The version changes when a variant name comes to mean another kernel (v2: the depthwise tiles), so
+#: that old choices are timed again rather than reused.
+FILE_NAME = "autotune-v2.json"
 _lock = threading.Lock()
 _memory: dict[str, dict[str, str]] = {}  # cache path -> choices, loaded once per path
 
