@@ -291,7 +291,7 @@ class Bound:
 
     def __init__(self, plan: Plan, src: torch.Tensor, dst: torch.Tensor):
         self.plan = plan
-        self.epilogue = None  # CUDA: (with bias, the epilogue's Launcher and tile)
+        self.epilogue = None  # CUDA: the Triton epilogue's launch (triton_backend.Epilogue)
         if plan.zeros_shape is not None:  # the window misses the source: the input is zeros, always
             self.x, self.ready = _canonical(src.new_zeros(plan.zeros_shape, dtype=torch.float32)), True
         else:  # backwards kernels crop after expanding the source, at run time
@@ -375,15 +375,13 @@ def _run_fused(bound: Bound, prepared: Prepared) -> None:
     y = plan.conv2d(x, weights, None, p.stride, plan.conv_padding, p.dilation, p.groups)
     if plan.out_crop is not None:
         y = y[plan.out_crop]
-    # One launcher per bound encode: a compiled kernel is specialised to its pointers' alignment.
-    has_bias = prepared.bias is not None
-    if bound.epilogue is None or bound.epilogue[0] != has_bias:
-        # the convolution's output is a new tensor each run: 64-bit offsets once it could reach 2**31
-        wide = triton_backend.needs_wide_index(bound.out, y)
-        bound.epilogue = (has_bias, triton_backend.epilogue_launcher(p, has_bias, wide))
-    launch = bound.epilogue[1]
-    triton_backend.epilogue(launch, y.permute(0, 2, 3, 1), bound.out.permute(0, 2, 3, 1), p, prepared.bias,
-                            None if prepared.prelu is None else prepared.prelu.view(-1), plan.epilogue_args)
+    # One epilogue per bound encode and weights: a compiled kernel is specialised to its pointers'
+    # alignment, and after the first run only the convolution's output (new each run) changes.
+    if bound.epilogue is None or bound.epilogue.prepared is not prepared:
+        bound.epilogue = triton_backend.Epilogue(p, prepared.bias, None if prepared.prelu is None else
+                                                 prepared.prelu.view(-1), bound.out.permute(0, 2, 3, 1),
+                                                 plan.epilogue_args, prepared)
+    bound.epilogue(y.permute(0, 2, 3, 1))
 
 
 def _triton_epilogue_usable(p: ConvProblem) -> bool:

@@ -360,11 +360,32 @@ def _epilogue_args(tile, z, y, p, bias, prelu, neuron, part_stride=0) -> tuple:
                   *z.stride(), *y.stride(), *p.out_size, a, b, c, p2, part_stride)
 
 
-def epilogue(launch, z: torch.Tensor, y: torch.Tensor, p: ConvProblem, bias, prelu, neuron) -> None:
-    """The torch backend's CUDA epilogue: bias, neuron and (sub-pixel kernels) depth-to-space from the
-    convolution ``z`` into the destination view ``y``."""
-    launcher, tile = launch
-    launcher(*_epilogue_args(tile, z, y, p, bias, prelu, neuron))
+class Epilogue:
+    """The torch backend's CUDA epilogue for one bound encode and its weights: bias, neuron and
+    (sub-pixel kernels) depth-to-space from the convolution's output ``z`` ``[n, gh, gw, O]`` (any
+    strides) into the destination view ``y`` (NHWC at the first clip pixel and channel).
+
+    The first call compiles through Triton; later calls, while ``z`` keeps its strides, launch with
+    every other argument already resolved to addresses and integers: ``z`` is new each run (cuDNN's
+    output), nothing else is. ``prepared`` is the weights' owner, whose bias and PReLU it reads."""
+
+    __slots__ = ("problem", "bias", "prelu", "y", "neuron", "prepared", "launch", "grid", "strides", "rest")
+
+    def __init__(self, p: ConvProblem, bias, prelu, y: torch.Tensor, neuron, prepared):
+        self.problem, self.bias, self.prelu, self.y, self.neuron, self.prepared = p, bias, prelu, y, neuron, prepared
+        self.launch = self.grid = self.strides = self.rest = None
+
+    def __call__(self, z: torch.Tensor) -> None:
+        if self.rest is not None and z.stride() == self.strides:
+            self.launch[0](self.grid, (z.data_ptr(), *self.rest))
+            return
+        if self.launch is None:  # 64-bit offsets once the output could reach 2**31 elements
+            self.launch = epilogue_launcher(self.problem, self.bias is not None, needs_wide_index(self.y, z))
+        launcher, tile = self.launch
+        self.grid, args = _epilogue_args(tile, z, self.y, self.problem, self.bias, self.prelu, self.neuron)
+        launcher(self.grid, args)
+        if launcher.compiled is not None:
+            self.strides, self.rest = z.stride(), launcher.addresses(args[1:])
 
 
 def configs(problem: ConvProblem) -> list[Config]:
