@@ -79,7 +79,8 @@ GEMM_CONFIGS = [Config(128, 64, 32, 4, 3), Config(128, 128, 32, 8, 3), Config(64
                 Config(128, 256, 64, 8, 3), Config(64, 32, 32, 4, 3), Config(64, 64, 64, 4, 4),
                 Config(128, 128, 64, 4, 4)]
 #: Split-K candidates, offered when the tiles alone would not fill the GPU.
-SPLIT_CONFIGS = [Config(64, 64, 64, 4, 4, 2), Config(64, 64, 64, 4, 4, 4), Config(64, 128, 64, 4, 3, 4),
+SPLIT_CONFIGS = [Config(64, 64, 64, 4, 4, 2), Config(64, 64, 64, 4, 4, 4), Config(64, 128, 64, 4, 3, 2),
+                 Config(64, 128, 64, 4, 3, 3), Config(64, 128, 64, 4, 3, 4),
                  Config(128, 64, 64, 4, 3, 4), Config(64, 64, 64, 4, 4, 8), Config(64, 128, 128, 8, 3, 4),
                  Config(32, 128, 64, 4, 4, 8)]
 #: Tiles below which split-K candidates are timed too (about two waves of a 132-SM H100).
