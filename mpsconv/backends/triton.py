@@ -4,7 +4,8 @@ One launch computes a whole MPS operation: the implicit-GEMM convolution (any wi
 dilation, groups, offset, edge mode; zeros inserted for backwards kernels), bias, the neuron, and
 the store into the destination's channel slice and clip region (depth-to-space for sub-pixel
 kernels). Depthwise problems (one input channel per group) run a direct kernel with the same
-epilogue. Products are taken in the source's storage type (float16 / bfloat16) when the weights are
+epilogue: tiles of whole NHWC rows, and for vertical stride and dilation 1 a kernel that rolls
+down the rows, loading each source row once per tap column. Products are taken in the source's storage type (float16 / bfloat16) when the weights are
 exact in it, else in float32 (TF32 only when the kernel's ``options`` allow reduced precision); the
 accumulator is float32 throughout.
 
