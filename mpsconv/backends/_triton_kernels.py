@@ -191,8 +191,9 @@ def conv2d_nhwc(
                     other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if SPLIT == 1:
-        _epilogue(acc, img[:, None], v[:, None], u[:, None], row_ok[:, None], (g * OG + cols)[None, :], col_ok[None, :], bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
-                  OUT_H, OUT_W, OC_TOTAL, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL, WIDE)
+        _epilogue(acc, img[:, None], v[:, None], u[:, None], row_ok[:, None], (g * OG + cols)[None, :],
+                  col_ok[None, :], bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc, OUT_H, OUT_W, OC_TOTAL, na, nb,
+                  nc, np2, NEURON, HAS_BIAS, SUBPIXEL, WIDE)
     else:
         offs = _index(part * M + rows, WIDE)[:, None] * OC_TOTAL + (g * OG + cols)[None, :]
         tl.store(y_ptr + offs, acc, mask=row_ok[:, None] & col_ok[None, :])
@@ -227,8 +228,9 @@ def depthwise_nhwc(
     ``BF`` consecutive (column, channel) positions of a row, ``f = u·OC + oc``: every channel of a
     pixel, pixels side by side, which is how NHWC lays a row out. So each tap's address and mask split
     into a per-row and a per-column part, worked out once per tile, and its loads are contiguous runs
-    of whole rows. Weights are ``[KH][KW][OC]`` (float32, or the source's type where exact). Grid: ``cdiv(GW·OC, BF) · cdiv(ROWS, BH)``,
-    the tiles of one row band next to each other (they share the band's source rows)."""
+    of whole rows. Weights are ``[KH][KW][OC]`` (float32, or the source's type where exact). Grid:
+    ``cdiv(GW·OC, BF) · cdiv(ROWS, BH)``, the tiles of one row band next to each other (they share the
+    band's source rows)."""
     chunks = tl.cdiv(GW * OC, BF)
     pid = tl.program_id(0)
     band = pid // chunks
@@ -324,8 +326,9 @@ def depthwise_rolling_nhwc(
                 else:
                     rolled = (pend[KH - 1 - r] + p,) + rolled
             o = i0 + q - (KH - 1)
-            _epilogue(done, img, o, u, tl.where((o >= v0) & (o < last), cols_ok, False), oc, cols_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh,
-                      syw, syc, OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL, WIDE)
+            _epilogue(done, img, o, u, tl.where((o >= v0) & (o < last), cols_ok, False), oc, cols_ok, bias_ptr,
+                      prelu_ptr, y_ptr, syn, syh, syw, syc, OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS,
+                      SUBPIXEL, WIDE)
             pend = rolled
 
 
@@ -352,5 +355,6 @@ def epilogue_nhwc(
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     for q in tl.static_range(1, PARTS):
         z += tl.load(z_ptr + q * szp + offs, mask=mask, other=0.0)
-    _epilogue(z, img[:, None], v[:, None], u[:, None], row_ok[:, None], oc[None, :], oc_ok[None, :], bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
-              OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL, WIDE)
+    _epilogue(z, img[:, None], v[:, None], u[:, None], row_ok[:, None], oc[None, :], oc_ok[None, :], bias_ptr,
+              prelu_ptr, y_ptr, syn, syh, syw, syc, OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL,
+              WIDE)

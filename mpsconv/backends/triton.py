@@ -5,9 +5,9 @@ dilation, groups, offset, edge mode; zeros inserted for backwards kernels), bias
 the store into the destination's channel slice and clip region (depth-to-space for sub-pixel
 kernels). Depthwise problems (one input channel per group) run a direct kernel with the same
 epilogue: tiles of whole NHWC rows, and for vertical stride and dilation 1 a kernel that rolls
-down the rows, loading each source row once per tap column. Products are taken in the source's storage type (float16 / bfloat16) when the weights are
-exact in it, else in float32 (TF32 only when the kernel's ``options`` allow reduced precision); the
-accumulator is float32 throughout.
+down the rows, loading each source row once per tap column. Products are taken in the source's
+storage type (float16 / bfloat16) when the weights are exact in it, else in float32 (TF32 only
+when the kernel's ``options`` allow reduced precision); the accumulator is float32 throughout.
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors too (slowly), which is how CI checks
 them; elsewhere the backend supports CUDA devices only.
@@ -73,8 +73,7 @@ class Config:
         return cls(*map(int, tiles.split("x")), int(warps), int(stages), int(split or 1))
 
 
-#: Candidates the autotuner times for implicit-GEMM problems (bm, bn, bk, warps, stages); depthwise
-#: problems use (rows, row positions, 0, warps, 1).
+#: Candidates the autotuner times for implicit-GEMM problems (bm, bn, bk, warps, stages).
 GEMM_CONFIGS = [Config(128, 64, 32, 4, 3), Config(128, 128, 32, 8, 3), Config(64, 64, 32, 4, 4),
                 Config(128, 128, 64, 8, 3), Config(64, 128, 64, 4, 3), Config(256, 128, 64, 8, 3),
                 Config(128, 256, 64, 8, 3), Config(64, 32, 32, 4, 3), Config(64, 64, 64, 4, 4),
