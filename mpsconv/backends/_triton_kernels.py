@@ -200,6 +200,20 @@ def conv2d_nhwc(
 
 
 @triton.jit
+def _row_run(GW, OC, MULT, sxc, BF: tl.constexpr):
+    """The depthwise kernels' run of ``BF`` consecutive (column, channel) positions ``f = u·OC + oc`` of
+    an output row, the fastest-varying part of the program id: ``(the id's rest, u, oc, whether f lies
+    in the row, the source channel's offset)``, the last four ``[1, BF]``, in the tile's own layout."""
+    chunks = tl.cdiv(GW * OC, BF)
+    pid = tl.program_id(0)
+    rest = pid // chunks
+    f = (pid - rest * chunks) * BF + tl.arange(0, BF)[None, :]
+    u = f // OC
+    oc = f - u * OC
+    return rest, u, oc, u < GW, (oc // MULT) * sxc
+
+
+@triton.jit
 def _depthwise_tap(acc, t, x_ptr, w_ptr, x_rows, iy0, rows_ok, x_chan, ix0, cols_ok, oc, HE, WE, OC, sxh, sxw,
                    dy, dx, uy, ux, KW: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr):
     r = t // KW
@@ -231,20 +245,12 @@ def depthwise_nhwc(
     of whole rows. Weights are ``[KH][KW][OC]`` (float32, or the source's type where exact). Grid:
     ``cdiv(GW·OC, BF) · cdiv(ROWS, BH)``, the tiles of one row band next to each other (they share the
     band's source rows)."""
-    chunks = tl.cdiv(GW * OC, BF)
-    pid = tl.program_id(0)
-    band = pid // chunks
-    # [1, BF] and [BH, 1] from the start: per-row and per-column work stays in the tile's own layout
-    f = (pid - band * chunks) * BF + tl.arange(0, BF)[None, :]
-    rows = band * BH + tl.arange(0, BH)[:, None]
-    u = f // OC
-    oc = f - u * OC
-    cols_ok = u < GW
+    band, u, oc, cols_ok, x_chan = _row_run(GW, OC, MULT, sxc, BF)
+    rows = band * BH + tl.arange(0, BH)[:, None]  # [BH, 1]: per-row work stays in the tile's own layout
     rows_ok = rows < ROWS
     img = rows // GH
     v = rows - img * GH
     x_rows = _index(img, WIDE) * sxn
-    x_chan = (oc // MULT) * sxc
     iy0 = tap0y + v * sy
     ix0 = tap0x + u * sx
     acc = tl.zeros((BH, BF), dtype=tl.float32)
@@ -279,17 +285,10 @@ def depthwise_rolling_nhwc(
     output row ``i - r``. ``KH - 1`` partial sums roll along. So a pixel costs ``KW`` loads and
     conversions instead of ``KH·KW``; column offsets, masks and the weights are worked out once per
     program. Grid: ``cdiv(GW·OC, BF) · BANDS · images``, ``BANDS = cdiv(GH, BH)``."""
-    chunks = tl.cdiv(GW * OC, BF)
-    pid = tl.program_id(0)
-    rest = pid // chunks
+    rest, u, oc, cols_ok, x_chan = _row_run(GW, OC, MULT, sxc, BF)
     img = rest // BANDS
     v0 = (rest - img * BANDS) * BH
-    f = (pid - rest * chunks) * BF + tl.arange(0, BF)[None, :]
-    u = f // OC
-    oc = f - u * OC
-    cols_ok = u < GW
     x_img = x_ptr + _index(img, WIDE) * sxn
-    x_chan = (oc // MULT) * sxc
     cols = ()
     col_oks = ()
     for s in tl.static_range(KW):
