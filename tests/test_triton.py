@@ -52,7 +52,7 @@ def test_family_matches_reference(kind, data):
 def test_tiled_depthwise_matches_reference(p):
     """The tiled depthwise kernel, forced for every problem (by default it takes only those the rolling
     kernel cannot: vertical stride or dilation above 1, windows over 5x5)."""
-    with mock.patch.object(triton_backend, "TILED_IN_INTERPRETER", True):
+    with mock.patch.dict(triton_backend.INTERPRET_CONFIG, {True: triton_backend.INTERPRET_TILED}):
         kernel, src, prior = build(p)
         check_against_reference(p, kernel, src, prior, "triton")
 

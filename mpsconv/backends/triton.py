@@ -97,10 +97,8 @@ INTERPRET_CONFIG = {False: Config(16, 16, 16, 1, 1), True: Config(4, 32, 2, 1, 1
 #: The interpreter's split-K configuration, taken while ``SPLIT_IN_INTERPRETER`` (tests set it).
 INTERPRET_SPLIT = Config(16, 16, 16, 1, 1, 3)
 SPLIT_IN_INTERPRETER = False
-#: The interpreter's tiled depthwise configuration: for problems the rolling kernel cannot take, and
-#: for all while ``TILED_IN_INTERPRETER`` (tests set it).
+#: The interpreter's tiled depthwise configuration, for problems the rolling kernel cannot take.
 INTERPRET_TILED = Config(4, 32, 0, 1, 1)
-TILED_IN_INTERPRETER = False
 
 
 def neuron_args(neuron) -> tuple[int, float, float, float, float]:
@@ -134,7 +132,7 @@ def _default_config(p: ConvProblem, dw: bool) -> Config:
         return configs(p)[0]
     if not dw:
         return INTERPRET_SPLIT if SPLIT_IN_INTERPRETER else INTERPRET_CONFIG[False]
-    return INTERPRET_CONFIG[True] if rolls(p) and not TILED_IN_INTERPRETER else INTERPRET_TILED
+    return INTERPRET_CONFIG[True] if rolls(p) else INTERPRET_TILED
 
 
 class Prepared:
@@ -233,7 +231,7 @@ class Launcher:
     later calls hand the arguments straight to the compiled kernel's launcher, skipping the ~40 µs
     of Python that Triton spends re-deriving the same specialisation for ~35 arguments. The
     arguments must keep their specialisation (same tensors' alignment, same integers), which holds
-    for a bound encode; ``dynamic`` arguments (``epilogue``'s input) may change pointer only. After
+    for a bound encode; ``Epilogue``'s input (cuDNN's output) may change pointer only. After
     the first call tensors may be given as their addresses (``addresses``): Triton's launcher then
     skips a ``data_ptr()`` call and a driver query per tensor, a few µs per launch.
     """
@@ -368,7 +366,8 @@ class Epilogue:
 
     The first call compiles through Triton; later calls, while ``z`` keeps its strides, launch with
     every other argument already resolved to addresses and integers: ``z`` is new each run (cuDNN's
-    output), nothing else is. ``prepared`` is the weights' owner, whose bias and PReLU it reads."""
+    output), nothing else is. ``prepared`` is the owner of ``bias`` and ``prelu``: the caller makes a
+    new Epilogue when the weights change."""
 
     __slots__ = ("problem", "bias", "prelu", "y", "neuron", "prepared", "launch", "grid", "strides", "rest")
 
