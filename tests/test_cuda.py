@@ -113,6 +113,33 @@ def test_depthwise_subpixel_transpose_on_gpu(fmt):
             assert_close(got, want, fmt.name, f"{type(kernel).__name__} {backend}")
 
 
+@pytest.mark.parametrize("config", [str(c) for c in triton_backend.GROUPED_CONFIGS + triton_backend.MERGED_TILES])
+def test_every_grouped_configuration_on_gpu(config, monkeypatch):
+    """Each narrow-group candidate compiled, direct or merged implicit GEMM: groups of 4 inputs to 4
+    outputs and of 8 inputs to 4, zero and clamp edges, a window offset and channel slices, stride 2
+    (except for the rolling kernel)."""
+    from mpsconv import MPSImageEdgeMode
+
+    cfg = triton_backend.Config.parse(config)
+    for name in ("GROUPED_CONFIGS", "MERGED_TILES", "GEMM_CONFIGS", "SPLIT_CONFIGS"):
+        monkeypatch.setattr(triton_backend, name, [])
+    monkeypatch.setattr(triton_backend, "GROUPED_CONFIGS" if cfg.direct else "MERGED_TILES", [cfg])
+    rng = np.random.default_rng(8)
+    cases = [((64, 64, 16), 1, MPSImageEdgeMode.zero), ((64, 32, 8), 1, MPSImageEdgeMode.clamp),
+             ((64, 64, 16), 2, MPSImageEdgeMode.clamp)]
+    for (cin, cout, groups), stride, edge in cases[:2] if cfg.direct and cfg.bk else cases:  # rolling: stride 1
+        d = descriptor(3, 3, cin, cout, groups=groups, strideInPixelsX=stride, strideInPixelsY=stride)
+        d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU, a=0.1)
+        k = MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (cout, 3, 3, cin // groups)),
+                                                                rng.uniform(-1, 1, cout)))
+        k.edgeMode, k.offset, k.destinationFeatureChannelOffset = edge, (0, 1, 0), 4
+        src = img(gpu(), rng.uniform(-1, 1, (3, 37, 29, cin)), FMT.bfloat16)
+        prior = rng.uniform(-1, 1, (3, 37 // stride, 29 // stride, cout + 8))
+        got = run(k, src, img(gpu(), prior, FMT.bfloat16), "triton")
+        want = run(k, src, img(gpu(), prior, FMT.bfloat16), "reference")
+        assert_close(got, want, "bfloat16", f"{config} {cin}/{groups} stride {stride} {edge.name}")
+
+
 @pytest.mark.parametrize("config", [str(c) for c in triton_backend.DEPTHWISE_CONFIGS])
 def test_every_depthwise_configuration_on_gpu(config, monkeypatch):
     """Each depthwise candidate compiled (the interpreter runs only the small ones): 40 channels (not a

@@ -7,6 +7,7 @@ tests run the compiled kernels on CUDA images.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from unittest import mock
 
@@ -17,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 from helpers import FMT, DEVICE, QUEUE, ArraySource, blank, descriptor, image, run, values
 from mpsconv import MPSCNNConvolution, MPSCNNConvolutionTranspose, MPSCNNFullyConnected, MPSCNNNeuronType
 from mpsconv.backends import torch as torch_backend, triton as triton_backend
-from test_properties import build, check_against_reference, neuron_descriptor, problems
+from test_properties import build, check_against_reference, neuron_descriptor, problems, written_mask
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not triton_backend.available(), reason="Triton is not installed")
@@ -47,14 +48,56 @@ def test_family_matches_reference(kind, data):
     check_against_reference(p, kernel, src, prior, "triton")
 
 
+def grouped_problems(rolling: bool = False):
+    """Grouped problems (2 or 3 groups of 4 or 8 input channels), which the direct kernels take by
+    default; ``rolling``: of vertical stride and dilation 1 and at most 3x3 taps, so that the rolling
+    kernel takes them."""
+    drawn = triton_problems().filter(lambda p: p["g"] > 1)
+    if not rolling:
+        return drawn
+    return drawn.map(lambda p: dict(p, kernel=(min(p["kernel"][0], 3), min(p["kernel"][1], 3)),
+                                    stride=(1, p["stride"][1]), dilation=(1, p["dilation"][1])))
+
+
 @settings(max_examples=10)
-@given(p=triton_problems(kind="depthwise"))
-def test_tiled_depthwise_matches_reference(p):
-    """The tiled depthwise kernel, forced for every problem (by default it takes only those the rolling
-    kernel cannot: vertical stride or dilation above 1, windows over 5x5)."""
+@given(p=st.one_of(triton_problems(kind="depthwise"), grouped_problems()))
+def test_tiled_direct_matches_reference(p):
+    """The tiled direct kernel, forced for every depthwise and grouped problem (by default it takes
+    only those the rolling kernel cannot: vertical stride or dilation above 1, larger windows)."""
     with mock.patch.dict(triton_backend.INTERPRET_CONFIG, {True: triton_backend.INTERPRET_TILED}):
         kernel, src, prior = build(p)
         check_against_reference(p, kernel, src, prior, "triton")
+
+
+@settings(max_examples=12)
+@given(p=st.one_of(grouped_problems(rolling=True), grouped_problems()))
+def test_grouped_direct_and_gemm_match_reference(p):
+    """Narrow groups through the direct kernels (the default), through the implicit GEMM group by group,
+    and through the implicit GEMM with every group merged into one (block-diagonal weights): the
+    autotuner times all three."""
+    for max_ig, merge, want in ((triton_backend.DIRECT_MAX_IG, False, "direct"), (0, False, "conv2d_nhwc g1"),
+                                (0, True, f"conv2d_nhwc g{p['g']}")):
+        with mock.patch.object(triton_backend, "DIRECT_MAX_IG", max_ig), \
+                mock.patch.object(triton_backend, "MERGE_IN_INTERPRETER", merge), launched_kernels() as names:
+            kernel, src, prior = build(p)
+            check_against_reference(p, kernel, src, prior, "triton")
+        if written_mask(p, prior.shape).any():  # else the clip region is empty: nothing to launch
+            assert names and all(name.startswith(want) for name in names), names
+
+
+@contextlib.contextmanager
+def launched_kernels():
+    """The Triton kernels the triton backend launches meanwhile, as ``"<kernel> g<groups merged>"`` (a
+    list, filled in)."""
+    names, launch = [], triton_backend._launch
+
+    def spy(bound, prepared):
+        launches = launch(bound, prepared)
+        names.extend(f"{launcher.kernel.fn.__name__} g{bound.plan.config.merge}" for launcher, _, _ in launches)
+        return launches
+
+    with mock.patch.object(triton_backend, "_launch", spy):
+        yield names
 
 
 @settings(max_examples=10)

@@ -200,52 +200,56 @@ def conv2d_nhwc(
 
 
 @triton.jit
-def _row_run(GW, OC, MULT, sxc, BF: tl.constexpr):
-    """The depthwise kernels' run of ``BF`` consecutive (column, channel) positions ``f = u·OC + oc`` of
-    an output row, the fastest-varying part of the program id: ``(the id's rest, u, oc, whether f lies
-    in the row, the source channel's offset)``, the last four ``[1, BF]``, in the tile's own layout."""
+def _row_run(GW, OC, OG, sxc, BF: tl.constexpr, IG: tl.constexpr):
+    """The direct kernels' run of ``BF`` consecutive (column, channel) positions ``f = u·OC + oc`` of an
+    output row, the fastest-varying part of the program id: ``(the id's rest, u, oc, whether f lies in
+    the row, the offset of the first source channel of oc's group)``, the last four ``[1, BF]``, in the
+    tile's own layout (groups of ``OG`` outputs read ``IG`` source channels each)."""
     chunks = tl.cdiv(GW * OC, BF)
     pid = tl.program_id(0)
     rest = pid // chunks
     f = (pid - rest * chunks) * BF + tl.arange(0, BF)[None, :]
     u = f // OC
     oc = f - u * OC
-    return rest, u, oc, u < GW, (oc // MULT) * sxc
+    return rest, u, oc, u < GW, (oc // OG) * (IG * sxc)
 
 
 @triton.jit
-def _depthwise_tap(acc, t, x_ptr, w_ptr, x_rows, iy0, rows_ok, x_chan, ix0, cols_ok, oc, HE, WE, OC, sxh, sxw,
-                   dy, dx, uy, ux, KW: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr):
+def _direct_tap(acc, t, x_ptr, w_ptr, x_rows, iy0, rows_ok, x_chan, ix0, cols_ok, oc, HE, WE, OC, sxh, sxw, sxc,
+                dy, dx, uy, ux, KW: tl.constexpr, IG: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr):
     r = t // KW
     s = t - r * KW
     iy, ok_y = _tap_axis(iy0 + r * dy, rows_ok, HE, uy, CLAMP, UPSAMPLE)  # [rows, 1]
     ix, ok_x = _tap_axis(ix0 + s * dx, cols_ok, WE, ux, CLAMP, UPSAMPLE)  # [1, columns]
-    xv = tl.load(x_ptr + (x_rows + iy * sxh) + (ix * sxw + x_chan), mask=ok_y & ok_x, other=0.0)
-    wv = tl.load(w_ptr + t * OC + oc, mask=cols_ok, other=0.0)
-    return acc + xv.to(tl.float32) * wv.to(tl.float32)
+    at = x_ptr + (x_rows + iy * sxh) + (ix * sxw + x_chan)
+    for j in tl.static_range(IG):
+        xv = tl.load(at + j * sxc, mask=ok_y & ok_x, other=0.0)
+        wv = tl.load(w_ptr + (t * IG + j) * OC + oc, mask=cols_ok, other=0.0)
+        acc += xv.to(tl.float32) * wv.to(tl.float32)
+    return acc
 
 
 @triton.jit
-def depthwise_nhwc(
+def direct_nhwc(
     x_ptr, w_ptr, bias_ptr, prelu_ptr, y_ptr,
-    ROWS, GH, GW, HE, WE, OC, MULT,
+    ROWS, GH, GW, HE, WE, OC, OG,
     sxn, sxh, sxw, sxc, syn, syh, syw, syc,
     OUT_H, OUT_W,
     tap0y, tap0x, sy, sx, dy, dx, uy, ux,
     na, nb, nc, np2,
-    KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, IG: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr,
     SUBPIXEL: tl.constexpr, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr,
     BH: tl.constexpr, BF: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """Depthwise convolution (one input channel per group, ``MULT`` outputs each): a direct float32
-    multiply-add over the taps. A tile is ``BH`` output rows (of all images: row ``img·GH + v``) by
-    ``BF`` consecutive (column, channel) positions of a row, ``f = u·OC + oc``: every channel of a
-    pixel, pixels side by side, which is how NHWC lays a row out. So each tap's address and mask split
-    into a per-row and a per-column part, worked out once per tile, and its loads are contiguous runs
-    of whole rows. Weights are ``[KH][KW][OC]`` (float32, or the source's type where exact). Grid:
-    ``cdiv(GW·OC, BF) · cdiv(ROWS, BH)``, the tiles of one row band next to each other (they share the
-    band's source rows)."""
-    band, u, oc, cols_ok, x_chan = _row_run(GW, OC, MULT, sxc, BF)
+    """Depthwise and narrow grouped convolution (groups of ``IG`` input channels, ``OG`` outputs each;
+    depthwise: ``IG = 1``): a direct float32 multiply-add over the taps and the group's input channels.
+    A tile is ``BH`` output rows (of all images: row ``img·GH + v``) by ``BF`` consecutive (column,
+    channel) positions of a row, ``f = u·OC + oc``: every channel of a pixel, pixels side by side,
+    which is how NHWC lays a row out. So each tap's address and mask split into a per-row and a
+    per-column part, worked out once per tile, and its loads are runs of whole rows. Weights are
+    ``[KH][KW][IG][OC]`` (float32, or the source's type where exact). Grid: ``cdiv(GW·OC, BF) ·
+    cdiv(ROWS, BH)``, the tiles of one row band next to each other (they share the band's source rows)."""
+    band, u, oc, cols_ok, x_chan = _row_run(GW, OC, OG, sxc, BF, IG)
     rows = band * BH + tl.arange(0, BH)[:, None]  # [BH, 1]: per-row work stays in the tile's own layout
     rows_ok = rows < ROWS
     img = rows // GH
@@ -254,49 +258,50 @@ def depthwise_nhwc(
     iy0 = tap0y + v * sy
     ix0 = tap0x + u * sx
     acc = tl.zeros((BH, BF), dtype=tl.float32)
-    if KH * KW <= 49:  # unrolled: every tap's load can be in flight at once
+    if KH * KW * IG <= 49:  # unrolled: every tap's load can be in flight at once
         for t in tl.static_range(KH * KW):
-            acc = _depthwise_tap(acc, t, x_ptr, w_ptr, x_rows, iy0, rows_ok, x_chan, ix0, cols_ok, oc, HE, WE, OC,
-                                 sxh, sxw, dy, dx, uy, ux, KW, CLAMP, UPSAMPLE)
+            acc = _direct_tap(acc, t, x_ptr, w_ptr, x_rows, iy0, rows_ok, x_chan, ix0, cols_ok, oc, HE, WE, OC,
+                              sxh, sxw, sxc, dy, dx, uy, ux, KW, IG, CLAMP, UPSAMPLE)
     else:
         for t in range(0, KH * KW):
-            acc = _depthwise_tap(acc, t, x_ptr, w_ptr, x_rows, iy0, rows_ok, x_chan, ix0, cols_ok, oc, HE, WE, OC,
-                                 sxh, sxw, dy, dx, uy, ux, KW, CLAMP, UPSAMPLE)
+            acc = _direct_tap(acc, t, x_ptr, w_ptr, x_rows, iy0, rows_ok, x_chan, ix0, cols_ok, oc, HE, WE, OC,
+                              sxh, sxw, sxc, dy, dx, uy, ux, KW, IG, CLAMP, UPSAMPLE)
     _epilogue(acc, img, v, u, rows_ok, oc, cols_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh, syw,
               syc, OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL, WIDE)
 
 
 @triton.jit
-def depthwise_rolling_nhwc(
+def direct_rolling_nhwc(
     x_ptr, w_ptr, bias_ptr, prelu_ptr, y_ptr,
-    GH, GW, HE, WE, OC, MULT, BANDS,
+    GH, GW, HE, WE, OC, OG, BANDS,
     sxn, sxh, sxw, sxc, syn, syh, syw, syc,
     OUT_H, OUT_W,
     tap0y, tap0x, sx, dx, uy, ux,
     na, nb, nc, np2,
-    KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, IG: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr,
     SUBPIXEL: tl.constexpr, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr,
     BH: tl.constexpr, BF: tl.constexpr, ROLL: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """Depthwise convolution of vertical stride and dilation 1, rolling down the rows: a program
-    takes ``BF`` consecutive (column, channel) positions ``f = u·OC + oc`` of ``BH`` output rows of one
-    image, and walks the source rows once. Each source row is loaded as ``KW`` shifted runs (one per
-    tap column) and converted once, then multiplied by every weight row: row ``r``'s products finish
-    output row ``i - r``. ``KH - 1`` partial sums roll along. So a pixel costs ``KW`` loads and
-    conversions instead of ``KH·KW``; column offsets, masks and the weights are worked out once per
-    program. Grid: ``cdiv(GW·OC, BF) · BANDS · images``, ``BANDS = cdiv(GH, BH)``."""
-    rest, u, oc, cols_ok, x_chan = _row_run(GW, OC, MULT, sxc, BF)
+    """``direct_nhwc`` for vertical stride and dilation 1, rolling down the rows: a program takes ``BF``
+    consecutive (column, channel) positions ``f = u·OC + oc`` of ``BH`` output rows of one image, and
+    walks the source rows once. Each source row is loaded as ``KW·IG`` shifted runs (one per tap column
+    and input channel of the group) and converted once, then multiplied by every weight row: row
+    ``r``'s products finish output row ``i - r``. ``KH - 1`` partial sums roll along. So a pixel costs
+    ``KW·IG`` loads and conversions instead of ``KH·KW·IG``; column offsets, masks and the weights are
+    worked out once per program. Grid: ``cdiv(GW·OC, BF) · BANDS · images``, ``BANDS = cdiv(GH, BH)``."""
+    rest, u, oc, cols_ok, x_chan = _row_run(GW, OC, OG, sxc, BF, IG)
     img = rest // BANDS
     v0 = (rest - img * BANDS) * BH
     x_img = x_ptr + _index(img, WIDE) * sxn
-    cols = ()
+    cols = ()  # cols[s·IG + j]: tap column s, input channel j of the group
     col_oks = ()
     for s in tl.static_range(KW):
         ix, ok = _tap_axis(tap0x + u * sx + s * dx, cols_ok, WE, ux, CLAMP, UPSAMPLE)
-        cols = cols + (ix * sxw + x_chan,)
-        col_oks = col_oks + (ok,)
-    ws = ()
-    for t in tl.static_range(KH * KW):
+        for j in tl.static_range(IG):
+            cols = cols + (ix * sxw + x_chan + j * sxc,)
+            col_oks = col_oks + (ok,)
+    ws = ()  # ws[(r·KW + s)·IG + j]
+    for t in tl.static_range(KH * KW * IG):
         ws = ws + (tl.load(w_ptr + t * OC + oc, mask=cols_ok, other=0.0).to(tl.float32),)
     pend = ()  # pend[j]: output row (i - KH + 1 + j)'s sum over the source rows so far
     for j in tl.static_range(KH - 1):
@@ -309,15 +314,15 @@ def depthwise_rolling_nhwc(
             iy, row_ok = _tap_axis(i0 + q + tap0y, i0 + q < end, HE, uy, CLAMP, UPSAMPLE)
             x_row = x_img + iy * sxh
             xs = ()
-            for s in tl.static_range(KW):  # where, not &: Triton's interpreter makes scalar & block int32
-                xs = xs + (tl.load(x_row + cols[s], mask=tl.where(row_ok, col_oks[s], False), other=0.0),)
+            for c in tl.static_range(KW * IG):  # where, not &: Triton's interpreter makes scalar & block int32
+                xs = xs + (tl.load(x_row + cols[c], mask=tl.where(row_ok, col_oks[c], False), other=0.0),)
             rows = rows + (xs,)
         for q in tl.static_range(ROLL):
             rolled = ()
             for r in tl.static_range(KH):
-                p = rows[q][0].to(tl.float32) * ws[r * KW]
-                for s in tl.static_range(1, KW):
-                    p += rows[q][s].to(tl.float32) * ws[r * KW + s]
+                p = rows[q][0].to(tl.float32) * ws[r * KW * IG]
+                for c in tl.static_range(1, KW * IG):
+                    p += rows[q][c].to(tl.float32) * ws[r * KW * IG + c]
                 if r == KH - 1:
                     done = p if KH == 1 else pend[0] + p
                 elif r == 0:
