@@ -285,6 +285,33 @@ def test_repeated_encodes_take_the_direct_launch_path_and_stay_right(backend):
         assert_close(run(k, src, dst, backend), want, "float16", f"run {i}")
 
 
+def test_small_torch_runs_replay_a_graph_that_follows_contents_and_weights():
+    """The torch backend captures a small bound run as a CUDA graph on its second run and replays it
+    after: new source contents and reloaded weights give the new results."""
+    from mpsconv.backends import torch as torch_backend
+
+    rng = np.random.default_rng(10)
+    d = descriptor(3, 3, 16, 32)
+    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
+    source = ArraySource(d, rng.uniform(-1, 1, (32, 3, 3, 16)), rng.uniform(-1, 1, 32))
+    k = MPSCNNConvolution(device=gpu(), weights=source)
+    k.destinationFeatureChannelOffset = 4
+    dst = img(gpu(), np.zeros((2, 10, 12, 40)), FMT.float16)
+    src = img(gpu(), np.zeros((2, 10, 12, 16)), FMT.float16)
+    for i in range(5):
+        if i == 3:  # new weights drop the cached encodes: this run goes without a graph, the next captures
+            source.w = rng.uniform(-1, 1, (32, 3, 3, 16))
+            k.reloadWeightsAndBiasesFromDataSource()
+        values = rng.uniform(-1, 1, (2, 10, 12, 16))
+        src.torch().copy_(torch.from_numpy(values).cuda().half())
+        want = run(k, img(gpu(), values, FMT.float16), img(gpu(), np.zeros((2, 10, 12, 40)), FMT.float16),
+                   "reference")
+        assert_close(run(k, src, dst, "torch"), want, "float16", f"run {i}")
+        bound = next(entry[1] for entry in k.__dict__["_bound_cache"].values() if entry[1].out.shape[0] == 2
+                     and entry[1].x.data_ptr() == src.torch().data_ptr())
+        assert bound.plan.graphed and (bool(bound.graph) == (i in (1, 2, 4))), i
+
+
 @pytest.mark.parametrize("formats", [(FMT.float16, FMT.float32), (FMT.bfloat16, FMT.float16),
                                      (FMT.float32, FMT.bfloat16)])
 @pytest.mark.parametrize("backend", [None, "triton", "torch"])

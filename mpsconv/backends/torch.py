@@ -34,6 +34,11 @@ _ONEDNN: bool | None = None  # whether the prepacked oneDNN path works in this P
 #: Tests set this (with Triton's interpreter) to run the CUDA path, convolution in the source's type
 #: plus the Triton epilogue, on CPU tensors.
 FUSED_ON_CPU = False
+#: CUDA runs whose convolution output takes at most this many bytes are replayed as a CUDA graph
+#: from their second run on (``_captured``): on such layers the host's cuDNN call and epilogue launch
+#: (30-50 µs) take longer than the GPU's work. Each graph keeps its own output and cuDNN workspace
+#: for as long as the encode stays cached.
+GRAPH_MAX_BYTES = 8 << 20
 #: Weights smaller than this (elements) go through conv2d: reordering them per call is cheaper than
 #: the private operator's own overhead. Tests lower it to exercise the oneDNN path on small shapes.
 ONEDNN_MIN_WEIGHTS = 16384
@@ -226,6 +231,8 @@ class Plan:
             self.conv2d = _tf32(Fn.conv2d)
         if self.fused:
             self.epilogue_args = triton_backend.neuron_args(p.neuron)
+        out_bytes = n * gh * gw * p.out_channels * torch.empty((), dtype=self.compute_dtype).element_size()
+        self.graphed = self.fused and device.is_cuda and out_bytes <= GRAPH_MAX_BYTES
         # Epilogue: what is left after the convolution (and its bias).
         neuron = p.neuron
         relu = neuron.type == MPSCNNNeuronType.reLU and neuron.a == 0.0
@@ -287,11 +294,13 @@ def _nchw_view(storage: torch.Tensor, images: slice, rows: slice, cols: slice, c
 class Bound:
     """A plan bound to one source and one destination storage: the views, made once per encode."""
 
-    __slots__ = ("plan", "x", "ready", "out", "epilogue")
+    __slots__ = ("plan", "x", "ready", "out", "epilogue", "ran", "graph")
 
     def __init__(self, plan: Plan, src: torch.Tensor, dst: torch.Tensor):
         self.plan = plan
         self.epilogue = None  # CUDA: the Triton epilogue's launch (triton_backend.Epilogue)
+        self.ran = None  # the weights (Prepared) of the last run made without a graph
+        self.graph = None  # plan.graphed: (prepared, torch.cuda.CUDAGraph of a run), or False if capture failed
         if plan.zeros_shape is not None:  # the window misses the source: the input is zeros, always
             self.x, self.ready = _canonical(src.new_zeros(plan.zeros_shape, dtype=torch.float32)), True
         else:  # backwards kernels crop after expanding the source, at run time
@@ -361,7 +370,51 @@ def run(bound: Bound, prepared: Prepared) -> None:
 
 def _run_fused(bound: Bound, prepared: Prepared) -> None:
     """CUDA: cuDNN's convolution in the source's type (float32 accumulation), then one Triton pass
-    for bias, neuron and the store into the destination's slice and clip region."""
+    for bias, neuron and the store into the destination's slice and clip region. Small layers
+    (``plan.graphed``) run it as a CUDA graph from their second run with the same weights on: one
+    launch instead of cuDNN's host work and the epilogue's. Inside someone else's capture (``make_replayable``,
+    the autotuner) the kernels themselves run, to be captured there."""
+    graph = bound.graph
+    if bound.plan.graphed and graph is not False and not torch.cuda.is_current_stream_capturing():
+        if graph is None or graph[0] is not prepared:
+            graph = bound.graph = _captured(bound, prepared) if bound.ran is prepared else None
+        if graph:
+            graph[1].replay()
+            return
+    _fused_once(bound, prepared)
+    bound.ran = prepared
+
+
+_CAPTURE = threading.local()  # .on while _captured records a run: cuDNN then takes its cached algorithm
+_CAPTURE_LOCK = threading.Lock()
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _captured(bound: Bound, prepared: Prepared):
+    """``(prepared, graph)``: one run of ``bound`` captured as a CUDA graph on a side stream (captures
+    record, they do not run), or False where the run cannot be captured."""
+    device = bound.out.device
+    with _CAPTURE_LOCK:  # one capture at a time on the side stream
+        stream = _CAPTURE_STREAMS.get(device.index)
+        if stream is None:
+            stream = _CAPTURE_STREAMS[device.index] = torch.cuda.Stream(device)
+        graph = torch.cuda.CUDAGraph()
+        _CAPTURE.on = True
+        try:
+            with torch.cuda.stream(stream):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    _fused_once(bound, prepared)
+                finally:
+                    graph.capture_end()
+        except Exception:  # e.g. a cuDNN path that synchronises: this bound runs without a graph
+            return False
+        finally:
+            _CAPTURE.on = False
+    return prepared, graph
+
+
+def _fused_once(bound: Bound, prepared: Prepared) -> None:
     plan = bound.plan
     p = plan.problem
     weights, x = prepared.weights, bound.x
@@ -440,7 +493,8 @@ def _cudnn(op, tf32: bool):
     def call(*args):
         with _CUDNN_FLAGS:  # the flags are process-wide: queues on two threads must not interleave them
             benchmark, allow = get_b(), get_t()
-            set_b(True)
+            # a capture records and cannot time algorithms: it takes the one found by the first run
+            set_b(not getattr(_CAPTURE, "on", False))
             set_t(tf32)
             try:
                 return op(*args)
