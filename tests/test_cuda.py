@@ -140,6 +140,30 @@ def test_every_grouped_configuration_on_gpu(config, monkeypatch):
         assert_close(got, want, "bfloat16", f"{config} {cin}/{groups} stride {stride} {edge.name}")
 
 
+@pytest.mark.parametrize("config", [str(c) for c in triton_backend.FLAT_TILES])
+def test_every_flat_configuration_on_gpu(config, monkeypatch):
+    """Each flattened-reduction candidate compiled: an RGB first layer (7x7, stride 2) and 5 channels
+    (3x3, dilation 2, clamp edges), with a window offset and a channel slice."""
+    from mpsconv import MPSImageEdgeMode
+
+    monkeypatch.setattr(triton_backend, "FLAT_TILES", [triton_backend.Config.parse(config)])
+    monkeypatch.setattr(triton_backend, "GEMM_CONFIGS", [])
+    monkeypatch.setattr(triton_backend, "SPLIT_CONFIGS", [])
+    rng = np.random.default_rng(9)
+    for cin, kw, props, edge in [(3, 7, dict(strideInPixelsX=2, strideInPixelsY=2), MPSImageEdgeMode.zero),
+                                 (5, 3, dict(dilationRateX=2, dilationRateY=2), MPSImageEdgeMode.clamp)]:
+        d = descriptor(kw, kw, cin, 24, **props)
+        d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
+        k = MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (24, kw, kw, cin)),
+                                                                rng.uniform(-1, 1, 24)))
+        k.edgeMode, k.offset, k.destinationFeatureChannelOffset = edge, (1, 0, 0), 8
+        src = img(gpu(), rng.uniform(-1, 1, (2, 41, 45, cin)), FMT.float16)
+        prior = rng.uniform(-1, 1, (2, 20, 22, 32))
+        got = run(k, src, img(gpu(), prior, FMT.float16), "triton")
+        want = run(k, src, img(gpu(), prior, FMT.float16), "reference")
+        assert_close(got, want, "float16", f"{config} {cin} channels")
+
+
 @pytest.mark.parametrize("config", [str(c) for c in triton_backend.DEPTHWISE_CONFIGS])
 def test_every_depthwise_configuration_on_gpu(config, monkeypatch):
     """Each depthwise candidate compiled (the interpreter runs only the small ones): 40 channels (not a

@@ -22,6 +22,8 @@ from test_properties import build, check_against_reference, neuron_descriptor, p
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not triton_backend.available(), reason="Triton is not installed")
+#: A split-K configuration for the interpreter: partial sums in 3 parts.
+INTERPRET_SPLIT = triton_backend.Config(16, 16, 16, 1, 1, 3)
 T = MPSCNNNeuronType
 FLOATS = [FMT.float32, FMT.float16, FMT.bfloat16]
 
@@ -75,10 +77,11 @@ def test_grouped_direct_and_gemm_match_reference(p):
     """Narrow groups through the direct kernels (the default), through the implicit GEMM group by group,
     and through the implicit GEMM with every group merged into one (block-diagonal weights): the
     autotuner times all three."""
-    for max_ig, merge, want in ((triton_backend.DIRECT_MAX_IG, False, "direct"), (0, False, "conv2d_nhwc g1"),
-                                (0, True, f"conv2d_nhwc g{p['g']}")):
+    merged = functools.partial(triton_backend.Config, 16, 16, 16, 1, 1, merge=p["g"])
+    for max_ig, merge, want in ((triton_backend.DIRECT_MAX_IG, None, "direct"), (0, None, "conv2d_nhwc g1"),
+                                (0, lambda _: merged(), f"conv2d_nhwc g{p['g']}")):
         with mock.patch.object(triton_backend, "DIRECT_MAX_IG", max_ig), \
-                mock.patch.object(triton_backend, "MERGE_IN_INTERPRETER", merge), launched_kernels() as names:
+                mock.patch.object(triton_backend, "INTERPRET_CHOICE", merge), launched_kernels() as names:
             kernel, src, prior = build(p)
             check_against_reference(p, kernel, src, prior, "triton")
         if written_mask(p, prior.shape).any():  # else the clip region is empty: nothing to launch
@@ -167,7 +170,17 @@ def test_weights_that_float16_would_round_multiply_in_float32():
 @given(p=triton_problems())
 def test_split_k_matches_reference(p):
     """Split-K launches (partial sums in a workspace, then the epilogue kernel adds them and finishes)."""
-    with mock.patch.object(triton_backend, "SPLIT_IN_INTERPRETER", True):
+    with mock.patch.object(triton_backend, "INTERPRET_CHOICE", lambda p: INTERPRET_SPLIT):
+        kernel, src, prior = build(p)
+        check_against_reference(p, kernel, src, prior, "triton")
+
+
+@settings(max_examples=15)
+@given(p=triton_problems())
+def test_flat_reduction_matches_reference(p):
+    """Implicit-GEMM steps over the flattened (tap, channel) reduction, with split-K too."""
+    flat = triton_backend.Config(16, 16, 16, 1, 1, split=p["seed"] % 2 + 1, flat=True)
+    with mock.patch.object(triton_backend, "INTERPRET_CHOICE", lambda p: None if triton_backend.direct(p) else flat):
         kernel, src, prior = build(p)
         check_against_reference(p, kernel, src, prior, "triton")
 
@@ -180,7 +193,7 @@ def test_split_k_replays_on_new_contents():
     k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(descriptor(3, 3, 8, 12), rng.uniform(-1, 1, (12, 3, 3, 8)),
                                                              rng.uniform(-1, 1, 12)))
     src, dst = image(rng.uniform(-1, 1, (2, 7, 6, 8))), blank(6, 7, 12, 2)
-    with mock.patch.object(triton_backend, "SPLIT_IN_INTERPRETER", True), use_backend("triton"):
+    with mock.patch.object(triton_backend, "INTERPRET_CHOICE", lambda p: INTERPRET_SPLIT), use_backend("triton"):
         cb = QUEUE.makeCommandBuffer()
         k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
         cb.make_replayable()

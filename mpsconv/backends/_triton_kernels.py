@@ -151,11 +151,16 @@ def conv2d_nhwc(
     KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr,
     SUBPIXEL: tl.constexpr, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, WIDE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, FLAT: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """Implicit-GEMM convolution: rows are output pixels ``(img, v, u)`` of the grid, columns the
     group's output channels, the reduction runs over taps x input channels of the group. Weights are
     ``[G][KH][KW][CG][OG]``. Grid: ``(cdiv(M, BM), cdiv(OG, BN), G·SPLIT)``.
+
+    A step takes ``BK`` channels of one tap, or with ``FLAT`` ``BK`` consecutive (tap, channel) pairs
+    of the flattened reduction: for a few input channels (an RGB first layer), where a step per tap
+    would be mostly padding, at the price of a gathered load.
 
     ``SPLIT > 1`` (split-K, for problems too small to fill the GPU): program ``(.., g·SPLIT + part)``
     reduces its part of the steps and stores the float32 partial sum at ``ws[part][row][channel]``
@@ -175,20 +180,34 @@ def conv2d_nhwc(
     x_img = _index(img, WIDE) * sxn
     w_group = w_ptr + g * (KH * KW * CG * OG)
     blocks = tl.cdiv(CG, BK)
-    steps = KH * KW * blocks
+    steps = tl.cdiv(KH * KW * CG, BK) if FLAT else KH * KW * blocks
     per_part = tl.cdiv(steps, SPLIT)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for step in range(part * per_part, tl.minimum(steps, (part + 1) * per_part)):
-        t = step // blocks
-        c = (step - t * blocks) * BK + ks
-        r = t // KW
-        s = t - r * KW
-        iy, ix, ok = _tap(iy0 + r * dy, ix0 + s * dx, row_ok, HE, WE, uy, ux, CLAMP, UPSAMPLE)
-        c_ok = c < CG
-        a = tl.load(x_ptr + (x_img + iy * sxh + ix * sxw)[:, None] + ((g * CG + c) * sxc)[None, :],
-                    mask=ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(w_group + (t * CG + c)[:, None] * OG + cols[None, :], mask=c_ok[:, None] & col_ok[None, :],
-                    other=0.0)
+        if FLAT:  # [BM, BK] taps: each column of the step has its own tap and channel
+            k = step * BK + ks
+            t = k // CG
+            c = k - t * CG
+            r = t // KW
+            s = t - r * KW
+            k_ok = k < KH * KW * CG
+            iy, ok = _tap_axis(iy0[:, None] + (r * dy)[None, :], row_ok[:, None] & k_ok[None, :], HE, uy, CLAMP,
+                               UPSAMPLE)
+            ix, ok = _tap_axis(ix0[:, None] + (s * dx)[None, :], ok, WE, ux, CLAMP, UPSAMPLE)
+            a = tl.load(x_ptr + x_img[:, None] + iy * sxh + ix * sxw + ((g * CG + c) * sxc)[None, :], mask=ok,
+                        other=0.0)
+            b = tl.load(w_group + k[:, None] * OG + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        else:
+            t = step // blocks
+            c = (step - t * blocks) * BK + ks
+            r = t // KW
+            s = t - r * KW
+            iy, ix, ok = _tap(iy0 + r * dy, ix0 + s * dx, row_ok, HE, WE, uy, ux, CLAMP, UPSAMPLE)
+            c_ok = c < CG
+            a = tl.load(x_ptr + (x_img + iy * sxh + ix * sxw)[:, None] + ((g * CG + c) * sxc)[None, :],
+                        mask=ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_group + (t * CG + c)[:, None] * OG + cols[None, :],
+                        mask=c_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if SPLIT == 1:
         _epilogue(acc, img[:, None], v[:, None], u[:, None], row_ok[:, None], (g * OG + cols)[None, :],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -65,18 +66,20 @@ class Config:
     split: int = 1  # split-K parts (> 1: partial sums in a workspace, then the epilogue kernel)
     direct: bool = False  # a direct kernel's tiles (rows, positions, rows loaded together), named "d..."
     merge: int = 1  # groups computed as one, with block-diagonal weights (narrow groups on tensor cores)
+    flat: bool = False  # steps over the flattened (tap, channel) reduction (a few input channels), "...f"
 
     def __str__(self) -> str:
         text = f"{'d' if self.direct else ''}{self.bm}x{self.bn}x{self.bk}w{self.warps}s{self.stages}"
-        return text + (f"k{self.split}" if self.split > 1 else "") + (f"g{self.merge}" if self.merge > 1 else "")
+        return (text + (f"k{self.split}" if self.split > 1 else "") + (f"g{self.merge}" if self.merge > 1 else "")
+                + ("f" if self.flat else ""))
 
     @classmethod
     def parse(cls, text: str) -> "Config":
-        m = re.fullmatch(r"(d?)(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:k(\d+))?(?:g(\d+))?", text)
+        m = re.fullmatch(r"(d?)(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:k(\d+))?(?:g(\d+))?(f?)", text)
         if m is None:
             raise ValueError(f"Config.parse: {text!r} is not a launch configuration")
-        direct, *fields, split, merge = m.groups()
-        return cls(*map(int, fields), int(split or 1), bool(direct), int(merge or 1))
+        direct, *fields, split, merge, flat = m.groups()
+        return cls(*map(int, fields), int(split or 1), bool(direct), int(merge or 1), bool(flat))
 
 
 def _direct(*fields) -> Config:
@@ -107,14 +110,17 @@ DEPTHWISE_CONFIGS = [_direct(32, 256, 8, 2, 1), _direct(32, 512, 8, 4, 1), _dire
 #: block-diagonal weights; the zeros cost tensor-core time, which these layers have to spare.
 MERGED_TILES = [Config(128, 32, 32, 4, 3), Config(128, 32, 32, 4, 4), Config(128, 64, 64, 4, 3),
                 Config(64, 32, 32, 2, 4)]
+#: Implicit-GEMM tiles stepping over the flattened (tap, channel) reduction, for layers of a few input
+#: channels per group (an RGB first layer: 3 channels x 49 taps in 5 steps of 32 instead of 49 of 32).
+FLAT_TILES = [Config(128, 64, 32, 4, 3, flat=True), Config(128, 64, 64, 4, 3, flat=True),
+              Config(256, 64, 32, 8, 3, flat=True), Config(64, 64, 32, 4, 4, flat=True),
+              Config(128, 64, 16, 4, 4, flat=True)]
 #: Small tiles for the interpreter, which runs every program one after another on the CPU (keyed by
 #: whether the problem takes the direct kernels).
 INTERPRET_CONFIG = {False: Config(16, 16, 16, 1, 1), True: _direct(4, 32, 2, 1, 1)}
-#: The interpreter's split-K configuration, taken while ``SPLIT_IN_INTERPRETER`` (tests set it).
-INTERPRET_SPLIT = Config(16, 16, 16, 1, 1, 3)
-SPLIT_IN_INTERPRETER = False
-#: Whether the interpreter computes grouped problems as one merged group (tests set it).
-MERGE_IN_INTERPRETER = False
+#: Tests set this to pick the interpreter's configuration per problem (a split-K, merged or flat one);
+#: where it gives None, or is None, the configurations above apply.
+INTERPRET_CHOICE: Callable[[ConvProblem], Config | None] | None = None
 #: The interpreter's tiled depthwise configuration, for problems the rolling kernel cannot take.
 INTERPRET_TILED = _direct(4, 32, 0, 1, 1)
 #: Grouped convolutions of at most this many input channels per group also get the direct kernels
@@ -169,10 +175,11 @@ def rolls(p: ConvProblem) -> bool:
 def _default_config(p: ConvProblem) -> Config:
     if not interpreting():
         return configs(p)[0]
-    if MERGE_IN_INTERPRETER and p.groups > 1:
-        return replace(INTERPRET_CONFIG[False], merge=p.groups)
+    chosen = INTERPRET_CHOICE and INTERPRET_CHOICE(p)
+    if chosen:
+        return chosen
     if not direct(p):
-        return INTERPRET_SPLIT if SPLIT_IN_INTERPRETER else INTERPRET_CONFIG[False]
+        return INTERPRET_CONFIG[False]
     return INTERPRET_CONFIG[True] if rolls(p) else INTERPRET_TILED
 
 
@@ -368,7 +375,8 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     args = (x, w, bias, prelu, out, rows, gh, gw, he, we, cg, og, *x.stride(), *y.stride(), *p.out_size,
             p.out_channels, *plan.scalars)
     conv = (Launcher(k.conv2d_nhwc, dict(kwargs, DOT_DTYPE=_tl_dtype(dot), PRECISION=precision, BM=cfg.bm,
-                                         BN=cfg.bn, BK=cfg.bk, SPLIT=cfg.split, num_stages=cfg.stages)), grid, args)
+                                         BN=cfg.bn, BK=cfg.bk, SPLIT=cfg.split, FLAT=cfg.flat, num_stages=cfg.stages)),
+            grid, args)
     if cfg.split == 1:
         return [conv]
     n = p.n_images
@@ -452,7 +460,8 @@ def configs(problem: ConvProblem) -> list[Config]:
     keep = [c for c in fits if c.split == 1 or (
         -(-rows // c.bm) * -(-og // c.bn) * problem.groups < SPLIT_BELOW_TILES and steps >= 4 * c.split)]
     merged = _merged(problem)  # where there are merged tiles, group-by-group ones waste 8x or more
-    return direct_ + (merged or keep or GEMM_CONFIGS[:1])
+    flat = [c for c in FLAT_TILES if c.bn <= max(32, 1 << (og - 1).bit_length())] if cg < 16 else []
+    return direct_ + flat + (merged or keep or GEMM_CONFIGS[:1])
 
 
 def _merged(p: ConvProblem) -> list[Config]:
