@@ -152,13 +152,13 @@ def test_every_flat_configuration_on_gpu(config, monkeypatch):
     rng = np.random.default_rng(9)
     for cin, kw, props, edge in [(3, 7, dict(strideInPixelsX=2, strideInPixelsY=2), MPSImageEdgeMode.zero),
                                  (5, 3, dict(dilationRateX=2, dilationRateY=2), MPSImageEdgeMode.clamp)]:
-        d = descriptor(kw, kw, cin, 24, **props)
+        d = descriptor(kw, kw, cin, 48, **props)
         d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
-        k = MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (24, kw, kw, cin)),
-                                                                rng.uniform(-1, 1, 24)))
+        k = MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (48, kw, kw, cin)),
+                                                                rng.uniform(-1, 1, 48)))
         k.edgeMode, k.offset, k.destinationFeatureChannelOffset = edge, (1, 0, 0), 8
         src = img(gpu(), rng.uniform(-1, 1, (2, 41, 45, cin)), FMT.float16)
-        prior = rng.uniform(-1, 1, (2, 20, 22, 32))
+        prior = rng.uniform(-1, 1, (2, 20, 22, 56))
         got = run(k, src, img(gpu(), prior, FMT.float16), "triton")
         want = run(k, src, img(gpu(), prior, FMT.float16), "reference")
         assert_close(got, want, "float16", f"{config} {cin} channels")
