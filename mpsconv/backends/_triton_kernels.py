@@ -339,15 +339,18 @@ def direct_rolling_nhwc(
         for q in tl.static_range(ROLL):
             rolled = ()
             for r in tl.static_range(KH):
-                p = rows[q][0].to(tl.float32) * ws[r * KW * IG]
+                # tap row r adds to output row i - r: a new sum for r = 0, else the one rolling along
+                # (continuing it: one multiply-add per product, no separate product sum to add)
+                if r == 0:
+                    p = rows[q][0].to(tl.float32) * ws[0]
+                else:
+                    p = pend[KH - 1 - r] + rows[q][0].to(tl.float32) * ws[r * KW * IG]
                 for c in tl.static_range(1, KW * IG):
                     p += rows[q][c].to(tl.float32) * ws[r * KW * IG + c]
                 if r == KH - 1:
-                    done = p if KH == 1 else pend[0] + p
-                elif r == 0:
-                    rolled = (p,)
+                    done = p
                 else:
-                    rolled = (pend[KH - 1 - r] + p,) + rolled
+                    rolled = (p,) + rolled
             o = i0 + q - (KH - 1)
             _epilogue(done, img, o, u, tl.where((o >= v0) & (o < last), cols_ok, False), oc, cols_ok, bias_ptr,
                       prelu_ptr, y_ptr, syn, syh, syw, syc, OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS,
