@@ -372,8 +372,8 @@ def _run_fused(bound: Bound, prepared: Prepared) -> None:
     """CUDA: cuDNN's convolution in the source's type (float32 accumulation), then one Triton pass
     for bias, neuron and the store into the destination's slice and clip region. Small layers
     (``plan.graphed``) run it as a CUDA graph from their second run with the same weights on: one
-    launch instead of cuDNN's host work and the epilogue's. Inside someone else's capture (``make_replayable``,
-    the autotuner) the kernels themselves run, to be captured there."""
+    launch instead of cuDNN's host work and the epilogue's. Inside someone else's capture
+    (``make_replayable``, the autotuner) the kernels themselves run, to be captured there."""
     graph = bound.graph
     if bound.plan.graphed and graph is not False and not torch.cuda.is_current_stream_capturing():
         if graph is None or graph[0] is not prepared:

@@ -7,9 +7,11 @@ kernels). Depthwise problems (one input channel per group) run a direct kernel w
 epilogue: tiles of whole NHWC rows, and for vertical stride and dilation 1 a kernel that rolls
 down the rows, loading each source row once per tap column. Groups too narrow for tensor cores
 (under 16 input channels) are offered both: the direct kernels (up to 8 channels a group), and the
-implicit GEMM over several groups merged into one with block-diagonal weights. Products are taken in the source's
-storage type (float16 / bfloat16) when the weights are exact in it, else in float32 (TF32 only
-when the kernel's ``options`` allow reduced precision); the accumulator is float32 throughout.
+implicit GEMM over several groups merged into one with block-diagonal weights; layers of under 16
+input channels a group also an implicit GEMM that steps over the flattened (tap, channel)
+reduction (an RGB first layer). Products are taken in the source's storage type (float16 /
+bfloat16) when the weights are exact in it, else in float32 (TF32 only when the kernel's
+``options`` allow reduced precision); the accumulator is float32 throughout.
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors too (slowly), which is how CI checks
 them; elsewhere the backend supports CUDA devices only.
@@ -375,8 +377,8 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     args = (x, w, bias, prelu, out, rows, gh, gw, he, we, cg, og, *x.stride(), *y.stride(), *p.out_size,
             p.out_channels, *plan.scalars)
     conv = (Launcher(k.conv2d_nhwc, dict(kwargs, DOT_DTYPE=_tl_dtype(dot), PRECISION=precision, BM=cfg.bm,
-                                         BN=cfg.bn, BK=cfg.bk, SPLIT=cfg.split, FLAT=cfg.flat, num_stages=cfg.stages)),
-            grid, args)
+                                         BN=cfg.bn, BK=cfg.bk, SPLIT=cfg.split, FLAT=cfg.flat,
+                                         num_stages=cfg.stages)), grid, args)
     if cfg.split == 1:
         return [conv]
     n = p.n_images
@@ -445,22 +447,18 @@ class Epilogue:
 
 def configs(problem: ConvProblem) -> list[Config]:
     """The configurations worth timing for ``problem`` (tiles no wider than the channels need)."""
-    direct_ = []
-    if direct(problem):
-        direct_ = [c for c in (DEPTHWISE_CONFIGS if depthwise(problem) else GROUPED_CONFIGS)
-                   if c.bk == 0 or rolls(problem)]
-        if depthwise(problem):
-            return direct_
+    if depthwise(problem):
+        return [c for c in DEPTHWISE_CONFIGS if c.bk == 0 or rolls(problem)]
+    direct_ = [c for c in GROUPED_CONFIGS if c.bk == 0 or rolls(problem)] if direct(problem) else []
     og = problem.out_channels // problem.groups
     cg = problem.in_channels // problem.groups
-    fits = [c for c in GEMM_CONFIGS + SPLIT_CONFIGS if c.bn <= max(32, 1 << (og - 1).bit_length())
-            and c.bk <= max(32, 1 << (cg - 1).bit_length())]
+    fits = [c for c in GEMM_CONFIGS + SPLIT_CONFIGS if c.bn <= _pow2(og, 32) and c.bk <= _pow2(cg, 32)]
     rows = problem.n_images * problem.grid[0] * problem.grid[1]
     steps = problem.kernel[0] * problem.kernel[1] * -(-cg // 64)
     keep = [c for c in fits if c.split == 1 or (
         -(-rows // c.bm) * -(-og // c.bn) * problem.groups < SPLIT_BELOW_TILES and steps >= 4 * c.split)]
     merged = _merged(problem)  # where there are merged tiles, group-by-group ones waste 8x or more
-    flat = [c for c in FLAT_TILES if c.bn <= max(32, 1 << (og - 1).bit_length())] if cg < 16 else []
+    flat = [c for c in FLAT_TILES if c.bn <= _pow2(og, 32)] if cg < 16 else []
     return direct_ + flat + (merged or keep or GEMM_CONFIGS[:1])
 
 
@@ -472,9 +470,14 @@ def _merged(p: ConvProblem) -> list[Config]:
     out = []
     for tile in MERGED_TILES:
         m = tile.bk // cg
-        if tile.bk % cg == 0 and m > 1 and p.groups % m == 0 and tile.bn <= max(16, 1 << (m * og - 1).bit_length()):
+        if tile.bk % cg == 0 and m > 1 and p.groups % m == 0 and tile.bn <= _pow2(m * og, 16):
             out.append(replace(tile, merge=m))
     return out
+
+
+def _pow2(n: int, least: int) -> int:
+    """The power of two a tile needs to hold ``n`` channels, at least ``least``."""
+    return max(least, 1 << (n - 1).bit_length())
 
 
 class _Triton:
