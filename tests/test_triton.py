@@ -77,9 +77,9 @@ def test_grouped_direct_and_gemm_match_reference(p):
     """Narrow groups through the direct kernels (the default), through the implicit GEMM group by group,
     and through the implicit GEMM with every group merged into one (block-diagonal weights): the
     autotuner times all three."""
-    merged = functools.partial(triton_backend.Config, 16, 16, 16, 1, 1, merge=p["g"])
+    merged = triton_backend.Config(16, 16, 16, 1, 1, merge=p["g"])
     for max_ig, merge, want in ((triton_backend.DIRECT_MAX_IG, None, "direct"), (0, None, "conv2d_nhwc g1"),
-                                (0, lambda _: merged(), f"conv2d_nhwc g{p['g']}")):
+                                (0, lambda _: merged, f"conv2d_nhwc g{p['g']}")):
         with mock.patch.object(triton_backend, "DIRECT_MAX_IG", max_ig), \
                 mock.patch.object(triton_backend, "INTERPRET_CHOICE", merge), launched_kernels() as names:
             kernel, src, prior = build(p)
