@@ -231,7 +231,7 @@ class Plan:
             self.conv2d = _tf32(Fn.conv2d)
         if self.fused:
             self.epilogue_args = triton_backend.neuron_args(p.neuron)
-        out_bytes = n * gh * gw * p.out_channels * torch.empty((), dtype=self.compute_dtype).element_size()
+        out_bytes = n * gh * gw * p.out_channels * self.compute_dtype.itemsize
         self.graphed = self.fused and device.is_cuda and out_bytes <= GRAPH_MAX_BYTES
         # Epilogue: what is left after the convolution (and its bias).
         neuron = p.neuron
