@@ -79,24 +79,25 @@ def cache_dir() -> Path:
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def _bytes(name: str, default: int | None) -> int | None:
-    raw = (os.environ.get(name) or "").strip().upper().removesuffix("B").removesuffix("I")
-    if not raw:
+def _bytes(name: str, raw: str | None, default: int | None) -> int | None:
+    """``raw``, the value of ``$name``, as a byte count (``512M``, ``8GiB``, ``1073741824``)."""
+    text = (raw or "").strip().upper().removesuffix("B").removesuffix("I")
+    if not text:
         return default
-    number, suffix = (raw[:-1], raw[-1]) if raw[-1] in _SUFFIXES else (raw, "")
+    number, suffix = (text[:-1], text[-1]) if text[-1] in _SUFFIXES else (text, "")
     try:
         value = int(float(number) * _SUFFIXES[suffix])
     except ValueError:
-        raise ValueError(f"{name}={os.environ[name]!r} is not a byte count (e.g. 512M, 8G, 1073741824)") from None
+        raise ValueError(f"{name}={raw!r} is not a byte count (e.g. 512M, 8G, 1073741824)") from None
     if value <= 0:
-        raise ValueError(f"{name}={os.environ[name]!r} must be a positive byte count")
+        raise ValueError(f"{name}={raw!r} must be a positive byte count")
     return value
 
 
 def max_archive_bytes() -> int:
     """The largest archive ``NSKeyedUnarchiver`` and ``load`` read: ``$MPSCONV_MAX_ARCHIVE_BYTES``,
     default 1 GiB (a 3x3 convolution of 4096 -> 4096 channels in float32 is 604 MB)."""
-    return _bytes("MPSCONV_MAX_ARCHIVE_BYTES", 1 << 30)
+    return _bytes("MPSCONV_MAX_ARCHIVE_BYTES", os.environ.get("MPSCONV_MAX_ARCHIVE_BYTES"), 1 << 30)
 
 
 def _available_memory() -> int:
@@ -117,7 +118,7 @@ def explicit_memory_limit() -> int | None:
     """The CPU limit set by ``use_memory_limit`` or ``$MPSCONV_MEMORY_LIMIT``, else None."""
     if _limit_override is not None:
         return _limit_override
-    return _env("MPSCONV_MEMORY_LIMIT", lambda raw: _bytes("MPSCONV_MEMORY_LIMIT", None))
+    return _env("MPSCONV_MEMORY_LIMIT", lambda raw: _bytes("MPSCONV_MEMORY_LIMIT", raw, None))
 
 
 def memory_limit() -> int:
