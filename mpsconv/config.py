@@ -79,8 +79,13 @@ def cache_dir() -> Path:
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def _bytes(name: str, raw: str | None, default: int | None) -> int | None:
-    """``raw``, the value of ``$name``, as a byte count (``512M``, ``8GiB``, ``1073741824``)."""
+def _bytes(name: str, default: int | None) -> int | None:
+    """``$name`` as a byte count (``512M``, ``8GiB``, ``1073741824``), parsed once per value; ``default``
+    when unset or empty."""
+    return _env(name, lambda raw: _parse_bytes(name, raw, default))
+
+
+def _parse_bytes(name: str, raw: str | None, default: int | None) -> int | None:
     text = (raw or "").strip().upper().removesuffix("B").removesuffix("I")
     if not text:
         return default
@@ -97,7 +102,7 @@ def _bytes(name: str, raw: str | None, default: int | None) -> int | None:
 def max_archive_bytes() -> int:
     """The largest archive ``NSKeyedUnarchiver`` and ``load`` read: ``$MPSCONV_MAX_ARCHIVE_BYTES``,
     default 1 GiB (a 3x3 convolution of 4096 -> 4096 channels in float32 is 604 MB)."""
-    return _bytes("MPSCONV_MAX_ARCHIVE_BYTES", os.environ.get("MPSCONV_MAX_ARCHIVE_BYTES"), 1 << 30)
+    return _bytes("MPSCONV_MAX_ARCHIVE_BYTES", 1 << 30)
 
 
 def _available_memory() -> int:
@@ -118,7 +123,7 @@ def explicit_memory_limit() -> int | None:
     """The CPU limit set by ``use_memory_limit`` or ``$MPSCONV_MEMORY_LIMIT``, else None."""
     if _limit_override is not None:
         return _limit_override
-    return _env("MPSCONV_MEMORY_LIMIT", lambda raw: _bytes("MPSCONV_MEMORY_LIMIT", raw, None))
+    return _bytes("MPSCONV_MEMORY_LIMIT", None)
 
 
 def memory_limit() -> int:
