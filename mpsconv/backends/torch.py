@@ -38,7 +38,7 @@ FUSED_ON_CPU = False
 #: from their second run on (``_captured``): on such layers the host's cuDNN call and epilogue launch
 #: (30-50 µs) take longer than the GPU's work. Each graph keeps its own output and cuDNN workspace
 #: for as long as the encode stays cached.
-GRAPH_MAX_BYTES = 8 << 20
+GRAPH_MAX_BYTES = 16 << 20
 #: Weights smaller than this (elements) go through conv2d: reordering them per call is cheaper than
 #: the private operator's own overhead. Tests lower it to exercise the oneDNN path on small shapes.
 ONEDNN_MIN_WEIGHTS = 16384
