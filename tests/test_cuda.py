@@ -218,7 +218,9 @@ def test_autotune_writes_its_cache_and_survives_a_corrupt_file(cache_dir):
     path.write_text("{ not json")
     tuning._memory.clear()
     run(fresh_kernel(), src, img(gpu(), np.zeros((1, 16, 16, 32)), FMT.float16))
-    assert tuning.load(path) == choices  # ignored, measured again, rewritten
+    rewritten = tuning.load(path)  # ignored, measured again, rewritten (the winner may differ: a new timing)
+    assert rewritten.keys() == choices.keys()
+    assert next(iter(rewritten.values())).split(":")[0] in ("triton", "torch")
 
 
 def test_commit_runs_on_the_queue_stream_and_handlers_run_off_thread_in_order():
