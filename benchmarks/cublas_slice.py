@@ -58,15 +58,20 @@ def row(name, n, c, h, w, k, dtype):
     return res
 
 
+def _token(key, value):
+    """One printed field: names (shape, dtype) bare, times to 0.1 µs, errors in scientific notation."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{key} {value:.1e}" if key.endswith("_err") else f"{key} {value:.4f}"
+
+
 def main():
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     for shape in SHAPES:
         for dtype in (torch.float16, torch.bfloat16):
             res = row(*shape, dtype)
-            print(" ".join(f"{key} {value:.4f}" if isinstance(value, float) and not key.endswith("_err")
-                           else f"{key} {value:.1e}" if isinstance(value, float) else str(value)
-                           for key, value in res.items()), flush=True)
+            print(" ".join(_token(key, value) for key, value in res.items()), flush=True)
 
 
 if __name__ == "__main__":
