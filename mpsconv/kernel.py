@@ -210,7 +210,7 @@ class MPSKernel:
         return other
 
     def _drop_caches(self) -> None:
-        for cache in ("_plan_cache", "_prepared_cache", "_bound_cache"):
+        for cache in ("_plan_cache", "_prepared_cache", "_bound_cache", "_repeat"):
             self.__dict__.pop(cache, None)
 
     def _copy_into(self, other, device) -> None:
@@ -508,6 +508,12 @@ class MPSCNNKernel(MPSKernel):
             raise MPSDeviceError(f"{owner}: the command buffer is on {cb.device.torch_device}; the kernel is on "
                                  f"{self._device.torch_device}")
 
+    def _settings(self) -> tuple:
+        """The kernel's side of ``_plan``'s key: the properties an encode reads that can change without
+        dropping the caches, and the backend setting."""
+        return (self._offset, self._clipRect, self._sfo, self._sfmax, self._dfo, self._edgeMode,
+                getattr(self, "_kernel_offset", None), config.backend(), self._options)
+
     def _plan(self, source: MPSImage, destination: MPSImage, owner: str) -> tuple:
         """``(problem, backend, plan)`` for this encode, resolved once per distinct configuration.
 
@@ -516,9 +522,7 @@ class MPSCNNKernel(MPSKernel):
         what resolving again would give. Only successful resolutions are cached.
         """
         key = (source._n, source._h, source._w, source._c, source._format, destination._n, destination._h,
-               destination._w, destination._c, destination._format, self._offset, self._clipRect, self._sfo,
-               self._sfmax, self._dfo, self._edgeMode, getattr(self, "_kernel_offset", None), config.backend(),
-               self._options)
+               destination._w, destination._c, destination._format, self._settings())
         cache = self.__dict__.setdefault("_plan_cache", {})
         entry = cache.get(key)
         if entry is None:
@@ -602,6 +606,8 @@ class MPSCNNKernel(MPSKernel):
         self._check_cb(cb, owner)
         cb._begin_encode(owner)
         try:
+            if len(sources) == 1 and self._encode_repeat(cb, sources[0], destinations[0]):
+                return
             batch = len(sources) > 1
             roots = {id(s._root) for s in sources if isinstance(s, MPSImage)}
             pairs = list(zip(sources, destinations))
@@ -619,9 +625,42 @@ class MPSCNNKernel(MPSKernel):
             pending = [_Pending(*self._plan(src, dst, owner), src, dst) for src, dst in pairs]
             if batch:
                 _check_uniform_batch(sources, owner, "sourceImages")
-            self._record(cb, pending, self._fit(pending, owner, new))
+            pieces = self._fit(pending, owner, new)
+            self._record(cb, pending, pieces)
+            if not batch:
+                self._remember(pending[0], pieces[0])
         finally:
             cb._end_encode()
+
+    def _remember(self, item: _Pending, tiles) -> None:
+        """Keep what this validated encode recorded, for ``_encode_repeat``: when it ran whole, of plain
+        images with storage (a temporary image's read count and command buffer are checked on every
+        encode, and allocating storage is checked against the memory there is)."""
+        self.__dict__.pop("_repeat", None)
+        images = (item.source, item.destination)
+        if tiles is not None or any(isinstance(i, MPSTemporaryImage) or i._storage is None for i in images):
+            return
+        work = None
+        if not item.problem.empty:
+            work = (item.backend, self._bound(item), self._prepared(item.backend, item.problem.src_format))
+        self._repeat = (item.source, item.destination, item.source._storage, item.destination._storage,
+                        self._settings(), item.scratch, work)
+
+    def _encode_repeat(self, cb, source, destination) -> bool:
+        """The steady-state encode (most encodes of a network after its first pass): the same source
+        and destination (same storages) and the same settings as this kernel's last validated encode
+        (weights and descriptor changes drop it), so validation and planning would give what they gave
+        then; only the command buffer (already checked) and the memory budget can differ. Records the
+        same work and returns True, else returns False and the full encode runs."""
+        last = self.__dict__.get("_repeat")
+        if last is None or last[0] is not source or last[1] is not destination or \
+                source._storage is not last[2] or destination._storage is not last[3] or \
+                last[4] != self._settings() or memory.available(self._device, 0, last[5]) is not None:
+            return False
+        if last[6] is not None:
+            backend, bound, prepared = last[6]
+            cb._record(_Work(backend, bound, prepared, self))
+        return True
 
     # -- states (kernels that make one override _new_state and _check_state)
     def _new_state(self, source, commandBuffer, temporary: bool):

@@ -2,6 +2,8 @@
 kernel properties and weights (69–73, 77–78), fully connected (80–83)."""
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 
@@ -510,3 +512,100 @@ def test_half_accumulator_meets_the_float16_error_bound(backend):
     exact = values(run(conv(3, 3, 5, 6, weights=np.abs(w)), image(np.abs(x)), blank(8, 7, 6), "reference"))[0]
     expected = values(run(conv(3, 3, 5, 6, weights=w), image(x), blank(8, 7, 6), "reference"))[0]
     assert (np.abs(got - expected) <= half_accumulation_bound(exact, 3 * 3 * 5)).all()
+
+
+# -- the steady-state encode (``_encode_repeat``): the same images and settings skip validation and planning
+
+SETTING_CHANGES = {
+    "offset": lambda k: setattr(k, "offset", MPSOffset(2, 0, 0)),
+    "clipRect": lambda k: setattr(k, "clipRect", MTLRegion(MTLOrigin(1, 2, 0), MTLSize(3, 2, 1))),
+    "edgeMode": lambda k: setattr(k, "edgeMode", MPSImageEdgeMode.clamp),
+    "destinationFeatureChannelOffset": lambda k: setattr(k, "destinationFeatureChannelOffset", 4),
+    "sourceFeatureChannelOffset": lambda k: setattr(k, "sourceFeatureChannelOffset", 4),
+    "options": lambda k: setattr(k, "options", MPSKernelOptions.allowReducedPrecision),
+}
+
+
+@pytest.mark.parametrize("change", sorted(SETTING_CHANGES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_repeated_encode_follows_a_changed_setting(change, backend):
+    """Encode, change one property, encode the same images again: the second encode sees the change,
+    though the first left a steady-state encode to repeat. The same two encodes by kernels that never
+    encoded before (so validate and plan both times) give the same image."""
+    rng = np.random.default_rng(31)
+    w, b = rng.uniform(-1, 1, (4, 3, 3, 4)), rng.uniform(-1, 1, 4)
+    src = image(rng.uniform(-1, 1, (6, 7, 8)))
+    k = conv(3, 3, 4, 4, weights=w, bias=b)
+    got = blank(7, 6, 8, fill=0.5)
+    run(k, src, got, backend)
+    assert "_repeat" in k.__dict__
+    SETTING_CHANGES[change](k)
+    run(k, src, got, backend)
+    want = blank(7, 6, 8, fill=0.5)
+    run(conv(3, 3, 4, 4, weights=w, bias=b), src, want, backend)
+    fresh = conv(3, 3, 4, 4, weights=w, bias=b)
+    SETTING_CHANGES[change](fresh)
+    run(fresh, src, want, backend)
+    np.testing.assert_array_equal(values(got), values(want))
+
+
+def test_a_repeated_encode_skips_validation_and_records_the_same_work():
+    rng = np.random.default_rng(32)
+    k = conv(3, 3, 2, 3, weights=rng.uniform(-1, 1, (3, 3, 3, 2)))
+    src, dst = image(rng.uniform(-1, 1, (5, 4, 2))), blank(4, 5, 3)
+    want = values(run(k, src, dst)).copy()
+    dst = blank(4, 5, 3)  # a new destination: validated again
+    with mock.patch.object(k, "_check_pair", wraps=k._check_pair) as checked:
+        run(k, src, dst)
+        run(k, src, dst)
+    assert checked.call_count == 1
+    np.testing.assert_array_equal(values(dst), want)
+
+
+def test_a_repeated_encode_still_refuses_a_committed_command_buffer():
+    rng = np.random.default_rng(33)
+    k = conv(3, 3, 1, 1, weights=rng.uniform(-1, 1, (1, 3, 3, 1)))
+    src, dst = image(rng.uniform(-1, 1, (4, 4, 1))), blank(4, 4, 1)
+    run(k, src, dst)
+    cb = QUEUE.makeCommandBuffer()
+    cb.commit()
+    with pytest.raises(MPSCommandBufferError, match="committed"):
+        k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+    assert cb._work == []
+
+
+def test_temporary_images_are_validated_on_every_encode():
+    """A temporary source's read count is consumed by each encode, and a released one is refused: such
+    encodes are never repeated from the steady state."""
+    rng = np.random.default_rng(34)
+    k = conv(3, 3, 1, 1, weights=rng.uniform(-1, 1, (1, 3, 3, 1)))
+    dst = blank(4, 4, 1)
+    cb = QUEUE.makeCommandBuffer()
+    tmp = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=MPSImageDescriptor(
+        channelFormat=MPSImageFeatureChannelFormat.float32, width=4, height=4, featureChannels=1))
+    tmp.readCount = 2
+    k.encode(commandBuffer=cb, sourceImage=tmp, destinationImage=dst)
+    k.encode(commandBuffer=cb, sourceImage=tmp, destinationImage=dst)
+    assert tmp.readCount == 0 and "_repeat" not in k.__dict__
+    with pytest.raises(MPSCommandBufferError, match="released"):
+        k.encode(commandBuffer=cb, sourceImage=tmp, destinationImage=dst)
+    cb.commit()
+    cb.waitUntilCompleted()
+
+
+def test_a_repeated_encode_uses_reloaded_weights_and_the_backend_in_force():
+    rng = np.random.default_rng(35)
+    w = rng.uniform(-1, 1, (2, 3, 3, 2))
+    ds = ArraySource(descriptor(3, 3, 2, 2), w)
+    k = MPSCNNConvolution(device=DEVICE, weights=ds)
+    src, dst = image(rng.uniform(-1, 1, (5, 5, 2))), blank(5, 5, 2)
+    first = values(run(k, src, dst, "reference")).copy()
+    ds.w = -w
+    k.reloadWeightsAndBiasesFromDataSource()
+    np.testing.assert_allclose(values(run(k, src, dst, "reference")), -first, rtol=1e-6, atol=1e-6)
+    cb = QUEUE.makeCommandBuffer()
+    with use_backend("torch"):
+        k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+    cb.commit()
+    cb.waitUntilCompleted()
+    assert k.__dict__["_repeat"][6][0].name == "torch"

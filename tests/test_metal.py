@@ -186,6 +186,24 @@ def test_backend_override(monkeypatch):
     assert len(calls) == 1
 
 
+def test_backend_override_is_read_by_every_encode(monkeypatch):
+    """A repeated encode of the same kernel and images (the steady state) still follows a change of
+    ``MPSCONV_BACKEND`` made through ``os.environ`` in between."""
+    k, src, dst = conv(), image(np.ones((3, 3, 1))), blank(3, 3, 1)
+    monkeypatch.setenv("MPSCONV_BACKEND", "torch")
+    run(k, src, dst)
+    from mpsconv.backends import reference
+
+    calls = []
+    monkeypatch.setattr(reference.BACKEND, "run", lambda *a: calls.append(a))
+    monkeypatch.setenv("MPSCONV_BACKEND", "reference")
+    run(k, src, dst)
+    run(k, src, dst)
+    monkeypatch.setenv("MPSCONV_BACKEND", "torch")
+    run(k, src, dst)
+    assert len(calls) == 2
+
+
 def test_ki_checklist_112_results_correct_after_completion():
     rng = np.random.default_rng(112)
     src = image(rng.uniform(-1, 1, (6, 6, 1)))
