@@ -635,24 +635,30 @@ class MPSCNNKernel(MPSKernel):
     def _remember(self, item: _Pending, tiles) -> None:
         """Keep what this validated encode recorded, for ``_encode_repeat``: when it ran whole, of plain
         images with storage (a temporary image's read count and command buffer are checked on every
-        encode, and allocating storage is checked against the memory there is)."""
-        self.__dict__.pop("_repeat", None)
+        encode, and allocating storage is checked against the memory there is). A few (source,
+        destination) pairs are kept, so that a kernel that alternates between images (ping-pong
+        buffers) repeats too; each entry holds its images, so their ids cannot be reused meanwhile."""
+        cache = self.__dict__.setdefault("_repeat", {})
+        key = (id(item.source), id(item.destination))
+        cache.pop(key, None)
         images = (item.source, item.destination)
         if tiles is not None or any(isinstance(i, MPSTemporaryImage) or i._storage is None for i in images):
             return
         work = None
         if not item.problem.empty:
             work = (item.backend, self._bound(item), self._prepared(item.backend, item.problem.src_format))
-        self._repeat = (item.source, item.destination, item.source._storage, item.destination._storage,
-                        self._settings(), item.scratch, work)
+        if len(cache) >= 8:
+            cache.clear()
+        cache[key] = (item.source, item.destination, item.source._storage, item.destination._storage,
+                      self._settings(), item.scratch, work)
 
     def _encode_repeat(self, cb, source, destination) -> bool:
-        """The steady-state encode (most encodes of a network after its first pass): the same source
-        and destination (same storages) and the same settings as this kernel's last validated encode
-        (weights and descriptor changes drop it), so validation and planning would give what they gave
-        then; only the command buffer (already checked) and the memory budget can differ. Records the
-        same work and returns True, else returns False and the full encode runs."""
-        last = self.__dict__.get("_repeat")
+        """The steady-state encode (most encodes of a network after its first pass): a source and
+        destination (same storages) this kernel has encoded with the same settings (weights and
+        descriptor changes drop these), so validation and planning would give what they gave then;
+        only the command buffer (already checked) and the memory budget can differ. Records the same
+        work and returns True, else returns False and the full encode runs."""
+        last = self.__dict__.get("_repeat", {}).get((id(source), id(destination)))
         if last is None or last[0] is not source or last[1] is not destination or \
                 source._storage is not last[2] or destination._storage is not last[3] or \
                 last[4] != self._settings() or memory.available(self._device, 0, last[5]) is not None:

@@ -9,7 +9,6 @@ Spec: ``kernel-image.md`` §7. Our addition: ``make_replayable`` / ``replay`` (C
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import enum
 import platform
 import threading
@@ -668,16 +667,23 @@ class MTLCommandBuffer:
 
     def _launch(self, work):
         stream = self._queue.stream
-        elsewhere = torch._C._cuda_getCurrentRawStream(self._device.torch_device.index) != stream.cuda_stream
-        if elsewhere:  # run after the caller's uploads and other work on its own stream
-            stream.wait_stream(torch.cuda.current_stream(self._device.torch_device))
-        with torch.cuda.stream(stream) if elsewhere else contextlib.nullcontext():
+        caller = None
+        if torch._C._cuda_getCurrentRawStream(self._device.torch_device.index) != stream.cuda_stream:
+            # run after the caller's uploads and other work on its own stream; set_stream, not the
+            # torch.cuda.stream context, which costs ~9 µs a commit (H200 host)
+            caller = torch.cuda.current_stream(self._device.torch_device)
+            stream.wait_stream(caller)
+            torch.cuda.set_stream(stream)
+        try:
             for item in work:
                 item()
             if self._replayable:
                 self._graph = _capture(work, stream)
             event = torch.cuda.Event()
             event.record(stream)
+        finally:
+            if caller is not None:
+                torch.cuda.set_stream(caller)
         return event
 
     def _await_gpu(self, event, work) -> None:

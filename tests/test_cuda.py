@@ -244,6 +244,7 @@ def test_commit_runs_on_the_queue_stream_and_handlers_run_off_thread_in_order():
     assert all(status == MTLCommandBufferStatus.completed for _, status in seen)
     assert threading.get_ident() not in threads
     assert queue.stream is not None and queue.stream != torch.cuda.current_stream()
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the caller's stream, restored
 
 
 def test_an_error_during_the_work_lands_in_status_and_error(monkeypatch):
@@ -259,7 +260,10 @@ def test_an_error_during_the_work_lands_in_status_and_error(monkeypatch):
     monkeypatch.setattr(triton_backend.BACKEND, "run", failing)
     with use_backend("triton"):
         k.encode(commandBuffer=cb, sourceImage=src, destinationImage=img(gpu(), np.zeros((3, 3, 4)), FMT.float16))
-    cb.commit()
+    caller = torch.cuda.Stream()
+    with torch.cuda.stream(caller):
+        cb.commit()
+        assert torch.cuda.current_stream() == caller  # restored after the failed work too
     with pytest.raises(Exception, match="illegal memory access"):
         cb.waitUntilCompleted()
     assert cb.status == MTLCommandBufferStatus.error and "illegal memory access" in cb.error.localizedDescription
