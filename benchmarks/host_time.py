@@ -15,17 +15,23 @@ import os
 import sys
 import time
 
-ROOT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
-from mpsconv import (  # noqa: E402
-    MPSCNNConvolution, MPSCNNConvolutionDescriptor, MPSCNNNeuronType, MPSImage, MPSImageFeatureChannelFormat as FMT,
-    MPSNNNeuronDescriptor, MTLCreateSystemDefaultDevice, use_backend,
-)
-from mpsconv.bench import Weights  # noqa: E402
+
+def layer(dev):
+    """The 3x3x64 conv + bias + ReLU kernel these host-time scripts encode (``overhead.py`` too)."""
+    # imported here: main puts the checkout under test on the path first
+    from mpsconv import MPSCNNConvolution, MPSCNNConvolutionDescriptor, MPSCNNNeuronType, MPSNNNeuronDescriptor
+    from mpsconv.bench import Weights
+
+    d = MPSCNNConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=64, outputFeatureChannels=64)
+    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
+    rng = np.random.default_rng(0)
+    return MPSCNNConvolution(device=dev, weights=Weights(d, rng.standard_normal((64, 3, 3, 64), dtype=np.float32) / 24,
+                                                         rng.standard_normal(64, dtype=np.float32)))
 
 
 def median_per_call(fn, n):
@@ -42,15 +48,15 @@ def median_per_call(fn, n):
 
 
 def main():
+    root = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..")
+    sys.path.insert(0, root)
+    from mpsconv import MPSImage, MPSImageFeatureChannelFormat as FMT, MTLCreateSystemDefaultDevice, use_backend
+
     dev = MTLCreateSystemDefaultDevice()
     if not dev.is_cuda:
         sys.exit("benchmarks/host_time.py needs a CUDA GPU")
     q = dev.makeCommandQueue()
-    d = MPSCNNConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=64, outputFeatureChannels=64)
-    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
-    rng = np.random.default_rng(0)
-    conv = MPSCNNConvolution(device=dev, weights=Weights(d, rng.standard_normal((64, 3, 3, 64), dtype=np.float32) / 24,
-                                                         rng.standard_normal(64, dtype=np.float32)))
+    conv = layer(dev)
     x0 = torch.randn(1, 56, 56, 64, device="cuda").half()
     a = MPSImage.from_numpy(x0, featureChannelFormat=FMT.float16, device=dev)
     b = MPSImage.from_numpy(x0, featureChannelFormat=FMT.float16, device=dev)
@@ -74,7 +80,7 @@ def main():
             res["chain20, queue stream"] = median_per_call(chain, 100)
         res["one, default stream"] = median_per_call(one, 2000)
         res["chain20, default stream"] = median_per_call(chain, 100)
-    print(ROOT, " | ".join(f"{k} {v:.1f} us" for k, v in res.items()), flush=True)
+    print(root, " | ".join(f"{k} {v:.1f} us" for k, v in res.items()), flush=True)
 
 
 if __name__ == "__main__":

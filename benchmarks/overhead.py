@@ -8,15 +8,13 @@ import pstats
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from host_time import layer  # noqa: E402
 from mpsconv import (  # noqa: E402
-    MPSCNNConvolution, MPSCNNConvolutionDescriptor, MPSCNNNeuronType, MPSImage, MPSImageDescriptor,
-    MPSImageFeatureChannelFormat as FMT, MPSNNNeuronDescriptor, MTLCreateSystemDefaultDevice, use_backend,
+    MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat as FMT, MTLCreateSystemDefaultDevice, use_backend,
 )
-from mpsconv.bench import Weights  # noqa: E402
 
 
 def per_call(fn, n=2000):
@@ -32,11 +30,7 @@ def per_call(fn, n=2000):
 def main():
     dev = MTLCreateSystemDefaultDevice()
     q = dev.makeCommandQueue()
-    d = MPSCNNConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=64, outputFeatureChannels=64)
-    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
-    rng = np.random.default_rng(0)
-    conv = MPSCNNConvolution(device=dev, weights=Weights(d, rng.standard_normal((64, 3, 3, 64), dtype=np.float32) / 24,
-                                                         rng.standard_normal(64, dtype=np.float32)))
+    conv = layer(dev)
     src = MPSImage.from_numpy(torch.randn(1, 8, 8, 64, device="cuda"), featureChannelFormat=FMT.float16, device=dev)
     dst = MPSImage(device=dev, imageDescriptor=MPSImageDescriptor(channelFormat=FMT.float16, width=8, height=8,
                                                                    featureChannels=64))
