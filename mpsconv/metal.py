@@ -669,8 +669,9 @@ class MTLCommandBuffer:
         stream = self._queue.stream
         caller = None
         if torch._C._cuda_getCurrentRawStream(self._device.torch_device.index) != stream.cuda_stream:
-            # run after the caller's uploads and other work on its own stream; set_stream, not the
-            # torch.cuda.stream context, which costs ~9 µs a commit (H200 host)
+            # run after the caller's uploads and other work on its own stream. set_stream, not the
+            # torch.cuda.stream context: with it, such a commit cost ~10-15 µs more host time (H200,
+            # benchmarks/host_time.py)
             caller = torch.cuda.current_stream(self._device.torch_device)
             stream.wait_stream(caller)
             torch.cuda.set_stream(stream)
