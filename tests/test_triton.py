@@ -50,15 +50,18 @@ def test_family_matches_reference(kind, data):
     check_against_reference(p, kernel, src, prior, "triton")
 
 
-def grouped_problems(rolling: bool = False):
-    """Grouped problems (2 or 3 groups of 4 or 8 input channels), which the direct kernels take by
-    default; ``rolling``: of vertical stride and dilation 1 and at most 3x3 taps, so that the rolling
-    kernel takes them."""
-    drawn = triton_problems().filter(lambda p: p["g"] > 1)
-    if not rolling:
-        return drawn
+def rolling(drawn):
+    """``drawn`` problems made to suit the rolling direct kernel: vertical stride and dilation 1, at
+    most 3x3 taps."""
     return drawn.map(lambda p: dict(p, kernel=(min(p["kernel"][0], 3), min(p["kernel"][1], 3)),
                                     stride=(1, p["stride"][1]), dilation=(1, p["dilation"][1])))
+
+
+def grouped_problems(rolling_: bool = False):
+    """Grouped problems (2 or 3 groups of 4 or 8 input channels), which the direct kernels take by
+    default; ``rolling_``: ones the rolling kernel takes."""
+    drawn = triton_problems().filter(lambda p: p["g"] > 1)
+    return rolling(drawn) if rolling_ else drawn
 
 
 @settings(max_examples=10)
@@ -71,8 +74,23 @@ def test_tiled_direct_matches_reference(p):
         check_against_reference(p, kernel, src, prior, "triton")
 
 
+@pytest.mark.parametrize("band, roll", [(4, 2), (5, 3), (3, 1)])
+@settings(max_examples=8)
+@given(p=st.one_of(rolling(triton_problems(kind="depthwise")), grouped_problems(rolling_=True)))
+def test_rolling_direct_matches_reference(band, roll, p):
+    """The rolling direct kernel with bands of ``band`` rows walked ``roll`` source rows a step: the
+    steps inside the image (no per-row mask) and those at its edges and at the band's end (masked),
+    whatever the offset, edge mode and image height put where."""
+    cfg = triton_backend.Config(band, 32, roll, 1, 1, direct=True)
+    with mock.patch.dict(triton_backend.INTERPRET_CONFIG, {True: cfg}), launched_kernels() as names:
+        kernel, src, prior = build(p)
+        check_against_reference(p, kernel, src, prior, "triton")
+    if written_mask(p, prior.shape).any():
+        assert names == ["direct_rolling_nhwc g1"], names
+
+
 @settings(max_examples=12)
-@given(p=st.one_of(grouped_problems(rolling=True), grouped_problems()))
+@given(p=st.one_of(grouped_problems(rolling_=True), grouped_problems()))
 def test_grouped_direct_and_gemm_match_reference(p):
     """Narrow groups through the direct kernels (the default), through the implicit GEMM group by group,
     and through the implicit GEMM with every group merged into one (block-diagonal weights): the
