@@ -245,6 +245,19 @@ class _Pending(NamedTuple):
     destination: MPSImage
 
 
+class _Repeat(NamedTuple):
+    """A validated encode kept for ``_encode_repeat``: its images and their storages when it ran, the
+    kernel's ``_settings()`` then, its scratch bytes, and what it recorded (``(backend, bound,
+    prepared)``, None for an empty problem)."""
+    source: MPSImage
+    destination: MPSImage
+    src_storage: object
+    dst_storage: object
+    settings: tuple
+    scratch: int
+    work: tuple | None
+
+
 class MPSCNNKernel(MPSKernel):
     """``MPSCNNKernel``: a kernel reading one source image and writing one destination image.
 
@@ -649,8 +662,8 @@ class MPSCNNKernel(MPSKernel):
             work = (item.backend, self._bound(item), self._prepared(item.backend, item.problem.src_format))
         if len(cache) >= 8:
             cache.clear()
-        cache[key] = (item.source, item.destination, item.source._storage, item.destination._storage,
-                      self._settings(), item.scratch, work)
+        cache[key] = _Repeat(item.source, item.destination, item.source._storage, item.destination._storage,
+                             self._settings(), item.scratch, work)
 
     def _encode_repeat(self, cb, source, destination) -> bool:
         """The steady-state encode (most encodes of a network after its first pass): a source and
@@ -659,12 +672,12 @@ class MPSCNNKernel(MPSKernel):
         only the command buffer (already checked) and the memory budget can differ. Records the same
         work and returns True, else returns False and the full encode runs."""
         last = self.__dict__.get("_repeat", {}).get((id(source), id(destination)))
-        if last is None or last[0] is not source or last[1] is not destination or \
-                source._storage is not last[2] or destination._storage is not last[3] or \
-                last[4] != self._settings() or memory.available(self._device, 0, last[5]) is not None:
+        if last is None or last.source is not source or last.destination is not destination or \
+                source._storage is not last.src_storage or destination._storage is not last.dst_storage or \
+                last.settings != self._settings() or memory.available(self._device, 0, last.scratch) is not None:
             return False
-        if last[6] is not None:
-            backend, bound, prepared = last[6]
+        if last.work is not None:
+            backend, bound, prepared = last.work
             cb._record(_Work(backend, bound, prepared, self))
         return True
 

@@ -616,4 +616,4 @@ def test_a_repeated_encode_uses_reloaded_weights_and_the_backend_in_force():
         k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
     cb.commit()
     cb.waitUntilCompleted()
-    assert k.__dict__["_repeat"][id(src), id(dst)][6][0].name == "torch"
+    assert k.__dict__["_repeat"][id(src), id(dst)].work[0].name == "torch"
