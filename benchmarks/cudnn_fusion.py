@@ -24,6 +24,7 @@ from triton.testing import do_bench
 import cudnn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from gpu import bench  # noqa: E402  (this directory's benchmark: do_bench's median, 25 warm-up runs, 200 ms)
 from mpsconv.bench import SHAPES  # noqa: E402
 
 DTYPES = {"fp16": (torch.float16, cudnn.data_type.HALF), "bf16": (torch.bfloat16, cudnn.data_type.BFLOAT16),
@@ -98,8 +99,8 @@ def row(handle, shape, dname):
             return F.conv2d(x, wt, None, st, pad, dil, g)
         eager()
         want = {True: out[:, k:].float().clone(), False: bare().float()}
-        res["bare"] = do_bench(bare, warmup=25, rep=200, return_mode="median")
-        res["eager"] = do_bench(eager, warmup=25, rep=200, return_mode="median")
+        res["bare"] = bench(bare)
+        res["eager"] = bench(eager)
     for label, strides, fused in (("slice", [p * q * 2 * k, 1, q * 2 * k, 2 * k], True),
                                   ("packed", [p * q * k, 1, q * k, k], True),
                                   ("bare_fe", [p * q * k, 1, q * k, k], False)):
@@ -114,7 +115,7 @@ def row(handle, shape, dname):
         dst.zero_()
         run()
         res[label + "_err"] = ((dst.float() - want[fused]).norm() / want[fused].norm()).item()
-        res[label] = do_bench(run, warmup=25, rep=200, return_mode="median")
+        res[label] = bench(run)
         res[label + "_plan"], res[label + "_nplans"] = plan, plans
     return res
 
