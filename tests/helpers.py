@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from unittest import mock
 
 import numpy as np
 
@@ -139,3 +140,20 @@ def quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def launched_kernels():
+    """The Triton kernels the triton backend launches meanwhile, as ``"<kernel> g<groups merged>"`` (a
+    list, filled in)."""
+    from mpsconv.backends import triton
+
+    names, launch = [], triton._launch
+
+    def spy(bound, prepared):
+        launches = launch(bound, prepared)
+        names.extend(f"{launcher.kernel.fn.__name__} g{bound.plan.config.merge}" for launcher, _, _ in launches)
+        return launches
+
+    with mock.patch.object(triton, "_launch", spy):
+        yield names

@@ -7,7 +7,6 @@ tests run the compiled kernels on CUDA images.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from unittest import mock
 
@@ -15,8 +14,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from helpers import FMT, DEVICE, QUEUE, ArraySource, blank, descriptor, image, run, values
-from mpsconv import MPSCNNConvolution, MPSCNNConvolutionTranspose, MPSCNNFullyConnected, MPSCNNNeuronType
+from helpers import FMT, DEVICE, QUEUE, ArraySource, blank, descriptor, image, launched_kernels, run, values
+from mpsconv import (
+    MPSCNNConvolution, MPSCNNConvolutionTranspose, MPSCNNFullyConnected, MPSCNNNeuronType, MPSOffset, MPSRectNoClip,
+)
 from mpsconv.backends import torch as torch_backend, triton as triton_backend
 from test_properties import build, check_against_reference, neuron_descriptor, problems, written_mask
 from tolerances import assert_close
@@ -106,21 +107,6 @@ def test_grouped_direct_and_gemm_match_reference(p):
             assert names and all(name.startswith(want) for name in names), names
 
 
-@contextlib.contextmanager
-def launched_kernels():
-    """The Triton kernels the triton backend launches meanwhile, as ``"<kernel> g<groups merged>"`` (a
-    list, filled in)."""
-    names, launch = [], triton_backend._launch
-
-    def spy(bound, prepared):
-        launches = launch(bound, prepared)
-        names.extend(f"{launcher.kernel.fn.__name__} g{bound.plan.config.merge}" for launcher, _, _ in launches)
-        return launches
-
-    with mock.patch.object(triton_backend, "_launch", spy):
-        yield names
-
-
 @settings(max_examples=10)
 @given(p=triton_problems(fully_connected=True))
 def test_fully_connected_matches_reference(p):
@@ -203,6 +189,39 @@ def test_flat_reduction_matches_reference(p):
         check_against_reference(p, kernel, src, prior, "triton")
 
 
+@st.composite
+def matrix_problems(draw):
+    """1x1 layers at stride 1 with the window inside the source (``triton.matrix``). With ``tma`` the
+    windows are whole strided matrices with 16-byte rows (channels in eights, the clip region the
+    whole destination, a vertical offset for one image only); without, a horizontal offset leaves the
+    source window's rows unevenly spaced, and the implicit GEMM runs instead."""
+    p = draw(triton_problems())
+    tma, n = draw(st.booleans()), draw(st.integers(1, 2))
+    hd, wd = draw(st.integers(1 if tma else 2, 6)), draw(st.integers(1 if tma else 2, 9))
+    cin, cout = draw(st.sampled_from([8, 16, 24])), draw(st.sampled_from([8, 16, 24, 40]))
+    sfo, dfo = draw(st.sampled_from([0, 8])), draw(st.sampled_from([0, 8]))
+    oy = draw(st.integers(0, 2)) if n == 1 else 0
+    ox = 0 if tma else draw(st.integers(1, 2))
+    cs = sfo + cin + (8 * draw(st.integers(0, 1)) if tma else draw(st.integers(0, 3)))
+    p.update(g=1, cin=cin, cout=cout, kernel=(1, 1), stride=(1, 1), dilation=(1, 1), sfo=sfo, dfo=dfo,
+             src=(n, hd + oy, wd + ox, cs), dst=(n, hd, wd, dfo + cout + 8 * draw(st.integers(0, 1))),
+             clip=MPSRectNoClip, offset=MPSOffset(ox, oy, 0), tma=tma)
+    return p
+
+
+@settings(max_examples=15)
+@given(p=matrix_problems())
+def test_tma_gemm_matches_reference(p):
+    """The persistent TMA GEMM of 1x1 layers (several tiles a program, partial tiles at the matrices'
+    ends, bias and every neuron in its epilogue), and its fallback to the implicit GEMM where the
+    storages are not single matrices with 16-byte rows."""
+    cfg = triton_backend.Config(16, 16, 16, 1, 1, tma=1)
+    with mock.patch.object(triton_backend, "INTERPRET_CHOICE", lambda _: cfg), launched_kernels() as names:
+        kernel, src, prior = build(p)
+        check_against_reference(p, kernel, src, prior, "triton")
+    assert names == ["gemm_tma_nhwc g1" if p["tma"] else "conv2d_nhwc g1"], names
+
+
 def test_split_k_replays_on_new_contents():
     """A replay of a split-K launch (the same workspace, parts and epilogue) on new source contents."""
     from mpsconv import use_backend
@@ -225,7 +244,8 @@ def test_split_k_replays_on_new_contents():
 
 
 def test_config_names_round_trip():
-    for config in triton_backend.GEMM_CONFIGS + triton_backend.SPLIT_CONFIGS + triton_backend.DEPTHWISE_CONFIGS:
+    for config in (triton_backend.GEMM_CONFIGS + triton_backend.SPLIT_CONFIGS + triton_backend.DEPTHWISE_CONFIGS
+                   + triton_backend.MERGED_TILES + triton_backend.FLAT_TILES + triton_backend.TMA_CONFIGS):
         assert triton_backend.Config.parse(str(config)) == config
 
 

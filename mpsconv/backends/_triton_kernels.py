@@ -81,6 +81,17 @@ def _neuron(x, a, b, c, p2, alpha, NEURON: tl.constexpr):
 
 
 @triton.jit
+def _activate(acc, oc, oc_ok, bias_ptr, prelu_ptr, na, nb, nc, np2, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Bias and neuron of a float32 tile whose output channels ``oc`` come as ``[1, columns]``."""
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + oc, mask=oc_ok, other=0.0)
+    alpha = 0.0
+    if NEURON == 10:
+        alpha = tl.load(prelu_ptr + oc, mask=oc_ok, other=0.0)
+    return _neuron(acc, na, nb, nc, np2, alpha, NEURON)
+
+
+@triton.jit
 def _epilogue(acc, img, v, u, row_ok, oc, oc_ok, bias_ptr, prelu_ptr, y_ptr, syn, syh, syw, syc,
               OUT_H, OUT_W, OC_TOTAL, na, nb, nc, np2,
               NEURON: tl.constexpr, HAS_BIAS: tl.constexpr, SUBPIXEL: tl.constexpr, WIDE: tl.constexpr):
@@ -89,12 +100,7 @@ def _epilogue(acc, img, v, u, row_ok, oc, oc_ok, bias_ptr, prelu_ptr, y_ptr, syn
     depth-to-space (channel ``(OC/r²)·(r·dy + dx) + c`` to pixel ``(r·v + dy, r·u + dx)``). Every
     index comes broadcastable to the tile: ``img`` and ``row_ok`` as ``[rows, 1]``, ``oc`` and ``oc_ok``
     as ``[1, columns]``, ``v`` and ``u`` as either, as each kernel lays pixels out."""
-    if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + oc, mask=oc_ok, other=0.0)
-    alpha = 0.0
-    if NEURON == 10:
-        alpha = tl.load(prelu_ptr + oc, mask=oc_ok, other=0.0)
-    acc = _neuron(acc, na, nb, nc, np2, alpha, NEURON)
+    acc = _activate(acc, oc, oc_ok, bias_ptr, prelu_ptr, na, nb, nc, np2, NEURON, HAS_BIAS)
     base = _index(img, WIDE) * syn
     mask = row_ok & oc_ok
     if SUBPIXEL == 1:
@@ -216,6 +222,38 @@ def conv2d_nhwc(
     else:
         offs = _index(part * M + rows, WIDE)[:, None] * OC_TOTAL + (g * OG + cols)[None, :]
         tl.store(y_ptr + offs, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def gemm_tma_nhwc(
+    x_ptr, w_ptr, bias_ptr, prelu_ptr, y_ptr,
+    M, CG, OG, sx, sy, na, nb, nc, np2, PROGRAMS,
+    NEURON: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """A 1x1 convolution whose source and destination windows are each one strided matrix (``M``
+    pixels by channels, rows ``sx`` / ``sy`` elements apart): ``y = x @ w``, weights ``[CG][OG]``.
+
+    Loads and stores go through tensor-memory-access descriptors (Hopper's TMA), which zero-fill
+    reads past the matrix and clip writes to it, so neighbouring channels of the destination stay
+    untouched. ``PROGRAMS`` programs walk the ``BM x BN`` tiles in turn, the tile loop flattened with
+    the reduction so that one tile's loads are in flight while the previous tile is stored: these
+    layers move far more bytes than they multiply."""
+    xd = tl.make_tensor_descriptor(x_ptr, shape=[M, CG], strides=[sx, 1], block_shape=[BM, BK])
+    wd = tl.make_tensor_descriptor(w_ptr, shape=[CG, OG], strides=[OG, 1], block_shape=[BK, BN])
+    yd = tl.make_tensor_descriptor(y_ptr, shape=[M, OG], strides=[sy, 1], block_shape=[BM, BN])
+    col_tiles = tl.cdiv(OG, BN)
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * col_tiles, PROGRAMS, flatten=True):
+        row0 = (tile // col_tiles) * BM
+        col0 = (tile % col_tiles) * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, CG, BK):
+            a = xd.load([row0, k])
+            b = wd.load([k, col0])
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        oc = col0 + tl.arange(0, BN)[None, :]
+        acc = _activate(acc, oc, oc < OG, bias_ptr, prelu_ptr, na, nb, nc, np2, NEURON, HAS_BIAS)
+        yd.store([row0, col0], acc.to(y_ptr.dtype.element_ty))
 
 
 @triton.jit

@@ -9,7 +9,8 @@ down the rows, loading each source row once per tap column. Groups too narrow fo
 (under 16 input channels) are offered both: the direct kernels (up to 8 channels a group), and the
 implicit GEMM over several groups merged into one with block-diagonal weights; layers of under 16
 input channels a group also an implicit GEMM that steps over the flattened (tap, channel)
-reduction (an RGB first layer). Products are taken in the source's storage type (float16 /
+reduction (an RGB first layer). 1x1 layers whose windows are whole strided matrices (pixels by
+channels) are offered a persistent GEMM that loads and stores through TMA descriptors. Products are taken in the source's storage type (float16 /
 bfloat16) when the weights are exact in it, else in float32 (TF32 only when the kernel's
 ``options`` allow reduced precision); the accumulator is float32 throughout.
 
@@ -69,19 +70,20 @@ class Config:
     direct: bool = False  # a direct kernel's tiles (rows, positions, rows loaded together), named "d..."
     merge: int = 1  # groups computed as one, with block-diagonal weights (narrow groups on tensor cores)
     flat: bool = False  # steps over the flattened (tap, channel) reduction (a few input channels), "...f"
+    tma: int = 0  # > 0: the persistent TMA GEMM of 1x1 layers, this many programs an SM, "...t<n>"
 
     def __str__(self) -> str:
         text = f"{'d' if self.direct else ''}{self.bm}x{self.bn}x{self.bk}w{self.warps}s{self.stages}"
         return (text + (f"k{self.split}" if self.split > 1 else "") + (f"g{self.merge}" if self.merge > 1 else "")
-                + ("f" if self.flat else ""))
+                + ("f" if self.flat else "") + (f"t{self.tma}" if self.tma else ""))
 
     @classmethod
     def parse(cls, text: str) -> "Config":
-        m = re.fullmatch(r"(d?)(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:k(\d+))?(?:g(\d+))?(f?)", text)
+        m = re.fullmatch(r"(d?)(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:k(\d+))?(?:g(\d+))?(f?)(?:t(\d+))?", text)
         if m is None:
             raise ValueError(f"Config.parse: {text!r} is not a launch configuration")
-        direct, *fields, split, merge, flat = m.groups()
-        return cls(*map(int, fields), int(split or 1), bool(direct), int(merge or 1), bool(flat))
+        direct, *fields, split, merge, flat, tma = m.groups()
+        return cls(*map(int, fields), int(split or 1), bool(direct), int(merge or 1), bool(flat), int(tma or 0))
 
 
 def _direct(*fields) -> Config:
@@ -117,6 +119,16 @@ MERGED_TILES = [Config(128, 32, 32, 4, 3), Config(128, 32, 32, 4, 4), Config(128
 FLAT_TILES = [Config(128, 64, 32, 4, 3, flat=True), Config(128, 64, 64, 4, 3, flat=True),
               Config(256, 64, 32, 8, 3, flat=True), Config(64, 64, 32, 4, 4, flat=True),
               Config(128, 64, 16, 4, 4, flat=True)]
+#: Persistent TMA GEMM tiles for 1x1 layers whose windows are strided matrices (``matrix``); ``tma``
+#: programs an SM. Where a bound pair's windows are not single matrices TMA can address, the
+#: implicit GEMM runs instead (``TMA_FALLBACK``). H200, fp16: ResNet-50's 56x56 64 -> 256 layer into a
+#: channel slice 0.026 ms against 0.038 ms for the best implicit-GEMM tile (benchmarks/RESULTS.md).
+TMA_CONFIGS = [Config(256, 128, 64, 8, 3, tma=1), Config(128, 256, 64, 8, 3, tma=1),
+               Config(128, 128, 64, 4, 3, tma=1), Config(128, 64, 64, 4, 3, tma=2), Config(64, 64, 64, 4, 3, tma=2),
+               Config(128, 64, 32, 4, 3, tma=2)]
+#: The implicit-GEMM tiles that run a TMA choice whose storages TMA cannot address (some TMA tiles
+#: would need more shared memory than there is with float32 operands on the pointer-load path).
+TMA_FALLBACK = GEMM_CONFIGS[0]
 #: Small tiles for the interpreter, which runs every program one after another on the CPU (keyed by
 #: whether the problem takes the direct kernels).
 INTERPRET_CONFIG = {False: Config(16, 16, 16, 1, 1), True: _direct(4, 32, 2, 1, 1)}
@@ -172,6 +184,15 @@ def rolls(p: ConvProblem) -> bool:
     (depthwise) or 72 values (grouped)."""
     taps = p.kernel[0] * p.kernel[1]
     return p.stride[0] == 1 and p.dilation[0] == 1 and taps <= 25 and taps * group_inputs(p) <= 72
+
+
+def matrix(p: ConvProblem) -> bool:
+    """Whether ``p`` is one GEMM over pixels: a dense 1x1 layer read at stride 1 from a window inside
+    the source (so edges never matter). Whether its windows are also single strided matrices depends
+    on the storages, which ``_matrices`` looks at."""
+    inside = all(0 <= t and t + g <= s for t, g, s in zip(p.tap0, p.grid, p.src_size))
+    return (p.kernel == (1, 1) and p.stride == (1, 1) and p.upsample == (1, 1) and p.subpixel == 1
+            and p.groups == 1 and inside)
 
 
 def _default_config(p: ConvProblem) -> Config:
@@ -290,13 +311,16 @@ class Launcher:
     skips a ``data_ptr()`` call and a driver query per tensor, a few µs per launch.
     """
 
-    __slots__ = ("kernel", "kwargs", "compiled", "tail", "device")
+    __slots__ = ("kernel", "kwargs", "compiled", "tail", "device", "scratch")
 
-    def __init__(self, kernel, kwargs: dict):
+    def __init__(self, kernel, kwargs: dict, scratch: bool = False):
         self.kernel, self.kwargs, self.compiled, self.tail = kernel, kwargs, None, ()
         self.device = None
+        self.scratch = scratch  # the kernel asks for global scratch at each launch (``_ensure_allocator``)
 
     def __call__(self, grid, args) -> None:
+        if self.scratch:
+            _ensure_allocator()
         compiled = self.compiled
         if compiled is None:
             compiled = self.kernel[grid](*args, **self.kwargs)
@@ -316,6 +340,20 @@ class Launcher:
         if self.compiled is None:
             return args
         return tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
+
+
+def _ensure_allocator() -> None:
+    """Kernels that make TMA descriptors on the device need a few bytes of global scratch a program,
+    which Triton asks of the allocator in force (a context variable): ours unless the caller set one."""
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 #: Direct launches of compiled kernels after the first (``Launcher``); False: always through Triton.
@@ -372,6 +410,17 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     # The interpreter's bfloat16 dot is wrong (NumPy has no bfloat16): it multiplies float32 copies.
     dot = torch.float32 if interpreting() else operand
     precision = "tf32" if (p.reduced_precision and operand == torch.float32) else "ieee"
+    matrices = _matrices(p, x, y, w, wide) if cfg.tma else None
+    if matrices is not None:
+        a, c, b = matrices
+        programs = min(-(-rows // cfg.bm) * -(-og // cfg.bn), cfg.tma * _processors(x.device))
+        args = (a, b, bias, prelu, c, rows, cg, og, a.stride(0), c.stride(0), *plan.neuron_args[1:], programs)
+        consts = dict(NEURON=plan.neuron, HAS_BIAS=prepared.bias is not None, DOT_DTYPE=_tl_dtype(dot),
+                      PRECISION=precision, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages)
+        return [(Launcher(k.gemm_tma_nhwc, consts, scratch=True), (programs,), args)]
+    if cfg.tma:  # storages TMA cannot address: the implicit GEMM, with tiles that fit any operand type
+        cfg = INTERPRET_CONFIG[False] if interpreting() else TMA_FALLBACK
+        kwargs["num_warps"] = cfg.warps
     grid = (-(-rows // cfg.bm), -(-og // cfg.bn), groups * cfg.split)
     out = y if cfg.split == 1 else bound.workspace
     args = (x, w, bias, prelu, out, rows, gh, gw, he, we, cg, og, *x.stride(), *y.stride(), *p.out_size,
@@ -386,6 +435,37 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     launcher, tile = epilogue_launcher(p, prepared.bias is not None, wide, cfg.split)
     return [conv, (launcher, *_epilogue_args(tile, z, y, p, prepared.bias, prepared.prelu, plan.neuron_args,
                                              rows * p.out_channels))]
+
+
+def _matrices(p: ConvProblem, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, wide: bool) -> tuple | None:
+    """``(source, destination, weights)`` of a ``matrix`` problem as ``[pixels, channels]`` and
+    ``[CG, OG]`` matrices that TMA descriptors can address (16-byte aligned starts and rows), or None
+    where the windows are not single strided matrices (a clip region narrower than the image, say)."""
+    (gh, gw), (ty, tx), n = p.grid, p.tap0, p.n_images
+    if wide:
+        return None
+    try:
+        a = x[:n, ty:ty + gh, tx:tx + gw, :p.in_channels].view(-1, p.in_channels)
+        c = y[:n, :gh, :gw, :p.out_channels].view(-1, p.out_channels)
+    except RuntimeError:  # the window's rows are not evenly spaced in the storage
+        return None
+    b = w.view(p.in_channels, p.out_channels)
+    rows = n * gh * gw
+    fits = all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 and t.stride(1) == 1
+               for t in (a, b, c))
+    return (a, c, b) if fits and a.shape[0] == c.shape[0] == rows else None
+
+
+_PROCESSORS: dict = {}
+
+
+def _processors(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (the interpreter: 2)."""
+    if device.type != "cuda":
+        return 2
+    if device.index not in _PROCESSORS:
+        _PROCESSORS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _PROCESSORS[device.index]
 
 
 EPILOGUE_TILE = (32, 64, 4)  # pixels, channels, warps
@@ -459,7 +539,8 @@ def configs(problem: ConvProblem) -> list[Config]:
         -(-rows // c.bm) * -(-og // c.bn) * problem.groups < SPLIT_BELOW_TILES and steps >= 4 * c.split)]
     merged = _merged(problem)  # where there are merged tiles, group-by-group ones waste 8x or more
     flat = [c for c in FLAT_TILES if c.bn <= _pow2(og, 32)] if cg < 16 else []
-    return direct_ + flat + (merged or keep or GEMM_CONFIGS[:1])
+    tma = [c for c in TMA_CONFIGS if c.bn <= _pow2(og, 64) and c.bk <= _pow2(cg, 32)] if matrix(problem) else []
+    return direct_ + flat + (merged or keep or GEMM_CONFIGS[:1]) + tma
 
 
 def _merged(p: ConvProblem) -> list[Config]:
