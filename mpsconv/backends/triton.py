@@ -19,6 +19,7 @@ them; elsewhere the backend supports CUDA devices only.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -410,7 +411,8 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     # The interpreter's bfloat16 dot is wrong (NumPy has no bfloat16): it multiplies float32 copies.
     dot = torch.float32 if interpreting() else operand
     precision = "tf32" if (p.reduced_precision and operand == torch.float32) else "ieee"
-    matrices = _matrices(p, x, y, w, wide) if cfg.tma else None
+    matrices = _matrices(p, x, y, w, wide) if cfg.tma and _tma_fits(cfg, x.element_size(), w.element_size(),
+                                                                      y.element_size()) else None
     if matrices is not None:
         a, c, b = matrices
         programs = min(-(-rows // cfg.bm) * -(-og // cfg.bn), cfg.tma * _processors(x.device))
@@ -454,6 +456,27 @@ def _matrices(p: ConvProblem, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
     fits = all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 and t.stride(1) == 1
                for t in (a, b, c))
     return (a, c, b) if fits and a.shape[0] == c.shape[0] == rows else None
+
+
+#: Shared memory a block may use on Hopper (227 KiB).
+SHARED_BYTES = 232448
+
+
+def _tma_fits(cfg: Config, src: int, weights: int, dst: int) -> bool:
+    """Whether the TMA GEMM's pipeline (``stages`` source and weight tiles) and its store tile fit in
+    shared memory, given the bytes of a source, weight and destination element."""
+    return cfg.stages * (cfg.bm * cfg.bk * src + cfg.bk * cfg.bn * weights) + cfg.bm * cfg.bn * dst <= SHARED_BYTES
+
+
+def _has_tma() -> bool:
+    """Whether the current GPU has tensor memory access (Hopper, compute capability 9, or later);
+    the interpreter emulates it."""
+    return interpreting() or _hopper()
+
+
+@functools.cache
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
 _PROCESSORS: dict = {}
@@ -539,7 +562,9 @@ def configs(problem: ConvProblem) -> list[Config]:
         -(-rows // c.bm) * -(-og // c.bn) * problem.groups < SPLIT_BELOW_TILES and steps >= 4 * c.split)]
     merged = _merged(problem)  # where there are merged tiles, group-by-group ones waste 8x or more
     flat = [c for c in FLAT_TILES if c.bn <= _pow2(og, 32)] if cg < 16 else []
-    tma = [c for c in TMA_CONFIGS if c.bn <= _pow2(og, 64) and c.bk <= _pow2(cg, 32)] if matrix(problem) else []
+    sizes = (STORAGE_DTYPE[F(problem.src_format)].itemsize,) * 2 + (STORAGE_DTYPE[F(problem.dst_format)].itemsize,)
+    tma = [c for c in TMA_CONFIGS if c.bn <= _pow2(og, 64) and c.bk <= _pow2(cg, 32) and _tma_fits(c, *sizes)
+           ] if matrix(problem) and _has_tma() else []
     return direct_ + flat + (merged or keep or GEMM_CONFIGS[:1]) + tma
 
 
