@@ -10,9 +10,10 @@ down the rows, loading each source row once per tap column. Groups too narrow fo
 implicit GEMM over several groups merged into one with block-diagonal weights; layers of under 16
 input channels a group also an implicit GEMM that steps over the flattened (tap, channel)
 reduction (an RGB first layer). 1x1 layers whose windows are whole strided matrices (pixels by
-channels) are offered a persistent GEMM that loads and stores through TMA descriptors. Products are taken in the source's storage type (float16 /
-bfloat16) when the weights are exact in it, else in float32 (TF32 only when the kernel's
-``options`` allow reduced precision); the accumulator is float32 throughout.
+channels) are offered a persistent GEMM that loads and stores through TMA descriptors (Hopper).
+Products are taken in the source's storage type (float16 / bfloat16) when the weights are exact in
+it, else in float32 (TF32 only when the kernel's ``options`` allow reduced precision); the
+accumulator is float32 throughout.
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors too (slowly), which is how CI checks
 them; elsewhere the backend supports CUDA devices only.
