@@ -127,7 +127,7 @@ FLAT_TILES = [Config(128, 64, 32, 4, 3, flat=True), Config(128, 64, 64, 4, 3, fl
 #: channel slice 0.026 ms against 0.038 ms for the best implicit-GEMM tile (benchmarks/RESULTS.md).
 TMA_CONFIGS = [Config(256, 128, 64, 8, 3, tma=1), Config(128, 256, 64, 8, 3, tma=1),
                Config(128, 128, 64, 4, 3, tma=1), Config(128, 64, 64, 4, 3, tma=2), Config(64, 64, 64, 4, 3, tma=2),
-               Config(128, 64, 32, 4, 3, tma=2)]
+               Config(128, 64, 32, 4, 3, tma=2), Config(128, 128, 128, 8, 3, tma=1), Config(128, 128, 64, 4, 4, tma=1)]
 #: The implicit-GEMM tiles that run a TMA choice whose storages TMA cannot address (some TMA tiles
 #: would need more shared memory than there is with float32 operands on the pointer-load path).
 TMA_FALLBACK = GEMM_CONFIGS[0]
