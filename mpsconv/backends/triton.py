@@ -128,8 +128,8 @@ FLAT_TILES = [Config(128, 64, 32, 4, 3, flat=True), Config(128, 64, 64, 4, 3, fl
 TMA_CONFIGS = [Config(256, 128, 64, 8, 3, tma=1), Config(128, 256, 64, 8, 3, tma=1),
                Config(128, 128, 64, 4, 3, tma=1), Config(128, 64, 64, 4, 3, tma=2), Config(64, 64, 64, 4, 3, tma=2),
                Config(128, 64, 32, 4, 3, tma=2), Config(128, 128, 128, 8, 3, tma=1), Config(128, 128, 64, 4, 4, tma=1)]
-#: The implicit-GEMM tiles that run a TMA choice whose storages TMA cannot address (some TMA tiles
-#: would need more shared memory than there is with float32 operands on the pointer-load path).
+#: The implicit-GEMM tiles that run a TMA choice whose storages TMA cannot address, or whose pipeline
+#: does not fit with the weights in float32 (not the TMA tiles themselves: some would not fit either).
 TMA_FALLBACK = GEMM_CONFIGS[0]
 #: Small tiles for the interpreter, which runs every program one after another on the CPU (keyed by
 #: whether the problem takes the direct kernels).
@@ -412,16 +412,17 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     # The interpreter's bfloat16 dot is wrong (NumPy has no bfloat16): it multiplies float32 copies.
     dot = torch.float32 if interpreting() else operand
     precision = "tf32" if (p.reduced_precision and operand == torch.float32) else "ieee"
-    matrices = _matrices(p, x, y, w, wide) if cfg.tma and _tma_fits(cfg, x.element_size(), w.element_size(),
-                                                                      y.element_size()) else None
-    if matrices is not None:
-        a, c, b = matrices
-        programs = min(-(-rows // cfg.bm) * -(-og // cfg.bn), cfg.tma * _processors(x.device))
-        args = (a, b, bias, prelu, c, rows, cg, og, a.stride(0), c.stride(0), *plan.neuron_args[1:], programs)
-        consts = dict(NEURON=plan.neuron, HAS_BIAS=prepared.bias is not None, DOT_DTYPE=_tl_dtype(dot),
-                      PRECISION=precision, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages)
-        return [(Launcher(k.gemm_tma_nhwc, consts, scratch=True), (programs,), args)]
-    if cfg.tma:  # storages TMA cannot address: the implicit GEMM, with tiles that fit any operand type
+    if cfg.tma:
+        matrices = _matrices(p, x, y, w, wide)
+        if matrices is not None and _tma_fits(cfg, x.element_size(), w.element_size(), y.element_size()):
+            a, c, b = matrices
+            programs = min(-(-rows // cfg.bm) * -(-og // cfg.bn), cfg.tma * _processors(x.device))
+            args = (a, b, bias, prelu, c, rows, cg, og, a.stride(0), c.stride(0), *plan.neuron_args[1:], programs)
+            consts = dict(NEURON=plan.neuron, HAS_BIAS=prepared.bias is not None, DOT_DTYPE=_tl_dtype(dot),
+                          PRECISION=precision, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps,
+                          num_stages=cfg.stages)
+            return [(Launcher(k.gemm_tma_nhwc, consts, scratch=True), (programs,), args)]
+        # storages TMA cannot address: the implicit GEMM, with tiles that fit any operand type
         cfg = INTERPRET_CONFIG[False] if interpreting() else TMA_FALLBACK
         kwargs["num_warps"] = cfg.warps
     grid = (-(-rows // cfg.bm), -(-og // cfg.bn), groups * cfg.split)
