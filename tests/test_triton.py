@@ -222,6 +222,28 @@ def test_tma_gemm_matches_reference(p):
     assert names == ["gemm_tma_nhwc g1" if p["tma"] else "conv2d_nhwc g1"], names
 
 
+def test_tma_scratch_allocator_leaves_a_callers_own_in_place():
+    """The TMA GEMM's descriptors need Triton's allocator: we set ours only in a context that has none."""
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    def theirs(size, alignment, stream):
+        raise AssertionError("not called here")
+
+    def run_in_fresh_context(before):
+        if before is not None:
+            triton.set_allocator(before)
+        triton_backend._ensure_allocator()
+        return _allocation._allocator.get()
+
+    fresh = contextvars.Context()  # a new thread's context: Triton's null allocator
+    assert fresh.run(run_in_fresh_context, None) is triton_backend._scratch
+    assert contextvars.Context().run(run_in_fresh_context, theirs) is theirs
+    assert triton_backend._scratch(64, 16, None).numel() == 64
+
+
 def test_split_k_replays_on_new_contents():
     """A replay of a split-K launch (the same workspace, parts and epilogue) on new source contents."""
     from mpsconv import use_backend

@@ -352,9 +352,14 @@ def _ensure_allocator() -> None:
     """Kernels that make TMA descriptors on the device need a few bytes of global scratch a program,
     which Triton asks of the allocator in force (a context variable): ours unless the caller set one."""
     import triton
-    from triton.runtime import _allocation
 
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+    try:
+        from triton.runtime import _allocation
+
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # a Triton that keeps it elsewhere: without ours the launch fails
+        unset = True
+    if unset:
         triton.set_allocator(_scratch)
 
 
