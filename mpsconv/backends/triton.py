@@ -350,17 +350,25 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
 
 def _ensure_allocator() -> None:
     """Kernels that make TMA descriptors on the device need a few bytes of global scratch a program,
-    which Triton asks of the allocator in force (a context variable): ours unless the caller set one."""
-    import triton
+    which Triton asks of the allocator in force (a context variable): ours unless the caller set one.
+    Runs at every such launch, so Triton's variable is looked up once (``_allocator_var``)."""
+    var = _allocator_var()
+    if var is None or isinstance(var[0].get(), var[1]):
+        import triton
 
+        triton.set_allocator(_scratch)
+
+
+@functools.cache
+def _allocator_var() -> tuple | None:
+    """``(Triton's allocator context variable, its type for "none set")``, or None for a Triton that keeps
+    them elsewhere: then ours is set at every launch, as without it the launch fails."""
     try:
         from triton.runtime import _allocation
 
-        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
-    except (ImportError, AttributeError):  # a Triton that keeps it elsewhere: without ours the launch fails
-        unset = True
-    if unset:
-        triton.set_allocator(_scratch)
+        return _allocation._allocator, _allocation.NullAllocator
+    except (ImportError, AttributeError):
+        return None
 
 
 #: Direct launches of compiled kernels after the first (``Launcher``); False: always through Triton.
@@ -486,16 +494,12 @@ def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-_PROCESSORS: dict = {}
-
-
+@functools.cache
 def _processors(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (the interpreter: 2)."""
     if device.type != "cuda":
         return 2
-    if device.index not in _PROCESSORS:
-        _PROCESSORS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _PROCESSORS[device.index]
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 EPILOGUE_TILE = (32, 64, 4)  # pixels, channels, warps
