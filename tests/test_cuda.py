@@ -140,6 +140,33 @@ def test_every_grouped_configuration_on_gpu(config, monkeypatch):
         assert_close(got, want, "bfloat16", f"{config} {cin}/{groups} stride {stride} {edge.name}")
 
 
+@pytest.mark.parametrize("config", [str(c) for c in triton_backend.GEMM_CONFIGS + triton_backend.SPLIT_CONFIGS])
+def test_every_gemm_configuration_on_gpu(config, monkeypatch):
+    """Each implicit-GEMM candidate compiled, split-K ones too: 3x3 layers with partial tiles of pixels,
+    channels and reduction steps (200 input channels: 36 steps of 64, enough for 8 parts), a window
+    offset and a channel slice; zero edges at stride 1 in float16, clamp edges at stride 2 in bfloat16."""
+    from mpsconv import MPSImageEdgeMode
+
+    cfg = triton_backend.Config.parse(config)
+    monkeypatch.setattr(triton_backend, "GEMM_CONFIGS", [] if cfg.split > 1 else [cfg])
+    monkeypatch.setattr(triton_backend, "SPLIT_CONFIGS", [cfg] if cfg.split > 1 else [])
+    monkeypatch.setattr(triton_backend, "SPLIT_BELOW_TILES", 10 ** 9)  # offer split-K whatever the tile count
+    rng = np.random.default_rng(10)
+    for fmt, stride, edge in ((FMT.float16, 1, MPSImageEdgeMode.zero), (FMT.bfloat16, 2, MPSImageEdgeMode.clamp)):
+        d = descriptor(3, 3, 200, 136, strideInPixelsX=stride, strideInPixelsY=stride)
+        d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU, a=0.1)
+        k = MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (136, 3, 3, 200)) / 9,
+                                                                rng.uniform(-1, 1, 136)))
+        k.edgeMode, k.offset, k.destinationFeatureChannelOffset = edge, (1, 0, 0), 8
+        src = img(gpu(), rng.uniform(-1, 1, (2, 17, 13, 200)), fmt)
+        prior = rng.uniform(-1, 1, (2, 17 // stride, 13 // stride, 152))
+        with launched_kernels() as names:
+            got = run(k, src, img(gpu(), prior, fmt), "triton")
+        assert names[0] == "conv2d_nhwc g1", names
+        want = run(k, src, img(gpu(), prior, fmt), "reference")
+        assert_close(got, want, fmt.name, f"{config} stride {stride}")
+
+
 @pytest.mark.parametrize("config", [str(c) for c in triton_backend.FLAT_TILES])
 def test_every_flat_configuration_on_gpu(config, monkeypatch):
     """Each flattened-reduction candidate compiled: an RGB first layer (7x7, stride 2) and 5 channels

@@ -96,7 +96,7 @@ def _direct(*fields) -> Config:
 GEMM_CONFIGS = [Config(128, 64, 32, 4, 3), Config(128, 128, 32, 8, 3), Config(64, 64, 32, 4, 4),
                 Config(128, 128, 64, 8, 3), Config(64, 128, 64, 4, 3), Config(256, 128, 64, 8, 3),
                 Config(128, 256, 64, 8, 3), Config(64, 32, 32, 4, 3), Config(64, 64, 64, 4, 4),
-                Config(128, 128, 64, 4, 4)]
+                Config(128, 128, 64, 4, 4), Config(128, 64, 64, 4, 3)]
 #: Split-K candidates, offered when the tiles alone would not fill the GPU.
 SPLIT_CONFIGS = [Config(64, 64, 64, 4, 4, 2), Config(64, 64, 64, 4, 4, 4), Config(64, 128, 64, 4, 3, 2),
                  Config(64, 128, 64, 4, 3, 3), Config(64, 128, 64, 4, 3, 4),
@@ -127,7 +127,7 @@ FLAT_TILES = [Config(128, 64, 32, 4, 3, flat=True), Config(128, 64, 64, 4, 3, fl
 #: channel slice 0.026 ms against 0.038 ms for the best implicit-GEMM tile (benchmarks/RESULTS.md).
 TMA_CONFIGS = [Config(256, 128, 64, 8, 3, tma=1), Config(128, 256, 64, 8, 3, tma=1),
                Config(128, 128, 64, 4, 3, tma=1), Config(128, 64, 64, 4, 3, tma=2), Config(64, 64, 64, 4, 3, tma=2),
-               Config(128, 64, 32, 4, 3, tma=2), Config(128, 128, 128, 8, 3, tma=1), Config(128, 128, 64, 4, 4, tma=1)]
+               Config(128, 64, 32, 4, 3, tma=2), Config(128, 128, 128, 8, 3, tma=1), Config(128, 128, 64, 4, 5, tma=1)]
 #: The implicit-GEMM tiles that run a TMA choice whose storages TMA cannot address, or whose pipeline
 #: does not fit with the weights in float32 (not the TMA tiles themselves: some would not fit either).
 TMA_FALLBACK = GEMM_CONFIGS[0]
