@@ -316,7 +316,9 @@ class Launcher:
     __slots__ = ("kernel", "kwargs", "compiled", "tail", "device", "scratch")
 
     def __init__(self, kernel, kwargs: dict, scratch: bool = False):
-        self.kernel, self.kwargs, self.compiled, self.tail = kernel, kwargs, None, ()
+        # Products and sums fuse into FMAs, as every measurement and tolerance here assumes: Triton 3.10
+        # turns that off unless asked (slower, and rounded once more per multiply-add).
+        self.kernel, self.kwargs, self.compiled, self.tail = kernel, dict(kwargs, enable_fp_fusion=True), None, ()
         self.device = None
         self.scratch = scratch  # the kernel asks for global scratch at each launch (``_ensure_allocator``)
 
