@@ -12,19 +12,17 @@ F.conv2d. Results: benchmarks/RESULTS.md ("depthwise: two kernels that lost").
 import os
 import sys
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ["MPSCONV_AUTOTUNE"] = "0"
-from mpsconv import MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat as FMT, MTLCreateSystemDefaultDevice
+from mpsconv import MTLCreateSystemDefaultDevice
 from mpsconv.backends import triton as tb
 from mpsconv.backends._triton_kernels import _tap_axis, _epilogue, _index
-from mpsconv.bench import SHAPES, operation_kernel
+from mpsconv.bench import SHAPES
+from tiles import layer
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERP:
     from gpu import bench
@@ -105,7 +103,6 @@ def dw_reg(x_ptr, w_ptr, bias_ptr, prelu_ptr, y_ptr,
 
 dev = MTLCreateSystemDefaultDevice()
 shapes = {s[0]: s for s in SHAPES}
-DEV = "cpu" if INTERP else "cuda"
 VARIANTS = [(32, 8, 7, 16, 4, 1), (32, 8, 7, 16, 2, 1), (32, 8, 7, 32, 4, 2), (32, 8, 7, 32, 2, 1), (56, 8, 7, 16, 4, 1),
             (16, 8, 7, 16, 4, 1), (32, 16, 4, 16, 4, 2), (32, 16, 4, 16, 2, 1), (32, 8, 4, 32, 4, 2), (32, 4, 7, 32, 4, 1),
             (32, 2, 7, 64, 4, 1), (32, 8, 7, 64, 2, 4), (32, 8, 7, 8, 4, 1), (56, 8, 7, 32, 2, 2), (32, 8, 7, 16, 8, 1),
@@ -118,23 +115,13 @@ if INTERP:
 if os.environ.get("PROBE_FIRST"):  # one variant, one round (for ncu)
     VARIANTS = VARIANTS[:1]
 for name, dname in [(a.split(":")[0], a.split(":")[1]) for a in sys.argv[1:]]:
-    _, n, c, h, w, k, r, s, st, pad, dil, g = shapes[name]
-    if INTERP:
-        n, h, w, c = 2, 7, 11, 8
-        k = g = c
-    dtype, fmt = {"fp16": (torch.float16, FMT.float16), "bf16": (torch.bfloat16, FMT.bfloat16), "fp32": (torch.float32, FMT.float32)}[dname]
-    rng = np.random.default_rng(0)
-    bias = rng.standard_normal(k, dtype=np.float32)
-    conv, p, q = operation_kernel(dev, c, h, w, k, r, s, st, pad, dil, g, rng.standard_normal((k, r, s, 1), dtype=np.float32) / 3, bias)
-    xs = torch.randn(n, h, w, c, device=DEV).to(dtype)
-    src = MPSImage.from_numpy(xs, featureChannelFormat=fmt, device=dev)
-    dst = MPSImage(device=dev, imageDescriptor=MPSImageDescriptor(channelFormat=fmt, width=q, height=p, featureChannels=2 * k, numberOfImages=n))
-    problem = conv._plan(src, dst, "probe")[0]
-    prepared = conv._prepared(tb.BACKEND, fmt)
-    S, D = src._ensure_storage(), dst._ensure_storage()
-    wt = torch.from_numpy(conv._loaded.weights).to(DEV).permute(0, 3, 1, 2).float()
-    want = F.relu(F.conv2d(xs.float().permute(0, 3, 1, 2), wt, torch.from_numpy(bias).to(DEV), st, pad, dil, g)).permute(0, 2, 3, 1)
-    floor_bytes = (xs.numel() + want.numel()) * xs.element_size()
+    shape = shapes[name]
+    if INTERP:  # 2 images of 7x11 pixels, 8 channels
+        shape = shape[:1] + (2, 8, 7, 11, 8) + shape[6:11] + (8,)
+    _, n, c, h, w, k, r, s, st, pad, dil, g = shape
+    op = layer(dev, shape, dname)
+    problem, prepared, S, D, want = op.problem, op.prepared, op.src, op.dst, op.want
+    floor_bytes = (op.x.numel() + want.numel()) * op.x.element_size()
     plan = tb.Plan(problem, dev, tb.DEPTHWISE_CONFIGS[0] if not INTERP else None)
     bnd = tb.Bound(plan, S, D)
     x, y = bnd.x, bnd.y

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -28,26 +29,38 @@ from mpsconv.backends import triton as tb  # noqa: E402
 from mpsconv.bench import SHAPES, operation_kernel  # noqa: E402
 
 
-def sweep(device, spec: str) -> list:
-    name, dname, wanted = spec.split(":")
-    _, n, c, h, w, k, r, s, st, pad, dil, g = next(shape for shape in SHAPES if shape[0] == name)
+def layer(device, shape: tuple, dname: str) -> SimpleNamespace:
+    """gpu.py's operation on one row of the shape table (``SHAPES``' tuple, which a caller may shrink),
+    with random data on ``device``: the problem, its prepared weights, the source and destination
+    storages, and the float32 ``F.conv2d`` + bias + ReLU result the destination's channels ``[K, 2K)``
+    must match (NHWC)."""
+    _, n, c, h, w, k, r, s, st, pad, dil, g = shape
     dtype, fmt = DTYPES[dname]
     rng = np.random.default_rng(0)
     bias = rng.standard_normal(k, dtype=np.float32)
     wt = rng.standard_normal((k, r, s, c // g), dtype=np.float32) / math.sqrt(r * s * c / g)
     conv, p, q = operation_kernel(device, c, h, w, k, r, s, st, pad, dil, g, wt, bias)
-    x = torch.randn(n, h, w, c, device="cuda").to(dtype)
+    dev = device.torch_device
+    x = torch.randn(n, h, w, c, device=dev).to(dtype)
     src = MPSImage.from_numpy(x, featureChannelFormat=fmt, device=device)
     dst = MPSImage(device=device, imageDescriptor=MPSImageDescriptor(channelFormat=fmt, width=q, height=p,
                                                                      featureChannels=2 * k, numberOfImages=n))
-    problem = conv._plan(src, dst, "tiles")[0]
-    prepared = conv._prepared(tb.BACKEND, fmt)
-    storage, out = src._ensure_storage(), dst._ensure_storage()
-    weights = torch.from_numpy(conv._loaded.weights).cuda().permute(0, 3, 1, 2)
+    weights = torch.from_numpy(conv._loaded.weights).to(dev).permute(0, 3, 1, 2)
+    want = F.relu(F.conv2d(x.permute(0, 3, 1, 2).float(), weights.float(), torch.from_numpy(bias).to(dev), st, pad,
+                           dil, g))
+    return SimpleNamespace(problem=conv._plan(src, dst, "tiles")[0], prepared=conv._prepared(tb.BACKEND, fmt),
+                           src=src._ensure_storage(), dst=dst._ensure_storage(), x=x, weights=weights,
+                           want=want.permute(0, 2, 3, 1))
+
+
+def sweep(device, spec: str) -> list:
+    name, dname, wanted = spec.split(":")
+    shape = next(shape for shape in SHAPES if shape[0] == name)
+    k, (st, pad, dil, g) = shape[5], shape[8:]
+    op = layer(device, shape, dname)
+    problem, prepared, storage, out, x, want = op.problem, op.prepared, op.src, op.dst, op.x, op.want
     xb = x.permute(0, 3, 1, 2)
-    want = F.relu(F.conv2d(xb.float(), weights.float(), torch.from_numpy(bias).cuda(), st, pad, dil, g))
-    want = want.permute(0, 2, 3, 1)
-    wb = weights.to(dtype).contiguous(memory_format=torch.channels_last)
+    wb = op.weights.to(x.dtype).contiguous(memory_format=torch.channels_last)
     with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=dname == "tf32"):
         bare = bench(lambda: F.conv2d(xb, wb, None, st, pad, dil, g))
     configs = []
