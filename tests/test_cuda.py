@@ -191,6 +191,48 @@ def test_every_flat_configuration_on_gpu(config, monkeypatch):
         assert_close(got, want, "float16", f"{config} {cin} channels")
 
 
+@pytest.mark.parametrize("config", [str(c) for c in triton_backend.PACKED_TILES])
+def test_every_packed_configuration_on_gpu(config, monkeypatch):
+    """Each packed implicit-GEMM candidate compiled, after the space-to-depth launch: an RGB first
+    layer (7x7, stride 2, zero edges) in 16-bit, 5 channels (3x3, stride 1, clamp edges) in bfloat16
+    and float32 with TF32 allowed, with a window offset and a channel slice; and a graph replay on new
+    contents."""
+    from mpsconv import MPSImageEdgeMode
+
+    cfg = triton_backend.Config.parse(config)
+    for name in ("FLAT_TILES", "GEMM_CONFIGS", "SPLIT_CONFIGS"):
+        monkeypatch.setattr(triton_backend, name, [])
+    monkeypatch.setattr(triton_backend, "PACKED_TILES", [cfg])
+    rng = np.random.default_rng(12)
+    for cin, kw, stride, edge, fmt in [(3, 7, 2, MPSImageEdgeMode.zero, FMT.float16),
+                                       (5, 3, 1, MPSImageEdgeMode.clamp, FMT.bfloat16),
+                                       (5, 3, 1, MPSImageEdgeMode.clamp, FMT.float32)]:
+        d = descriptor(kw, kw, cin, 48, strideInPixelsX=stride, strideInPixelsY=stride)
+        d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
+        k = MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (48, kw, kw, cin)),
+                                                                rng.uniform(-1, 1, 48)))
+        k.edgeMode, k.offset, k.destinationFeatureChannelOffset = edge, (1, 0, 0), 8
+        k.options = MPSKernelOptions.allowReducedPrecision if fmt == FMT.float32 else 0
+        src = img(gpu(), rng.uniform(-1, 1, (2, 41, 45, cin)), fmt)
+        prior = rng.uniform(-1, 1, (2, 41 // stride, 45 // stride, 56))
+        with launched_kernels() as names:
+            got = run(k, src, img(gpu(), prior, fmt), "triton")
+        assert names == ["pack_nhwc g1", "packed_conv_nhwc g1"], names
+        want = run(k, src, img(gpu(), prior, fmt), "reference")
+        close(got, want, fmt, f"{config} {cin} channels")
+    dst = img(gpu(), prior, fmt)  # a replayed graph packs the new contents into the same scratch image
+    cb = gpu().makeCommandQueue().makeCommandBuffer()
+    k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+    cb.make_replayable()
+    cb.commit()
+    cb.waitUntilCompleted()
+    new = rng.uniform(-1, 1, (2, 41, 45, cin))
+    src.torch().copy_(torch.from_numpy(new).cuda())
+    cb.replay().waitUntilCompleted()
+    want = run(k, img(gpu(), new, fmt), img(gpu(), prior, fmt), "reference")
+    close(dst.numpy().astype(np.float64), want, fmt, f"{config} replayed")
+
+
 @pytest.mark.parametrize("config", [str(c) for c in triton_backend.TMA_CONFIGS])
 def test_every_tma_configuration_on_gpu(config, monkeypatch):
     """Each persistent TMA GEMM candidate compiled, in 16- and 32-bit (TF32 allowed) where offered, into a channel

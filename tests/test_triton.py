@@ -189,6 +189,43 @@ def test_flat_reduction_matches_reference(p):
         check_against_reference(p, kernel, src, prior, "triton")
 
 
+def packable(drawn):
+    """``drawn`` problems of one group read without dilation, which the packed implicit GEMM takes."""
+    return drawn.filter(lambda p: p["g"] == 1).map(lambda p: dict(p, dilation=(1, 1)))
+
+
+@settings(max_examples=15)
+@given(p=st.one_of(packable(triton_problems()), packable(triton_problems(kind="subpixel"))))
+def test_packed_implicit_gemm_matches_reference(p):
+    """Space-to-depth into a packed image (strides, window offsets, zero and clamp edges applied
+    there), then the implicit GEMM over its contiguous tap rows, a step shorter than a row's run or
+    longer (masked), with every epilogue."""
+    cfg = triton_backend.Config(16, 16, (8, 16, 32)[p["seed"] % 3], 1, 1, pack=True)
+    with mock.patch.object(triton_backend, "INTERPRET_CHOICE", lambda _: cfg), launched_kernels() as names:
+        kernel, src, prior = build(p)
+        check_against_reference(p, kernel, src, prior, "triton")
+    assert names in ([], ["pack_nhwc g1", "packed_conv_nhwc g1"]), names
+
+
+def test_packing_geometry_and_offer():
+    """An RGB first layer (7x7, stride 2) packs into 4x4 taps of 12 channels (16 with padding), tap rows
+    of 64 elements; layers with 16 input channels, groups or dilation are not offered the packing."""
+    rng = np.random.default_rng(3)
+
+    def problem(cin, **props):
+        d = descriptor(7, 7, cin, 64, **props)
+        k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, (64, 7, 7, cin // d.groups))))
+        return k._plan(image(rng.uniform(-1, 1, (1, 32, 32, cin))), blank(16, 16, 64), "t")[0]
+
+    rgb = problem(3, strideInPixelsX=2, strideInPixelsY=2)
+    pk = triton_backend.packing(rgb)
+    assert (pk.kh, pk.kw, pk.height, pk.width, pk.used, pk.channels, pk.run) == (4, 4, 19, 19, 12, 16, 64)
+    assert any(c.pack for c in triton_backend.configs(rgb))
+    assert triton_backend.BACKEND.scratch_bytes(rgb) == 19 * 19 * 16 * 4
+    for other in (problem(16), problem(8, groups=2), problem(3, dilationRateX=2)):
+        assert not any(c.pack for c in triton_backend.configs(other))
+
+
 @st.composite
 def matrix_problems(draw):
     """1x1 layers at stride 1 with the window inside the source (``triton.matrix``). With ``tma`` the

@@ -225,6 +225,68 @@ def conv2d_nhwc(
 
 
 @triton.jit
+def pack_nhwc(
+    x_ptr, p_ptr,
+    PIX, PH, PW, C, USED, CP, HE, WE,
+    sxn, sxh, sxw, sxc,
+    tap0y, tap0x, sy, sx,
+    CLAMP: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, WIDE: tl.constexpr,
+):
+    """Space-to-depth for ``packed_conv_nhwc``: packed pixel ``(img, by, bx)``, channel ``(py·sx + px)·C
+    + c`` is the source value a tap at ``(tap0y + by·sy + py, tap0x + bx·sx + px)`` reads, channel
+    ``c`` (edges applied: zero or clamped); channels ``USED = sy·sx·C`` to ``CP`` are zero. The packed
+    image ``[n, PH, PW, CP]`` is dense. Grid: ``cdiv(PIX, BP)``, ``PIX = n·PH·PW``."""
+    pix = tl.program_id(0) * BP + tl.arange(0, BP)[:, None]
+    ch = tl.arange(0, BC)[None, :]
+    pix_ok = pix < PIX
+    img, by, bx = _pixel(pix, PH, PW)
+    py = ch // (sx * C)
+    px = (ch - py * (sx * C)) // C
+    c = ch - (py * sx + px) * C
+    iy, ok = _tap_axis(tap0y + by * sy + py, pix_ok & (ch < USED), HE, 1, CLAMP, False)
+    ix, ok = _tap_axis(tap0x + bx * sx + px, ok, WE, 1, CLAMP, False)
+    value = tl.load(x_ptr + _index(img, WIDE) * sxn + iy * sxh + ix * sxw + c * sxc, mask=ok, other=0.0)
+    tl.store(p_ptr + _index(pix, WIDE) * CP + ch, value, mask=pix_ok & (ch < CP))
+
+
+@triton.jit
+def packed_conv_nhwc(
+    p_ptr, w_ptr, bias_ptr, prelu_ptr, y_ptr,
+    M, GH, GW, OC, spn, sph, spw, syn, syh, syw, syc,
+    OUT_H, OUT_W, na, nb, nc, np2,
+    KH: tl.constexpr, RUN: tl.constexpr, SUBPIXEL: tl.constexpr, NEURON: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, WIDE: tl.constexpr,
+):
+    """Implicit GEMM over a packed image (``pack_nhwc``): a stride-1 convolution with no edges, whose
+    ``KH`` tap rows each read one contiguous run of ``RUN`` = packed taps x packed channels elements
+    from the packed pixel ``(v + r, u)`` on. So a step's loads are whole aligned runs, masked per row
+    only, where the unpacked layer's (a few channels, a stride) would gather 2-byte values. Weights
+    ``[KH][RUN][OC]``. Grid: ``(cdiv(M, BM), cdiv(OC, BN))``."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    row_ok = rows < M
+    col_ok = cols < OC
+    img, v, u = _pixel(rows, GH, GW)
+    at = p_ptr + (_index(img, WIDE) * spn + v * sph + u * spw)[:, None] + ks[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r in range(KH):
+        for k0 in tl.static_range(0, RUN, BK):
+            w_at = w_ptr + (r * RUN + k0 + ks)[:, None] * OC + cols[None, :]
+            if RUN % BK == 0:  # masks constant along the run: vector loads
+                a = tl.load(at + (r * sph + k0), mask=row_ok[:, None], other=0.0)
+                b = tl.load(w_at, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = (k0 + ks) < RUN
+                a = tl.load(at + (r * sph + k0), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_at, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    _epilogue(acc, img[:, None], v[:, None], u[:, None], row_ok[:, None], cols[None, :], col_ok[None, :], bias_ptr,
+              prelu_ptr, y_ptr, syn, syh, syw, syc, OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS, SUBPIXEL, WIDE)
+
+
+@triton.jit
 def gemm_tma_nhwc(
     x_ptr, w_ptr, bias_ptr, prelu_ptr, y_ptr,
     M, CG, OG, sx, sy, na, nb, nc, np2, PROGRAMS,

@@ -73,19 +73,21 @@ class Config:
     merge: int = 1  # groups computed as one, with block-diagonal weights (narrow groups on tensor cores)
     flat: bool = False  # steps over the flattened (tap, channel) reduction (a few input channels), "...f"
     tma: int = 0  # > 0: the persistent TMA GEMM of 1x1 layers, this many programs an SM, "...t<n>"
+    pack: bool = False  # space-to-depth first, then an implicit GEMM over the packed image, "...p"
 
     def __str__(self) -> str:
         text = f"{'d' if self.direct else ''}{self.bm}x{self.bn}x{self.bk}w{self.warps}s{self.stages}"
         return (text + (f"k{self.split}" if self.split > 1 else "") + (f"g{self.merge}" if self.merge > 1 else "")
-                + ("f" if self.flat else "") + (f"t{self.tma}" if self.tma else ""))
+                + ("f" if self.flat else "") + ("p" if self.pack else "") + (f"t{self.tma}" if self.tma else ""))
 
     @classmethod
     def parse(cls, text: str) -> "Config":
-        m = re.fullmatch(r"(d?)(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:k(\d+))?(?:g(\d+))?(f?)(?:t(\d+))?", text)
+        m = re.fullmatch(r"(d?)(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:k(\d+))?(?:g(\d+))?(f?)(p?)(?:t(\d+))?", text)
         if m is None:
             raise ValueError(f"Config.parse: {text!r} is not a launch configuration")
-        direct, *fields, split, merge, flat, tma = m.groups()
-        return cls(*map(int, fields), int(split or 1), bool(direct), int(merge or 1), bool(flat), int(tma or 0))
+        direct, *fields, split, merge, flat, pack, tma = m.groups()
+        return cls(*map(int, fields), split=int(split or 1), direct=bool(direct), merge=int(merge or 1),
+                   flat=bool(flat), tma=int(tma or 0), pack=bool(pack))
 
 
 def _direct(*fields) -> Config:
@@ -121,6 +123,13 @@ MERGED_TILES = [Config(128, 32, 32, 4, 3), Config(128, 32, 32, 4, 4), Config(128
 FLAT_TILES = [Config(128, 64, 32, 4, 3, flat=True), Config(128, 64, 64, 4, 3, flat=True),
               Config(256, 64, 32, 8, 3, flat=True), Config(64, 64, 32, 4, 4, flat=True),
               Config(128, 64, 16, 4, 4, flat=True)]
+#: Implicit-GEMM tiles over a space-to-depth packed image (``packing``), for layers of a few input
+#: channels: ``bk`` elements of a packed tap row's contiguous run a step.
+PACKED_TILES = [Config(128, 64, 64, 4, 3, pack=True), Config(128, 64, 32, 4, 3, pack=True),
+                Config(128, 64, 64, 4, 4, pack=True), Config(256, 64, 64, 8, 3, pack=True),
+                Config(64, 64, 64, 4, 4, pack=True), Config(128, 128, 64, 8, 3, pack=True)]
+#: Packed pixels a program of the space-to-depth kernel (``pack_nhwc``) writes, and its warps.
+PACK_TILE = (64, 4)
 #: Persistent TMA GEMM tiles for 1x1 layers whose windows are strided matrices (``matrix``); ``tma``
 #: programs an SM. Where a bound pair's windows are not single matrices TMA can address, the
 #: implicit GEMM runs instead (``TMA_FALLBACK``). H200, fp16: ResNet-50's 56x56 64 -> 256 layer into a
@@ -197,6 +206,46 @@ def matrix(p: ConvProblem) -> bool:
             and p.groups == 1 and inside)
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Space-to-depth geometry of a ``packs`` problem (``pack_nhwc``, ``packed_conv_nhwc``).
+
+    A tap ``(r, s)`` is ``(r'·sy + py, s'·sx + px)``: output pixel ``(v, u)`` reads it from packed
+    pixel ``(v + r', u + s')``, channel ``(py·sx + px)·C + c``. So the layer becomes a stride-1
+    convolution over ``kh x kw`` packed taps with no edges (the packing applied them), whose tap
+    rows are contiguous runs of ``run`` elements; weights of taps past the window are zero."""
+
+    stride: tuple[int, int]
+    kh: int  # packed taps: ceil(KH / sy) x ceil(KW / sx)
+    kw: int
+    height: int  # packed pixels an image: grid + packed taps - 1
+    width: int
+    used: int  # packed channels holding values, sy·sx·C
+    channels: int  # packed channels, ``used`` rounded up to 8 (16-byte pixels in 16-bit)
+
+    @property
+    def run(self) -> int:
+        return self.kw * self.channels
+
+
+#: Layers of fewer input channels than this (and one group) are offered the packed implicit GEMM.
+PACK_BELOW_CHANNELS = 16
+
+
+def packs(p: ConvProblem) -> bool:
+    """Whether ``p`` can run packed (``Packing``): one group of a few input channels, read without
+    dilation or inserted zeros."""
+    return (p.groups == 1 and p.in_channels < PACK_BELOW_CHANNELS and p.dilation == (1, 1)
+            and p.upsample == (1, 1))
+
+
+def packing(p: ConvProblem) -> Packing:
+    (sy, sx), (kh, kw), (gh, gw) = p.stride, p.kernel, p.grid
+    kh, kw = -(-kh // sy), -(-kw // sx)
+    used = sy * sx * p.in_channels
+    return Packing((sy, sx), kh, kw, gh + kh - 1, gw + kw - 1, used, -(-used // 8) * 8)
+
+
 def _default_config(p: ConvProblem) -> Config:
     if not interpreting():
         return configs(p)[0]
@@ -227,12 +276,18 @@ class Prepared:
             self._exact[dtype] = bool(torch.equal(w.to(dtype).to(torch.float32), w))
         return self._exact[dtype]
 
-    def layout(self, groups: int, direct_: bool, dtype: torch.dtype, merge: int = 1) -> torch.Tensor:
-        key = (groups, direct_, dtype, merge)
+    def layout(self, groups: int, direct_: bool, dtype: torch.dtype, merge: int = 1,
+               pack: Packing | None = None) -> torch.Tensor:
+        key = (groups, direct_, dtype, merge, pack)
         if key not in self._layouts:
             w = torch.from_numpy(self.weights)  # [O, kH, kW, Ig]
             o, kh, kw, ig = w.shape
-            if direct_:  # [kH][kW][Ig][O]
+            if pack is not None:  # [kh'][kw'·CP][O], zero past the window and in the padding channels
+                (sy, sx), ph, pw = pack.stride, pack.kh, pack.kw
+                w = torch.nn.functional.pad(w, (0, 0, 0, pw * sx - kw, 0, ph * sy - kh))
+                w = w.reshape(o, ph, sy, pw, sx, ig).permute(1, 3, 2, 4, 5, 0).reshape(ph, pw, pack.used, o)
+                w = torch.nn.functional.pad(w, (0, 0, 0, pack.channels - pack.used)).reshape(ph, pack.run, o)
+            elif direct_:  # [kH][kW][Ig][O]
                 w = w.permute(1, 2, 3, 0)
             elif merge > 1:  # [G/m][kH][kW][m·Ig][m·O/G]: group a of each m reads and writes block (a, a)
                 w = w.reshape(groups // merge, merge, o // groups, kh, kw, ig)
@@ -262,6 +317,7 @@ class Plan:
         self.sizes = (self.rows, gh, gw, he, we)
         self.constexprs = dict(KH=p.kernel[0], KW=p.kernel[1], CLAMP=p.edge == EdgeMode.clamp,
                                UPSAMPLE=p.upsample != (1, 1), SUBPIXEL=p.subpixel, NEURON=code)
+        self.packing = packing(p) if self.config.pack else None
 
     def operand_dtype(self, prepared: Prepared) -> torch.dtype:
         """The type the products are taken in: the source's 16-bit storage type when the weights are
@@ -275,7 +331,7 @@ class Bound:
     """A plan bound to one source and one destination storage. The launch (kernel, grid, arguments)
     is assembled on the first run and reused: Python work per launch is what small layers pay."""
 
-    __slots__ = ("plan", "x", "y", "launch", "workspace")
+    __slots__ = ("plan", "x", "y", "launch", "workspace", "packed")
 
     def __init__(self, plan: Plan, src: torch.Tensor, dst: torch.Tensor):
         p = plan.problem
@@ -284,10 +340,15 @@ class Bound:
         (y0, x0) = p.out_origin
         self.y = dst[p.dst_image0:, y0:, x0:, p.dst_channel0:]
         self.launch = None
-        self.workspace = None
-        if plan.config.split > 1:  # one per bound encode: a fixed address, so graphs can capture it
+        self.workspace = self.packed = None
+        # one per bound encode: fixed addresses, so graphs can capture them
+        if plan.config.split > 1:
             self.workspace = torch.empty(plan.config.split, plan.rows, p.out_channels, dtype=torch.float32,
                                          device=src.device)
+        if plan.packing is not None:
+            pk = plan.packing
+            self.packed = torch.empty(p.n_images, pk.height, pk.width, pk.channels, dtype=src.dtype,
+                                      device=src.device)
 
 
 _TL_DTYPES = {}
@@ -397,7 +458,7 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     rows, gh, gw, he, we = plan.sizes
     bias = prepared.bias if prepared.bias is not None else y  # never read when HAS_BIAS is False
     prelu = prepared.prelu if prepared.prelu is not None else y
-    wide = needs_wide_index(x, y, bound.workspace)
+    wide = needs_wide_index(x, y, bound.workspace, bound.packed)
     kwargs = dict(plan.constexprs, HAS_BIAS=prepared.bias is not None, WIDE=wide, num_warps=cfg.warps)
     if plan.direct:
         # Products are float32 here. Weights exact in the source's 16-bit type are stored in it: half the
@@ -427,6 +488,9 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     # The interpreter's bfloat16 dot is wrong (NumPy has no bfloat16): it multiplies float32 copies.
     dot = torch.float32 if interpreting() else operand
     precision = "tf32" if (p.reduced_precision and operand == torch.float32) else "ieee"
+    if cfg.pack:
+        return _packed_launches(bound, prepared, bias, prelu, dict(kwargs, DOT_DTYPE=_tl_dtype(dot),
+                                                                   PRECISION=precision))
     if cfg.tma:
         matrices = _matrices(p, x, y, w, wide)
         if matrices is not None and _tma_fits(cfg, x.element_size(), w.element_size(), y.element_size()):
@@ -454,6 +518,30 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     launcher, tile = epilogue_launcher(p, prepared.bias is not None, wide, cfg.split)
     return [conv, (launcher, *_epilogue_args(tile, z, y, p, prepared.bias, prepared.prelu, plan.neuron_args,
                                              rows * p.out_channels))]
+
+
+def _packed_launches(bound: Bound, prepared: Prepared, bias, prelu, kwargs: dict) -> list:
+    """The space-to-depth launch into ``bound.packed``, then the implicit GEMM over it (``Packing``);
+    ``kwargs`` are ``_launch``'s constexprs."""
+    plan, x, y, packed, k = bound.plan, bound.x, bound.y, bound.packed, kernels()
+    p, cfg, pk = plan.problem, plan.config, plan.packing
+    rows, gh, gw, he, we = plan.sizes
+    (ty, tx, sy, sx, *_), neuron = plan.scalars, plan.neuron_args[1:]
+    pixels = p.n_images * pk.height * pk.width
+    bp, warps = (16, 1) if interpreting() else PACK_TILE
+    pack = Launcher(k.pack_nhwc, dict(CLAMP=kwargs["CLAMP"], BP=bp, BC=_pow2(pk.channels, 1), WIDE=kwargs["WIDE"],
+                                      num_warps=warps))
+    pack_args = (x, packed, pixels, pk.height, pk.width, p.in_channels, pk.used, pk.channels, he, we, *x.stride(),
+                 ty, tx, sy, sx)
+    w = prepared.layout(1, False, plan.operand_dtype(prepared), pack=pk)
+    conv = Launcher(k.packed_conv_nhwc, dict(
+        KH=pk.kh, RUN=pk.run, SUBPIXEL=p.subpixel, NEURON=plan.neuron, HAS_BIAS=kwargs["HAS_BIAS"],
+        DOT_DTYPE=kwargs["DOT_DTYPE"], PRECISION=kwargs["PRECISION"], BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
+        WIDE=kwargs["WIDE"], num_warps=cfg.warps, num_stages=cfg.stages))
+    conv_args = (packed, w, bias, prelu, y, rows, gh, gw, p.out_channels, *packed.stride()[:3], *y.stride(),
+                 *p.out_size, *neuron)
+    return [(pack, (-(-pixels // bp),), pack_args), (conv, (-(-rows // cfg.bm), -(-p.out_channels // cfg.bn)),
+                                                     conv_args)]
 
 
 def _matrices(p: ConvProblem, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, wide: bool) -> tuple | None:
@@ -575,10 +663,12 @@ def configs(problem: ConvProblem) -> list[Config]:
         -(-rows // c.bm) * -(-og // c.bn) * problem.groups < SPLIT_BELOW_TILES and steps >= 4 * c.split)]
     merged = _merged(problem)  # where there are merged tiles, group-by-group ones waste 8x or more
     flat = [c for c in FLAT_TILES if c.bn <= _pow2(og, 32)] if cg < 16 else []
+    packed = [c for c in PACKED_TILES if c.bn <= _pow2(og, 32) and c.bk <= _pow2(packing(problem).run, 16)
+              ] if packs(problem) else []
     sizes = (STORAGE_DTYPE[F(problem.src_format)].itemsize,) * 2 + (STORAGE_DTYPE[F(problem.dst_format)].itemsize,)
     tma = [c for c in TMA_CONFIGS if c.bn <= _pow2(og, 64) and c.bk <= _pow2(cg, 32) and _tma_fits(c, *sizes)
            ] if matrix(problem) and _has_tma() else []
-    return direct_ + flat + (merged or keep or GEMM_CONFIGS[:1]) + tma
+    return direct_ + flat + packed + (merged or keep or GEMM_CONFIGS[:1]) + tma
 
 
 def _merged(p: ConvProblem) -> list[Config]:
@@ -623,9 +713,16 @@ class _Triton:
 
     @staticmethod
     def scratch_bytes(problem: ConvProblem) -> int:
-        """The split-K workspace of the widest split offered for ``problem`` (float32), else 0."""
-        split = max(c.split for c in configs(problem))
-        return 0 if split == 1 else 4 * split * problem.out_elements()
+        """The most any candidate for ``problem`` allocates per bound encode: the split-K workspace of
+        the widest split (float32), or the packed image (the source's type)."""
+        offered = configs(problem)
+        split = max(c.split for c in offered)
+        most = 0 if split == 1 else 4 * split * problem.out_elements()
+        if any(c.pack for c in offered):
+            pk = packing(problem)
+            size = STORAGE_DTYPE[F(problem.src_format)].itemsize
+            most = max(most, problem.n_images * pk.height * pk.width * pk.channels * size)
+        return most
 
     bind = staticmethod(Bound)
     run = staticmethod(run)
