@@ -227,25 +227,26 @@ def conv2d_nhwc(
 @triton.jit
 def pack_nhwc(
     x_ptr, p_ptr,
-    PIX, PH, PW, C, USED, CP, HE, WE,
+    PIX, PH, PW, HE, WE,
     sxn, sxh, sxw, sxc,
-    tap0y, tap0x, sy, sx,
+    tap0y, tap0x,
+    C: tl.constexpr, SY: tl.constexpr, SX: tl.constexpr, CP: tl.constexpr,
     CLAMP: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """Space-to-depth for ``packed_conv_nhwc``: packed pixel ``(img, by, bx)``, channel ``(py·sx + px)·C
-    + c`` is the source value a tap at ``(tap0y + by·sy + py, tap0x + bx·sx + px)`` reads, channel
-    ``c`` (edges applied: zero or clamped); channels ``USED = sy·sx·C`` to ``CP`` are zero. The packed
-    image ``[n, PH, PW, CP]`` is dense. Grid: ``cdiv(PIX, BP)``, ``PIX = n·PH·PW``."""
+    """Space-to-depth for ``packed_conv_nhwc``: packed pixel ``(img, by, bx)``, channel ``(py·SX + px)·C
+    + c`` is the source value a tap at ``(tap0y + by·SY + py, tap0x + bx·SX + px)`` reads, channel
+    ``c`` (edges applied: zero or clamped); channels ``SY·SX·C`` to ``CP`` are zero. The packed image
+    ``[n, PH, PW, CP]`` is dense. The channel split is constexpr: divisions by run-time values cost
+    more than the copy. Grid: ``cdiv(PIX, BP)``, ``PIX = n·PH·PW``."""
     pix = tl.program_id(0) * BP + tl.arange(0, BP)[:, None]
     ch = tl.arange(0, BC)[None, :]
     pix_ok = pix < PIX
     img, by, bx = _pixel(pix, PH, PW)
-    py = ch // (sx * C)
-    px = (ch - py * (sx * C)) // C
-    c = ch - (py * sx + px) * C
-    iy, ok = _tap_axis(tap0y + by * sy + py, pix_ok & (ch < USED), HE, 1, CLAMP, False)
-    ix, ok = _tap_axis(tap0x + bx * sx + px, ok, WE, 1, CLAMP, False)
-    value = tl.load(x_ptr + _index(img, WIDE) * sxn + iy * sxh + ix * sxw + c * sxc, mask=ok, other=0.0)
+    py = ch // (SX * C)
+    px = (ch % (SX * C)) // C
+    iy, ok = _tap_axis(tap0y + by * SY + py, pix_ok & (ch < SY * SX * C), HE, 1, CLAMP, False)
+    ix, ok = _tap_axis(tap0x + bx * SX + px, ok, WE, 1, CLAMP, False)
+    value = tl.load(x_ptr + _index(img, WIDE) * sxn + iy * sxh + ix * sxw + (ch % C) * sxc, mask=ok, other=0.0)
     tl.store(p_ptr + _index(pix, WIDE) * CP + ch, value, mask=pix_ok & (ch < CP))
 
 

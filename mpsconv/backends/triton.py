@@ -129,7 +129,7 @@ PACKED_TILES = [Config(128, 64, 64, 4, 3, pack=True), Config(128, 64, 32, 4, 3, 
                 Config(128, 64, 64, 4, 4, pack=True), Config(256, 64, 64, 8, 3, pack=True),
                 Config(64, 64, 64, 4, 4, pack=True), Config(128, 128, 64, 8, 3, pack=True)]
 #: Packed pixels a program of the space-to-depth kernel (``pack_nhwc``) writes, and its warps.
-PACK_TILE = (64, 4)
+PACK_TILE = (128, 4)
 #: Persistent TMA GEMM tiles for 1x1 layers whose windows are strided matrices (``matrix``); ``tma``
 #: programs an SM. Where a bound pair's windows are not single matrices TMA can address, the
 #: implicit GEMM runs instead (``TMA_FALLBACK``). H200, fp16: ResNet-50's 56x56 64 -> 256 layer into a
@@ -529,10 +529,9 @@ def _packed_launches(bound: Bound, prepared: Prepared, bias, prelu, kwargs: dict
     (ty, tx, sy, sx, *_), neuron = plan.scalars, plan.neuron_args[1:]
     pixels = p.n_images * pk.height * pk.width
     bp, warps = (16, 1) if interpreting() else PACK_TILE
-    pack = Launcher(k.pack_nhwc, dict(CLAMP=kwargs["CLAMP"], BP=bp, BC=_pow2(pk.channels, 1), WIDE=kwargs["WIDE"],
-                                      num_warps=warps))
-    pack_args = (x, packed, pixels, pk.height, pk.width, p.in_channels, pk.used, pk.channels, he, we, *x.stride(),
-                 ty, tx, sy, sx)
+    pack = Launcher(k.pack_nhwc, dict(C=p.in_channels, SY=sy, SX=sx, CP=pk.channels, CLAMP=kwargs["CLAMP"], BP=bp,
+                                      BC=_pow2(pk.channels, 1), WIDE=kwargs["WIDE"], num_warps=warps))
+    pack_args = (x, packed, pixels, pk.height, pk.width, he, we, *x.stride(), ty, tx)
     w = prepared.layout(1, False, plan.operand_dtype(prepared), pack=pk)
     conv = Launcher(k.packed_conv_nhwc, dict(
         KH=pk.kh, RUN=pk.run, SUBPIXEL=p.subpixel, NEURON=plan.neuron, HAS_BIAS=kwargs["HAS_BIAS"],
