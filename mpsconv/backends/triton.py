@@ -9,7 +9,9 @@ down the rows, loading each source row once per tap column. Groups too narrow fo
 (under 16 input channels) are offered both: the direct kernels (up to 8 channels a group), and the
 implicit GEMM over several groups merged into one with block-diagonal weights; layers of under 16
 input channels a group also an implicit GEMM that steps over the flattened (tap, channel)
-reduction (an RGB first layer). 1x1 layers whose windows are whole strided matrices (pixels by
+reduction, and (one group, no dilation) a packed one: a space-to-depth launch copies the source into
+a scratch image where each packed tap row is one contiguous run, then a stride-1 implicit GEMM
+reads those runs (an RGB first layer: 7x7 at stride 2 becomes 4x4 taps of 16 channels). 1x1 layers whose windows are whole strided matrices (pixels by
 channels) are offered a persistent GEMM that loads and stores through TMA descriptors (Hopper).
 Products are taken in the source's storage type (float16 / bfloat16) when the weights are exact in
 it, else in float32 (TF32 only when the kernel's ``options`` allow reduced precision); the
