@@ -194,9 +194,9 @@ def test_every_flat_configuration_on_gpu(config, monkeypatch):
 @pytest.mark.parametrize("config", [str(c) for c in triton_backend.PACKED_TILES])
 def test_every_packed_configuration_on_gpu(config, monkeypatch):
     """Each packed implicit-GEMM candidate compiled, after the space-to-depth launch: an RGB first
-    layer (7x7, stride 2, zero edges) in 16-bit, 5 channels (3x3, stride 1, clamp edges) in bfloat16
-    and float32 with TF32 allowed, with a window offset and a channel slice; and a graph replay on new
-    contents."""
+    layer (7x7, stride 2, zero edges) in 16-bit, 5 channels (5x5, stride 1, clamp edges: tap rows of 40
+    elements, not a multiple of the step) in bfloat16 and float32 with TF32 allowed, with a window
+    offset and a channel slice; and a graph replay on new contents."""
     from mpsconv import MPSImageEdgeMode
 
     cfg = triton_backend.Config.parse(config)
@@ -205,8 +205,8 @@ def test_every_packed_configuration_on_gpu(config, monkeypatch):
     monkeypatch.setattr(triton_backend, "PACKED_TILES", [cfg])
     rng = np.random.default_rng(12)
     for cin, kw, stride, edge, fmt in [(3, 7, 2, MPSImageEdgeMode.zero, FMT.float16),
-                                       (5, 3, 1, MPSImageEdgeMode.clamp, FMT.bfloat16),
-                                       (5, 3, 1, MPSImageEdgeMode.clamp, FMT.float32)]:
+                                       (5, 5, 1, MPSImageEdgeMode.clamp, FMT.bfloat16),
+                                       (5, 5, 1, MPSImageEdgeMode.clamp, FMT.float32)]:
         d = descriptor(kw, kw, cin, 48, strideInPixelsX=stride, strideInPixelsY=stride)
         d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
         k = MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (48, kw, kw, cin)),
