@@ -495,7 +495,7 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
                                                                    PRECISION=precision))
     if cfg.tma:
         matrices = _matrices(p, x, y, w, wide)
-        if matrices is not None and _tma_fits(cfg, x.element_size(), w.element_size(), y.element_size()):
+        if matrices is not None and _fits(cfg, x.element_size(), w.element_size(), y.element_size()):
             a, c, b = matrices
             programs = min(-(-rows // cfg.bm) * -(-og // cfg.bn), cfg.tma * _processors(x.device))
             args = (a, b, bias, prelu, c, rows, cg, og, a.stride(0), c.stride(0), *plan.neuron_args[1:], programs)
@@ -568,9 +568,10 @@ def _matrices(p: ConvProblem, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
 SHARED_BYTES = 232448
 
 
-def _tma_fits(cfg: Config, src: int, weights: int, dst: int) -> bool:
-    """Whether the TMA GEMM's pipeline (``stages`` source and weight tiles) and its store tile fit in
-    shared memory, given the bytes of a source, weight and destination element."""
+def _fits(cfg: Config, src: int, weights: int, dst: int) -> bool:
+    """Whether a pipelined GEMM tile (``stages`` source and weight tiles, and the output tile, which the
+    TMA store and the epilogue's layout change stage there) fits in shared memory, given the bytes of a
+    source, weight and destination element."""
     return cfg.stages * (cfg.bm * cfg.bk * src + cfg.bk * cfg.bn * weights) + cfg.bm * cfg.bn * dst <= SHARED_BYTES
 
 
@@ -664,10 +665,10 @@ def configs(problem: ConvProblem) -> list[Config]:
         -(-rows // c.bm) * -(-og // c.bn) * problem.groups < SPLIT_BELOW_TILES and steps >= 4 * c.split)]
     merged = _merged(problem)  # where there are merged tiles, group-by-group ones waste 8x or more
     flat = [c for c in FLAT_TILES if c.bn <= _pow2(og, 32)] if cg < 16 else []
-    packed = [c for c in PACKED_TILES if c.bn <= _pow2(og, 32) and c.bk <= _pow2(packing(problem).run, 16)
-              ] if packs(problem) else []
     sizes = (STORAGE_DTYPE[F(problem.src_format)].itemsize,) * 2 + (STORAGE_DTYPE[F(problem.dst_format)].itemsize,)
-    tma = [c for c in TMA_CONFIGS if c.bn <= _pow2(og, 64) and c.bk <= _pow2(cg, 32) and _tma_fits(c, *sizes)
+    packed = [c for c in PACKED_TILES if c.bn <= _pow2(og, 32) and c.bk <= _pow2(packing(problem).run, 16)
+              and _fits(c, *sizes)] if packs(problem) else []
+    tma = [c for c in TMA_CONFIGS if c.bn <= _pow2(og, 64) and c.bk <= _pow2(cg, 32) and _fits(c, *sizes)
            ] if matrix(problem) and _has_tma() else []
     return direct_ + flat + packed + (merged or keep or GEMM_CONFIGS[:1]) + tma
 
