@@ -196,7 +196,8 @@ def test_every_packed_configuration_on_gpu(config, monkeypatch):
     """Each packed implicit-GEMM candidate compiled, after the space-to-depth launch: an RGB first
     layer (7x7, stride 2, zero edges) in 16-bit, 5 channels (5x5, stride 1, clamp edges: tap rows of 40
     elements, not a multiple of the step) in bfloat16 and float32 with TF32 allowed, with a window
-    offset and a channel slice; and a graph replay on new contents."""
+    offset and a channel slice, 96 output channels (so that the 128-wide tile is offered too); and a
+    graph replay on new contents."""
     from mpsconv import MPSImageEdgeMode
 
     cfg = triton_backend.Config.parse(config)
@@ -207,17 +208,17 @@ def test_every_packed_configuration_on_gpu(config, monkeypatch):
     for cin, kw, stride, edge, fmt in [(3, 7, 2, MPSImageEdgeMode.zero, FMT.float16),
                                        (5, 5, 1, MPSImageEdgeMode.clamp, FMT.bfloat16),
                                        (5, 5, 1, MPSImageEdgeMode.clamp, FMT.float32)]:
-        d = descriptor(kw, kw, cin, 48, strideInPixelsX=stride, strideInPixelsY=stride)
+        d = descriptor(kw, kw, cin, 96, strideInPixelsX=stride, strideInPixelsY=stride)
         d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
-        k = MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (48, kw, kw, cin)),
-                                                                rng.uniform(-1, 1, 48)))
+        k = MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (96, kw, kw, cin)),
+                                                                rng.uniform(-1, 1, 96)))
         k.edgeMode, k.offset, k.destinationFeatureChannelOffset = edge, (1, 0, 0), 8
         k.options = MPSKernelOptions.allowReducedPrecision if fmt == FMT.float32 else 0
         size = 4 if fmt == FMT.float32 else 2
         if not triton_backend._fits(cfg, size, size, size):  # not offered: its pipeline would not fit
             continue
         src = img(gpu(), rng.uniform(-1, 1, (2, 41, 45, cin)), fmt)
-        prior = rng.uniform(-1, 1, (2, 41 // stride, 45 // stride, 56))
+        prior = rng.uniform(-1, 1, (2, 41 // stride, 45 // stride, 104))
         with launched_kernels() as names:
             got = run(k, src, img(gpu(), prior, fmt), "triton")
         assert names == ["pack_nhwc g1", "packed_conv_nhwc g1"], names
