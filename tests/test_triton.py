@@ -209,7 +209,8 @@ def test_packed_implicit_gemm_matches_reference(p):
 
 def test_packing_geometry_and_offer():
     """An RGB first layer (7x7, stride 2) packs into 4x4 taps of 12 channels (16 with padding), tap rows
-    of 64 elements; layers with 16 input channels, groups or dilation are not offered the packing."""
+    of 64 elements; layers with 16 input channels, groups or dilation are not offered the packing, and
+    a plan refuses a packed configuration for them."""
     rng = np.random.default_rng(3)
 
     def problem(cin, **props):
@@ -224,6 +225,8 @@ def test_packing_geometry_and_offer():
     assert triton_backend.BACKEND.scratch_bytes(rgb) == 19 * 19 * 16 * 4
     for other in (problem(16), problem(8, groups=2), problem(3, dilationRateX=2)):
         assert not any(c.pack for c in triton_backend.configs(other))
+        with pytest.raises(ValueError, match="packed configuration"):
+            triton_backend.Plan(other, DEVICE, triton_backend.Config(16, 16, 16, 1, 1, pack=True))
 
 
 @st.composite

@@ -11,8 +11,9 @@ implicit GEMM over several groups merged into one with block-diagonal weights; l
 input channels a group also an implicit GEMM that steps over the flattened (tap, channel)
 reduction, and (one group, no dilation) a packed one: a space-to-depth launch copies the source into
 a scratch image where each packed tap row is one contiguous run, then a stride-1 implicit GEMM
-reads those runs (an RGB first layer: 7x7 at stride 2 becomes 4x4 taps of 16 channels). 1x1 layers whose windows are whole strided matrices (pixels by
-channels) are offered a persistent GEMM that loads and stores through TMA descriptors (Hopper).
+reads those runs (an RGB first layer: 7x7 at stride 2 becomes 4x4 taps of 16 channels). 1x1
+layers whose windows are whole strided matrices (pixels by channels) are offered a persistent GEMM
+that loads and stores through TMA descriptors (Hopper).
 Products are taken in the source's storage type (float16 / bfloat16) when the weights are exact in
 it, else in float32 (TF32 only when the kernel's ``options`` allow reduced precision); the
 accumulator is float32 throughout.
@@ -229,6 +230,10 @@ class Packing:
     def run(self) -> int:
         return self.kw * self.channels
 
+    def shape(self, images: int) -> tuple[int, int, int, int]:
+        """The packed image's shape (NHWC, dense) for ``images`` images."""
+        return images, self.height, self.width, self.channels
+
 
 #: Layers of fewer input channels than this (and one group) are offered the packed implicit GEMM.
 PACK_BELOW_CHANNELS = 16
@@ -242,6 +247,7 @@ def packs(p: ConvProblem) -> bool:
 
 
 def packing(p: ConvProblem) -> Packing:
+    """The packed geometry of a ``packs`` problem."""
     (sy, sx), (kh, kw), (gh, gw) = p.stride, p.kernel, p.grid
     kh, kw = -(-kh // sy), -(-kw // sx)
     used = sy * sx * p.in_channels
@@ -319,6 +325,8 @@ class Plan:
         self.sizes = (self.rows, gh, gw, he, we)
         self.constexprs = dict(KH=p.kernel[0], KW=p.kernel[1], CLAMP=p.edge == EdgeMode.clamp,
                                UPSAMPLE=p.upsample != (1, 1), SUBPIXEL=p.subpixel, NEURON=code)
+        if self.config.pack and not packs(p):
+            raise ValueError(f"triton.Plan: {self.config} is a packed configuration, which this problem cannot take")
         self.packing = packing(p) if self.config.pack else None
 
     def operand_dtype(self, prepared: Prepared) -> torch.dtype:
@@ -348,9 +356,7 @@ class Bound:
             self.workspace = torch.empty(plan.config.split, plan.rows, p.out_channels, dtype=torch.float32,
                                          device=src.device)
         if plan.packing is not None:
-            pk = plan.packing
-            self.packed = torch.empty(p.n_images, pk.height, pk.width, pk.channels, dtype=src.dtype,
-                                      device=src.device)
+            self.packed = torch.empty(plan.packing.shape(p.n_images), dtype=src.dtype, device=src.device)
 
 
 _TL_DTYPES = {}
@@ -721,9 +727,8 @@ class _Triton:
         split = max(c.split for c in offered)
         most = 0 if split == 1 else 4 * split * problem.out_elements()
         if any(c.pack for c in offered):
-            pk = packing(problem)
             size = STORAGE_DTYPE[F(problem.src_format)].itemsize
-            most = max(most, problem.n_images * pk.height * pk.width * pk.channels * size)
+            most = max(most, math.prod(packing(problem).shape(problem.n_images)) * size)
         return most
 
     bind = staticmethod(Bound)
