@@ -490,15 +490,14 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
             grid = (chunks * -(-lines // cfg.bm),)
         return [(Launcher(kernel, dict(kwargs, **tiles)), grid, args)]
     operand = plan.operand_dtype(prepared)
-    w = prepared.layout(p.groups, False, operand, cfg.merge)
+    w = prepared.layout(p.groups, False, operand, cfg.merge, plan.packing)
     groups = p.groups // cfg.merge  # merged groups are one group of merge times the channels
     og, cg = p.out_channels // groups, p.in_channels // groups
     # The interpreter's bfloat16 dot is wrong (NumPy has no bfloat16): it multiplies float32 copies.
     dot = torch.float32 if interpreting() else operand
     precision = "tf32" if (p.reduced_precision and operand == torch.float32) else "ieee"
     if cfg.pack:
-        return _packed_launches(bound, prepared, bias, prelu, dict(kwargs, DOT_DTYPE=_tl_dtype(dot),
-                                                                   PRECISION=precision))
+        return _packed_launches(bound, w, bias, prelu, dict(kwargs, DOT_DTYPE=_tl_dtype(dot), PRECISION=precision))
     if cfg.tma:
         matrices = _matrices(p, x, y, w, wide)
         if matrices is not None and _fits(cfg, x.element_size(), w.element_size(), y.element_size()):
@@ -528,9 +527,9 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
                                              rows * p.out_channels))]
 
 
-def _packed_launches(bound: Bound, prepared: Prepared, bias, prelu, kwargs: dict) -> list:
-    """The space-to-depth launch into ``bound.packed``, then the implicit GEMM over it (``Packing``);
-    ``kwargs`` are ``_launch``'s constexprs."""
+def _packed_launches(bound: Bound, w: torch.Tensor, bias, prelu, kwargs: dict) -> list:
+    """The space-to-depth launch into ``bound.packed``, then the implicit GEMM over it (``Packing``) with
+    the packed weights ``w``; ``kwargs`` are ``_launch``'s constexprs."""
     plan, x, y, packed, k = bound.plan, bound.x, bound.y, bound.packed, kernels()
     p, cfg, pk = plan.problem, plan.config, plan.packing
     rows, gh, gw, he, we = plan.sizes
@@ -540,7 +539,6 @@ def _packed_launches(bound: Bound, prepared: Prepared, bias, prelu, kwargs: dict
     pack = Launcher(k.pack_nhwc, dict(C=p.in_channels, SY=sy, SX=sx, CP=pk.channels, CLAMP=kwargs["CLAMP"], BP=bp,
                                       BC=_pow2(pk.channels, 1), WIDE=kwargs["WIDE"], num_warps=warps))
     pack_args = (x, packed, pixels, pk.height, pk.width, he, we, *x.stride(), ty, tx)
-    w = prepared.layout(1, False, plan.operand_dtype(prepared), pack=pk)
     conv = Launcher(k.packed_conv_nhwc, dict(
         KH=pk.kh, RUN=pk.run, SUBPIXEL=p.subpixel, NEURON=plan.neuron, HAS_BIAS=kwargs["HAS_BIAS"],
         DOT_DTYPE=kwargs["DOT_DTYPE"], PRECISION=kwargs["PRECISION"], BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
@@ -672,8 +670,9 @@ def configs(problem: ConvProblem) -> list[Config]:
     merged = _merged(problem)  # where there are merged tiles, group-by-group ones waste 8x or more
     flat = [c for c in FLAT_TILES if c.bn <= _pow2(og, 32)] if cg < 16 else []
     sizes = (STORAGE_DTYPE[F(problem.src_format)].itemsize,) * 2 + (STORAGE_DTYPE[F(problem.dst_format)].itemsize,)
-    packed = [c for c in PACKED_TILES if c.bn <= _pow2(og, 32) and c.bk <= _pow2(packing(problem).run, 16)
-              and _fits(c, *sizes)] if packs(problem) else []
+    run = packing(problem).run if packs(problem) else 0
+    packed = [c for c in PACKED_TILES if c.bn <= _pow2(og, 32) and c.bk <= _pow2(run, 16) and _fits(c, *sizes)
+              ] if run else []
     tma = [c for c in TMA_CONFIGS if c.bn <= _pow2(og, 64) and c.bk <= _pow2(cg, 32) and _fits(c, *sizes)
            ] if matrix(problem) and _has_tma() else []
     return direct_ + flat + packed + (merged or keep or GEMM_CONFIGS[:1]) + tma
