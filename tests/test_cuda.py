@@ -224,17 +224,8 @@ def test_every_packed_configuration_on_gpu(config, monkeypatch):
         assert names == ["pack_nhwc g1", "packed_conv_nhwc g1"], names
         want = run(k, src, img(gpu(), prior, fmt), "reference")
         close(got, want, fmt, f"{config} {cin} channels")
-    dst = img(gpu(), prior, fmt)  # a replayed graph packs the new contents into the same scratch image
-    cb = gpu().makeCommandQueue().makeCommandBuffer()
-    k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
-    cb.make_replayable()
-    cb.commit()
-    cb.waitUntilCompleted()
-    new = rng.uniform(-1, 1, (2, 41, 45, cin))
-    src.torch().copy_(torch.from_numpy(new).cuda())
-    cb.replay().waitUntilCompleted()
-    want = run(k, img(gpu(), new, fmt), img(gpu(), prior, fmt), "reference")
-    close(dst.numpy().astype(np.float64), want, fmt, f"{config} replayed")
+    # a replayed graph packs the new contents into the same scratch image
+    check_replay(k, src, prior, fmt, rng, f"{config} replayed")
 
 
 @pytest.mark.parametrize("config", [str(c) for c in triton_backend.TMA_CONFIGS])
@@ -268,18 +259,23 @@ def test_every_tma_configuration_on_gpu(config, monkeypatch):
             close(got, want, fmt, f"{config} {fmt.name} source width {width}")
             assert names == [kernel_name], names
     k.offset = (0, 0, 0)
-    src = img(gpu(), rng.uniform(-1, 1, (2, 23, 29, 112)), fmt)
+    check_replay(k, img(gpu(), rng.uniform(-1, 1, (2, 23, 29, 112)), fmt), prior, fmt, rng, f"{config} replayed")
+
+
+def check_replay(k, src, prior, fmt, rng, context):
+    """``k`` encoded from ``src`` into a destination holding ``prior``, captured as a CUDA graph, then
+    replayed after ``src``'s contents change: the destination holds the result for the new contents."""
     dst = img(gpu(), prior, fmt)
     cb = gpu().makeCommandQueue().makeCommandBuffer()
     k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
     cb.make_replayable()
     cb.commit()
     cb.waitUntilCompleted()
-    new = rng.uniform(-1, 1, (2, 23, 29, 112))
+    new = rng.uniform(-1, 1, tuple(src.torch().shape))
     src.torch().copy_(torch.from_numpy(new).cuda())
     cb.replay().waitUntilCompleted()
     want = run(k, img(gpu(), new, fmt), img(gpu(), prior, fmt), "reference")
-    close(dst.numpy().astype(np.float64), want, fmt, f"{config} replayed")
+    close(dst.numpy().astype(np.float64), want, fmt, context)
 
 
 def close(got, want, fmt, context):
