@@ -63,6 +63,44 @@ def test_cpu_dispatch_never_times_and_never_picks_triton():
     assert usable(cpu)[:2] == ["reference", "torch"]
 
 
+def test_tuning_holds_the_bound_encodes_of_the_finalists_only(monkeypatch):
+    """Each bound encode owns its scratch (split-K workspace, packed image): timing a dozen options must
+    not hold a dozen of them. Fake options with fixed times, the CUDA clocks replaced by those times."""
+    import weakref
+
+    from mpsconv.metal import device_from_name
+
+    times = {f"v{i}": t for i, t in enumerate([5.0, 3.0, 9.0, 1.0, 7.0, 2.0, 8.0, 6.0, 4.0, 0.5, 10.0, 2.5])}
+    live, peak = set(), [0]
+
+    class Bound:
+        def __init__(self, variant):
+            self.variant = variant
+            live.add(variant)
+            peak[0] = max(peak[0], len(live))
+            weakref.finalize(self, live.discard, variant)
+
+    class Fake:
+        name = "fake"
+        plan = staticmethod(lambda problem, device, variant: variant)
+        prepare = staticmethod(lambda weights, bias, prelu, device: None)
+        bind = staticmethod(lambda plan, src, dst: Bound(plan))
+        run = staticmethod(lambda bound, prepared: None)
+
+        @staticmethod
+        def variants(problem):
+            return list(times)
+
+    monkeypatch.setattr(tuning.torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(tuning, "_streamed", lambda backend, bound, prepared, reps: times[bound.variant])
+    monkeypatch.setattr(tuning, "_capture", lambda *args: None)
+    options = tuning._options([Fake()], problem())
+    best = tuning.measure(problem(), device_from_name("cpu"), options, finalists=3)
+    assert best[1] == "v9"
+    assert peak[0] <= 4  # the finalists so far and the option being timed
+    assert not live  # nothing outlives the choice
+
+
 def test_a_forced_backend_without_gradients_is_refused_for_gradients():
     from mpsconv import MPSValueError
 

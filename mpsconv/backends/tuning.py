@@ -141,8 +141,9 @@ def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds
 
     Two clocks per option: streamed (``reps`` runs launched back to back between two CUDA events:
     what a plain ``commit`` gets, host time per launch included where it is the longer) and
-    graphed (the same runs captured as one CUDA graph: GPU time alone, what a replay gets). The
-    ``finalists`` fastest by streamed time are timed again in alternating ``rounds`` (so that drift
+    graphed (the same runs captured as one CUDA graph: GPU time alone, what a replay gets). Only the
+    ``finalists`` fastest so far keep their bound encodes, so that tuning holds the scratch (split-K
+    workspaces, packed images) of a few candidates, not of all. The finalists by streamed time are timed again in alternating ``rounds`` (so that drift
     hits them alike); the winner is the lowest median streamed time, and among finalists within 10%
     of it (host time makes ties on small problems) the lowest graphed time. Options that fail to
     compile or run are skipped."""
@@ -157,7 +158,7 @@ def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds
     bias = rng.standard_normal(p.out_channels).astype(np.float32)
     prelu = rng.random(p.out_channels).astype(np.float32)
     src, dst = _scratch(problem, device, g)
-    runs = []
+    runs = []  # the `finalists` fastest so far: a slower option's bound encode (its scratch) goes at once
     for backend, variant in options:
         try:
             plan = backend.plan(p, device, variant) if variant else backend.plan(p, device)
@@ -169,10 +170,12 @@ def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds
             runs.append([_streamed(backend, bound, prepared, reps), backend, variant, bound, prepared])
         except Exception:  # e.g. a tile that needs more shared memory than the GPU has: not a candidate
             torch.cuda.synchronize(device.torch_device)
+        runs.sort(key=lambda r: r[0])
+        del runs[finalists:]
+        bound = prepared = None  # freed now, not when the next option's have been made
     if not runs:
         return options[-1]
-    runs.sort(key=lambda r: r[0])
-    final = runs[:finalists]
+    final = runs
     streamed, graphed = [[] for _ in final], [[] for _ in final]
     graphs = [_capture(backend, bound, prepared, reps, device) for _, backend, _, bound, prepared in final]
     for _ in range(rounds):
