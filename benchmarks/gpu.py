@@ -10,7 +10,9 @@ data and the same effective weights:
   is measured against);
 - ``torch.compile`` (default mode) of the eager function (``--compile-dtypes``; compiling costs
   seconds a shape);
-- the roofline floor: max(FLOPs / matmul peak, bytes / copy bandwidth), peaks measured in this run.
+- the roofline floor: max(FLOPs / matmul peak, bytes / copy bandwidth), peaks measured in this run
+  (the bandwidth of a 4 GiB copy); on depthwise rows also the share of that floor which a plain
+  contiguous ``copy_`` of as many bytes reaches (what a layer of that size allows any kernel).
 
 Ours: ``conv.encode`` into a new command buffer + ``commit``, timed on the queue's stream; dispatch
 autotunes on the first encode (not timed; ``--cache-dir`` keeps the choices). Every row first checks
@@ -130,12 +132,17 @@ def row(device, queue, shape, dname, compile_peer, rng, pk):
     nbytes = (n * c * h * w + k * (c // g) * r * s + n * k * p * q) * esz
     peak = pk["fp16" if dname in ("fp16", "bf16") else dname] * 1e12
     floor = max(flops / peak, nbytes / (pk["bw_TBps"] * 1e12)) * 1e3
+    copy_ms = None
+    if depthwise:  # how near a plain copy of as many bytes comes to the same floor, on a layer this size
+        a = torch.empty(nbytes // (2 * esz), device="cuda", dtype=dtype)
+        b = torch.empty_like(a)
+        copy_ms = bench(lambda: b.copy_(a))
     plan_entry = next(iter(conv.__dict__["_plan_cache"].values()))
     plan = plan_entry[2]
     choice = plan_entry[1].name + (f":{plan.config}" if hasattr(plan, "config") else "")
     return dict(shape=name, dtype=dname, ours_ms=t_ours, eager_ms=t_eager, bare_ms=t_bare, compile_ms=t_compile,
                 floor_ms=floor, pct_floor=100 * floor / t_ours, rel_err=err, choice=choice, tune_s=tune_s,
-                depthwise=depthwise)
+                depthwise=depthwise, copy_pct_floor=copy_ms and 100 * floor / copy_ms)
 
 
 def chain(device, queue):
@@ -234,7 +241,9 @@ def main(argv=None):
             print(f"{r['shape']:12s} {dname:5s} ours {r['ours_ms']:8.4f} eager {r['eager_ms']:8.4f} "
                   f"bare {r['bare_ms']:8.4f} | x eager {r['eager_ms'] / r['ours_ms']:5.2f} x bare "
                   f"{r['bare_ms'] / r['ours_ms']:5.2f} x compile {comp} | {r['pct_floor']:5.1f}% floor "
-                  f"err {r['rel_err']:.1e} {r['choice']} (tune {r['tune_s']:.1f}s)", flush=True)
+                  f"err {r['rel_err']:.1e} {r['choice']} (tune {r['tune_s']:.1f}s)"
+                  + (f" | a copy of as many bytes: {r['copy_pct_floor']:.1f}% floor" if r["depthwise"] else ""),
+                  flush=True)
     summary = {}
     for dname in args.dtypes.split(","):
         rs = [r for r in rows if r["dtype"] == dname]
@@ -244,7 +253,8 @@ def main(argv=None):
                 min_vs_eager=min(r["eager_ms"] / r["ours_ms"] for r in rs),
                 vs_bare=geomean([r["bare_ms"] / r["ours_ms"] for r in rs]),
                 vs_compile=geomean([r["compile_ms"] / r["ours_ms"] for r in rs if r["compile_ms"]]),
-                depthwise_pct_floor=[round(r["pct_floor"], 1) for r in rs if r["depthwise"]])
+                depthwise_pct_floor=[round(r["pct_floor"], 1) for r in rs if r["depthwise"]],
+                depthwise_copy_pct_floor=[round(r["copy_pct_floor"], 1) for r in rs if r["depthwise"]])
             print(dname, json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
                                      for k, v in summary[dname].items()}), flush=True)
     if not args.no_chain:
