@@ -210,7 +210,7 @@ def test_packed_implicit_gemm_matches_reference(p):
 def test_packing_geometry_and_offer():
     """An RGB first layer (7x7, stride 2) packs into 4x4 taps of 12 channels (16 with padding), tap rows
     of 64 elements; layers with 16 input channels, groups or dilation are not offered the packing, and
-    a plan refuses a packed configuration for them."""
+    a plan refuses a packed configuration for them (and a merge of more groups than divide them)."""
     rng = np.random.default_rng(3)
 
     def problem(cin, **props):
@@ -227,6 +227,8 @@ def test_packing_geometry_and_offer():
         assert not any(c.pack for c in triton_backend.configs(other))
         with pytest.raises(ValueError, match="packed configuration"):
             triton_backend.Plan(other, DEVICE, triton_backend.Config(16, 16, 16, 1, 1, pack=True))
+    with pytest.raises(ValueError, match="merges 4 groups, which do not divide this problem's 2"):
+        triton_backend.Plan(problem(8, groups=2), DEVICE, triton_backend.Config(16, 16, 16, 1, 1, merge=4))
 
 
 @st.composite

@@ -327,6 +327,9 @@ class Plan:
                                UPSAMPLE=p.upsample != (1, 1), SUBPIXEL=p.subpixel, NEURON=code)
         if self.config.pack and not packs(p):
             raise ValueError(f"triton.Plan: {self.config} is a packed configuration, which this problem cannot take")
+        if p.groups % self.config.merge:
+            raise ValueError(f"triton.Plan: {self.config} merges {self.config.merge} groups, which do not divide "
+                             f"this problem's {p.groups}")
         self.packing = packing(p) if self.config.pack else None
 
     def operand_dtype(self, prepared: Prepared) -> torch.dtype:
