@@ -210,7 +210,7 @@ def test_packed_implicit_gemm_matches_reference(p):
 def test_packing_geometry_and_offer():
     """An RGB first layer (7x7, stride 2) packs into 4x4 taps of 12 channels (16 with padding), tap rows
     of 64 elements; layers with 16 input channels, groups or dilation are not offered the packing, and
-    a plan refuses a packed configuration for them (and a merge of more groups than divide them)."""
+    a plan refuses a packed configuration for them."""
     rng = np.random.default_rng(3)
 
     def problem(cin, **props):
@@ -227,8 +227,16 @@ def test_packing_geometry_and_offer():
         assert not any(c.pack for c in triton_backend.configs(other))
         with pytest.raises(ValueError, match="packed configuration"):
             triton_backend.Plan(other, DEVICE, triton_backend.Config(16, 16, 16, 1, 1, pack=True))
+
+
+def test_a_plan_refuses_a_merge_that_does_not_divide_the_groups():
+    rng = np.random.default_rng(5)
+    d = descriptor(3, 3, 8, 8, groups=2)
+    k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, (8, 3, 3, 4))))
+    p = k._plan(image(rng.uniform(-1, 1, (1, 8, 8, 8))), blank(8, 8, 8), "t")[0]
+    triton_backend.Plan(p, DEVICE, triton_backend.Config(16, 16, 16, 1, 1, merge=2))
     with pytest.raises(ValueError, match="merges 4 groups, which do not divide this problem's 2"):
-        triton_backend.Plan(problem(8, groups=2), DEVICE, triton_backend.Config(16, 16, 16, 1, 1, merge=4))
+        triton_backend.Plan(p, DEVICE, triton_backend.Config(16, 16, 16, 1, 1, merge=4))
 
 
 @st.composite

@@ -141,12 +141,12 @@ def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds
 
     Two clocks per option: streamed (``reps`` runs launched back to back between two CUDA events:
     what a plain ``commit`` gets, host time per launch included where it is the longer) and
-    graphed (the same runs captured as one CUDA graph: GPU time alone, what a replay gets). Only the
-    ``finalists`` fastest so far keep their bound encodes, so that tuning holds the scratch (split-K
-    workspaces, packed images) of a few candidates, not of all. The finalists by streamed time are timed again in alternating ``rounds`` (so that drift
+    graphed (the same runs captured as one CUDA graph: GPU time alone, what a replay gets). The
+    ``finalists`` fastest by streamed time are timed again in alternating ``rounds`` (so that drift
     hits them alike); the winner is the lowest median streamed time, and among finalists within 10%
     of it (host time makes ties on small problems) the lowest graphed time. Options that fail to
-    compile or run are skipped."""
+    compile or run are skipped. Only the finalists so far keep their bound encodes, so that tuning
+    holds the scratch (split-K workspaces, packed images) of a few options, not of all."""
     p = problem
     rng = np.random.default_rng(0)
     g = torch.Generator().manual_seed(0)
