@@ -1,0 +1,91 @@
+"""Offline SASS of the rolling depthwise kernel (no GPU needed): registers a thread, and instructions a
+output in its main loop, by opcode, compiled for sm_90 with the specialisation a CUDA launch of
+gpu.py's depthwise rows gets (``OG`` = ``sxc`` = ``syc`` = 1 constant; sizes and strides that are
+multiples of 16 marked so).
+
+    python benchmarks/sass_depthwise.py [fp16|bf16|fp32 ...]
+
+Uses the ``nvdisasm`` and ``cuobjdump`` that come with Triton's NVIDIA backend.
+"""
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "mpsconv", "backends"))
+import _triton_kernels as kernels  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+#: Integer arguments that are multiples of 16 on gpu.py's depthwise rows (144 and 384 channels).
+DIVISIBLE = ("OC", "sxn", "sxh", "sxw", "syn", "syh", "syw")
+TYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+
+
+def compile_rolling(dtype: str, bh: int, bf: int, roll: int, warps: int):
+    fn = kernels.direct_rolling_nhwc
+    const = dict(KH=3, KW=3, IG=1, CLAMP=False, UPSAMPLE=False, SUBPIXEL=1, NEURON=1, HAS_BIAS=True, BH=bh, BF=bf,
+                 ROLL=roll, WIDE=False, OG=1, sxc=1, syc=1)
+    sig = {}
+    for name in fn.arg_names:
+        if name in const:
+            sig[name] = "constexpr"
+        elif name in ("x_ptr", "y_ptr", "w_ptr"):
+            sig[name] = f"*{TYPES[dtype]}"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        else:
+            sig[name] = "fp32" if name in ("na", "nb", "nc", "np2") else "i32"
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
+             if n.endswith("_ptr") or n in DIVISIBLE}
+    constexprs = {(fn.arg_names.index(k),): v for k, v in const.items()}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instructions of the longest backward branch's span: the rolling kernel's row loop."""
+    instructions, labels = [], {}
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        op = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if op:
+            instructions.append(op.group(1))
+    best = (0, 0)
+    for i, ins in enumerate(instructions):
+        target = re.search(r"BRA\s+`?\(?\.?(L_x_\d+)", ins)
+        if target and labels.get(target.group(1), i) < i and i - labels[target.group(1)] > best[1] - best[0]:
+            best = (labels[target.group(1)], i + 1)
+    return instructions[best[0]:best[1]]
+
+
+def main(dtypes):
+    for dtype in dtypes or ["fp16", "fp32"]:
+        for bh, bf, roll, warps in [(32, 512, 8, 4), (32, 256, 8, 2), (32, 512, 4, 4)]:
+            compiled = compile_rolling(dtype, bh, bf, roll, warps)
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(compiled.asm["cubin"])
+                f.flush()
+                sass = subprocess.run([f"{BIN}/nvdisasm", "-c", f.name], capture_output=True, text=True).stdout
+                usage = subprocess.run([f"{BIN}/cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
+            loop = main_loop(sass)
+            outputs = roll * bf // (32 * warps)  # a thread's outputs per loop step
+            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in loop)
+            top = ", ".join(f"{k} {v / outputs:.2f}" for k, v in ops.most_common(12))
+            registers = re.findall(r"REG:(\d+)", usage)[0]
+            print(f"{dtype} d{bh}x{bf}x{roll}w{warps}s1: {registers} registers, "
+                  f"loop {len(loop)} instructions for {outputs} outputs = {len(loop) / outputs:.1f} an output | {top}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
