@@ -1,4 +1,4 @@
-"""Offline SASS of the rolling depthwise kernel (no GPU needed): registers a thread, and instructions a
+"""Offline SASS of the rolling depthwise kernel (no GPU needed): registers a thread, and instructions an
 output in its main loop, by opcode, compiled for sm_90 with the specialisation a CUDA launch of
 gpu.py's depthwise rows gets (``OG`` = ``sxc`` = ``syc`` = 1 constant; sizes and strides that are
 multiples of 16 marked so).
