@@ -1,5 +1,5 @@
-"""Offline SASS of the rolling depthwise kernel (no GPU needed): registers a thread, and instructions an
-output in its main loop, by opcode, compiled for sm_90 with the specialisation a CUDA launch of
+"""Offline SASS of the rolling depthwise kernel (no GPU needed): registers a thread, ``cp.async`` copies
+(pipelined row loops) and instructions an output in its main loop, by opcode, compiled for sm_90 with the specialisation a CUDA launch of
 gpu.py's depthwise rows gets (``OG`` = ``sxc`` = ``syc`` = 1 constant; sizes and strides that are
 multiples of 16 marked so).
 
@@ -26,12 +26,15 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 #: Integer arguments that are multiples of 16 on gpu.py's depthwise rows (144 and 384 channels).
 DIVISIBLE = ("OC", "sxn", "sxh", "sxw", "syn", "syh", "syw")
 TYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+#: (rows, row positions, rows a step, warps, stages): candidates, then pipelined row loops.
+VARIANTS = [(32, 512, 8, 4, 1), (32, 256, 8, 2, 1), (32, 512, 4, 4, 1), (32, 512, 1, 4, 3), (32, 512, 1, 4, 6),
+            (32, 1024, 1, 4, 4), (32, 512, 2, 4, 4)]
 
 
-def compile_rolling(dtype: str, bh: int, bf: int, roll: int, warps: int):
+def compile_rolling(dtype: str, bh: int, bf: int, roll: int, warps: int, stages: int):
     fn = kernels.direct_rolling_nhwc
     const = dict(KH=3, KW=3, IG=1, CLAMP=False, UPSAMPLE=False, SUBPIXEL=1, NEURON=1, HAS_BIAS=True, BH=bh, BF=bf,
-                 ROLL=roll, WIDE=False, OG=1, sxc=1, syc=1)
+                 ROLL=roll, STAGES=stages, WIDE=False, OG=1, sxc=1, syc=1)
     sig = {}
     for name in fn.arg_names:
         if name in const:
@@ -46,7 +49,7 @@ def compile_rolling(dtype: str, bh: int, bf: int, roll: int, warps: int):
              if n.endswith("_ptr") or n in DIVISIBLE}
     constexprs = {(fn.arg_names.index(k),): v for k, v in const.items()}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
 
 
 def main_loop(sass: str) -> list[str]:
@@ -70,8 +73,8 @@ def main_loop(sass: str) -> list[str]:
 
 def main(dtypes):
     for dtype in dtypes or ["fp16", "fp32"]:
-        for bh, bf, roll, warps in [(32, 512, 8, 4), (32, 256, 8, 2), (32, 512, 4, 4)]:
-            compiled = compile_rolling(dtype, bh, bf, roll, warps)
+        for bh, bf, roll, warps, stages in VARIANTS:
+            compiled = compile_rolling(dtype, bh, bf, roll, warps, stages)
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(compiled.asm["cubin"])
                 f.flush()
@@ -79,10 +82,11 @@ def main(dtypes):
                 usage = subprocess.run([f"{BIN}/cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
             loop = main_loop(sass)
             outputs = roll * bf // (32 * warps)  # a thread's outputs per loop step
+            staged = sum("LDGSTS" in i for i in loop)  # cp.async: rows staged through shared memory
             ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in loop)
             top = ", ".join(f"{k} {v / outputs:.2f}" for k, v in ops.most_common(12))
             registers = re.findall(r"REG:(\d+)", usage)[0]
-            print(f"{dtype} d{bh}x{bf}x{roll}w{warps}s1: {registers} registers, "
+            print(f"{dtype} d{bh}x{bf}x{roll}w{warps}s{stages}: {registers} registers, {staged} cp.async, "
                   f"loop {len(loop)} instructions for {outputs} outputs = {len(loop) / outputs:.1f} an output | {top}",
                   flush=True)
 

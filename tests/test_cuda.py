@@ -289,10 +289,13 @@ def close(got, want, fmt, context):
         assert_close(got, want, fmt.name, context)
 
 
-@pytest.mark.parametrize("config", [str(c) for c in triton_backend.DEPTHWISE_CONFIGS])
+@pytest.mark.parametrize("config", [str(c) for c in triton_backend.DEPTHWISE_CONFIGS]
+                         + ["d32x512x1w4s3", "d16x256x2w2s4"])
 def test_every_depthwise_configuration_on_gpu(config, monkeypatch):
-    """Each depthwise candidate compiled (the interpreter runs only the small ones): 40 channels (not a
-    multiple of the tiles), zero and clamp edges, a window offset, stride 2 for the tiled kernel."""
+    """Each depthwise candidate compiled (the interpreter runs only the small ones), and two rolling ones
+    with pipelined row loops (rows staged through shared memory, which the interpreter does not do): 40
+    channels (not a multiple of the tiles), zero and clamp edges, a window offset, stride 2 for the
+    tiled kernel."""
     from mpsconv import MPSImageEdgeMode
 
     cfg = triton_backend.Config.parse(config)

@@ -75,14 +75,15 @@ def test_tiled_direct_matches_reference(p):
         check_against_reference(p, kernel, src, prior, "triton")
 
 
-@pytest.mark.parametrize("band, roll", [(4, 2), (5, 3), (3, 1)])
+@pytest.mark.parametrize("band, roll, stages", [(4, 2, 1), (5, 3, 1), (3, 1, 3)])
 @settings(max_examples=8)
 @given(p=st.one_of(rolling(triton_problems(kind="depthwise")), grouped_problems(rolling_=True)))
-def test_rolling_direct_matches_reference(band, roll, p):
+def test_rolling_direct_matches_reference(band, roll, stages, p):
     """The rolling direct kernel with bands of ``band`` rows walked ``roll`` source rows a step: the
     steps inside the image (no per-row mask) and those at its edges and at the band's end (masked),
-    whatever the offset, edge mode and image height put where."""
-    cfg = triton_backend.Config(band, 32, roll, 1, 1, direct=True)
+    whatever the offset, edge mode and image height put where; ``stages`` > 1 pipelines the row loop
+    on a GPU (the interpreter runs it plainly)."""
+    cfg = triton_backend.Config(band, 32, roll, 1, stages, direct=True)
     with mock.patch.dict(triton_backend.INTERPRET_CONFIG, {True: cfg}), launched_kernels() as names:
         kernel, src, prior = build(p)
         check_against_reference(p, kernel, src, prior, "triton")

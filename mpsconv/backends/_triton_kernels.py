@@ -400,7 +400,7 @@ def direct_rolling_nhwc(
     na, nb, nc, np2,
     KH: tl.constexpr, KW: tl.constexpr, IG: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr,
     SUBPIXEL: tl.constexpr, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BH: tl.constexpr, BF: tl.constexpr, ROLL: tl.constexpr, WIDE: tl.constexpr,
+    BH: tl.constexpr, BF: tl.constexpr, ROLL: tl.constexpr, STAGES: tl.constexpr, WIDE: tl.constexpr,
 ):
     """``direct_nhwc`` for vertical stride and dilation 1, rolling down the rows: a program takes ``BF``
     consecutive (column, channel) positions ``f = u·OC + oc`` of ``BH`` output rows of one image, and
@@ -408,7 +408,9 @@ def direct_rolling_nhwc(
     and input channel of the group) and converted once, then multiplied by every weight row: row
     ``r``'s products finish output row ``i - r``. ``KH - 1`` partial sums roll along. So a pixel costs
     ``KW·IG`` loads and conversions instead of ``KH·KW·IG``; column offsets, masks and the weights are
-    worked out once per program. Grid: ``cdiv(GW·OC, BF) · BANDS · images``, ``BANDS = cdiv(GH, BH)``."""
+    worked out once per program. ``STAGES`` > 1 software-pipelines the row loop (Triton copies the
+    next ``STAGES - 1`` steps' rows into shared memory while this one computes). Grid: ``cdiv(GW·OC,
+    BF) · BANDS · images``, ``BANDS = cdiv(GH, BH)``."""
     rest, u, oc, cols_ok, x_chan = _row_run(GW, OC, OG, sxc, BF, IG)
     img = rest // BANDS
     v0 = (rest - img * BANDS) * BH
@@ -428,7 +430,7 @@ def direct_rolling_nhwc(
         pend = pend + (tl.zeros((1, BF), dtype=tl.float32),)
     last = tl.minimum(v0 + BH, GH)
     end = last + KH - 1
-    for i0 in range(v0, end, ROLL):  # output row i - r takes source row i + tap0y as its tap row r
+    for i0 in tl.range(v0, end, ROLL, num_stages=STAGES):  # output row i - r takes source row i + tap0y as tap row r
         rows = ()  # ROLL source rows' loads first, all in flight together
         for q in tl.static_range(ROLL):
             iy, row_ok = _tap_axis(i0 + q + tap0y, i0 + q < end, HE, uy, CLAMP, UPSAMPLE)

@@ -109,9 +109,11 @@ SPLIT_CONFIGS = [Config(64, 64, 64, 4, 4, 2), Config(64, 64, 64, 4, 4, 4), Confi
                  Config(32, 128, 64, 4, 4, 8)]
 #: Tiles below which split-K candidates are timed too (about two waves of a 132-SM H100).
 SPLIT_BELOW_TILES = 264
-#: Depthwise candidates: (rows, row positions, source rows loaded together, warps, 1). ``bk`` 0 is the
-#: tiled direct kernel (``direct_nhwc``); ``bk`` > 0 the rolling one (``direct_rolling_nhwc``), which
-#: needs vertical stride and dilation 1, loading ``bk`` source rows at a time.
+#: Depthwise candidates: (rows, row positions, source rows loaded together, warps, stages). ``bk`` 0 is
+#: the tiled direct kernel (``direct_nhwc``); ``bk`` > 0 the rolling one (``direct_rolling_nhwc``),
+#: which needs vertical stride and dilation 1, loading ``bk`` source rows at a time. Stages above 1
+#: pipeline the rolling kernel's row loop: Triton stages the next steps' rows through shared memory
+#: (``cp.async``) instead of registers.
 DEPTHWISE_CONFIGS = [_direct(32, 256, 8, 2, 1), _direct(32, 512, 8, 4, 1), _direct(32, 128, 8, 1, 1),
                      _direct(16, 512, 8, 4, 1), _direct(16, 256, 8, 2, 1), _direct(16, 128, 8, 1, 1),
                      _direct(16, 128, 4, 1, 1), _direct(32, 512, 4, 4, 1),
@@ -484,7 +486,7 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
             bands = -(-gh // cfg.bm)
             (ty, tx, _, sx, _, dx, uy, ux, *neuron) = plan.scalars
             args = (*head, *sizes, bands, *strides, ty, tx, sx, dx, uy, ux, *neuron)
-            kernel, tiles = k.direct_rolling_nhwc, dict(BH=cfg.bm, BF=cfg.bn, ROLL=cfg.bk)
+            kernel, tiles = k.direct_rolling_nhwc, dict(BH=cfg.bm, BF=cfg.bn, ROLL=cfg.bk, STAGES=cfg.stages)
             grid = (chunks * bands * p.n_images,)
         else:
             lines = p.n_images * gh  # output rows of every image
