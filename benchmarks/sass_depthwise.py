@@ -1,7 +1,7 @@
-"""Offline SASS of the rolling depthwise kernel (no GPU needed): registers a thread, ``cp.async`` copies
-(pipelined row loops) and instructions an output in its main loop, by opcode, compiled for sm_90 with the specialisation a CUDA launch of
-gpu.py's depthwise rows gets (``OG`` = ``sxc`` = ``syc`` = 1 constant; sizes and strides that are
-multiples of 16 marked so).
+"""Offline SASS of the rolling depthwise kernel (no GPU needed): registers a thread, ``cp.async``
+copies (pipelined row loops) and instructions an output in its main loop, by opcode, compiled for
+sm_90 with the specialisation a CUDA launch of gpu.py's depthwise rows gets (``OG`` = ``sxc`` =
+``syc`` = 1 constant; sizes and strides that are multiples of 16 marked so).
 
     python benchmarks/sass_depthwise.py [fp16|bf16|fp32 ...]
 
@@ -79,7 +79,8 @@ def main(dtypes):
                 f.write(compiled.asm["cubin"])
                 f.flush()
                 sass = subprocess.run([f"{BIN}/nvdisasm", "-c", f.name], capture_output=True, text=True).stdout
-                usage = subprocess.run([f"{BIN}/cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
+                usage = subprocess.run([f"{BIN}/cuobjdump", "-res-usage", f.name], capture_output=True,
+                                       text=True).stdout
             loop = main_loop(sass)
             outputs = roll * bf // (32 * warps)  # a thread's outputs per loop step
             staged = sum("LDGSTS" in i for i in loop)  # cp.async: rows staged through shared memory
