@@ -158,7 +158,7 @@ def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds
     bias = rng.standard_normal(p.out_channels).astype(np.float32)
     prelu = rng.random(p.out_channels).astype(np.float32)
     src, dst = _scratch(problem, device, g)
-    runs = []  # the `finalists` fastest so far: a slower option's bound encode (its scratch) goes at once
+    final = []  # the `finalists` fastest so far: a slower option's bound encode (its scratch) goes at once
     for backend, variant in options:
         try:
             plan = backend.plan(p, device, variant) if variant else backend.plan(p, device)
@@ -167,15 +167,14 @@ def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds
             for _ in range(3):
                 backend.run(bound, prepared)
             torch.cuda.synchronize(device.torch_device)
-            runs.append([_streamed(backend, bound, prepared, reps), backend, variant, bound, prepared])
+            final.append([_streamed(backend, bound, prepared, reps), backend, variant, bound, prepared])
         except Exception:  # e.g. a tile that needs more shared memory than the GPU has: not a candidate
             torch.cuda.synchronize(device.torch_device)
-        runs.sort(key=lambda r: r[0])
-        del runs[finalists:]
+        final.sort(key=lambda r: r[0])
+        del final[finalists:]
         bound = prepared = None  # freed now, not when the next option's have been made
-    if not runs:
+    if not final:
         return options[-1]
-    final = runs
     streamed, graphed = [[] for _ in final], [[] for _ in final]
     graphs = [_capture(backend, bound, prepared, reps, device) for _, backend, _, bound, prepared in final]
     for _ in range(rounds):
