@@ -208,17 +208,20 @@ def test_packed_implicit_gemm_matches_reference(p):
     assert names in ([], ["pack_nhwc g1", "packed_conv_nhwc g1"]), names
 
 
+def planned(rng, cin, **props):
+    """The resolved problem of a 7x7 layer of ``cin`` input channels and 64 outputs (descriptor
+    properties ``props``) from a 32x32 source into a 16x16 destination, random weights and pixels."""
+    d = descriptor(7, 7, cin, 64, **props)
+    k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, (64, 7, 7, cin // d.groups))))
+    return k._plan(image(rng.uniform(-1, 1, (1, 32, 32, cin))), blank(16, 16, 64), "t")[0]
+
+
 def test_packing_geometry_and_offer():
     """An RGB first layer (7x7, stride 2) packs into 4x4 taps of 12 channels (16 with padding), tap rows
     of 64 elements; layers with 16 input channels, groups or dilation are not offered the packing, and
     a plan refuses a packed configuration for them."""
     rng = np.random.default_rng(3)
-
-    def problem(cin, **props):
-        d = descriptor(7, 7, cin, 64, **props)
-        k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, (64, 7, 7, cin // d.groups))))
-        return k._plan(image(rng.uniform(-1, 1, (1, 32, 32, cin))), blank(16, 16, 64), "t")[0]
-
+    problem = functools.partial(planned, rng)
     rgb = problem(3, strideInPixelsX=2, strideInPixelsY=2)
     pk = triton_backend.packing(rgb)
     assert (pk.kh, pk.kw, pk.height, pk.width, pk.used, pk.channels, pk.run) == (4, 4, 19, 19, 12, 16, 64)
@@ -231,10 +234,7 @@ def test_packing_geometry_and_offer():
 
 
 def test_a_plan_refuses_a_merge_that_does_not_divide_the_groups():
-    rng = np.random.default_rng(5)
-    d = descriptor(3, 3, 8, 8, groups=2)
-    k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, (8, 3, 3, 4))))
-    p = k._plan(image(rng.uniform(-1, 1, (1, 8, 8, 8))), blank(8, 8, 8), "t")[0]
+    p = planned(np.random.default_rng(5), 8, groups=2)
     triton_backend.Plan(p, DEVICE, triton_backend.Config(16, 16, 16, 1, 1, merge=2))
     with pytest.raises(ValueError, match="merges 4 groups, which do not divide this problem's 2"):
         triton_backend.Plan(p, DEVICE, triton_backend.Config(16, 16, 16, 1, 1, merge=4))
