@@ -68,10 +68,22 @@ def peaks():
         res["tf32"] = 2 * 8192 ** 3 / bench(lambda: a32 @ b32, 300) / 1e9
         torch.backends.cuda.matmul.allow_tf32 = False
         res["fp32"] = 2 * 8192 ** 3 / bench(lambda: a32 @ b32, 100) / 1e9
+    res["bw_TBps"] = copy_bandwidth()
+    return res
+
+
+def copy_bandwidth() -> float:
+    """TB/s of a 4 GiB copy (2 GiB read, 2 GiB written): the floor's bandwidth."""
     x = torch.empty(2 * 1024 ** 3 // 4, device="cuda")
     y = torch.empty_like(x)
-    res["bw_TBps"] = 2 * x.numel() * 4 / bench(lambda: y.copy_(x), 300) / 1e9
-    return res
+    return 2 * x.numel() * 4 / bench(lambda: y.copy_(x), 300) / 1e9
+
+
+def copy_of(nbytes: int, dtype: torch.dtype):
+    """A contiguous ``copy_`` that moves ``nbytes`` (half read, half written) in ``dtype``."""
+    a = torch.empty(nbytes // (2 * torch.tensor([], dtype=dtype).element_size()), device="cuda", dtype=dtype)
+    b = torch.empty_like(a)
+    return lambda: b.copy_(a)
 
 
 def row(device, queue, shape, dname, compile_peer, rng, pk):
@@ -132,11 +144,8 @@ def row(device, queue, shape, dname, compile_peer, rng, pk):
     nbytes = (n * c * h * w + k * (c // g) * r * s + n * k * p * q) * esz
     peak = pk["fp16" if dname in ("fp16", "bf16") else dname] * 1e12
     floor = max(flops / peak, nbytes / (pk["bw_TBps"] * 1e12)) * 1e3
-    copy_ms = None
-    if depthwise:  # how near a plain copy of as many bytes comes to the same floor, on a layer this size
-        a = torch.empty(nbytes // (2 * esz), device="cuda", dtype=dtype)
-        b = torch.empty_like(a)
-        copy_ms = bench(lambda: b.copy_(a))
+    # how near a plain copy of as many bytes comes to the same floor, on a layer this size
+    copy_ms = bench(copy_of(nbytes, dtype)) if depthwise else None
     plan_entry = next(iter(conv.__dict__["_plan_cache"].values()))
     plan = plan_entry[2]
     choice = plan_entry[1].name + (f":{plan.config}" if hasattr(plan, "config") else "")

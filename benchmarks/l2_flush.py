@@ -12,11 +12,11 @@ import os
 import sys
 
 import torch
-from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("MPSCONV_AUTOTUNE", "0")
+from gpu import bench, copy_bandwidth, copy_of  # noqa: E402
 from tiles import layer  # noqa: E402
 from mpsconv import MTLCreateSystemDefaultDevice  # noqa: E402
 from mpsconv.backends import triton as tb  # noqa: E402
@@ -42,24 +42,19 @@ def read_flushed(fn, flush: torch.Tensor, reps: int = 200) -> float:
 def main(specs):
     device = MTLCreateSystemDefaultDevice()
     flush = torch.randn(256 * 1024 ** 2 // 4, device="cuda")
-    a = torch.empty(2 * 1024 ** 3 // 4, device="cuda")
-    b = torch.empty_like(a)
-    bandwidth = 2 * a.numel() * 4 / do_bench(lambda: b.copy_(a), warmup=25, rep=300, return_mode="median") / 1e9
-    del a, b
+    bandwidth = copy_bandwidth()
     print(f"4 GiB copy: {bandwidth:.2f} TB/s")
     for spec in specs:
         name, dname = spec.split(":")
         op = layer(device, next(s for s in SHAPES if s[0] == name), dname)
         nbytes = (op.x.numel() + op.want.numel()) * op.x.element_size()
         floor = nbytes / (bandwidth * 1e12) * 1e3
-        a = torch.empty(nbytes // (2 * op.x.element_size()), device="cuda", dtype=op.x.dtype)
-        b = torch.empty_like(a)
-        runs = {"copy": lambda: b.copy_(a)}
+        runs = {"copy": copy_of(nbytes, op.x.dtype)}
         for cfg in tb.DEPTHWISE_CONFIGS[:3]:
             bound = tb.Bound(tb.Plan(op.problem, device, cfg), op.src, op.dst)
             runs[f"ours {cfg}"] = lambda bound=bound: tb.run(bound, op.prepared)
         for label, fn in runs.items():
-            written = do_bench(fn, warmup=25, rep=200, return_mode="median")
+            written = bench(fn)
             read = read_flushed(fn, flush)
             print(f"{name} {dname} {label:24s} do_bench {written * 1e3:6.2f} us {100 * floor / written:5.1f}% | "
                   f"read-only flush {read * 1e3:6.2f} us {100 * floor / read:5.1f}% of the floor", flush=True)
