@@ -79,7 +79,7 @@ def test_tiled_direct_matches_reference(p):
 @settings(max_examples=8)
 @given(p=st.one_of(rolling(triton_problems(kind="depthwise")), grouped_problems(rolling_=True)))
 def test_rolling_direct_matches_reference(band, roll, stages, p):
-    """The rolling direct kernel with bands of ``band`` rows walked ``roll`` source rows a step: the
+    """The rolling direct kernel with bands walking ``band`` source rows, ``roll`` a step: the
     steps inside the image (no per-row mask) and those at its edges and at the band's end (masked),
     whatever the offset, edge mode and image height put where; ``stages`` > 1 pipelines the row loop
     on a GPU (the interpreter runs it plainly)."""
@@ -89,6 +89,16 @@ def test_rolling_direct_matches_reference(band, roll, stages, p):
         check_against_reference(p, kernel, src, prior, "triton")
     if written_mask(p, prior.shape).any():
         assert names == ["direct_rolling_nhwc g1"], names
+
+
+@pytest.mark.parametrize("config, kernel_height, band", [("d32x512x8w4s1", 3, 30), ("d16x256x8w2s1", 3, 14),
+                                                         ("d16x256x8w2s1", 5, 12), ("d16x256x8w2s1", 1, 16),
+                                                         ("d2x32x2w1s1", 3, 1), ("d4x32x2w1s1", 3, 2)])
+def test_a_rolling_band_walks_the_configured_source_rows(config, kernel_height, band):
+    """A rolling configuration's rows are the source rows its band walks, so that whole steps of
+    them leave no masked rows to compute: a 3x3 layer's band of 32 source rows makes 30 output rows,
+    and a band never makes fewer than one."""
+    assert triton_backend.rolling_band(triton_backend.Config.parse(config), kernel_height) == band
 
 
 @settings(max_examples=12)
