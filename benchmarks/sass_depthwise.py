@@ -26,9 +26,11 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 #: Integer arguments that are multiples of 16 on gpu.py's depthwise rows (144 and 384 channels).
 DIVISIBLE = ("OC", "sxn", "sxh", "sxw", "syn", "syh", "syw")
 TYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
-#: (rows, row positions, rows a step, warps, stages): candidates, then pipelined row loops.
-VARIANTS = [(32, 512, 8, 4, 1), (32, 256, 8, 2, 1), (32, 512, 4, 4, 1), (32, 512, 1, 4, 3), (32, 512, 1, 4, 6),
-            (32, 1024, 1, 4, 4), (32, 512, 2, 4, 4)]
+#: The kernel's (BH output rows, BF row positions, ROLL rows a step, warps, stages): those of 3x3
+#: candidates (``triton.rolling_band``: a band of 32 source rows makes 30 output rows), then pipelined
+#: row loops.
+VARIANTS = [(30, 512, 8, 4, 1), (14, 256, 8, 2, 1), (14, 256, 16, 2, 1), (30, 512, 4, 4, 1), (30, 512, 1, 4, 3),
+            (30, 512, 1, 4, 6), (30, 1024, 1, 4, 4), (30, 512, 2, 4, 4)]
 
 
 def compile_rolling(dtype: str, bh: int, bf: int, roll: int, warps: int, stages: int):
@@ -87,7 +89,7 @@ def main(dtypes):
             ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in loop)
             top = ", ".join(f"{k} {v / outputs:.2f}" for k, v in ops.most_common(12))
             registers = re.findall(r"REG:(\d+)", usage)[0]
-            print(f"{dtype} d{bh}x{bf}x{roll}w{warps}s{stages}: {registers} registers, {staged} cp.async, "
+            print(f"{dtype} BH={bh} BF={bf} ROLL={roll} w{warps} s{stages}: {registers} registers, {staged} cp.async, "
                   f"loop {len(loop)} instructions for {outputs} outputs = {len(loop) / outputs:.1f} an output | {top}",
                   flush=True)
 
