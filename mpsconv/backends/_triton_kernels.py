@@ -425,9 +425,6 @@ def direct_rolling_nhwc(
     ws = ()  # ws[(r·KW + s)·IG + j]
     for t in tl.static_range(KH * KW * IG):
         ws = ws + (tl.load(w_ptr + t * OC + oc, mask=cols_ok, other=0.0).to(tl.float32),)
-    start = tl.zeros((1, BF), dtype=tl.float32)
-    if HAS_BIAS:  # sums start from the bias, loaded once: no add an output, no load a row
-        start = tl.load(bias_ptr + oc, mask=cols_ok, other=0.0)
     pend = ()  # pend[j]: output row (i - KH + 1 + j)'s sum over the source rows so far
     for j in tl.static_range(KH - 1):
         pend = pend + (tl.zeros((1, BF), dtype=tl.float32),)
@@ -448,7 +445,7 @@ def direct_rolling_nhwc(
                 # tap row r adds to output row i - r: a new sum for r = 0, else the one rolling along
                 # (continuing it: one multiply-add per product, no separate product sum to add)
                 if r == 0:
-                    p = start + rows[q][0].to(tl.float32) * ws[0]
+                    p = rows[q][0].to(tl.float32) * ws[0]
                 else:
                     p = pend[KH - 1 - r] + rows[q][0].to(tl.float32) * ws[r * KW * IG]
                 for c in tl.static_range(1, KW * IG):
@@ -459,7 +456,7 @@ def direct_rolling_nhwc(
                     rolled = (p,) + rolled
             o = i0 + q - (KH - 1)
             _epilogue(done, img, o, u, tl.where((o >= v0) & (o < last), cols_ok, False), oc, cols_ok, bias_ptr,
-                      prelu_ptr, y_ptr, syn, syh, syw, syc, OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, False,
+                      prelu_ptr, y_ptr, syn, syh, syw, syc, OUT_H, OUT_W, OC, na, nb, nc, np2, NEURON, HAS_BIAS,
                       SUBPIXEL, WIDE)
             pend = rolled
 
