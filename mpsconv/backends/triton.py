@@ -72,7 +72,9 @@ class Config:
     warps: int
     stages: int
     split: int = 1  # split-K parts (> 1: partial sums in a workspace, then the epilogue kernel)
-    direct: bool = False  # a direct kernel's tiles (rows, positions, rows loaded together), named "d..."
+    # a direct kernel's tiles, named "d...": (output rows, or for the rolling kernel the source rows a
+    # band walks (``rolling_band``); positions; source rows loaded together)
+    direct: bool = False
     merge: int = 1  # groups computed as one, with block-diagonal weights (narrow groups on tensor cores)
     flat: bool = False  # steps over the flattened (tap, channel) reduction (a few input channels), "...f"
     tma: int = 0  # > 0: the persistent TMA GEMM of 1x1 layers, this many programs an SM, "...t<n>"
