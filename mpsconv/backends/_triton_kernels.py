@@ -436,8 +436,12 @@ def direct_rolling_nhwc(
             iy, row_ok = _tap_axis(i0 + q + tap0y, i0 + q < end, HE, uy, CLAMP, UPSAMPLE)
             x_row = x_img + iy * sxh
             xs = ()
-            for c in tl.static_range(KW * IG):  # where, not &: Triton's interpreter makes scalar & block int32
-                xs = xs + (tl.load(x_row + cols[c], mask=tl.where(row_ok, col_oks[c], False), other=0.0),)
+            # where, not &: Triton's interpreter makes scalar & block int32. The source's lines are kept in
+            # L2 over the others: a row's shifted runs and the next band's rows read them again (H200: 11%
+            # off the 14x14 layer of benchmarks/RESULTS.md, level to 2% faster on the 56x56 one)
+            for c in tl.static_range(KW * IG):
+                xs = xs + (tl.load(x_row + cols[c], mask=tl.where(row_ok, col_oks[c], False), other=0.0,
+                                   eviction_policy="evict_last"),)
             rows = rows + (xs,)
         for q in tl.static_range(ROLL):
             rolled = ()
