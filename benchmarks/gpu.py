@@ -92,6 +92,7 @@ def copy_of(nbytes: int, dtype: torch.dtype):
 
 @triton.jit
 def _slice_copy(a, b, pixels, K, CP: tl.constexpr, BP: tl.constexpr):
+    """``BP`` pixels of ``K`` channels from ``a`` to channels ``[K, 2K)`` of ``b``'s (``CP``: ``K``'s power of 2)."""
     p = tl.program_id(0) * BP + tl.arange(0, BP)[:, None]
     c = tl.arange(0, CP)[None, :]
     ok = (p < pixels) & (c < K)
