@@ -10,6 +10,7 @@ blocks of 1K-16K elements, 4-16 warps, loads evicted first or not, stores stream
 of the source into channels ``[K, 2K)`` of a ``2K``-channel destination, as the operation writes:
 PyTorch's strided ``copy_`` and gpu.py's Triton one. Prints the best few of each kind.
 """
+import itertools
 import os
 import sys
 
@@ -43,14 +44,12 @@ def main(specs):
         flat = torch.empty_like(src)
         floor = 2 * src.numel() * src.element_size() / (bandwidth * 1e12) * 1e3
         runs = {"contiguous, PyTorch copy_": bench(lambda: flat.copy_(src))}
-        for block in (1024, 4096, 16384):
-            for warps in (4, 8, 16):
-                for first in (False, True):
-                    for stream in (False, True):
-                        grid = (triton.cdiv(src.numel(), block),)
-                        runs[f"contiguous, Triton {block} w{warps}{' evict_first' * first}{' .cs' * stream}"] = bench(
-                            lambda: _copy[grid](src, flat, src.numel(), BLOCK=block, EVICT_FIRST=first, STREAM=stream,
-                                                num_warps=warps))
+        for block, warps, first, stream in itertools.product((1024, 4096, 16384), (4, 8, 16), (False, True),
+                                                             (False, True)):
+            grid = (triton.cdiv(src.numel(), block),)
+            runs[f"contiguous, Triton {block} w{warps}{' evict_first' * first}{' .cs' * stream}"] = bench(
+                lambda: _copy[grid](src, flat, src.numel(), BLOCK=block, EVICT_FIRST=first, STREAM=stream,
+                                    num_warps=warps))
         runs["into the slice, PyTorch copy_"] = bench(lambda: dst[..., k:].copy_(src))
         runs["into the slice, Triton (gpu.py)"] = slice_copy_ms(src, dst, k)
         best = sorted(runs.items(), key=lambda kv: kv[1])

@@ -104,12 +104,11 @@ def slice_copy_ms(src: torch.Tensor, dst: torch.Tensor, k: int) -> float:
     channels ``[k, 2k)`` of the NHWC ``dst``: a depthwise layer's reads and writes without its
     arithmetic (the writes are runs of half a destination pixel). PyTorch's strided ``copy_`` reaches
     about half of this kernel's speed there (H200, float16), so it would understate what the layer allows."""
-    pixels = src.numel() // k
+    pixels, cp = src.numel() // k, triton.next_power_of_2(k)
     times = []
     for rows, warps in ((8, 4), (16, 4), (16, 8), (32, 8)):
         grid = (triton.cdiv(pixels, rows),)
-        times.append(bench(lambda: _slice_copy[grid](src, dst, pixels, k, CP=triton.next_power_of_2(k), BP=rows,
-                                                     num_warps=warps)))
+        times.append(bench(lambda: _slice_copy[grid](src, dst, pixels, k, CP=cp, BP=rows, num_warps=warps)))
     return min(times)
 
 

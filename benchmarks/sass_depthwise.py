@@ -25,7 +25,6 @@ import _triton_kernels as kernels  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 #: Integer arguments that are multiples of 16 on gpu.py's depthwise rows (144 and 384 channels).
 DIVISIBLE = ("OC", "sxn", "sxh", "sxw", "syn", "syh", "syw")
-TYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 #: The kernel's (BH output rows, BF row positions, ROLL rows a step, warps, stages): those of 3x3
 #: candidates (``triton.rolling_band``: a band of 32 source rows makes 30 output rows), then pipelined
 #: row loops.
@@ -42,7 +41,7 @@ def compile_rolling(dtype: str, bh: int, bf: int, roll: int, warps: int, stages:
         if name in const:
             sig[name] = "constexpr"
         elif name in ("x_ptr", "y_ptr", "w_ptr"):
-            sig[name] = f"*{TYPES[dtype]}"
+            sig[name] = f"*{dtype}"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         else:
