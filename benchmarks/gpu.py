@@ -174,9 +174,9 @@ def row(device, queue, shape, dname, compile_peer, rng, pk):
     # the source into the destination's channel slice, the bytes moved as the operation moves them
     copy_ms = bench(copy_of(nbytes, dtype)) if depthwise else None
     slice_ms = slice_copy_ms(x_nhwc, out.permute(0, 2, 3, 1), k) if depthwise and (h, w) == (p, q) else None
-    plan_entry = next(iter(conv.__dict__["_plan_cache"].values()))
-    plan = plan_entry[2]
-    choice = plan_entry[1].name + (f":{plan.config}" if hasattr(plan, "config") else "")
+    planned = next(iter(conv._encoder.plans.values()))
+    plan = planned.plan
+    choice = planned.backend.name + (f":{plan.config}" if hasattr(plan, "config") else "")
     return dict(shape=name, dtype=dname, ours_ms=t_ours, eager_ms=t_eager, bare_ms=t_bare, compile_ms=t_compile,
                 floor_ms=floor, pct_floor=100 * floor / t_ours, rel_err=err, choice=choice, tune_s=tune_s,
                 depthwise=depthwise, copy_pct_floor=copy_ms and 100 * floor / copy_ms,

@@ -58,7 +58,7 @@ def main() -> None:
         values[:, y:y + 1024].uniform_(-1, 1, generator=gen)
     dst.torch()  # allocated before the encode, like a network's activations
     image_bytes = 2 * side * side * C * 2
-    problem = kernel._plan(src, dst, "benchmark")[0]
+    problem = kernel._problem(src, dst, "benchmark")
 
     queue = device.makeCommandQueue()
     start = time.perf_counter()

@@ -48,7 +48,8 @@ def layer(device, shape: tuple, dname: str) -> SimpleNamespace:
     weights = torch.from_numpy(conv._loaded.weights).to(dev).permute(0, 3, 1, 2)
     want = F.relu(F.conv2d(x.permute(0, 3, 1, 2).float(), weights.float(), torch.from_numpy(bias).to(dev), st, pad,
                            dil, g))
-    return SimpleNamespace(problem=conv._plan(src, dst, "tiles")[0], prepared=conv._prepared(tb.BACKEND, fmt),
+    return SimpleNamespace(problem=conv._problem(src, dst, "tiles"),
+                           prepared=conv._encoder.prepared(conv, tb.BACKEND, fmt),
                            src=src._ensure_storage(), dst=dst._ensure_storage(), x=x, weights=weights,
                            want=want.permute(0, 2, 3, 1))
 

@@ -119,8 +119,8 @@ def ours(shape, dname, device):
         run()
         torch.cuda.synchronize()
         t = bench(run)
-    entry = next(iter(conv.__dict__["_plan_cache"].values()))
-    return t, entry[1].name + (f":{entry[2].config}" if hasattr(entry[2], "config") else "")
+    planned = next(iter(conv._encoder.plans.values()))
+    return t, planned.backend.name + (f":{planned.plan.config}" if hasattr(planned.plan, "config") else "")
 
 
 def check(fn, y, ref, k):

@@ -18,12 +18,13 @@ from .descriptor import (
 from .errors import (
     MPSArchiveError, MPSCommandBufferError, MPSConvError, MPSDeviceError, MPSMemoryError, MPSTypeError, MPSValueError,
 )
-from .geometry import MPSNNPaddingMethod
+from .core.activations import MPSCNNNeuronType
+from .core.formats import MPSImageFeatureChannelFormat, MTLPixelFormat
+from .core.geometry import MPSNNPaddingMethod
 from .image import (
     MPSDataLayout, MPSImage, MPSImageAllocator, MPSImageBatch, MPSImageBatchIncrementReadCount,
     MPSImageBatchIterate, MPSImageBatchResourceSize, MPSImageBatchSynchronize, MPSImageDescriptor,
-    MPSImageFeatureChannelFormat, MPSImageReadWriteParams, MPSPurgeableState, MPSTemporaryImage, MTLPixelFormat,
-    MTLTexture, MTLTextureDescriptor,
+    MPSImageReadWriteParams, MPSPurgeableState, MPSTemporaryImage,
 )
 from .kernel import (
     MPSCNNKernel, MPSImageEdgeMode, MPSKernel, MPSKernelOptions, MPSNNDefaultPadding, MPSNNPadding, MPSOrigin,
@@ -33,33 +34,35 @@ from .metal import (
     MPSDeviceOptions, MPSGetPreferredDevice, MPSHintTemporaryMemoryHighWaterMark, MPSSetHeapCacheDuration,
     MPSSupportsMTLDevice, MTLBuffer, MTLCommandBuffer, MTLCommandBufferError, MTLCommandBufferErrorDomain,
     MTLCommandBufferStatus, MTLCommandQueue, MTLComputeCommandEncoder, MTLCopyAllDevices, MTLCPUCacheMode,
-    MTLCreateSystemDefaultDevice, MTLDevice, MTLResourceOptions, MTLStorageMode, MTLTextureType, MTLTextureUsage,
-    NSError,
+    MTLCreateSystemDefaultDevice, MTLDevice, MTLResourceOptions, MTLStorageMode, MTLTexture, MTLTextureDescriptor,
+    MTLTextureType, MTLTextureUsage, NSError,
 )
 from .neuron import (
     MPSCNNNeuron, MPSCNNNeuronAbsolute, MPSCNNNeuronELU, MPSCNNNeuronExponential, MPSCNNNeuronHardSigmoid,
     MPSCNNNeuronLinear, MPSCNNNeuronLogarithm, MPSCNNNeuronPower, MPSCNNNeuronPReLU, MPSCNNNeuronReLU,
     MPSCNNNeuronReLUN, MPSCNNNeuronSigmoid, MPSCNNNeuronSoftPlus, MPSCNNNeuronSoftSign, MPSCNNNeuronTanH,
-    MPSCNNNeuronType, MPSNNNeuronDescriptor,
+    MPSNNNeuronDescriptor,
 )
 from .gradient import (
-    MPSCNNConvolutionGradient, MPSCNNConvolutionGradientState, MPSCNNConvolutionWeightsAndBiasesState,
-    MPSCNNConvolutionTransposeGradient, MPSCNNConvolutionTransposeGradientState, MPSCNNFullyConnectedGradient,
+    MPSCNNConvolutionGradient, MPSCNNConvolutionTransposeGradient, MPSCNNFullyConnectedGradient,
     encode_data_source_update,
 )
 from .layout import (
     MPSCNNConvolutionWeights, from_torch, to_torch, torch_output_size, weights_from_hwio, weights_from_oihw,
     weights_to_hwio, weights_to_oihw,
 )
-from .state import MPSNNGradientState, MPSState, MPSStateBatchIncrementReadCount, MPSStateResourceType
+from .state import (
+    MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState, MPSCNNConvolutionWeightsAndBiasesState,
+    MPSNNGradientState, MPSState, MPSStateBatchIncrementReadCount, MPSStateResourceType,
+)
 from .transpose import MPSCNNConvolutionTranspose
 from .types import (
     MPSDataType, MPSOffset, MPSRectNoClip, MTLOrigin, MTLRegion, MTLRegionMake2D, MTLRegionMake3D, MTLSize,
     NSIntegerMin, NSUIntegerMax,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in {
-    "coding", "config", "convolution", "datasource", "descriptor", "errors", "geometry", "image", "kernel",
+    "core", "encoder", "coding", "config", "convolution", "datasource", "descriptor", "errors", "geometry", "image", "kernel",
     "metal", "memory", "neuron", "types", "backends", "transpose", "binary", "state", "gradient", "layout", "cli"}]

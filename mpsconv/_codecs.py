@@ -10,16 +10,20 @@ import warnings
 
 import numpy as np
 
-from .descriptor import MPSCNNConvolutionGradientOption
+from . import binary, convolution, descriptor, gradient, neuron, transpose
+from .binary import MPSCNNBinaryConvolution
+from .convolution import _WeightedKernel
+from .datasource import _ArrayDataSource
+from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNConvolutionGradientOption, _BatchNorm
 from .errors import MPSArchiveError
 from .image import MPSImage, MPSTemporaryImage
 from .kernel import MPSCNNKernel, MPSImageEdgeMode, MPSKernelOptions, MPSNNDefaultPadding
 from .metal import MTLCreateSystemDefaultDevice, MTLDevice
-from .types import MPSOffset, MTLOrigin, MTLRegion, MTLSize
+from .neuron import MPSCNNNeuron, MPSNNNeuronDescriptor, float32_values
+from .types import MPSDataType, MPSOffset, MTLOrigin, MTLRegion, MTLSize
 
 
 def _classes() -> dict:
-    from . import binary, convolution, descriptor, gradient, neuron, transpose
 
     classes = {
         "MPSNNNeuronDescriptor": neuron.MPSNNNeuronDescriptor,
@@ -67,7 +71,6 @@ def _field(fields: dict, name: str):
 
 
 def _encode_neuron(d, prefix: str, tensors: dict) -> dict:
-    from .neuron import float32_values
 
     if d.data is not None:
         tensors[prefix + "data"] = _f32(float32_values(d.data, "archive", "data"))
@@ -75,8 +78,6 @@ def _encode_neuron(d, prefix: str, tensors: dict) -> dict:
 
 
 def _decode_neuron(fields: dict, prefix: str, tensors: dict):
-    from .neuron import MPSNNNeuronDescriptor
-
     d = MPSNNNeuronDescriptor._make(0, 0.0, 0.0, 0.0)
     d.neuronType = _field(fields, "type")
     d.a, d.b, d.c = float(fields["a"]), float(fields["b"]), float(fields["c"])
@@ -108,8 +109,6 @@ def _encode_descriptor(d, prefix: str, tensors: dict) -> dict:
 
 
 def _decode_descriptor(d, fields: dict, prefix: str, tensors: dict, device) -> None:
-    from .descriptor import _BatchNorm
-    from .neuron import MPSCNNNeuron
 
     type(d).__init__(d)
     try:
@@ -190,9 +189,6 @@ def _encode_convolution(k) -> tuple[dict, dict]:
 
 
 def _decode_convolution(k, fields: dict, tensors: dict, device) -> None:
-    from .datasource import _ArrayDataSource
-    from .descriptor import MPSCNNConvolutionDescriptor
-    from .types import MPSDataType
 
     descriptor_fields = _field(fields, "descriptor")
     cls = class_named(descriptor_fields.get("class", "MPSCNNConvolutionDescriptor"))
@@ -230,8 +226,6 @@ def _encode_binary(k) -> tuple[dict, dict]:
 
 
 def _decode_binary(k, fields: dict, tensors: dict, device) -> None:
-    from .datasource import _ArrayDataSource
-    from .descriptor import MPSCNNConvolutionDescriptor
 
     descriptor = MPSCNNConvolutionDescriptor.__new__(MPSCNNConvolutionDescriptor)
     _decode_descriptor(descriptor, _field(fields, "descriptor"), "descriptor.", tensors, device)
@@ -249,10 +243,6 @@ def _decode_binary(k, fields: dict, tensors: dict, device) -> None:
 
 
 def encode_object(obj) -> tuple[str, dict, dict]:
-    from .binary import MPSCNNBinaryConvolution
-    from .convolution import _WeightedKernel
-    from .descriptor import MPSCNNConvolutionDescriptor
-    from .neuron import MPSCNNNeuron, MPSNNNeuronDescriptor
 
     name = type(obj).__name__
     if class_named(name) is not type(obj):
@@ -275,10 +265,6 @@ def encode_object(obj) -> tuple[str, dict, dict]:
 
 
 def decode_into(obj, fields: dict, tensors: dict, device) -> None:
-    from .binary import MPSCNNBinaryConvolution
-    from .convolution import _WeightedKernel
-    from .descriptor import MPSCNNConvolutionDescriptor
-    from .neuron import MPSCNNNeuron, MPSNNNeuronDescriptor
 
     if device is not None and not isinstance(device, MTLDevice):
         raise MPSArchiveError(f"NSKeyedUnarchiver: device={device!r} must be an MTLDevice")

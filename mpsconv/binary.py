@@ -1,8 +1,6 @@
 """``MPSCNNBinaryConvolution`` and ``MPSCNNBinaryFullyConnected`` (spec ``convolution.md`` §15)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from .convolution import DescribedKernel
@@ -11,25 +9,9 @@ from .descriptor import (
     MPSCNNBinaryConvolutionFlags, MPSCNNBinaryConvolutionType, MPSCNNConvolutionDescriptor,
 )
 from .errors import MPSTypeError, MPSValueError
-from .geometry import MPSNNPaddingMethod, NeuronSpec
+from .core.geometry import MPSNNPaddingMethod, NeuronSpec
+from .core.weights import BinaryParams
 from .kernel import MPSCNNKernel
-
-
-@dataclass(frozen=True)
-class BinaryParams:
-    """A binary kernel's parameters, copied at construction."""
-
-    bits: np.ndarray  # uint32 [O][kH][kW][ceil(I/32)]; channel c is bit c % 32 of word c // 32
-    in_bias: np.ndarray  # float32 [I]
-    in_scale: np.ndarray  # float32 [I]
-    out_bias: np.ndarray  # float32 [O]
-    out_scale: np.ndarray  # float32 [O]
-
-    def unpacked(self, in_channels: int) -> np.ndarray:
-        """``bit(o, q, p, c)`` as a 0/1 array ``[O][kH][kW][I]``."""
-        shifts = np.arange(32, dtype=np.uint32)
-        bits = (self.bits[..., None] >> shifts) & np.uint32(1)
-        return bits.reshape(*self.bits.shape[:3], -1)[..., :in_channels].astype(np.uint8)
 
 
 _INITIALIZERS = ("MPSCNNBinaryConvolution(device=, convolutionData=, scaleValue=, type=, flags=)",

@@ -1,4 +1,4 @@
-"""The ``mpsconv`` command (console script and ``python -m mpsconv``; our addition, issue 6).
+"""The ``mpsconv`` command (console script and ``python -m mpsconv``; our addition).
 
     mpsconv info                    version, devices, backends usable on each, cache location
     mpsconv demo [--epochs N ...]   train a digits CNN built from mpsconv kernels
@@ -14,7 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import config
+import numpy
+import torch
+
+from . import backends, config
+from ._version import __version__
+from .errors import MPSDeviceError
+from .metal import MTLCopyAllDevices, MTLCreateSystemDefaultDevice, device_from_name
 
 USAGE_ERROR = 2
 
@@ -29,9 +35,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _device(name):
-    from .errors import MPSDeviceError
-    from .metal import MTLCreateSystemDefaultDevice, device_from_name
-
     try:
         return MTLCreateSystemDefaultDevice() if name is None else device_from_name(name)
     except MPSDeviceError as e:
@@ -56,12 +59,6 @@ def _writable_file(path: str | None) -> str | None:
 
 
 def cmd_info(args) -> int:
-    import numpy
-    import torch
-
-    from . import __version__, backends
-    from .metal import MTLCopyAllDevices, MTLCreateSystemDefaultDevice
-
     print(f"mpsconv {__version__} (Python {sys.version.split()[0]}, numpy {numpy.__version__}, "
           f"torch {torch.__version__})")
     default = MTLCreateSystemDefaultDevice()

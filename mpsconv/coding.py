@@ -31,7 +31,7 @@ import struct
 import numpy as np
 import safetensors.numpy
 
-from . import config
+from . import _codecs, config
 from .errors import MPSArchiveError, MPSConvError, MPSTypeError
 
 FORMAT = "mpsconv.archive"
@@ -65,8 +65,6 @@ class NSKeyedArchiver(NSCoder):
         self._data: bytes | None = None
 
     def encodeRootObject(self, obj) -> None:
-        from . import _codecs
-
         class_name, fields, tensors = _codecs.encode_object(obj)
         fields_json = json.dumps(fields, sort_keys=True)
         metadata = {"format": FORMAT, "version": VERSION, "class": class_name, "fields": fields_json,
@@ -144,8 +142,6 @@ _DTYPES = {"F32", "I64"}  # what encodeRootObject writes
 def _decode(class_name: str, obj, fields: dict, tensors: dict, device) -> None:
     """``_codecs.decode_into`` with every error an initializer raises over a field made an
     ``MPSArchiveError`` (a hostile archive can carry a valid digest over any fields)."""
-    from . import _codecs
-
     try:
         _codecs.decode_into(obj, fields, tensors, device)
     except MPSArchiveError:
@@ -178,8 +174,6 @@ class NSKeyedUnarchiver(NSCoder):
 
     def decodeInto(self, obj, device=None) -> None:
         """Fill ``obj`` (a fresh instance of the archived class or a base class of it)."""
-        from . import _codecs
-
         cls = _codecs.class_named(self._class_name)
         if cls is None or not issubclass(cls, type(obj)):
             raise MPSArchiveError(f"NSKeyedUnarchiver: the archive holds a {self._class_name}; cannot decode it as "
@@ -191,8 +185,6 @@ class NSKeyedUnarchiver(NSCoder):
     @classmethod
     def unarchivedObject(cls, ofClass, data, /, *, device=None):
         """``NSKeyedUnarchiver.unarchivedObject(ofClass:from:)``; ``device=`` chooses the device."""
-        from . import _codecs
-
         unarchiver = cls(data, device=device)
         stored = _codecs.class_named(unarchiver._class_name)
         if stored is None or not issubclass(stored, ofClass):

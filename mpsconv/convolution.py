@@ -7,15 +7,18 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .datasource import LoadedWeights, _ArrayDataSource, load_weights, read_array, round_weights
+from .core.activations import MPSCNNNeuronType
+from .core.geometry import MPSNNPaddingMethod, NeuronSpec
+from .core.weights import round_weights
+from .datasource import LoadedWeights, _ArrayDataSource, load_weights, read_array
 from .descriptor import (
     MPSCNNConvolutionDescriptor, MPSCNNConvolutionFlags, MPSNNConvolutionAccumulatorPrecisionOption,
 )
 from .errors import MPSTypeError, MPSValueError
-from .geometry import MPSNNPaddingMethod, NeuronSpec
 from .image import MPSImage
 from .kernel import MPSCNNKernel
-from .neuron import MPSCNNNeuronType, MPSNNNeuronDescriptor, _deprecated
+from .neuron import MPSNNNeuronDescriptor, _deprecated
+from .state import MPSCNNConvolutionGradientState, MPSCNNConvolutionWeightsAndBiasesState
 from .types import MPSDataType
 
 Accumulator = MPSNNConvolutionAccumulatorPrecisionOption
@@ -194,8 +197,6 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
         Like every property, the weights are read when this is encoded (spec kernel-image.md §7.6):
         encodes recorded after it use them; CPU writes into the state after this call are not seen.
         """
-        from .gradient import MPSCNNConvolutionWeightsAndBiasesState
-
         owner = f"{type(self).__name__}.reloadWeightsAndBiases"
         self._check_cb(commandBuffer, owner)
         commandBuffer._check_open(owner)
@@ -217,8 +218,6 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
     def exportWeightsAndBiases(self, commandBuffer, /, resultStateCanBeTemporary: bool = False):
         """``exportWeightsAndBiases(with:resultStateCanBeTemporary:)``: a new state holding the
         effective weights (float32 OHWI, batch norm folded, widened from half) and biases."""
-        from .gradient import MPSCNNConvolutionWeightsAndBiasesState
-
         owner = f"{type(self).__name__}.exportWeightsAndBiases"
         self._check_cb(commandBuffer, owner)
         commandBuffer._check_open(owner)
@@ -237,8 +236,6 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
 
     def _result_state_class(self):
         """The state this kernel makes; None for kernels that make none (gradient kernels)."""
-        from .gradient import MPSCNNConvolutionGradientState
-
         return MPSCNNConvolutionGradientState
 
     def _new_state(self, source, commandBuffer, temporary: bool):

@@ -18,7 +18,8 @@ from .descriptor import (
     MPSNNConvolutionAccumulatorPrecisionOption,
 )
 from .errors import MPSTypeError, MPSValueError
-from .geometry import NeuronSpec
+from .core.geometry import NeuronSpec
+from .core.weights import round_weights
 from .types import MPSDataType
 
 _REQUIRED = ("dataType", "descriptor", "weights", "biasTerms", "load", "purge", "label")
@@ -196,25 +197,6 @@ def _check_finite(weights: np.ndarray, owner: str, folded: bool) -> None:
         raise MPSValueError(f"{owner}: dataSource.weights() holds {int(bad.sum())} non-finite values {source}"
                             f"(the first, [o, kH, kW, i] = {list(first)}, is {weights[first]}); weights must be "
                             "finite (float16 kernel weights also beyond ±65504)")
-
-
-def round_weights(weights: np.ndarray, kernel_type: MPSDataType) -> np.ndarray:
-    """The weight-precision rule (§0.2): float16 round-to-nearest-even unless float32 is asked for.
-    Float32 ``weights`` asked to stay float32 come back as they are, not copied."""
-    weights = weights.astype(np.float32, copy=False)
-    if kernel_type == MPSDataType.float16:
-        weights = weights.astype(np.float16).astype(np.float32)
-    return weights
-
-
-def round_for_source(weights: np.ndarray, src_format: int) -> np.ndarray:
-    """Our extension of §0.2 to bfloat16 images (a format of ours): their kernels multiply weights
-    rounded to bfloat16 (round-to-nearest-even), on every backend. Other sources: ``weights``."""
-    from .image import MPSImageFeatureChannelFormat
-
-    if src_format != MPSImageFeatureChannelFormat.bfloat16:
-        return weights
-    return torch.from_numpy(np.asarray(weights, np.float32)).to(torch.bfloat16).float().numpy()
 
 
 def _dequantize(ds, raw: np.ndarray, owner: str) -> np.ndarray:

@@ -24,7 +24,8 @@ from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNConvolutionGradientOp
 from .gradient import MPSCNNConvolutionGradient, MPSCNNFullyConnectedGradient, encode_data_source_update
 from .image import MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat
 from .layout import MPSCNNConvolutionWeights
-from .neuron import MPSCNNNeuronType, MPSNNNeuronDescriptor
+from .core.activations import MPSCNNNeuronType
+from .neuron import MPSNNNeuronDescriptor
 
 
 class MomentumSGD(MPSCNNConvolutionWeights):

@@ -7,10 +7,9 @@ import math
 import numpy as np
 
 from .errors import MPSTypeError, MPSValueError
-from .geometry import NeuronSpec
-from .neuron import (
-    MPSCNNNeuronType, MPSNNNeuronDescriptor, _deprecated, float32_values,
-)
+from .core.activations import MPSCNNNeuronType
+from .core.geometry import NeuronSpec
+from .neuron import MPSCNNNeuron, MPSNNNeuronDescriptor, _deprecated, float32_values
 
 
 class MPSCNNConvolutionFlags(enum.IntEnum):
@@ -199,8 +198,6 @@ class MPSCNNConvolutionDescriptor:
         self._set_legacy_neuron(value)
 
     def _set_legacy_neuron(self, value) -> None:
-        from .neuron import MPSCNNNeuron
-
         if value is not None and not isinstance(value, MPSCNNNeuron):
             raise MPSTypeError(f"{self._owner}: neuron={value!r} must be an MPSCNNNeuron or None")
         self._neuron = value

@@ -1,159 +1,24 @@
-"""``MPSCNNConvolutionGradientState``: what a forward convolution records for its gradient pass
-(spec ``convolution.md`` §8.4, §12), the weights-and-biases state (§13), and the gradient kernel (§11)."""
+"""The gradient kernels: ``MPSCNNConvolutionGradient``, ``MPSCNNFullyConnectedGradient`` and
+``MPSCNNConvolutionTransposeGradient`` (the states they read live in ``state.py``), and
+``encode_data_source_update``."""
 from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
 
-from . import backends
 from .convolution import _WeightedKernel
-from .descriptor import (
-    MPSCNNConvolutionDescriptor, MPSCNNConvolutionGradientOption, MPSCNNConvolutionWeightsLayout,
-)
+from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNConvolutionGradientOption
+from .encoder import GradientJob
 from .errors import MPSDeviceError, MPSTypeError, MPSValueError
-from .geometry import NeuronSpec
-from .image import F, MPSImage, MPSImageDescriptor, MPSTemporaryImage, storage_to_values, values_to_storage
-from .metal import MTLBuffer, MTLCommandBuffer
+from .core.geometry import NeuronSpec
+from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
+from .metal import MTLCommandBuffer
 from .neuron import _deprecated
-from .state import MPSNNGradientState, MPSState
+from .state import (
+    MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState,
+)
 from .types import MPSOffset
 from .types import MPSDataType
-
-
-class MPSCNNConvolutionGradientState(MPSNNGradientState):
-    """``MPSCNNConvolutionGradientState``: the forward convolution's geometry and the buffers its
-    weight and bias gradients go into.
-
-    Made by ``MPSCNNConvolution.resultState`` / ``temporaryResultState`` (or the state-returning
-    encodes), filled by the forward encode that takes it. ``sourceWidth`` / ``sourceHeight`` are the
-    forward source's size (``MPSImageSizeEncodingState``), which sizes a paired transpose.
-    """
-
-    def _init_gradient_state(self, convolution, source) -> None:
-        self._producer = convolution  # the kernel that made it
-        d = convolution._desc
-        weights = d.outputFeatureChannels * d.kernelHeight * d.kernelWidth * (d.inputFeatureChannels // d._kernel_groups())
-        self._sizes = [4 * weights, 4 * d.outputFeatureChannels]
-        self._resources = [None, None]
-        self._source_size = (source.width, source.height)
-        self._recorded = convolution._state_snapshot()  # the properties the encode must still have
-        self._forward_offset = convolution.offset
-
-    convolution = property(lambda self: self._producer)
-    sourceWidth = property(lambda self: self._source_size[0])
-    sourceHeight = property(lambda self: self._source_size[1])
-    gradientForWeightsLayout = property(lambda self: MPSCNNConvolutionWeightsLayout.OHWI)
-
-    @property
-    def gradientForWeights(self):
-        """float32 ``[O][kH][kW][I/G]`` buffer (depthwise ``[O][kH][kW]``)."""
-        return self.resource(at=0)
-
-    @property
-    def gradientForBiases(self):
-        """float32 ``[O]`` buffer."""
-        return self.resource(at=1)
-
-    def _filled_by(self, source, problem=None) -> None:
-        """The forward encode recorded into this state (spec §8.4): the source size it read and the
-        resolved forward problem (window origin, clip size, edge mode, channel and image ranges)."""
-        self._source_size = (source.width, source.height)
-        self._problem = problem
-
-    @property
-    def forward_offset(self):
-        """The forward kernel's ``offset`` when the state was made (our addition)."""
-        return self._forward_offset
-
-
-class MPSCNNConvolutionWeightsAndBiasesState(MPSState):
-    """``MPSCNNConvolutionWeightsAndBiasesState``: float32 weights ``[O][kH][kW][I/G]`` (depthwise
-    ``[O][kH][kW]``) and biases ``[O]`` in buffers, from byte offsets (spec ``convolution.md`` §13).
-
-    ``(weights=, biases=)``: existing buffers (biases may be None).
-    ``(device=, cnnConvolutionDescriptor=)``: new zero-filled buffers of the descriptor's sizes.
-    ``(weights=, weightsOffset=, biases=, biasesOffset=, cnnConvolutionDescriptor=)``: sub-ranges of
-    caller buffers (may be one buffer). ``temporaryCNNConvolutionWeightsAndBiasesState(commandBuffer=,
-    cnnConvolutionDescriptor=)``: temporary.
-    """
-
-    def __init__(self, **kwargs):
-        keys = frozenset(kwargs)
-        owner = "MPSCNNConvolutionWeightsAndBiasesState"
-        if keys == {"weights", "biases"}:
-            weights, biases = kwargs["weights"], kwargs["biases"]
-            _check_buffer(weights, owner, "weights")
-            self._init_wb(weights, 0, weights.length, biases, 0, None if biases is None else biases.length, False)
-        elif keys == {"device", "cnnConvolutionDescriptor"}:
-            w_len, b_len = _lengths(kwargs["cnnConvolutionDescriptor"], owner)
-            device = kwargs["device"]
-            self._init_wb(device.makeBuffer(length=w_len), 0, w_len, device.makeBuffer(length=b_len), 0, b_len, False)
-        elif keys == {"weights", "weightsOffset", "biases", "biasesOffset", "cnnConvolutionDescriptor"}:
-            w_len, b_len = _lengths(kwargs["cnnConvolutionDescriptor"], owner)
-            weights, biases = kwargs["weights"], kwargs["biases"]
-            _check_buffer(weights, owner, "weights")
-            w_off, b_off = int(kwargs["weightsOffset"]), int(kwargs["biasesOffset"])
-            for name, off, buf, length in (("weights", w_off, weights, w_len), ("biases", b_off, biases, b_len)):
-                if buf is None:
-                    continue
-                if off % 4 or off < 0:
-                    raise MPSValueError(f"{owner}: {name}Offset={off} must be a non-negative multiple of 4")
-                if off + length > buf.length:
-                    raise MPSValueError(f"{owner}: {name}Offset={off} + {name}Length={length} exceeds the "
-                                        f"{buf.length}-byte buffer")
-            self._init_wb(weights, w_off, w_len, biases, b_off, b_len, False)
-        else:
-            raise MPSTypeError(f"{owner}({', '.join(sorted(keys))}): valid initializers are (weights=, biases=), "
-                               "(device=, cnnConvolutionDescriptor=), (weights=, weightsOffset=, biases=, "
-                               "biasesOffset=, cnnConvolutionDescriptor=)")
-
-    @classmethod
-    def temporaryCNNConvolutionWeightsAndBiasesState(cls, *, commandBuffer, cnnConvolutionDescriptor):
-        """A temporary state of the descriptor's sizes, bound to ``commandBuffer`` (``readCount`` 1)."""
-        owner = "MPSCNNConvolutionWeightsAndBiasesState.temporaryCNNConvolutionWeightsAndBiasesState"
-        commandBuffer._check_open(owner)
-        w_len, b_len = _lengths(cnnConvolutionDescriptor, owner)
-        device = commandBuffer.device
-        state = cls.__new__(cls)
-        state._init_wb(device.makeBuffer(length=w_len), 0, w_len, device.makeBuffer(length=b_len), 0, b_len, True)
-        state._cb = commandBuffer
-        return state
-
-    def _init_wb(self, weights, w_off, w_len, biases, b_off, b_len, temporary: bool) -> None:
-        resources = [weights] + ([biases] if biases is not None else [])
-        self._init_state(weights.device, [], resources, temporary)
-        self._weights, self._biases = weights, biases
-        self._offsets = (w_off, b_off)
-        self._w_len, self._b_len = w_len, b_len
-
-    weights = property(lambda self: self._weights)
-    biases = property(lambda self: self._biases)
-    weightsOffset = property(lambda self: self._offsets[0])
-    biasesOffset = property(lambda self: self._offsets[1])
-
-    def weight_values(self, count: int, owner: str):
-        """``count`` float32 weights from ``weightsOffset`` (a view of the buffer; our addition)."""
-        return self._weights.as_float32(self._offsets[0], count, owner)
-
-    def bias_values(self, count: int, owner: str):
-        """``count`` float32 biases from ``biasesOffset``, or None without a biases buffer."""
-        return None if self._biases is None else self._biases.as_float32(self._offsets[1], count, owner)
-
-
-def _lengths(descriptor, owner: str) -> tuple[int, int]:
-    """Bytes of weights and biases a descriptor implies (spec §13.1)."""
-    from .descriptor import MPSCNNConvolutionDescriptor
-
-    if not isinstance(descriptor, MPSCNNConvolutionDescriptor):
-        raise MPSTypeError(f"{owner}: cnnConvolutionDescriptor={descriptor!r} must be an MPSCNNConvolutionDescriptor")
-    o, kh, kw, ig = descriptor._weight_shape()
-    return 4 * o * kh * kw * ig, 4 * o
-
-
-def _check_buffer(buffer, owner: str, name: str) -> None:
-    if not isinstance(buffer, MTLBuffer):
-        raise MPSTypeError(f"{owner}: {name}={buffer!r} must be an MTLBuffer")
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,15 +156,21 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
                 if isinstance(image, MPSTemporaryImage) and image.readCount > 0:
                     image._read_count = 0
             raise
+        option = self._gradient_option
         cb._begin_encode(owner)
         try:
-            seen_states = set()
+            jobs, seen_states = [], set()
             for (problem, e, src, state), dst in zip(pending, destinations):
                 accumulate = id(state) in seen_states  # one state per batch: sum over the batch
                 seen_states.add(id(state))
-                cb._record(self._work(problem, e, src, state, dst, accumulate))
-            for image in {id(x): x for x in gradients + sources}.values():
-                image._consume_read()
+                weights = biases = None
+                if option & MPSCNNConvolutionGradientOption.gradientWithWeightsAndBias:
+                    weights, biases = (buffer.as_float32(0, buffer.length // 4, owner)
+                                       for buffer in (state.gradientForWeights, state.gradientForBiases))
+                data = option & MPSCNNConvolutionGradientOption.gradientWithData
+                jobs.append(GradientJob(problem, e, self._sfo, src, dst if data else None, weights, biases,
+                                        accumulate))
+            self._encoder.encode_gradient(self, cb, jobs, owner)
             for state in {id(s): s for s in states}.values():
                 state._consume_read()
         finally:
@@ -352,30 +223,6 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
                                 f"destinationFeatureChannelOffset={self._dfo} + {problem.in_channels} needed")
         if dst._root is src._root:
             raise MPSValueError(f"{owner}: destinationGradient shares storage with sourceImage")
-
-    def _work(self, problem, e, src, state, dst, accumulate):
-        backend = backends.select(problem, self._device, gradient=True)
-        weights = self._loaded.weights
-        option = int(self._gradient_option)
-        e_storage, e_fmt, e_c0 = e._ensure_storage(), F(e.featureChannelFormat), self._sfo
-        src_storage, dst_storage = src._ensure_storage(), dst._ensure_storage()
-        device = self._device
-
-        def run():
-            n, (he, we), o = problem.n_images, problem.out_size, problem.out_channels
-            values = storage_to_values(e_storage[:n, :he, :we, e_c0:e_c0 + o], e_fmt, torch.float32)
-            d_s, d_w, d_b = backend.gradient(problem, src_storage, values, weights, device)
-            if option & MPSCNNConvolutionGradientOption.gradientWithData:
-                i0, c0 = problem.src_image0, problem.dst_channel0
-                stored = values_to_storage(torch.as_tensor(d_s), F(dst.featureChannelFormat))
-                dst_storage[i0:i0 + n, :, :, c0:c0 + problem.in_channels] = stored.to(dst_storage.device)
-            if option & MPSCNNConvolutionGradientOption.gradientWithWeightsAndBias:
-                for buffer, value in ((state.gradientForWeights, d_w), (state.gradientForBiases, d_b)):
-                    target = buffer.as_float32(0, buffer.length // 4, "gradient")
-                    value = torch.as_tensor(value).reshape(-1).to(torch.float32).cpu()
-                    target.add_(value) if accumulate else target.copy_(value)
-
-        return run
 
 
 def encode_data_source_update(commandBuffer, gradientState, forward, gradient) -> None:
@@ -430,16 +277,6 @@ def encode_data_source_update(commandBuffer, gradientState, forward, gradient) -
 class MPSCNNFullyConnectedGradient(MPSCNNConvolutionGradient):
     """``MPSCNNFullyConnectedGradient``: back-propagation through an ``MPSCNNFullyConnected`` (its
     forward geometry, recorded in the state, is the whole source)."""
-
-
-class MPSCNNConvolutionTransposeGradientState(MPSCNNConvolutionGradientState):
-    """``MPSCNNConvolutionTransposeGradientState``: made by a transpose's ``resultState…`` or training
-    encode (spec §14). ``convolutionTranspose`` is that transpose; ``convolution`` the
-    ``MPSCNNConvolution`` whose gradient state configured it, if one did."""
-
-    _source_convolution = None
-    convolution = property(lambda self: self._source_convolution)
-    convolutionTranspose = property(lambda self: self._producer)
 
 
 class MPSCNNConvolutionTransposeGradient(MPSCNNConvolutionGradient):

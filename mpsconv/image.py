@@ -2,40 +2,31 @@
 
 Storage: one tensor per allocation, NHWC (``numberOfImages, height, width, channels``) on the
 image's device, channels rounded up to a multiple of 4 (Metal's texture slices; the padding lanes
-stay 0). Each feature-channel format is stored as its raw element type (uint8, uint16, float16,
-float32) and converted on read and write as Metal does (spec ``kernel-image.md`` §4).
+stay 0). Each feature-channel format is stored as its raw element type and converted on read and
+write as Metal does (``core.formats``).
 """
 from __future__ import annotations
 
 import enum
-import math
 import warnings
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
+from .core.formats import (
+    FLOAT_FORMATS, FORMAT_OF_PIXEL, ImageLayout, NUMPY_DTYPE, PIXEL_FORMATS, PRECISION, STORAGE_DTYPE, MPSImageFeatureChannelFormat,
+    MTLPixelFormat, check_format, lanes_for, slices_for, storage_to_values, values_to_storage,
+)
 from .errors import MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValueError
+from .memory import allocation_failed, out_of_memory
 from .metal import (
-    CommandBufferTemporary, MTLCommandBuffer, MTLCPUCacheMode, MTLDevice, MTLStorageMode, MTLTextureType, MTLTextureUsage,
-    MTLCreateSystemDefaultDevice, _byte_view,
+    CommandBufferTemporary, MTLCommandBuffer, MTLCPUCacheMode, MTLDevice, MTLStorageMode, MTLTexture,
+    MTLTextureType, MTLTextureUsage, MTLCreateSystemDefaultDevice, _byte_view,
 )
 from .types import NSIntegerMin, MTLOrigin, MTLRegion, MTLSize, as_region
 
-
-class MPSImageFeatureChannelFormat(enum.IntEnum):
-    """``MPSImageFeatureChannelFormat``."""
-
-    none = 0
-    unorm8 = 1
-    unorm16 = 2
-    float16 = 3
-    float32 = 4
-    _reserved0 = 5
-    count = 6
-    #: Our addition, not Apple's: bfloat16 storage (1 sign, 8 exponent, 7 mantissa bits), for
-    #: models trained in bf16. Raw value 16 keeps clear of Apple's range.
-    bfloat16 = 16
+F = MPSImageFeatureChannelFormat
 
 
 class MPSDataLayout(enum.IntEnum):
@@ -60,88 +51,6 @@ class MPSPurgeableState(enum.IntEnum):
     nonVolatile = 2
     volatile = 3
     empty = 4
-
-
-class MTLPixelFormat(enum.IntEnum):
-    """The ``MTLPixelFormat`` values an ``MPSImage`` reports."""
-
-    invalid = 0
-    r8Unorm = 10
-    r16Unorm = 20
-    r16Float = 25
-    rg8Unorm = 30
-    r32Float = 55
-    rg16Unorm = 60
-    rg16Float = 65
-    rgba8Unorm = 70
-    rg32Float = 105
-    rgba16Unorm = 110
-    rgba16Float = 115
-    rgba32Float = 125
-
-
-F = MPSImageFeatureChannelFormat
-STORAGE_DTYPE = {F.unorm8: torch.uint8, F.unorm16: torch.uint16, F.float16: torch.float16, F.float32: torch.float32,
-                 F.bfloat16: torch.bfloat16}
-#: The element type of raw bytes (readBytes / writeBytes); NumPy has no bfloat16: its bits as uint16.
-NUMPY_DTYPE = {F.unorm8: np.uint8, F.unorm16: np.uint16, F.float16: np.float16, F.float32: np.float32,
-               F.bfloat16: np.uint16}
-FLOAT_FORMATS = (F.float16, F.float32, F.bfloat16)
-_UNORM_SCALE = {F.unorm8: 255.0, F.unorm16: 65535.0}
-_PRECISION = {F.unorm8: 8, F.unorm16: 16, F.float16: 11, F.float32: 24, F.bfloat16: 8}
-_PIXEL_FORMATS = {
-    F.unorm8: (MTLPixelFormat.r8Unorm, MTLPixelFormat.rg8Unorm, MTLPixelFormat.rgba8Unorm),
-    F.unorm16: (MTLPixelFormat.r16Unorm, MTLPixelFormat.rg16Unorm, MTLPixelFormat.rgba16Unorm),
-    F.float16: (MTLPixelFormat.r16Float, MTLPixelFormat.rg16Float, MTLPixelFormat.rgba16Float),
-    F.float32: (MTLPixelFormat.r32Float, MTLPixelFormat.rg32Float, MTLPixelFormat.rgba32Float),
-}
-_FORMAT_OF_PIXEL = {pf: (fmt, lanes) for fmt, pfs in _PIXEL_FORMATS.items() for pf, lanes in zip(pfs, (1, 2, 4))}
-
-
-def lanes_for(channels: int) -> int:
-    """Lanes per pixel of the texture: 1 or 2 for images of 1 or 2 channels, else 4."""
-    return channels if channels <= 2 else 4
-
-
-def slices_for(channels: int) -> int:
-    return (channels + 3) // 4
-
-
-# --------------------------------------------------------------------------------------------
-# Format conversions (Metal's rules, §4.1): one place, used by images and every backend.
-
-
-def storage_to_values(raw: torch.Tensor, fmt: MPSImageFeatureChannelFormat, dtype=torch.float32) -> torch.Tensor:
-    """Stored elements to feature values: unorm ``k`` reads ``k / 255`` (``k / 65535``)."""
-    if fmt in _UNORM_SCALE:
-        return raw.to(dtype) / _UNORM_SCALE[fmt]
-    return raw.to(dtype)
-
-
-def values_to_storage(values: torch.Tensor, fmt: MPSImageFeatureChannelFormat) -> torch.Tensor:
-    """Feature values to stored elements: float16 rounds to nearest even (overflow to inf); unorm
-    clamps to [0, 1], scales and rounds half to even; NaN written to unorm stores 0."""
-    if fmt in _UNORM_SCALE:
-        scaled = torch.nan_to_num(values, nan=0.0).clamp(0.0, 1.0) * _UNORM_SCALE[fmt]
-        return torch.round(scaled).to(STORAGE_DTYPE[fmt])
-    if fmt == F.float16 and values.dtype == torch.float64:
-        # numpy rounds float64 -> float16 once; torch goes through float32 (double rounding).
-        with np.errstate(over="ignore"):  # overflow to +-inf is the specified result
-            return torch.from_numpy(values.cpu().numpy().astype(np.float16)).to(values.device)
-    return values.to(STORAGE_DTYPE[fmt])
-
-
-def _check_format(fmt, owner: str) -> MPSImageFeatureChannelFormat:
-    try:
-        fmt = MPSImageFeatureChannelFormat(int(fmt))
-    except (TypeError, ValueError):
-        raise MPSValueError(f"{owner}: featureChannelFormat={fmt!r} is not an MPSImageFeatureChannelFormat") from None
-    if fmt in (F._reserved0, F.count):
-        raise MPSValueError(
-            f"{owner}: featureChannelFormat={fmt.name} cannot make an image; use unorm8, unorm16, float16, float32 "
-            "or bfloat16"
-        )
-    return fmt
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,9 +100,9 @@ class MPSImageDescriptor:
     @property
     def pixelFormat(self) -> MTLPixelFormat:
         fmt = F.float16 if self._channelFormat == F.none else self._channelFormat
-        if fmt not in _PIXEL_FORMATS:
+        if fmt not in PIXEL_FORMATS:
             return MTLPixelFormat.invalid
-        return _PIXEL_FORMATS[fmt][(1, 2, 4).index(lanes_for(max(1, int(self.featureChannels))))]
+        return PIXEL_FORMATS[fmt][(1, 2, 4).index(lanes_for(max(1, int(self.featureChannels))))]
 
     def copy(self) -> "MPSImageDescriptor":
         """NSCopying."""
@@ -208,7 +117,7 @@ class MPSImageDescriptor:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise MPSValueError(f"{owner}: imageDescriptor.{name}={value!r} must be an integer >= 1")
             dims[name] = int(value)
-        fmt = _check_format(self._channelFormat, owner)
+        fmt = check_format(self._channelFormat, owner)
         if fmt == F.none:
             fmt = F.float16  # "none" means "let MPS pick"; MPS graphs pick float16
         return dims["numberOfImages"], dims["height"], dims["width"], dims["featureChannels"], fmt
@@ -216,83 +125,6 @@ class MPSImageDescriptor:
     def __repr__(self) -> str:
         return (f"MPSImageDescriptor(channelFormat={self._channelFormat.name}, width={self.width}, "
                 f"height={self.height}, featureChannels={self.featureChannels}, numberOfImages={self.numberOfImages})")
-
-
-# --------------------------------------------------------------------------------------------
-# Textures (just enough to wrap and to report what an MPSImage's texture would be)
-
-
-class MTLTextureDescriptor:
-    """``MTLTextureDescriptor`` (2D and 2D-array textures only)."""
-
-    def __init__(self, *, textureType=MTLTextureType.type2D, pixelFormat=MTLPixelFormat.rgba16Float, width: int = 1,
-                 height: int = 1, arrayLength: int = 1, usage=MTLTextureUsage.shaderRead,
-                 storageMode=MTLStorageMode.shared, depth: int = 1):
-        self.textureType = MTLTextureType(int(textureType))
-        self.pixelFormat = MTLPixelFormat(int(pixelFormat))
-        self.width, self.height, self.arrayLength, self.depth = width, height, arrayLength, depth
-        self.usage = MTLTextureUsage(int(usage))
-        self.storageMode = MTLStorageMode(int(storageMode))
-
-    @classmethod
-    def texture2DDescriptor(cls, *, pixelFormat, width, height, mipmapped=False) -> "MTLTextureDescriptor":
-        return cls(pixelFormat=pixelFormat, width=width, height=height)
-
-
-class MTLTexture:
-    """``MTLTexture``: ``arrayLength`` slices of ``width x height`` pixels with up to 4 lanes.
-
-    Its storage is one tensor ``[1, height, width, 4·arrayLength]`` or an image's NHWC tensor;
-    an ``MPSImage`` made from it is a view of that tensor.
-    """
-
-    def __init__(self, device: MTLDevice, storage: torch.Tensor, images: int, textureType, pixelFormat, usage,
-                 root, storageMode=MTLStorageMode.shared):
-        self._device = device
-        self._storage = storage  # [images, H, W, 4·slices_per_image]
-        self._images = images
-        self.textureType = MTLTextureType(int(textureType))
-        self.pixelFormat = MTLPixelFormat(int(pixelFormat))
-        self.usage = MTLTextureUsage(int(usage))
-        self.storageMode = MTLStorageMode(int(storageMode))
-        self._root = root
-        self.label = None
-
-    @property
-    def device(self) -> MTLDevice:
-        return self._device
-
-    @property
-    def width(self) -> int:
-        return self._storage.shape[2]
-
-    @property
-    def height(self) -> int:
-        return self._storage.shape[1]
-
-    @property
-    def depth(self) -> int:
-        return 1
-
-    @property
-    def arrayLength(self) -> int:
-        return self._images * (self._storage.shape[3] // 4)
-
-
-def make_texture(device: MTLDevice, descriptor: MTLTextureDescriptor) -> MTLTexture:
-    """``MTLDevice.makeTexture(descriptor:)`` (the device method calls this)."""
-    if descriptor.textureType not in (MTLTextureType.type2D, MTLTextureType.type2DArray):
-        raise MPSValueError(f"makeTexture: textureType={descriptor.textureType!r}; only type2D and type2DArray")
-    if descriptor.pixelFormat not in _FORMAT_OF_PIXEL:
-        raise MPSValueError(f"makeTexture: pixelFormat={descriptor.pixelFormat!r} is not a feature-channel format")
-    fmt, _ = _FORMAT_OF_PIXEL[descriptor.pixelFormat]
-    slices = descriptor.arrayLength if descriptor.textureType == MTLTextureType.type2DArray else 1
-    storage = torch.zeros(1, descriptor.height, descriptor.width, 4 * slices, dtype=STORAGE_DTYPE[fmt],
-                          device=device.torch_device)
-    tex = MTLTexture(device, storage, 1, descriptor.textureType, descriptor.pixelFormat, descriptor.usage, None,
-                     descriptor.storageMode)
-    tex._root = tex
-    return tex
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,6 +163,7 @@ class MPSImage:
         self._device = device
         self._n, self._h, self._w, self._c = n, h, w, c
         self._format = fmt
+        self._layout = ImageLayout(n, h, w, c, fmt)  # what encodes key their plans on
         self._usage = MTLTextureUsage(int(usage))
         self._storage_mode = MTLStorageMode(int(storage_mode))
         self._storage: torch.Tensor | None = None
@@ -368,7 +201,7 @@ class MPSImage:
                     f"ceil(featureChannels/4)={spi}"
                 )
             n = texture.arrayLength // spi
-        fmt, _ = _FORMAT_OF_PIXEL.get(texture.pixelFormat, (None, 0))
+        fmt, _ = FORMAT_OF_PIXEL.get(texture.pixelFormat, (None, 0))
         if fmt is None:
             raise MPSValueError(f"MPSImage(texture=): pixelFormat={texture.pixelFormat!r} has no feature-channel format")
         src = texture._storage
@@ -439,17 +272,15 @@ class MPSImage:
     def _ensure_storage(self) -> torch.Tensor:
         if self._storage is None:
             self._check_alive("MPSImage")
-            shape = (self._n, self._h, self._w, 4 * slices_for(self._c))
+            layout = self._layout
             try:
-                self._storage = torch.zeros(shape, dtype=STORAGE_DTYPE[self._format], device=self._device.torch_device)
+                self._storage = torch.zeros(layout.storage_shape, dtype=STORAGE_DTYPE[self._format],
+                                            device=self._device.torch_device)
             except RuntimeError as exc:
-                from .memory import allocation_failed, out_of_memory  # memory -> image
-
                 if not out_of_memory(exc):
                     raise
-                nbytes = math.prod(shape) * STORAGE_DTYPE[self._format].itemsize
                 raise allocation_failed(f"{type(self).__name__} ({self._w}x{self._h}, {self._c} channels, "
-                                        f"{self._n} images)", nbytes, exc) from exc
+                                        f"{self._n} images)", layout.storage_bytes, exc) from exc
         return self._storage
 
     def _check_alive(self, owner: str) -> None:
@@ -486,13 +317,13 @@ class MPSImage:
 
     @property
     def pixelFormat(self) -> MTLPixelFormat:
-        if self._format not in _PIXEL_FORMATS:  # bfloat16: Metal has no such texture format
+        if self._format not in PIXEL_FORMATS:  # bfloat16: Metal has no such texture format
             return MTLPixelFormat.invalid
-        return _PIXEL_FORMATS[self._format][(1, 2, 4).index(lanes_for(self._c))]
+        return PIXEL_FORMATS[self._format][(1, 2, 4).index(lanes_for(self._c))]
 
     @property
     def precision(self) -> int:
-        return _PRECISION[self._format]
+        return PRECISION[self._format]
 
     @property
     def usage(self) -> MTLTextureUsage:
@@ -705,6 +536,13 @@ class MPSImage:
         return _DEFAULT_ALLOCATOR
 
 
+def unallocated(images) -> list[ImageLayout]:
+    """The storages that ``images`` (and the views among them) will allocate when first used: one
+    layout per distinct root image whose storage does not exist yet."""
+    roots = {id(image._root): image._root for image in images if image._root._storage is None}
+    return [root._layout for root in roots.values()]
+
+
 def _as_range(value, owner: str) -> tuple[int, int]:
     """An ``NSRange``: a ``range`` with step 1 or a ``(location, length)`` pair."""
     if isinstance(value, range):
@@ -747,9 +585,9 @@ class MPSTemporaryImage(CommandBufferTemporary, MPSImage):
                 raise MPSValueError("MPSTemporaryImage: textureDescriptor must be type2D or type2DArray with depth 1")
             if not td.usage & (MTLTextureUsage.shaderRead | MTLTextureUsage.shaderWrite):
                 raise MPSValueError("MPSTemporaryImage: textureDescriptor.usage must include shaderRead or shaderWrite")
-            if td.pixelFormat not in _FORMAT_OF_PIXEL:
+            if td.pixelFormat not in FORMAT_OF_PIXEL:
                 raise MPSValueError(f"MPSTemporaryImage: pixelFormat={td.pixelFormat!r} is not a feature-channel format")
-            fmt, lanes = _FORMAT_OF_PIXEL[td.pixelFormat]
+            fmt, lanes = FORMAT_OF_PIXEL[td.pixelFormat]
             slices = td.arrayLength if td.textureType == MTLTextureType.type2DArray else 1
             c = int(kwargs.get("featureChannels", lanes if slices == 1 else 4 * slices))
             if slices % slices_for(c):

@@ -1,32 +1,32 @@
 """``MPSKernel`` and ``MPSCNNKernel``: offset, clipRect, channel offsets, edgeMode, padding, encode.
 
-The public properties are validated when set; ``encode`` validates everything else (devices,
-command buffer state, aliasing, temporary read counts, channel and image ranges, edge mode), asks
-``geometry.resolve_forward`` for the ``ConvProblem`` and only then records the backend call in the
-command buffer. A call that raises records nothing and changes no image, state or read count.
-Spec: ``kernel-image.md`` §2, §3.
+The public properties are validated when set; ``encode`` validates the rest (devices, command
+buffer state, aliasing, temporary read counts, batches), runs the padding policies of the allocating
+forms, and hands the validated images to the kernel's encode engine (``encoder.Encoder``), which
+resolves the ``ConvProblem`` through ``_resolve`` (``core.geometry.resolve_forward``: channel and
+image ranges, edge mode) and records the backend's work. A call that raises records nothing and
+changes no image, state or read count.
 """
 from __future__ import annotations
 
 import enum
-import os
-import sys
 from typing import NamedTuple, Sequence
 
 import numpy as np
-import torch
 
-from . import backends, config, memory
+from . import config
 from .errors import (
     MPSDeviceError, MPSTypeError, MPSValueError,
 )
-from .geometry import (
+from .core.formats import MPSImageFeatureChannelFormat
+from .core.geometry import (
     ConvProblem, MPSNNPaddingMethod, NeuronSpec, allocate, decode_padding_method, resolve_forward,
     source_region,
 )
-from .image import MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat, MPSTemporaryImage
+from .encoder import Encoder
+from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .metal import MTLCommandBuffer, MTLDevice
-from .types import NSUIntegerMax, MPSOffset, MPSRectNoClip, MTLRegion, as_offset, as_region
+from .types import NSUIntegerMax, MPSKernelOptions, MPSOffset, MPSRectNoClip, MTLRegion, as_offset, as_region
 
 
 class MPSImageEdgeMode(enum.IntEnum):
@@ -37,17 +37,6 @@ class MPSImageEdgeMode(enum.IntEnum):
     mirror = 2
     mirrorWithEdge = 3
     constant = 4
-
-
-class MPSKernelOptions(enum.IntFlag):
-    """``MPSKernelOptions``."""
-
-    none = 0
-    skipAPIValidation = 1 << 0
-    allowReducedPrecision = 1 << 1
-    disableInternalTiling = 1 << 2
-    insertDebugGroups = 1 << 3
-    verbose = 1 << 4
 
 
 class MPSOrigin(NamedTuple):
@@ -180,6 +169,7 @@ class MPSKernel:
                                "(e.g. MTLCreateSystemDefaultDevice())")
         self._device = device
         self._options = MPSKernelOptions.none
+        self._encoder = Encoder()
         self.label = None
 
     @property
@@ -210,8 +200,9 @@ class MPSKernel:
         return other
 
     def _drop_caches(self) -> None:
-        for cache in ("_plan_cache", "_prepared_cache", "_bound_cache", "_repeat"):
-            self.__dict__.pop(cache, None)
+        """A new encode engine: what the old one cached was worked out for other weights, another
+        descriptor or another kernel."""
+        self._encoder = Encoder()
 
     def _copy_into(self, other, device) -> None:
         """Subclass hook: make the copy independent where a shallow copy would share mutable state."""
@@ -219,9 +210,8 @@ class MPSKernel:
     def encode(self, *args, **kwargs):
         """``encode(with:)`` (positional ``NSCoder``) archives the kernel; the MPS encode forms take keywords."""
         if args:
-            from .coding import NSCoder  # here, not per encode: a function-level import costs ~0.6 µs a call
-
-            if len(args) == 1 and not kwargs and isinstance(args[0], NSCoder):
+            # any NSCoder: archives sit above the kernels (coding.py), so the protocol, not the class
+            if len(args) == 1 and not kwargs and callable(getattr(args[0], "encodeRootObject", None)):
                 args[0].encodeRootObject(self)
                 return None
             raise MPSTypeError(f"{type(self).__name__}.encode: pass commandBuffer=, sourceImage=, ... as keywords "
@@ -234,28 +224,6 @@ class MPSKernel:
 
 # --------------------------------------------------------------------------------------------
 # MPSCNNKernel
-
-
-class _Pending(NamedTuple):
-    problem: ConvProblem
-    backend: object
-    plan: object
-    scratch: int  # the backend's scratch bytes for the whole problem
-    source: MPSImage
-    destination: MPSImage
-
-
-class _Repeat(NamedTuple):
-    """A validated encode kept for ``_encode_repeat``: its images and their storages when it ran, the
-    kernel's ``_settings()`` then, its scratch bytes, and what it recorded (``(backend, bound,
-    prepared)``, None for an empty problem)."""
-    source: MPSImage
-    destination: MPSImage
-    src_storage: object
-    dst_storage: object
-    settings: tuple
-    scratch: int
-    work: tuple | None
 
 
 class MPSCNNKernel(MPSKernel):
@@ -522,104 +490,24 @@ class MPSCNNKernel(MPSKernel):
                                  f"{self._device.torch_device}")
 
     def _settings(self) -> tuple:
-        """The kernel's side of ``_plan``'s key: the properties an encode reads that can change without
+        """The kernel's side of the engine's plan key (``Encoder.plan``): the properties an encode reads that can change without
         dropping the caches, and the backend setting."""
         return (self._offset, self._clipRect, self._sfo, self._sfmax, self._dfo, self._edgeMode,
                 getattr(self, "_kernel_offset", None), config.backend(), self._options)
 
-    def _plan(self, source: MPSImage, destination: MPSImage, owner: str) -> tuple:
-        """``(problem, backend, plan)`` for this encode, resolved once per distinct configuration.
-
-        The key holds everything ``_resolve`` and backend selection read apart from the kernel's
-        weights and descriptor, whose changes drop the cache (``_drop_caches``); so a hit is exactly
-        what resolving again would give. Only successful resolutions are cached.
-        """
-        key = (source._n, source._h, source._w, source._c, source._format, destination._n, destination._h,
-               destination._w, destination._c, destination._format, self._settings())
-        cache = self.__dict__.setdefault("_plan_cache", {})
-        entry = cache.get(key)
-        if entry is None:
-            problem = self._resolve(source, destination, owner)
-            backend, plan = backends.choose(problem, self._device)
-            entry = (problem, backend, plan, 0 if problem.empty else backend.scratch_bytes(problem))
-            if len(cache) >= 64:
-                cache.clear()
-            cache[key] = entry
-        return entry
-
-    def _fit(self, pending: list[_Pending], owner: str, new: int) -> list:
-        """Per pending item, None (run it whole) or its tiles' ``(backend, plan)``: the tiles that keep
-        the scratch memory under the budget (``memory``). Raises ``MPSMemoryError`` when the ``new``
-        bytes of storage the encode allocates plus its largest scratch would not fit."""
-        available = memory.available(self._device, new, max(item.scratch for item in pending))
-        if available is None:
-            return [None] * len(pending)
-        budget, pieces, peak = memory.tile_budget(self._device, available), [], 0
-        for item in pending:
-            if item.scratch <= budget:
-                pieces.append(None)
-                peak = max(peak, item.scratch)
-                continue
-            parts = memory.split(item.problem, item.backend, budget)
-            peak = max(peak, *(item.backend.scratch_bytes(part) for part in parts))
-            pieces.append([(item.backend, backends.plan(item.backend, part, self._device)) for part in parts])
-        memory.check(owner, self._device, new, peak, available)
-        return pieces
-
-    def _record(self, cb: MTLCommandBuffer, pending: list[_Pending], pieces: list) -> None:
-        """Record validated work (whole, or as the tiles ``_fit`` chose), then consume one read of
-        each distinct temporary source."""
-        for item, tiles in zip(pending, pieces):
-            if item.problem.empty:
-                continue
-            prepared = self._prepared(item.backend, item.problem.src_format)
-            if tiles is None:
-                cb._record(_Work(item.backend, self._bound(item), prepared, self))
-                continue
-            src, dst = item.source._ensure_storage(), item.destination._ensure_storage()
-            for backend, plan in tiles:
-                cb._record(_Work(backend, backend.bind(plan, src, dst), prepared, self))
-        seen = set()
-        for item in pending:
-            if id(item.source) not in seen:
-                seen.add(id(item.source))
-                item.source._consume_read()
-
-    def _bound(self, item: _Pending):
-        """The backend's views of this encode's storages; reused while the kernel encodes the same images
-        (each entry holds its storages, so their ids cannot be reused while it is cached)."""
-        src, dst = item.source._ensure_storage(), item.destination._ensure_storage()
-        cache = self.__dict__.setdefault("_bound_cache", {})
-        key = (id(item.plan), id(src), id(dst))
-        entry = cache.get(key)
-        if entry is None or entry[0] is not item.plan:
-            if len(cache) >= 8:
-                cache.clear()
-            entry = cache[key] = (item.plan, item.backend.bind(item.plan, src, dst))
-        return entry[1]
-
-    def _prepared(self, backend, src_format: int):
-        """The kernel's parameters in ``backend``'s layout for sources of ``src_format`` (kept until the
-        weights change): bfloat16 sources take bfloat16-rounded weights (``round_for_source``)."""
-        cache = self.__dict__.setdefault("_prepared_cache", {})
-        bfloat16 = src_format == MPSImageFeatureChannelFormat.bfloat16
-        key = (backend.name, bfloat16)
-        prepared = cache.get(key)  # one look-up: another thread's _drop_caches may empty the dict
-        if prepared is None:
-            from .datasource import round_for_source  # datasource -> descriptor -> neuron imports this module
-
-            weights, *rest = self._params()
-            if isinstance(weights, np.ndarray):
-                weights = round_for_source(weights, src_format)
-            prepared = cache[key] = backend.prepare(weights, *rest, self._device)
-        return prepared
+    def _problem(self, source: MPSImage, destination: MPSImage, owner: str) -> ConvProblem:
+        """The resolved problem of encoding ``source`` into ``destination`` now (the engine's plan)."""
+        return self._encoder.plan(self, source, destination, owner).problem
 
     def _encode_pairs(self, cb, sources, destinations, owner) -> None:
-        """Validate every pair, then record them all (nothing is recorded if any pair is bad)."""
+        """Validate every pair, then hand them to the encode engine, which records them all (nothing is
+        recorded if any pair is bad). A pair this kernel encoded last time with the same settings
+        repeats what it recorded then (``Encoder.repeat``)."""
         self._check_cb(cb, owner)
         cb._begin_encode(owner)
         try:
-            if len(sources) == 1 and self._encode_repeat(cb, sources[0], destinations[0]):
+            engine = self._encoder
+            if len(sources) == 1 and engine.repeat(self, cb, sources[0], destinations[0]):
                 return
             batch = len(sources) > 1
             roots = {id(s._root) for s in sources if isinstance(s, MPSImage)}
@@ -631,55 +519,11 @@ class MPSCNNKernel(MPSKernel):
                     what = "a source image of the batch" if batch else "the source image"
                     raise MPSValueError(f"{owner}: destinationImage{index} shares storage with {what}; the "
                                         "destination may not alias a source")
-            # images that cannot exist are refused before planning (on CUDA, planning may autotune)
-            new = memory.unallocated_bytes([image for pair in pairs for image in pair])
-            if new:
-                memory.check(owner, self._device, new, 0, memory.available(self._device, new, 0))
-            pending = [_Pending(*self._plan(src, dst, owner), src, dst) for src, dst in pairs]
             if batch:
                 _check_uniform_batch(sources, owner, "sourceImages")
-            pieces = self._fit(pending, owner, new)
-            self._record(cb, pending, pieces)
-            if not batch:
-                self._remember(pending[0], pieces[0])
+            engine.encode(self, cb, pairs, owner)
         finally:
             cb._end_encode()
-
-    def _remember(self, item: _Pending, tiles) -> None:
-        """Keep what this validated encode recorded, for ``_encode_repeat``: when it ran whole, of plain
-        images with storage (a temporary image's read count and command buffer are checked on every
-        encode, and allocating storage is checked against the memory there is). A few (source,
-        destination) pairs are kept, so that a kernel that alternates between images (ping-pong
-        buffers) repeats too; each entry holds its images, so their ids cannot be reused meanwhile."""
-        cache = self.__dict__.setdefault("_repeat", {})
-        key = (id(item.source), id(item.destination))
-        cache.pop(key, None)
-        images = (item.source, item.destination)
-        if tiles is not None or any(isinstance(i, MPSTemporaryImage) or i._storage is None for i in images):
-            return
-        work = None
-        if not item.problem.empty:
-            work = (item.backend, self._bound(item), self._prepared(item.backend, item.problem.src_format))
-        if len(cache) >= 8:
-            cache.clear()
-        cache[key] = _Repeat(item.source, item.destination, item.source._storage, item.destination._storage,
-                             self._settings(), item.scratch, work)
-
-    def _encode_repeat(self, cb, source, destination) -> bool:
-        """The steady-state encode (most encodes of a network after its first pass): a source and
-        destination (same storages) this kernel has encoded with the same settings (weights and
-        descriptor changes drop these), so validation and planning would give what they gave then;
-        only the command buffer (already checked) and the memory budget can differ. Records the same
-        work and returns True, else returns False and the full encode runs."""
-        last = self.__dict__.get("_repeat", {}).get((id(source), id(destination)))
-        if last is None or last.source is not source or last.destination is not destination or \
-                source._storage is not last.src_storage or destination._storage is not last.dst_storage or \
-                last.settings != self._settings() or memory.available(self._device, 0, last.scratch) is not None:
-            return False
-        if last.work is not None:
-            backend, bound, prepared = last.work
-            cb._record(_Work(backend, bound, prepared, self))
-        return True
 
     # -- states (kernels that make one override _new_state and _check_state)
     def _new_state(self, source, commandBuffer, temporary: bool):
@@ -707,7 +551,7 @@ class MPSCNNKernel(MPSKernel):
             self._check_state(destinationState, commandBuffer, owner)
         self._encode_pairs(commandBuffer, [sourceImage], [destinationImage], owner)
         if destinationState is not None:
-            destinationState._filled_by(sourceImage, self._plan(sourceImage, destinationImage, owner)[0])
+            destinationState._filled_by(sourceImage, self._problem(sourceImage, destinationImage, owner))
         return None
 
     def encodeBatch(self, *, commandBuffer, sourceImages, destinationImages=None, destinationStates=None,
@@ -739,7 +583,7 @@ class MPSCNNKernel(MPSKernel):
         if sources:
             self._encode_pairs(commandBuffer, sources, destinations, owner)
         for state in states:
-            state._filled_by(sources[0], self._plan(sources[0], destinations[0], owner)[0])
+            state._filled_by(sources[0], self._problem(sources[0], destinations[0], owner))
         return None
 
     def _encode_allocating(self, cb, sources: list, owner: str, state_temporary: bool | None = None):
@@ -769,7 +613,7 @@ class MPSCNNKernel(MPSKernel):
             state = None if state_temporary is None else self._new_state(sources[0], cb, state_temporary)
             self._encode_pairs(cb, sources, destinations, owner)
             if state is not None:
-                state._filled_by(sources[0], self._plan(sources[0], destinations[0], owner)[0])
+                state._filled_by(sources[0], self._problem(sources[0], destinations[0], owner))
         except Exception:
             self._offset, self._edgeMode = saved
             for image in destinations:  # never used: release without a leak warning
@@ -789,25 +633,3 @@ def _check_uniform_batch(images: list, owner: str, name: str) -> None:
                                 f"{first.featureChannels} {first.featureChannelFormat.name}; a batch must agree")
 
 
-class _Work:
-    """One recorded backend call; runs when its command buffer is committed."""
-
-    __slots__ = ("run", "bound", "prepared", "label")
-
-    def __init__(self, backend, bound, prepared, kernel):
-        self.run, self.bound, self.prepared = backend.run, bound, prepared
-        options = int(kernel._options)
-        self.label = (kernel.label or type(kernel).__name__) if options & _DEBUG_GROUPS else None
-        if options & _VERBOSE or _LOG_INFO:
-            print(f"mpsconv: {kernel.label or type(kernel).__name__}: {bound} on {backend.name}", file=sys.stderr)
-
-    def __call__(self) -> None:
-        if self.label is None:
-            self.run(self.bound, self.prepared)
-        else:
-            with torch.autograd.profiler.record_function(self.label):  # debug group -> profiler range
-                self.run(self.bound, self.prepared)
-
-
-_LOG_INFO = bool(os.environ.get("MPS_LOG_INFO"))
-_DEBUG_GROUPS, _VERBOSE = int(MPSKernelOptions.insertDebugGroups), int(MPSKernelOptions.verbose)

@@ -14,7 +14,7 @@ from .convolution import MPSCNNConvolution, MPSCNNFullyConnected
 from .datasource import _ArrayDataSource
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNDepthWiseConvolutionDescriptor
 from .errors import MPSTypeError, MPSValueError
-from .geometry import dilated_extent
+from .core.geometry import dilated_extent
 from .transpose import MPSCNNConvolutionTranspose
 from .types import MPSDataType, MPSOffset
 

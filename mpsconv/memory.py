@@ -18,24 +18,11 @@ import torch
 
 from . import config
 from .errors import MPSMemoryError
-from .geometry import ConvProblem, tiles
-from .image import STORAGE_DTYPE
+from .core.geometry import ConvProblem, tiles
 
 SMALL = 64 << 20
 #: The largest scratch one tile may take: a quarter of the limit, at most this.
 TILE_BYTES = 1 << 30
-
-
-def storage_bytes(image) -> int:
-    """Bytes of an image's storage (``numberOfImages x H x W x 4·slices`` elements)."""
-    root = image._root
-    return root._n * root._h * root._w * 4 * (-(-root._c // 4)) * STORAGE_DTYPE[root._format].itemsize
-
-
-def unallocated_bytes(images) -> int:
-    """Bytes the storages of ``images`` not yet allocated will take (each root once)."""
-    roots = {id(image._root): image._root for image in images if image._root._storage is None}
-    return sum(storage_bytes(root) for root in roots.values())
 
 
 def limit(device) -> int:

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from . import config
+from .core.formats import FORMAT_OF_PIXEL, STORAGE_DTYPE, MTLPixelFormat
 from .errors import MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValueError
+from .memory import allocation_failed, out_of_memory
 
 
 class MTLCommandBufferStatus(enum.IntEnum):
@@ -183,8 +185,6 @@ class MTLDevice:
 
     def makeTexture(self, descriptor):
         """``makeTexture(descriptor:)``: a 2D or 2D-array texture (``MTLTextureDescriptor``)."""
-        from .image import make_texture  # textures are image storage; image.py builds on this module
-
         return make_texture(self, descriptor)
 
     def __repr__(self) -> str:
@@ -347,6 +347,83 @@ class MTLBuffer:
                 self._deallocator(self._data, self.length)
             except Exception:
                 pass
+
+
+# --------------------------------------------------------------------------------------------
+# Textures (just enough to wrap and to report what an MPSImage's texture would be)
+
+
+class MTLTextureDescriptor:
+    """``MTLTextureDescriptor`` (2D and 2D-array textures only)."""
+
+    def __init__(self, *, textureType=MTLTextureType.type2D, pixelFormat=MTLPixelFormat.rgba16Float, width: int = 1,
+                 height: int = 1, arrayLength: int = 1, usage=MTLTextureUsage.shaderRead,
+                 storageMode=MTLStorageMode.shared, depth: int = 1):
+        self.textureType = MTLTextureType(int(textureType))
+        self.pixelFormat = MTLPixelFormat(int(pixelFormat))
+        self.width, self.height, self.arrayLength, self.depth = width, height, arrayLength, depth
+        self.usage = MTLTextureUsage(int(usage))
+        self.storageMode = MTLStorageMode(int(storageMode))
+
+    @classmethod
+    def texture2DDescriptor(cls, *, pixelFormat, width, height, mipmapped=False) -> "MTLTextureDescriptor":
+        return cls(pixelFormat=pixelFormat, width=width, height=height)
+
+
+class MTLTexture:
+    """``MTLTexture``: ``arrayLength`` slices of ``width x height`` pixels with up to 4 lanes.
+
+    Its storage is one tensor ``[1, height, width, 4·arrayLength]`` or an image's NHWC tensor;
+    an ``MPSImage`` made from it is a view of that tensor.
+    """
+
+    def __init__(self, device: MTLDevice, storage: torch.Tensor, images: int, textureType, pixelFormat, usage,
+                 root, storageMode=MTLStorageMode.shared):
+        self._device = device
+        self._storage = storage  # [images, H, W, 4·slices_per_image]
+        self._images = images
+        self.textureType = MTLTextureType(int(textureType))
+        self.pixelFormat = MTLPixelFormat(int(pixelFormat))
+        self.usage = MTLTextureUsage(int(usage))
+        self.storageMode = MTLStorageMode(int(storageMode))
+        self._root = root
+        self.label = None
+
+    @property
+    def device(self) -> MTLDevice:
+        return self._device
+
+    @property
+    def width(self) -> int:
+        return self._storage.shape[2]
+
+    @property
+    def height(self) -> int:
+        return self._storage.shape[1]
+
+    @property
+    def depth(self) -> int:
+        return 1
+
+    @property
+    def arrayLength(self) -> int:
+        return self._images * (self._storage.shape[3] // 4)
+
+
+def make_texture(device: MTLDevice, descriptor: MTLTextureDescriptor) -> MTLTexture:
+    """``MTLDevice.makeTexture(descriptor:)`` (the device method calls this)."""
+    if descriptor.textureType not in (MTLTextureType.type2D, MTLTextureType.type2DArray):
+        raise MPSValueError(f"makeTexture: textureType={descriptor.textureType!r}; only type2D and type2DArray")
+    if descriptor.pixelFormat not in FORMAT_OF_PIXEL:
+        raise MPSValueError(f"makeTexture: pixelFormat={descriptor.pixelFormat!r} is not a feature-channel format")
+    fmt, _ = FORMAT_OF_PIXEL[descriptor.pixelFormat]
+    slices = descriptor.arrayLength if descriptor.textureType == MTLTextureType.type2DArray else 1
+    storage = torch.zeros(1, descriptor.height, descriptor.width, 4 * slices, dtype=STORAGE_DTYPE[fmt],
+                          device=device.torch_device)
+    tex = MTLTexture(device, storage, 1, descriptor.textureType, descriptor.pixelFormat, descriptor.usage, None,
+                     descriptor.storageMode)
+    tex._root = tex
+    return tex
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,8 +678,6 @@ class MTLCommandBuffer:
         """The error lands in status / error, as on Metal; running out of memory is ``outOfMemory``,
         with an ``MPSMemoryError`` as the underlying error (and PyTorch's unused cached blocks are
         released, so that later command buffers have the memory this one could not get)."""
-        from .memory import allocation_failed, out_of_memory  # memory -> image -> metal
-
         code = MTLCommandBufferError.internal
         if out_of_memory(exc):
             code = MTLCommandBufferError.outOfMemory

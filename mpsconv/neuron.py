@@ -1,123 +1,20 @@
-"""Neurons: ``MPSCNNNeuronType``, the one formula table, ``MPSNNNeuronDescriptor``, ``MPSCNNNeuron*``.
-
-``FORMULAS[type](x, a, b, c, ops)`` is the activation of spec ``kernel-image.md`` §5.1, written once
-against a small array namespace (``NUMPY_OPS`` for the float64 reference, ``TORCH_OPS`` for the
-fast paths), so every backend evaluates the same expression.
+"""Neurons: ``MPSNNNeuronDescriptor`` and the ``MPSCNNNeuron`` kernels (``MPSCNNNeuronReLU`` and the
+other deprecated per-type classes). The activations themselves, ``MPSCNNNeuronType`` and its one
+formula table, live in ``core.activations``, where every backend reads them.
 """
 from __future__ import annotations
 
-import enum
-import math
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from .core.activations import MPSCNNNeuronType, default_parameters
+from .core.geometry import NeuronSpec
 from .errors import MPSTypeError, MPSValueError
-from .geometry import NeuronSpec
-
-
-class MPSCNNNeuronType(enum.IntEnum):
-    """``MPSCNNNeuronType``: activation functions with Apple's raw values."""
-
-    none = 0
-    reLU = 1
-    linear = 2
-    sigmoid = 3
-    hardSigmoid = 4
-    tanH = 5
-    absolute = 6
-    softPlus = 7
-    softSign = 8
-    ELU = 9
-    pReLU = 10
-    reLUN = 11
-    power = 12
-    exponential = 13
-    logarithm = 14
-    geLU = 15
-    count = 16
-
+from .kernel import MPSCNNKernel
 
 T = MPSCNNNeuronType
-
-#: Parameter values used for every parameter a constructor does not receive (spec §5.1 OPEN).
-DEFAULT_PARAMETERS = {
-    T.reLU: (0.0, 0.0, 0.0),
-    T.linear: (1.0, 0.0, 0.0),
-    T.hardSigmoid: (0.2, 0.5, 0.0),
-    T.tanH: (1.0, 1.0, 0.0),
-    T.softPlus: (1.0, 1.0, 0.0),
-    T.ELU: (1.0, 0.0, 0.0),
-    T.reLUN: (1.0, 6.0, 0.0),
-    T.power: (1.0, 0.0, 1.0),
-    T.exponential: (1.0, 0.0, -1.0),
-    T.logarithm: (1.0, 0.0, -1.0),
-}
-
-
-def default_parameters(neuron_type) -> tuple[float, float, float]:
-    return DEFAULT_PARAMETERS.get(MPSCNNNeuronType(neuron_type), (0.0, 0.0, 0.0))
-
-
-_np_erf = np.vectorize(math.erf, otypes=[np.float64])
-
-NUMPY_OPS = SimpleNamespace(
-    where=np.where, exp=np.exp, expm1=np.expm1, log=np.log, tanh=np.tanh, abs=np.abs, erf=_np_erf,
-    minimum=np.minimum, clip=np.clip, power=np.power, logaddexp=np.logaddexp, rpow=np.power,
-)
-
-
-def _torch_minimum(x, b):
-    return torch.clamp(x, max=b)
-
-
-TORCH_OPS = SimpleNamespace(
-    where=torch.where, exp=torch.exp, expm1=torch.expm1, log=torch.log, tanh=torch.tanh, abs=torch.abs,
-    erf=torch.erf, minimum=_torch_minimum, clip=lambda x, lo, hi: torch.clamp(x, lo, hi), power=torch.pow,
-    logaddexp=lambda lhs, y: torch.logaddexp(y.new_tensor(lhs), y), rpow=torch.pow,
-)
-
-
-def _exponential(x, a, b, c, ops):
-    y = a * x + b
-    return ops.exp(y) if c == -1 else ops.rpow(c, y)
-
-
-def _logarithm(x, a, b, c, ops):
-    y = ops.log(a * x + b)
-    if c == -1:
-        return y
-    return y / math.log(c) if c > 0 else y * math.nan  # no real logarithm to a non-positive base
-
-
-#: f(x, a, b, c, ops): the activation of each type; ``a`` is an array broadcast over channels for PReLU.
-FORMULAS = {
-    T.none: lambda x, a, b, c, ops: x,
-    T.reLU: lambda x, a, b, c, ops: ops.where(x >= 0, x, a * x),
-    T.linear: lambda x, a, b, c, ops: a * x + b,
-    T.sigmoid: lambda x, a, b, c, ops: 1.0 / (1.0 + ops.exp(-x)),
-    T.hardSigmoid: lambda x, a, b, c, ops: ops.clip(a * x + b, 0.0, 1.0),
-    T.tanH: lambda x, a, b, c, ops: a * ops.tanh(b * x),
-    T.absolute: lambda x, a, b, c, ops: ops.abs(x),
-    T.softPlus: lambda x, a, b, c, ops: a * ops.logaddexp(0.0, b * x),
-    T.softSign: lambda x, a, b, c, ops: x / (1.0 + ops.abs(x)),
-    T.ELU: lambda x, a, b, c, ops: ops.where(x >= 0, x, a * ops.expm1(x)),
-    T.pReLU: lambda x, a, b, c, ops: ops.where(x >= 0, x, a * x),
-    T.reLUN: lambda x, a, b, c, ops: ops.minimum(ops.where(x >= 0, x, a * x), b),
-    T.power: lambda x, a, b, c, ops: ops.power(a * x + b, c),
-    T.exponential: _exponential,
-    T.logarithm: _logarithm,
-    T.geLU: lambda x, a, b, c, ops: 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0)))),
-}
-
-
-def apply_neuron(x, spec: NeuronSpec, prelu, ops):
-    """``f(x)`` for a resolved neuron; ``prelu`` is the per-channel ``a`` (broadcast on the last axis)."""
-    neuron_type = MPSCNNNeuronType(spec.type)
-    a = prelu if neuron_type == T.pReLU else spec.a
-    return FORMULAS[neuron_type](x, a, spec.b, spec.c, ops)
 
 
 def _check_type(value, owner: str) -> MPSCNNNeuronType:
@@ -231,8 +128,6 @@ def _deprecated(what: str, instead: str) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Neuron kernels (spec §5.4). Deprecated subclasses carry a neuron into a convolution descriptor.
-
-from .kernel import MPSCNNKernel  # noqa: E402  (kernel.py does not import this module)
 
 
 class MPSCNNNeuron(MPSCNNKernel):

@@ -4,9 +4,10 @@ from __future__ import annotations
 from .convolution import MPSCNNConvolution, _WeightedKernel
 from .descriptor import MPSCNNConvolutionDescriptor
 from .errors import MPSTypeError, MPSValueError
-from .geometry import ConvProblem, allocate
+from .core.geometry import ConvProblem, allocate
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .kernel import MPSImageEdgeMode, MPSOrigin, MPSRegion, MPSSize
+from .state import MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState
 from .types import MPSDataType, MPSOffset
 
 
@@ -101,8 +102,6 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
     def _apply_state(self, state, cb, owner: str) -> None:
         """The forward convolution's state decides the geometry: ``offset = 0`` and
         ``kernelOffset = -o + (1 if Kd is even else 0)`` per axis (spec §10.4)."""
-        from .gradient import MPSCNNConvolutionGradientState
-
         if not isinstance(state, MPSCNNConvolutionGradientState):
             raise MPSTypeError(f"{owner}: convolutionGradientState={type(state).__name__} must be an "
                                "MPSCNNConvolutionGradientState from the forward convolution")
@@ -124,8 +123,6 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
 
     # -- training states (spec §10.6, §14)
     def _result_state_class(self):
-        from .gradient import MPSCNNConvolutionTransposeGradientState
-
         return MPSCNNConvolutionTransposeGradientState
 
     def _state_snapshot(self) -> tuple:
@@ -172,7 +169,7 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
                 allocated._read_count = 0
             raise
         if result_state is not None:
-            result_state._filled_by(sourceImage, self._plan(sourceImage, destinationImage, owner)[0])
+            result_state._filled_by(sourceImage, self._problem(sourceImage, destinationImage, owner))
             result_state._source_convolution = state._producer
         return allocated, result_state
 

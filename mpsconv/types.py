@@ -1,4 +1,4 @@
-"""Small Metal / MPS value types shared by every layer: offsets, regions, data types.
+"""Small Metal / MPS value types shared by every layer: offsets, regions, data types, kernel options.
 
 They are immutable named tuples: Swift structs are values, so ``kernel.offset`` is replaced
 as a whole (``kernel.offset = MPSOffset(x=1, y=1, z=0)``), never mutated in place.
@@ -59,6 +59,17 @@ def MTLRegionMake3D(x: int, y: int, z: int, width: int, height: int, depth: int)
 
 #: ``MPSRectNoClip``: the clip region that covers the whole destination.
 MPSRectNoClip = MTLRegion(MTLOrigin(0, 0, 0), MTLSize(NSUIntegerMax, NSUIntegerMax, NSUIntegerMax))
+
+
+class MPSKernelOptions(enum.IntFlag):
+    """``MPSKernelOptions``."""
+
+    none = 0
+    skipAPIValidation = 1 << 0
+    allowReducedPrecision = 1 << 1
+    disableInternalTiling = 1 << 2
+    insertDebugGroups = 1 << 3
+    verbose = 1 << 4
 
 
 class MPSDataType(enum.IntEnum):

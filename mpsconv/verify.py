@@ -19,7 +19,8 @@ from .errors import MPSConvError
 from .gradient import MPSCNNConvolutionGradient, MPSCNNConvolutionTransposeGradient, MPSCNNFullyConnectedGradient
 from .image import MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat as FMT
 from .layout import MPSCNNConvolutionWeights
-from .neuron import MPSCNNNeuronType, MPSNNNeuronDescriptor
+from .core.activations import MPSCNNNeuronType
+from .neuron import MPSNNNeuronDescriptor
 from .tolerances import mismatches
 from .transpose import MPSCNNConvolutionTranspose
 from .types import MPSDataType, MPSOffset

@@ -14,6 +14,7 @@ import pytest
 
 from helpers import DEVICE, FMT, blank, conv, image
 from mpsconv import MPSCommandBufferError, MTLCommandBufferStatus
+from mpsconv.encoder import Encoder
 
 THREADS, ENCODES = 8, 500
 INPUTS = 4  # distinct sources; thread t's i-th encode reads input (t + i) % INPUTS
@@ -191,7 +192,7 @@ def test_an_encode_overlapping_another_on_the_same_buffer_raises_and_commit_wait
     kernel, sources, expected = _setup()
     cb = DEVICE.makeCommandQueue().makeCommandBuffer()
     inside, release = threading.Event(), threading.Event()
-    plan = type(kernel)._plan
+    plan = Encoder.plan
 
     def held_plan(self, *args):
         if threading.current_thread().name == "first":
@@ -199,7 +200,7 @@ def test_an_encode_overlapping_another_on_the_same_buffer_raises_and_commit_wait
             release.wait(10)
         return plan(self, *args)
 
-    monkeypatch.setattr(type(kernel), "_plan", held_plan)
+    monkeypatch.setattr(Encoder, "plan", held_plan)
     dst = blank(5, 6, 8)
     first = threading.Thread(name="first", target=lambda: kernel.encode(commandBuffer=cb, sourceImage=sources[2],
                                                                         destinationImage=dst))

@@ -494,7 +494,7 @@ def test_copies_do_not_share_cached_plans():
     k = conv()
     run(k, image(np.ones((3, 3, 1))), blank(3, 3, 1))
     other = k.copy()
-    assert "_plan_cache" not in other.__dict__ and "_prepared_cache" not in other.__dict__
+    assert other._encoder is not k._encoder and not other._encoder.plans and not other._encoder.prepared_weights
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -514,7 +514,7 @@ def test_half_accumulator_meets_the_float16_error_bound(backend):
     assert (np.abs(got - expected) <= half_accumulation_bound(exact, 3 * 3 * 5)).all()
 
 
-# -- the steady-state encode (``_encode_repeat``): the same images and settings skip validation and planning
+# -- the steady-state encode (``Encoder.repeat``): the same images and settings skip validation and planning
 
 SETTING_CHANGES = {
     "offset": lambda k: setattr(k, "offset", MPSOffset(2, 0, 0)),
@@ -538,7 +538,7 @@ def test_a_repeated_encode_follows_a_changed_setting(change, backend):
     k = conv(3, 3, 4, 4, weights=w, bias=b)
     got = blank(7, 6, 8, fill=0.5)
     run(k, src, got, backend)
-    assert (id(src), id(got)) in k.__dict__["_repeat"]
+    assert (id(src), id(got)) in k._encoder.repeats
     SETTING_CHANGES[change](k)
     run(k, src, got, backend)
     want = blank(7, 6, 8, fill=0.5)
@@ -594,7 +594,7 @@ def test_temporary_images_are_validated_on_every_encode():
     tmp.readCount = 2
     k.encode(commandBuffer=cb, sourceImage=tmp, destinationImage=dst)
     k.encode(commandBuffer=cb, sourceImage=tmp, destinationImage=dst)
-    assert tmp.readCount == 0 and not k.__dict__["_repeat"]
+    assert tmp.readCount == 0 and not k._encoder.repeats
     with pytest.raises(MPSCommandBufferError, match="released"):
         k.encode(commandBuffer=cb, sourceImage=tmp, destinationImage=dst)
     cb.commit()
@@ -616,4 +616,4 @@ def test_a_repeated_encode_uses_reloaded_weights_and_the_backend_in_force():
         k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
     cb.commit()
     cb.waitUntilCompleted()
-    assert k.__dict__["_repeat"][id(src), id(dst)].work[0].name == "torch"
+    assert k._encoder.repeats[id(src), id(dst)].work[0].name == "torch"

@@ -10,7 +10,7 @@ import pytest
 from helpers import DEVICE, QUEUE, ArraySource, blank, descriptor, image, run, values
 from mpsconv import MPSCNNConvolution, MPSCommandBufferError, MTLCommandBufferStatus, use_backend
 from mpsconv.backends import REGISTRY, choose, select, tuning, usable
-from mpsconv.geometry import EdgeMode, NeuronSpec, resolve_forward
+from mpsconv.core.geometry import EdgeMode, NeuronSpec, resolve_forward
 from tolerances import assert_close
 
 

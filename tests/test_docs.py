@@ -9,7 +9,8 @@ import runpy
 import pytest
 
 import mpsconv
-from mpsconv import convolution, descriptor, geometry
+from mpsconv import convolution, descriptor
+from mpsconv.core import geometry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,7 +18,7 @@ from mpsconv import (
     MTLRegion, MTLSize, MTLCommandBufferStatus, use_backend, use_memory_limit,
 )
 from mpsconv.backends import REGISTRY
-from mpsconv.geometry import tiles
+from mpsconv.core.geometry import tiles
 from tolerances import assert_close
 
 RNG = np.random.default_rng(11)
@@ -83,7 +83,7 @@ def test_problems_over_the_tile_budget_run_as_tiles_with_the_same_results(case, 
     whole = _encode(kernel, src, expected, "reference")
     whole.commit()
     whole.waitUntilCompleted()
-    problem = kernel._plan(src, expected, "test")[0]
+    problem = kernel._problem(src, expected, "test")
     scratch = REGISTRY[backend].scratch_bytes(problem)
     dst = image(before)
     with use_memory_limit(4 * max(1, scratch // 5)):  # the tile budget is a quarter of the limit
@@ -98,7 +98,7 @@ def test_the_triton_backend_needs_no_tiles():
     """Its implicit GEMM reads the images in place: no scratch grows with them (split-K's workspace
     is only offered to problems too small to fill the GPU)."""
     kernel = conv(3, 3, 64, 64, weights=RNG.uniform(-1, 1, 64 * 64 * 9))
-    problem = kernel._plan(blank(512, 512, 64), blank(512, 512, 64), "test")[0]
+    problem = kernel._problem(blank(512, 512, 64), blank(512, 512, 64), "test")
     assert REGISTRY["triton"].scratch_bytes(problem) == 0 < REGISTRY["torch"].scratch_bytes(problem)
 
 
@@ -107,7 +107,7 @@ def test_tiles_cover_the_clip_region_once():
                                               outputFeatureChannels=36)
     sub.subPixelScaleFactor = 3
     kernel = MPSCNNConvolution(device=DEVICE, weights=ArraySource(sub, np.ones(36 * 36, np.float32)))
-    problem = kernel._plan(blank(7, 9, 4, images=5), blank(20, 25, 4, images=5), "test")[0]
+    problem = kernel._problem(blank(7, 9, 4, images=5), blank(20, 25, 4, images=5), "test")
     assert problem.subpixel == 3 and problem.out_size == (25, 20)
     for rows, images in [(1, 1), (2, 2), (4, 5), (100, 100)]:
         covered = np.zeros((5, 25, 20), int)

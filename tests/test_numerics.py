@@ -20,7 +20,7 @@ from mpsconv import (
     MPSCNNConvolution, MPSCNNDepthWiseConvolutionDescriptor, MPSCNNNeuron, MPSCNNNeuronType as T, MPSImageEdgeMode,
     MPSNNNeuronDescriptor,
 )
-from mpsconv.neuron import DEFAULT_PARAMETERS
+from mpsconv.core.activations import DEFAULT_PARAMETERS
 from tolerances import assert_close
 
 # Triton's interpreter computes with NumPy, which warns about the IEEE specials these tests feed it.

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 
 from helpers import QUEUE, blank, conv, image, run, values
 from mpsconv import *
-from mpsconv.geometry import dest_size, dest_size_reverse, padding_offset, tdiv
+from mpsconv.core.geometry import dest_size, dest_size_reverse, padding_offset, tdiv
 from tolerances import assert_close
 
 M = MPSNNPaddingMethod

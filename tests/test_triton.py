@@ -223,7 +223,7 @@ def planned(rng, cin, **props):
     properties ``props``) from a 32x32 source into a 16x16 destination, random weights and pixels."""
     d = descriptor(7, 7, cin, 64, **props)
     k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, (64, 7, 7, cin // d.groups))))
-    return k._plan(image(rng.uniform(-1, 1, (1, 32, 32, cin))), blank(16, 16, 64), "t")[0]
+    return k._problem(image(rng.uniform(-1, 1, (1, 32, 32, cin))), blank(16, 16, 64), "t")
 
 
 def test_packing_geometry_and_offer():
@@ -290,19 +290,21 @@ def test_tma_scratch_allocator_leaves_a_callers_own_in_place():
     import triton
     from triton.runtime import _allocation
 
+    from mpsconv.backends import launch
+
     def theirs(size, alignment, stream):
         raise AssertionError("not called here")
 
     def run_in_fresh_context(before):
         if before is not None:
             triton.set_allocator(before)
-        triton_backend._ensure_allocator()
+        launch._ensure_allocator()
         return _allocation._allocator.get()
 
     fresh = contextvars.Context()  # a new thread's context: Triton's null allocator
-    assert fresh.run(run_in_fresh_context, None) is triton_backend._scratch
+    assert fresh.run(run_in_fresh_context, None) is launch._scratch
     assert contextvars.Context().run(run_in_fresh_context, theirs) is theirs
-    assert triton_backend._scratch(64, 16, None).numel() == 64
+    assert launch._scratch(64, 16, None).numel() == 64
 
 
 def test_split_k_replays_on_new_contents():

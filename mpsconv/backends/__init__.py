@@ -6,7 +6,10 @@ device)`` (converts a kernel's effective parameters once into its layout), ``pla
 once per encode: views of the source and destination storage), ``run(bound, prepared)`` (at
 commit: reads the source storage, writes the destination storage), ``scratch_bytes(problem)``
 (at most the temporary memory ``run`` allocates; ``memory`` tiles problems by it) and
-``gradient`` (or None).
+``gradient`` (or None): ``gradient(plan, src, e, weights, device) -> (dS, dW, dB)`` for the incoming
+gradient ``e`` of a forward problem, with ``gradient_scratch_bytes(problem)`` bounding what it
+allocates. They import ``core`` (the semantics), ``launch`` (what the GPU backends share) and
+nothing else of the package.
 A backend with launch configurations also has ``variants(problem)`` and takes one as ``plan``'s
 third argument. Kernels cache plans and prepared parameters; an encode records one bound call.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 from .. import config
 from ..errors import MPSValueError
-from . import reference, torch as torch_backend, triton as triton_backend
+from . import launch, reference, torch as torch_backend, triton as triton_backend
 
 REGISTRY = {"reference": reference.BACKEND, "torch": torch_backend.BACKEND, "triton": triton_backend.BACKEND}
 
@@ -22,7 +25,7 @@ REGISTRY = {"reference": reference.BACKEND, "torch": torch_backend.BACKEND, "tri
 def usable(device) -> list[str]:
     """The backends that can run anything on ``device``: triton needs a CUDA GPU (or its interpreter)."""
     return [name for name in REGISTRY
-            if name != "triton" or (triton_backend.available() and (device.is_cuda or triton_backend.interpreting()))]
+            if name != "triton" or (launch.available() and (device.is_cuda or launch.interpreting()))]
 
 
 def _forced(problem, device, gradient: bool):

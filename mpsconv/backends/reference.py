@@ -11,15 +11,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ..geometry import ConvProblem, EdgeMode
-from ..image import MPSImageFeatureChannelFormat as F, storage_to_values, values_to_storage
-from ..neuron import NUMPY_OPS, apply_neuron
+from ..core.activations import NUMPY_OPS, apply_neuron
+from ..core.formats import MPSImageFeatureChannelFormat as F, storage_to_values, values_to_storage
+from ..core.geometry import ConvProblem, EdgeMode
+from ..core.weights import BinaryParams
 
 
 class Prepared:
     def __init__(self, weights, bias, prelu):
-        from ..binary import BinaryParams
-
         self.binary = weights if isinstance(weights, BinaryParams) else None
         if self.binary is not None:
             weights = None
@@ -116,7 +115,8 @@ def forward(problem: ConvProblem, src: torch.Tensor, dst: torch.Tensor, prepared
 
 @np.errstate(all="ignore")
 def gradient(problem: ConvProblem, src: torch.Tensor, e: torch.Tensor, weights: np.ndarray, device=None):
-    """Spec §11.4, §11.5, literally: ``(dS, dW, dB)`` for the incoming gradient ``e`` ``[n, He, We, O]``.
+    """``(dS, dW, dB)`` for the incoming gradient ``e`` ``[n, He, We, O]``, literally (the plan of this
+    backend is the problem itself).
 
     ``dS`` ``[n, Hs, Ws, I]`` scatters every tap's ``E·W`` back onto the pixel it read (clamped reads
     land on the edge pixel: the exact VJP); ``dW`` sums ``E`` times the windows over the batch;
@@ -166,6 +166,18 @@ class _Reference:
         (h, w), taps = p.expanded_size, p.kernel[0] * p.kernel[1]
         return 8 * (2 * p.n_images * h * w * p.in_channels + 2 * taps * p.out_elements() // p.out_channels
                     * p.in_channels + 4 * p.out_elements())
+
+    @staticmethod
+    def gradient_scratch_bytes(problem: ConvProblem) -> int:
+        """At most what ``gradient`` allocates (float64): the source slice converted and its gradient,
+        every tap of every output three times (gathered, masked, multiplied out), the incoming
+        gradient and the weight gradient."""
+        p = problem
+        (h, w), taps = p.expanded_size, p.kernel[0] * p.kernel[1]
+        windows = taps * p.out_elements() // p.out_channels * p.in_channels
+        weights = p.out_channels * taps * (p.in_channels // p.groups)
+        return 8 * (2 * p.n_images * h * w * p.in_channels + 3 * windows + p.out_elements() + weights)
+
     @staticmethod
     def plan(problem, device) -> ConvProblem:
         return problem

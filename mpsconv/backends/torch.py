@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as Fn
 
-from ..geometry import ConvProblem, EdgeMode
-from ..image import FLOAT_FORMATS as _FLOAT_FORMATS, MPSImageFeatureChannelFormat as F, STORAGE_DTYPE, \
+from ..core.activations import TORCH_OPS, MPSCNNNeuronType, apply_neuron, neuron_args, neuron_supported
+from ..core.formats import FLOAT_FORMATS as _FLOAT_FORMATS, STORAGE_DTYPE, MPSImageFeatureChannelFormat as F, \
     storage_to_values, values_to_storage
-from ..neuron import MPSCNNNeuronType, TORCH_OPS, apply_neuron
-from . import triton as triton_backend  # its kernels: the CUDA epilogue (Triton itself loads on first use)
+from ..core.geometry import ConvProblem, EdgeMode
+from ..core.weights import BinaryParams
+from . import launch  # the CUDA epilogue (Triton itself loads on first use)
 
 _COPY, _RELU, _GENERAL = 0, 1, 2
 _ONEDNN: bool | None = None  # whether the prepacked oneDNN path works in this PyTorch build
@@ -67,8 +68,6 @@ class Prepared:
     """A kernel's effective parameters in this backend's layout, on the kernel's device."""
 
     def __init__(self, weights, bias, prelu, device):
-        from ..binary import BinaryParams
-
         dev = device.torch_device
         self.binary = None
         if isinstance(weights, BinaryParams):
@@ -230,7 +229,7 @@ class Plan:
         if device.is_cuda and p.reduced_precision:
             self.conv2d = _tf32(Fn.conv2d)
         if self.fused:
-            self.epilogue_args = triton_backend.neuron_args(p.neuron)
+            self.epilogue_args = neuron_args(p.neuron)
         out_bytes = n * gh * gw * p.out_channels * self.compute_dtype.itemsize
         self.graphed = self.fused and device.is_cuda and out_bytes <= GRAPH_MAX_BYTES
         # Epilogue: what is left after the convolution (and its bias).
@@ -298,7 +297,7 @@ class Bound:
 
     def __init__(self, plan: Plan, src: torch.Tensor, dst: torch.Tensor):
         self.plan = plan
-        self.epilogue = None  # CUDA: the Triton epilogue's launch (triton_backend.Epilogue)
+        self.epilogue = None  # CUDA: the Triton epilogue's launch (launch.Epilogue)
         self.ran = None  # the weights (Prepared) of the last run made without a graph
         self.graph = None  # plan.graphed: (prepared, torch.cuda.CUDAGraph of a run), or False if capture failed
         if plan.zeros_shape is not None:  # the window misses the source: the input is zeros, always
@@ -431,14 +430,14 @@ def _fused_once(bound: Bound, prepared: Prepared) -> None:
     # One epilogue per bound encode and weights: a compiled kernel is specialised to its pointers'
     # alignment, and after the first run only the convolution's output (new each run) changes.
     if bound.epilogue is None or bound.epilogue.prepared is not prepared:
-        bound.epilogue = triton_backend.Epilogue(p, prepared.bias, None if prepared.prelu is None else
+        bound.epilogue = launch.Epilogue(p, prepared.bias, None if prepared.prelu is None else
                                                  prepared.prelu.view(-1), bound.out.permute(0, 2, 3, 1),
                                                  plan.epilogue_args, prepared)
     bound.epilogue(y.permute(0, 2, 3, 1))
 
 
 def _triton_epilogue_usable(p: ConvProblem) -> bool:
-    return triton_backend.available() and triton_backend.neuron_supported(p.neuron)
+    return launch.available() and neuron_supported(p.neuron)
 
 
 def _neuron(y: torch.Tensor, p: ConvProblem, prepared: Prepared) -> torch.Tensor:
@@ -607,11 +606,11 @@ def _popcount_accumulate(s_prime: torch.Tensor, p: ConvProblem, b: _BinaryTensor
     return acc.to(torch.float32).permute(0, 3, 1, 2)
 
 
-def gradient(problem: ConvProblem, src: torch.Tensor, e: torch.Tensor, weights: np.ndarray, device):
+def gradient(plan: Plan, src: torch.Tensor, e: torch.Tensor, weights: np.ndarray, device):
     """``(dS, dW, dB)`` as the vector-Jacobian product of this backend's own forward window operations
     (crop, zero pad or clamped gather, convolution) with the incoming gradient ``e`` ``[n, He, We, O]``:
     exact for every geometry the forward supports, clamped reads included."""
-    plan = Plan(problem, device)
+    problem = plan.problem
     n, i0, c0 = problem.n_images, problem.src_image0, problem.src_channel0
     x0 = storage_to_values(src[i0:i0 + n, :, :, c0:c0 + problem.in_channels], F(problem.src_format), torch.float32)
     x0 = _canonical(x0.permute(0, 3, 1, 2)).detach().requires_grad_(True)  # a leaf; no copy for NHWC slices
@@ -673,6 +672,20 @@ class _Torch:
         (y0, y1), (x0, x1) = p.read_range(0), p.read_range(1)
         expanded = p.n_images * p.expanded_size[0] * p.expanded_size[1] * p.in_channels if p.upsample != (1, 1) else 0
         return 4 * (3 * p.read_elements() + expanded + 3 * p.out_elements()) + 8 * (y1 - y0 + x1 - x0 + 2)
+
+    @staticmethod
+    def gradient_scratch_bytes(problem: ConvProblem) -> int:
+        """At most what ``gradient`` allocates besides the images (float32): the source slice
+        converted, the read window and its gradient three times (cropped, gathered or padded, and
+        back), the incoming gradient twice (and the padded convolution's outputs around it), the
+        expanded source and its gradient of a backwards kernel, and the weight gradient."""
+        p = problem
+        (y0, y1), (x0, x1) = p.read_range(0), p.read_range(1)
+        expanded = p.n_images * p.expanded_size[0] * p.expanded_size[1] * p.in_channels if p.upsample != (1, 1) else 0
+        weights = p.out_channels * p.kernel[0] * p.kernel[1] * (p.in_channels // p.groups)
+        source = p.n_images * p.src_size[0] * p.src_size[1] * p.in_channels
+        return 4 * (2 * source + 6 * p.read_elements() + 2 * expanded + 4 * p.out_elements() + weights) \
+            + 8 * (y1 - y0 + x1 - x0 + 2)
 
     plan = staticmethod(Plan)
     bind = staticmethod(Bound)

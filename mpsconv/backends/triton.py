@@ -19,13 +19,13 @@ it, else in float32 (TF32 only when the kernel's ``options`` allow reduced preci
 accumulator is float32 throughout.
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors too (slowly), which is how CI checks
-them; elsewhere the backend supports CUDA devices only.
+them; elsewhere the backend supports CUDA devices only. Loading Triton, the launcher and the
+epilogue kernel are shared with the torch backend (``launch``).
 """
 from __future__ import annotations
 
 import functools
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -33,33 +33,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ..geometry import ConvProblem, EdgeMode
-from ..image import MPSImageFeatureChannelFormat as F, STORAGE_DTYPE
-from ..neuron import MPSCNNNeuronType as T
+from ..core.activations import neuron_args, neuron_supported
+from ..core.formats import STORAGE_DTYPE, MPSImageFeatureChannelFormat as F
+from ..core.geometry import ConvProblem, EdgeMode
+from .launch import (
+    Launcher, available, epilogue_args, epilogue_launcher, interpreting, kernels, needs_wide_index, tl_dtype,
+)
 
-_kernels = None  # the jit module, imported on first use: importing Triton costs ~1 s
 _FORMATS = (F.float16, F.float32, F.bfloat16)
-
-
-def available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def kernels():
-    global _kernels
-    if _kernels is None:
-        from . import _triton_kernels
-
-        _kernels = _triton_kernels
-    return _kernels
 
 
 @dataclass(frozen=True)
@@ -166,22 +147,6 @@ DIRECT_MAX_IG = 8
 #: without TF32 run on CUDA cores either way, where the direct kernel does no wasted work.
 GROUPED_CONFIGS = [_direct(64, 128, 2, 4, 1), _direct(32, 128, 4, 4, 1), _direct(16, 128, 1, 4, 1),
                    _direct(1, 512, 0, 4, 1)]
-
-
-def neuron_args(neuron) -> tuple[int, float, float, float, float]:
-    """``(code, a, b, c, p2)`` for ``_neuron``; ``p2`` folds the base of exponential / logarithm."""
-    kind, a, b, c = T(neuron.type), float(neuron.a), float(neuron.b), float(neuron.c)
-    p2 = 0.0
-    if kind == T.exponential:
-        p2 = math.log2(math.e) if c == -1 else math.log2(c)
-    elif kind == T.logarithm:
-        p2 = 1.0 if c == -1 else (1.0 / math.log(c) if c > 0 and c != 1 else math.nan)
-    return int(kind), a, b, c, p2
-
-
-def neuron_supported(neuron) -> bool:
-    # c^y for a base c <= 0 is real only for integral y: left to the torch backend.
-    return not (neuron.type == T.exponential and neuron.c != -1 and neuron.c <= 0)
 
 
 def depthwise(p: ConvProblem) -> bool:
@@ -374,93 +339,6 @@ class Bound:
             self.packed = torch.empty(plan.packing.shape(p.n_images), dtype=src.dtype, device=src.device)
 
 
-_TL_DTYPES = {}
-
-
-def _tl_dtype(dtype: torch.dtype):
-    if not _TL_DTYPES:
-        import triton.language as tl
-
-        _TL_DTYPES.update({torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32})
-    return _TL_DTYPES[dtype]
-
-
-class Launcher:
-    """One kernel's launches with fixed constexprs and launch options.
-
-    The first call goes through Triton's ``kernel[grid](...)`` (which compiles and specialises);
-    later calls hand the arguments straight to the compiled kernel's launcher, skipping the ~40 µs
-    of Python that Triton spends re-deriving the same specialisation for ~35 arguments. The
-    arguments must keep their specialisation (same tensors' alignment, same integers), which holds
-    for a bound encode; ``Epilogue``'s input (cuDNN's output) may change pointer only. After
-    the first call tensors may be given as their addresses (``addresses``): Triton's launcher then
-    skips a ``data_ptr()`` call and a driver query per tensor, a few µs per launch.
-    """
-
-    __slots__ = ("kernel", "kwargs", "compiled", "tail", "device", "scratch")
-
-    def __init__(self, kernel, kwargs: dict, scratch: bool = False):
-        # Products and sums fuse into FMAs, as every measurement and tolerance here assumes: Triton 3.10
-        # turns that off unless asked (slower, and rounded once more per multiply-add).
-        self.kernel, self.kwargs, self.compiled, self.tail = kernel, dict(kwargs, enable_fp_fusion=True), None, ()
-        self.device = None
-        self.scratch = scratch  # the kernel asks for global scratch at each launch (``_ensure_allocator``)
-
-    def __call__(self, grid, args) -> None:
-        if self.scratch:
-            _ensure_allocator()
-        compiled = self.compiled
-        if compiled is None:
-            compiled = self.kernel[grid](*args, **self.kwargs)
-            if FAST_LAUNCH and not interpreting() and hasattr(compiled, "packed_metadata"):
-                names = self.kernel.arg_names
-                self.tail = tuple(self.kwargs[name] for name in names[len(args):])
-                self.device = args[0].device.index
-                self.compiled = compiled
-            return
-        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                     torch._C._cuda_getCurrentRawStream(self.device), compiled.function, compiled.packed_metadata,
-                     None, None, None, *args, *self.tail)
-
-    def addresses(self, args: tuple) -> tuple:
-        """``args`` with each tensor replaced by its address, once the direct launches have begun (the
-        caller keeps the tensors alive); as they are before."""
-        if self.compiled is None:
-            return args
-        return tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
-
-
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
-
-
-def _ensure_allocator() -> None:
-    """Kernels that make TMA descriptors on the device need a few bytes of global scratch a program,
-    which Triton asks of the allocator in force (a context variable): ours unless the caller set one.
-    Runs at every such launch, so Triton's variable is looked up once (``_allocator_var``)."""
-    var = _allocator_var()
-    if var is None or isinstance(var[0].get(), var[1]):
-        import triton
-
-        triton.set_allocator(_scratch)
-
-
-@functools.cache
-def _allocator_var() -> tuple | None:
-    """``(Triton's allocator context variable, its type for "none set")``, or None for a Triton that keeps
-    them elsewhere: then ours is set at every launch, as without it the launch fails."""
-    try:
-        from triton.runtime import _allocation
-
-        return _allocation._allocator, _allocation.NullAllocator
-    except (ImportError, AttributeError):
-        return None
-
-
-#: Direct launches of compiled kernels after the first (``Launcher``); False: always through Triton.
-FAST_LAUNCH = True
-
-
 def run(bound: Bound, prepared: Prepared) -> None:
     launch = bound.launch
     if launch is None or launch[0] is not prepared:
@@ -513,14 +391,14 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     dot = torch.float32 if interpreting() else operand
     precision = "tf32" if (p.reduced_precision and operand == torch.float32) else "ieee"
     if cfg.pack:
-        return _packed_launches(bound, w, bias, prelu, dict(kwargs, DOT_DTYPE=_tl_dtype(dot), PRECISION=precision))
+        return _packed_launches(bound, w, bias, prelu, dict(kwargs, DOT_DTYPE=tl_dtype(dot), PRECISION=precision))
     if cfg.tma:
         matrices = _matrices(p, x, y, w, wide)
         if matrices is not None and _fits(cfg, x.element_size(), w.element_size(), y.element_size()):
             a, c, b = matrices
             programs = min(-(-rows // cfg.bm) * -(-og // cfg.bn), cfg.tma * _processors(x.device))
             args = (a, b, bias, prelu, c, rows, cg, og, a.stride(0), c.stride(0), *plan.neuron_args[1:], programs)
-            consts = dict(NEURON=plan.neuron, HAS_BIAS=prepared.bias is not None, DOT_DTYPE=_tl_dtype(dot),
+            consts = dict(NEURON=plan.neuron, HAS_BIAS=prepared.bias is not None, DOT_DTYPE=tl_dtype(dot),
                           PRECISION=precision, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps,
                           num_stages=cfg.stages)
             return [(Launcher(k.gemm_tma_nhwc, consts, scratch=True), (programs,), args)]
@@ -531,7 +409,7 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     out = y if cfg.split == 1 else bound.workspace
     args = (x, w, bias, prelu, out, rows, gh, gw, he, we, cg, og, *x.stride(), *y.stride(), *p.out_size,
             p.out_channels, *plan.scalars)
-    conv = (Launcher(k.conv2d_nhwc, dict(kwargs, DOT_DTYPE=_tl_dtype(dot), PRECISION=precision, BM=cfg.bm,
+    conv = (Launcher(k.conv2d_nhwc, dict(kwargs, DOT_DTYPE=tl_dtype(dot), PRECISION=precision, BM=cfg.bm,
                                          BN=cfg.bn, BK=cfg.bk, SPLIT=cfg.split, FLAT=cfg.flat,
                                          num_stages=cfg.stages)), grid, args)
     if cfg.split == 1:
@@ -539,7 +417,7 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     n = p.n_images
     z = bound.workspace.view(cfg.split, n, gh, gw, p.out_channels)[0]  # part 0; the others szp further
     launcher, tile = epilogue_launcher(p, prepared.bias is not None, wide, cfg.split)
-    return [conv, (launcher, *_epilogue_args(tile, z, y, p, prepared.bias, prepared.prelu, plan.neuron_args,
+    return [conv, (launcher, *epilogue_args(tile, z, y, p, prepared.bias, prepared.prelu, plan.neuron_args,
                                              rows * p.out_channels))]
 
 
@@ -612,63 +490,6 @@ def _processors(device: torch.device) -> int:
     if device.type != "cuda":
         return 2
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-EPILOGUE_TILE = (32, 64, 4)  # pixels, channels, warps
-
-
-def needs_wide_index(*tensors) -> bool:
-    """Whether any storage has 2**31 elements or more: then offsets are computed in 64 bits."""
-    return any(t is not None and t.untyped_storage().nbytes() // t.element_size() >= 2 ** 31 - 1 for t in tensors)
-
-
-def epilogue_launcher(p: ConvProblem, has_bias: bool, wide: bool, parts: int = 1) -> tuple:
-    """``(launcher, (pixels, channels) tile)`` of the epilogue kernel for ``p`` (torch backend on CUDA:
-    after cuDNN; split-K launches: adding ``parts`` partial sums)."""
-    bp, bc, warps = (16, 16, 1) if interpreting() else EPILOGUE_TILE
-    return Launcher(kernels().epilogue_nhwc, dict(SUBPIXEL=p.subpixel, NEURON=int(p.neuron.type), HAS_BIAS=has_bias,
-                                                  BP=bp, BC=bc, PARTS=parts, WIDE=wide, num_warps=warps)), (bp, bc)
-
-
-def _epilogue_args(tile, z, y, p, bias, prelu, neuron, part_stride=0) -> tuple:
-    """``(grid, args)`` of an epilogue launch reading ``z`` ``[n, gh, gw, O]`` (any strides) and writing
-    the destination view ``y`` (NHWC at the first clip pixel and channel)."""
-    bp, bc = tile
-    n, gh, gw, oc = z.shape
-    rows = n * gh * gw
-    _, a, b, c, p2 = neuron
-    grid = (-(-rows // bp), -(-oc // bc))
-    return grid, (z, y if bias is None else bias, y if prelu is None else prelu, y, rows, gh, gw, oc,
-                  *z.stride(), *y.stride(), *p.out_size, a, b, c, p2, part_stride)
-
-
-class Epilogue:
-    """The torch backend's CUDA epilogue for one bound encode and its weights: bias, neuron and
-    (sub-pixel kernels) depth-to-space from the convolution's output ``z`` ``[n, gh, gw, O]`` (any
-    strides) into the destination view ``y`` (NHWC at the first clip pixel and channel).
-
-    The first call compiles through Triton; later calls, while ``z`` keeps its strides, launch with
-    every other argument already resolved to addresses and integers: ``z`` is new each run (cuDNN's
-    output), nothing else is. ``prepared`` is the owner of ``bias`` and ``prelu``: the caller makes a
-    new Epilogue when the weights change."""
-
-    __slots__ = ("problem", "bias", "prelu", "y", "neuron", "prepared", "launch", "grid", "strides", "rest")
-
-    def __init__(self, p: ConvProblem, bias, prelu, y: torch.Tensor, neuron, prepared):
-        self.problem, self.bias, self.prelu, self.y, self.neuron, self.prepared = p, bias, prelu, y, neuron, prepared
-        self.launch = self.grid = self.strides = self.rest = None
-
-    def __call__(self, z: torch.Tensor) -> None:
-        if self.rest is not None and z.stride() == self.strides:
-            self.launch[0](self.grid, (z.data_ptr(), *self.rest))
-            return
-        if self.launch is None:  # 64-bit offsets once the output could reach 2**31 elements
-            self.launch = epilogue_launcher(self.problem, self.bias is not None, needs_wide_index(self.y, z))
-        launcher, tile = self.launch
-        self.grid, args = _epilogue_args(tile, z, self.y, self.problem, self.bias, self.prelu, self.neuron)
-        launcher(self.grid, args)
-        if launcher.compiled is not None:
-            self.strides, self.rest = z.stride(), launcher.addresses(args[1:])
 
 
 def configs(problem: ConvProblem) -> list[Config]:

@@ -18,9 +18,10 @@ import warnings
 import numpy as np
 import torch
 
-from .. import __version__, config
-from ..datasource import round_for_source, round_weights
-from ..image import MPSImageFeatureChannelFormat as F, STORAGE_DTYPE
+from .. import config
+from .._version import __version__
+from ..core.formats import STORAGE_DTYPE, MPSImageFeatureChannelFormat as F
+from ..core.weights import round_for_source, round_weights
 from ..types import MPSDataType
 
 #: The version changes when a variant name comes to mean another kernel (v2: the depthwise tiles), so

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
-from .errors import MPSValueError
+from ..errors import MPSValueError
 
 
 def tdiv(a: int, b: int) -> int:
