@@ -30,6 +30,8 @@ from mpsconv import (
     MPSDataType, MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat, MPSNNNeuronDescriptor, MPSOffset,
     MTLCreateSystemDefaultDevice,
 )
+from mpsconv.core.geometry import kernel_offset_for_padding, offset_for_padding, torch_output_size
+
 #: name, N, C, H, W, K, R, S, stride, pad, dilation, groups (the table of shared/bench/pytorch_baseline.py)
 
 SHAPES = [
@@ -107,10 +109,9 @@ def operation_kernel(device, c, h, w, k, r, s, stride, pad, dil, groups, wt, bia
     desc.groups = 1 if depthwise else groups
     desc.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
     conv = MPSCNNConvolution(device=device, weights=Weights(desc, wt, bias))
-    kd = (r - 1) * dil + 1
-    conv.offset = MPSOffset((kd >> 1) - pad, (kd >> 1) - pad, 0)
+    conv.offset = MPSOffset(offset_for_padding(s, dil, pad), offset_for_padding(r, dil, pad), 0)
     conv.destinationFeatureChannelOffset = k  # write the second half of a 2K-channel image
-    return conv, (h + 2 * pad - kd) // stride + 1, (w + 2 * pad - kd) // stride + 1
+    return conv, torch_output_size(h, r, stride, pad, dil), torch_output_size(w, s, stride, pad, dil)
 
 
 def mps_operation(device, queue, n, c, h, w, k, r, s, stride, pad, dil, groups, dtype, rng):
@@ -172,14 +173,15 @@ def transpose_operation(device, queue, n, c, h, w, k, r, s, stride, pad, rng):
     w_t = rng.standard_normal((c, k, r, s), dtype=np.float32) * 0.1  # PyTorch layout [in][out][kh][kw]
     bias = rng.standard_normal(k, dtype=np.float32)
     out_pad = stride - 1
-    p, q = (h - 1) * stride - 2 * pad + r + out_pad, (w - 1) * stride - 2 * pad + s + out_pad
+    p = torch_output_size(h, r, stride, pad, transposed=True, output_padding=out_pad)
+    q = torch_output_size(w, s, stride, pad, transposed=True, output_padding=out_pad)
     desc = MPSCNNConvolutionDescriptor(kernelWidth=s, kernelHeight=r, inputFeatureChannels=c, outputFeatureChannels=k)
     desc.strideInPixelsX = desc.strideInPixelsY = stride
     desc.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
     ours_w = np.ascontiguousarray(w_t[:, :, ::-1, ::-1].transpose(1, 2, 3, 0))  # spec §10.3: rotate, swap
     kernel = MPSCNNConvolutionTranspose(device=device, weights=Weights(desc, ours_w, bias))
-    kernel.kernelOffsetY = pad - (r - 1) + (r >> 1)
-    kernel.kernelOffsetX = pad - (s - 1) + (s >> 1)
+    kernel.kernelOffsetY = kernel_offset_for_padding(r, 1, pad)
+    kernel.kernelOffsetX = kernel_offset_for_padding(s, 1, pad)
     kernel.destinationFeatureChannelOffset = k
     src = MPSImage.from_numpy(x, device=device)
     dst = MPSImage(device=device, imageDescriptor=MPSImageDescriptor(
@@ -215,8 +217,8 @@ def binary_operation(device, queue, n, c, h, w, k, r, s, rng):
     desc.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
     kernel = MPSCNNBinaryConvolution(device=device, convolutionData=Weights(desc, words, bias, MPSDataType.uInt32),
                                      scaleValue=1.0, type=MPSCNNBinaryConvolutionType.xnor, flags=0)
-    kernel.offset = MPSOffset(s >> 1, r >> 1, 0)  # valid-only windows, as the binary default padding gives
-    p, q = h - r + 1, w - s + 1
+    kernel.offset = MPSOffset(offset_for_padding(s, 1, 0), offset_for_padding(r, 1, 0), 0)  # valid-only windows
+    p, q = torch_output_size(h, r), torch_output_size(w, s)
     kernel.destinationFeatureChannelOffset = k
     src = MPSImage.from_numpy(x, device=device)
     dst = MPSImage(device=device, imageDescriptor=MPSImageDescriptor(

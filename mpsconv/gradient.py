@@ -10,7 +10,7 @@ from .convolution import _WeightedKernel
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNConvolutionGradientOption
 from .encoder import GradientJob
 from .errors import MPSDeviceError, MPSTypeError, MPSValueError
-from .core.geometry import NeuronSpec
+from .core.geometry import NeuronSpec, backwards_kernel_offset, gradient_secondary_offset
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .metal import MTLCommandBuffer
 from .neuron import _deprecated
@@ -105,10 +105,10 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
         always computed from the state's recorded forward geometry; the manual form's caller-set
         offsets of the reference platform are not supported.)"""
         o = state.forward_offset
-        kd = [((k - 1) * d + 1) for k, d in ((self.kernelHeight, self.dilationRateY), (self.kernelWidth, self.dilationRateX))]
-        kernel_offset = tuple(-v + (1 if e % 2 == 0 else 0) for v, e in zip((o.y, o.x), kd))
-        secondary = MPSOffset(o.x - (kd[1] >> 1), o.y - (kd[0] >> 1), o.z)
-        self._geometry = (kernel_offset, MPSOffset(0, 0, 0), secondary)
+        kernel, _, dilation = self._window()
+        kernel_offset = backwards_kernel_offset((o.y, o.x), kernel, dilation)
+        sy, sx = gradient_secondary_offset((o.y, o.x), kernel, dilation)
+        self._geometry = (kernel_offset, MPSOffset(0, 0, 0), MPSOffset(sx, sy, o.z))
 
     # -- encode
     def _encode_kw(self, *, commandBuffer, sourceGradient, sourceImage, gradientState,

@@ -1,10 +1,11 @@
-"""Porting helpers (our addition, issue 6): weights from PyTorch / Caffe / TensorFlow layouts into
+"""Porting helpers (our addition): weights from PyTorch / Caffe / TensorFlow layouts into
 MPS's ``[O][kH][kW][I/G]`` (OHWI), kernels from ``torch.nn`` layers and back.
 
 MPS has no padding argument: a convolution's window is placed by ``offset`` (the centre tap of
 destination pixel 0 reads source pixel ``offset``). PyTorch's ``padding=p`` puts the first tap of
-output 0 at ``-p``; with ``Kd = (k - 1)·d + 1`` taps spanned, that is ``offset = (Kd >> 1) - p``.
-The destination's size is the caller's choice in MPS; :func:`torch_output_size` gives PyTorch's.
+output 0 at ``-p``; with ``Kd = (k - 1)·d + 1`` taps spanned, that is ``offset = (Kd >> 1) - p``
+(``core.geometry.offset_for_padding`` and its inverse and transposed forms). The destination's size
+is the caller's choice in MPS; :func:`torch_output_size` gives PyTorch's.
 """
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from .convolution import MPSCNNConvolution, MPSCNNFullyConnected
 from .datasource import _ArrayDataSource
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNDepthWiseConvolutionDescriptor
 from .errors import MPSTypeError, MPSValueError
-from .core.geometry import dilated_extent
+from .core.geometry import (
+    kernel_offset_for_padding, offset_for_padding, padding_for_kernel_offset, padding_for_offset,
+    torch_output_size,  # noqa: F401  (public, re-exported by the package)
+)
 from .transpose import MPSCNNConvolutionTranspose
 from .types import MPSDataType, MPSOffset
 
@@ -102,15 +106,6 @@ class MPSCNNConvolutionWeights(_ArrayDataSource):
         self._bias = value
 
 
-def torch_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1,
-                      transposed: bool = False, output_padding: int = 0) -> int:
-    """The output length PyTorch's Conv2d / ConvTranspose2d gives along one axis."""
-    kd = dilated_extent(kernel, dilation)
-    if transposed:
-        return (size - 1) * stride - 2 * padding + kd + output_padding
-    return (size + 2 * padding - kd) // stride + 1
-
-
 def from_torch(module, device, *, neuron=None, input_shape=None):
     """An mpsconv kernel computing what ``module`` computes (our addition).
 
@@ -171,13 +166,12 @@ def from_torch(module, device, *, neuron=None, input_shape=None):
         desc, np.ascontiguousarray(ohwi), b, label=type(module).__name__))
     if kernel_cls is MPSCNNConvolution:
         py, px = module.padding
-        kernel.offset = MPSOffset(x=(dilated_extent(kw, dx) >> 1) - px, y=(dilated_extent(kh, dy) >> 1) - py, z=0)
+        kernel.offset = MPSOffset(x=offset_for_padding(kw, dx, px), y=offset_for_padding(kh, dy, py), z=0)
     elif kernel_cls is MPSCNNConvolutionTranspose:
-        # MPS: D(u) = Σ_p W'[p]·Z(T + u - (Kd >> 1) + p·d); PyTorch: y(u) = Σ_k w[K-1-k]·Z(u + pad - (Kd-1) + k·d)
         py, px = module.padding
         kernel.offset = MPSOffset(x=0, y=0, z=0)
-        kernel.kernelOffsetX = px - (dilated_extent(kw, dx) - 1) + (dilated_extent(kw, dx) >> 1)
-        kernel.kernelOffsetY = py - (dilated_extent(kh, dy) - 1) + (dilated_extent(kh, dy) >> 1)
+        kernel.kernelOffsetX = kernel_offset_for_padding(kw, dx, px)
+        kernel.kernelOffsetY = kernel_offset_for_padding(kh, dy, py)
     return kernel
 
 
@@ -199,14 +193,14 @@ def to_torch(kernel):
         g, (sy, sx), (dy, dx) = d.groups, (d.strideInPixelsY, d.strideInPixelsX), (d.dilationRateY, d.dilationRateX)
         if isinstance(d, MPSCNNDepthWiseConvolutionDescriptor):
             g, w = o, w.reshape(o, kh, kw, 1)
-        kdy, kdx = dilated_extent(kh, dy), dilated_extent(kw, dx)
         if isinstance(kernel, MPSCNNConvolutionTranspose):
-            pad = (kernel.kernelOffsetY + (kdy - 1) - (kdy >> 1), kernel.kernelOffsetX + (kdx - 1) - (kdx >> 1))
+            pad = (padding_for_kernel_offset(kh, dy, kernel.kernelOffsetY),
+                   padding_for_kernel_offset(kw, dx, kernel.kernelOffsetX))
             layer = nn.ConvTranspose2d(ig * g, o, (kh, kw), (sy, sx), pad if min(pad) >= 0 else 0,
                                        groups=g, dilation=(dy, dx))
             tw = w[:, ::-1, ::-1, :].reshape(g, o // g, kh, kw, ig).transpose(0, 4, 1, 2, 3).reshape(g * ig, o // g, kh, kw)
         else:
-            pad = ((kdy >> 1) - kernel.offset.y, (kdx >> 1) - kernel.offset.x)
+            pad = (padding_for_offset(kh, dy, kernel.offset.y), padding_for_offset(kw, dx, kernel.offset.x))
             layer = nn.Conv2d(ig * g, o, (kh, kw), (sy, sx), pad if min(pad) >= 0 else 0, groups=g, dilation=(dy, dx))
             tw = w.transpose(0, 3, 1, 2)
         if min(pad) < 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .convolution import MPSCNNConvolution, _WeightedKernel
 from .descriptor import MPSCNNConvolutionDescriptor
 from .errors import MPSTypeError, MPSValueError
-from .core.geometry import ConvProblem, allocate
+from .core.geometry import ConvProblem, allocate, backwards_kernel_offset, source_region_backwards
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .kernel import MPSImageEdgeMode, MPSOrigin, MPSRegion, MPSSize
 from .state import MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState
@@ -82,21 +82,13 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
         return (h, w), (0, 0)
 
     def sourceRegion(self, destinationSize) -> MPSRegion:
-        """``sourceRegion(destinationSize:)``: the source pixels a destination of that size reads. The
-        window of local pixel ``u`` spans expanded pixels ``T + u - (Kd >> 1)`` to ``+ Kd - 1``; only every
-        ``s``-th expanded pixel is a source pixel."""
+        """``sourceRegion(destinationSize:)``: the source pixels a destination of that size reads (only
+        every ``s``-th pixel of the zero-inserted source is one)."""
         w, h, d = (int(v) for v in destinationSize)
         kernel, stride, dilation = self._window()
-        origin, size = [], []
-        for axis, count in ((0, h), (1, w)):
-            kd = (kernel[axis] - 1) * dilation[axis] + 1
-            s = stride[axis]
-            t = (self._offset.y, self._offset.x)[axis] * s + self._kernel_offset[axis]
-            first, last = t - (kd >> 1), t + count - 1 - (kd >> 1) + kd - 1
-            lo, hi = -((-first) // s), last // s  # the source pixels inside [first, last]
-            origin.append(lo)
-            size.append(max(0, hi - lo + 1))
-        return MPSRegion(MPSOrigin(origin[1], origin[0], self._offset.z), MPSSize(size[1], size[0], d))
+        (oy, ox), (sh, sw) = source_region_backwards((self._offset.y, self._offset.x), self._kernel_offset, (h, w),
+                                                     kernel, stride, dilation)
+        return MPSRegion(MPSOrigin(ox, oy, self._offset.z), MPSSize(sw, sh, d))
 
     # -- encode forms with a convolution gradient state (spec §10.4, §10.5)
     def _apply_state(self, state, cb, owner: str) -> None:
@@ -118,8 +110,7 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
         kernel, _, dilation = self._window()
         offset = state.forward_offset
         self._offset = MPSOffset(0, 0, self._offset.z)
-        self._kernel_offset = tuple(-o + (1 if ((k - 1) * d + 1) % 2 == 0 else 0)
-                                    for o, k, d in zip((offset.y, offset.x), kernel, dilation))
+        self._kernel_offset = backwards_kernel_offset((offset.y, offset.x), kernel, dilation)
 
     # -- training states (spec §10.6, §14)
     def _result_state_class(self):

@@ -76,8 +76,8 @@ def binary_accumulate(x: np.ndarray, windows: np.ndarray, problem: ConvProblem, 
     acc = np.einsum("nyxqpc,oqpc->nyxo", terms, weights, optimize=True)
     beta = 1.0
     if problem.beta:  # the mean of A = mean_c |S'| over a kW x kH window around the window centre
-        (kh, kw), centre = problem.kernel, [problem.tap0[a] + (problem.extent(a) >> 1) for a in (0, 1)]
-        around = replace(problem, dilation=(1, 1), tap0=(centre[0] - (kh >> 1), centre[1] - (kw >> 1)))
+        (ty, tx), (sy, sx) = problem.tap0, problem.beta_shift()
+        around = replace(problem, dilation=(1, 1), tap0=(ty + sy, tx + sx))
         a = np.abs((gather_windows(x, around) + params.in_bias) * params.in_scale).mean(axis=-1)
         beta = a.mean(axis=(3, 4))[..., None]
     return acc * params.out_scale * beta + params.out_bias

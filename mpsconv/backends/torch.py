@@ -26,7 +26,7 @@ import torch.nn.functional as Fn
 from ..core.activations import TORCH_OPS, MPSCNNNeuronType, apply_neuron, neuron_args, neuron_supported
 from ..core.formats import FLOAT_FORMATS as _FLOAT_FORMATS, STORAGE_DTYPE, MPSImageFeatureChannelFormat as F, \
     storage_to_values, values_to_storage
-from ..core.geometry import ConvProblem, EdgeMode
+from ..core.geometry import ConvProblem, framework_window, torch_output_size, transposed_window
 from ..core.weights import BinaryParams
 from . import launch  # the CUDA epilogue (Triton itself loads on first use)
 
@@ -122,88 +122,36 @@ class Plan:
         self.problem = p
         self.src_index = (slice(i0, i0 + n), slice(None), slice(None), slice(c0, c0 + p.in_channels))
         self.src_format = F(p.src_format)
-        crop, self.gathers, pads, self.zeros_shape = [slice(None)] * 4, [], [], None
         self.device, self._gather_indices = device.torch_device, None
         self.upsample = p.upsample if p.upsample != (1, 1) else None
-        for axis, dim in ((0, 2), (1, 3)):
-            first, last = p.read_range(axis)
-            size = p.expanded_size[axis]
-            if p.edge == EdgeMode.clamp:
-                if first >= 0 and last < size:
-                    crop[dim] = slice(first, last + 1)
-                else:  # the index is made on first use: encode checks the memory it takes first
-                    self.gathers.append((dim, first, last, size))
-                pads.append((0, 0))
-            else:
-                lo, hi = max(first, 0), min(last, size - 1)
-                if lo > hi:  # the window never touches the source: every tap reads 0
-                    self.zeros_shape = (n, p.in_channels, *(r[1] - r[0] + 1 for r in map(p.read_range, (0, 1))))
-                crop[dim] = slice(lo, hi + 1)
-                pads.append((lo - first, last - hi))
-        self.crop = tuple(crop) if any(c != slice(None) for c in crop) else None
-        if self.zeros_shape is not None:
-            pads = [(0, 0), (0, 0)]
-        (top, bottom), (left, right) = pads
+        window = framework_window(p)
+        everything = slice(None)
+        self.crop = (everything, everything, slice(*window.crop[0]), slice(*window.crop[1]))
+        self.gathers = [(axis + 2, first, last, size) for axis, first, last, size in window.gathers]
+        self.zeros_shape = (n, p.in_channels, *window.input_size) if window.zeros else None
+        self.conv_padding, self.pad = window.padding, window.pad
+        self.out_crop = None if window.out_crop is None else (
+            everything, everything, slice(window.out_crop[0], window.out_crop[0] + p.grid[0]),
+            slice(window.out_crop[1], window.out_crop[1] + p.grid[1]))
         (y0, x0), (oh, ow) = p.out_origin, p.out_size
         gh, gw = p.grid
-        self.conv_padding, self.pad, self.out_crop = (0, 0), None, None
-        symmetric = (max(top, bottom), max(left, right))
-        shift = (symmetric[0] - top, symmetric[1] - left)
-        # Convolution padding stays below the window (oneDNN crashes on far larger pads, which an
-        # offset far outside the source produces); anything else is an explicit zero pad.
-        in_range = symmetric[0] < p.extent(0) and symmetric[1] < p.extent(1)
-        implicit = not p.identity and p.binary < 0  # binary taps outside the source read inBias·inScale, not 0
-        if implicit and in_range and shift[0] % p.stride[0] == 0 and shift[1] % p.stride[1] == 0:
-            # Pad both sides by the larger pad and drop the outputs the extra rows/columns make:
-            # output j of the padded convolution starts at j·s - P; ours at v·s - before, so
-            # j = v + (P - before)/s, and the last one needed exists because after <= P.
-            self.conv_padding = symmetric
-            if shift != (0, 0) or (symmetric[0] > bottom or symmetric[1] > right):
-                dy, dx = shift[0] // p.stride[0], shift[1] // p.stride[1]
-                self.out_crop = (slice(None), slice(None), slice(dy, dy + gh), slice(dx, dx + gw))
-        elif any((left, right, top, bottom)):
-            self.pad = (left, right, top, bottom)
         d0, z0 = p.dst_channel0, p.dst_image0
         self.dst_index = (slice(z0, z0 + n), slice(y0, y0 + oh), slice(x0, x0 + ow), slice(d0, d0 + p.dst_channels))
         self.dst_format = F(p.dst_format)
         self.subpixel = p.subpixel
         self.conv2d = _full_fp32(Fn.conv2d) if device.is_cuda else Fn.conv2d
         self.conv_transpose2d = _full_fp32(Fn.conv_transpose2d) if device.is_cuda else Fn.conv_transpose2d
-        # Backwards kernels: conv_transpose2d on the source itself (no zeros inserted). With framework
-        # padding 0 its output pixel j is ours at u = j - pad, pad = T + (Kd - 1) - (Kd >> 1) = tap0 + Kd - 1
-        # (spec §10.3); outputs beyond its extent (n - 1)·s + Kd read only inserted zeros.
+        # Backwards kernels: conv_transpose2d on the source itself (``core.geometry.transposed_window``)
         self.transposed = p.upsample != (1, 1) and not p.identity and p.binary < 0
         if self.transposed:
-            crop, pads, t_padding, t_out_padding = [slice(None)] * 4, [], [], []
-            for axis, dim in ((0, 2), (1, 3)):
-                start, count = p.tap0[axis] + p.extent(axis) - 1, p.grid[axis]
-                natural = (p.src_size[axis] - 1) * p.upsample[axis] - 2 * start + p.extent(axis)
-                t_padding.append(start)
-                t_out_padding.append(count - natural)  # valid when 0 <= it < max(stride, dilation)
-            exact = all(pad >= 0 and 0 <= op < max(p.upsample[a], p.dilation[a])
-                        for a, (pad, op) in enumerate(zip(t_padding, t_out_padding)))
-            # exactly the wanted outputs, when the framework's own padding can express them
-            self.t_padding = (tuple(t_padding), tuple(t_out_padding)) if exact else ((0, 0), (0, 0))
-            for axis, dim in ((0, 2), (1, 3)):
-                if exact:
-                    pads.append((0, 0))
-                    continue
-                start, count = p.tap0[axis] + p.extent(axis) - 1, p.grid[axis]
-                full = (p.src_size[axis] - 1) * p.upsample[axis] + p.extent(axis)
-                lo, hi = max(start, 0), min(start + count, full)  # the wanted outputs it has
-                if lo < hi:
-                    crop[dim] = slice(lo, hi)
-                    pads.append((lo - start, start + count - hi))
-                else:  # none: every wanted output reads only inserted zeros
-                    crop[dim] = slice(0, 0)
-                    pads.append((count, 0))
-            self.t_crop, ((t, b), (lft, rgt)) = tuple(crop), pads
-            self.t_pad = (lft, rgt, t, b) if any((lft, rgt, t, b)) else None
+            backwards = transposed_window(p)
+            self.t_padding = (backwards.padding, backwards.output_padding)
+            self.t_crop = (everything,) * 4 if backwards.exact else \
+                (everything, everything, slice(*backwards.crop[0]), slice(*backwards.crop[1]))
+            self.t_pad = backwards.pad
             self.upsample, self.crop, self.pad, self.gathers, self.zeros_shape = None, None, None, [], None
             self.out_crop, self.conv_padding = None, (0, 0)
-        shape = (n, p.in_channels, *(r[1] - r[0] + 1 for r in map(p.read_range, (0, 1))))
-        if self.pad is None:  # the convolution's input is the crop, without the pads
-            shape = (n, p.in_channels, shape[2] - top - bottom, shape[3] - left - right)
+        shape = (n, p.in_channels, *window.input_size)
         weights = p.out_channels * p.kernel[0] * p.kernel[1] * (p.in_channels // p.groups)
         # _convolution_pointwise gives wrong results when channels-last strides are ambiguous (one
         # channel or one pixel, e.g. N=2, 1x1 output, 1 output channel in PyTorch 2.13): keep it to
@@ -572,7 +520,7 @@ def _binary_from_window(x: torch.Tensor, p: ConvProblem, b: _BinaryTensors, conv
     beta = 1.0
     if p.beta:  # β: the mean of A = mean_c |S'| over a kW x kH window around each window centre
         (kh, kw), (gh, gw) = p.kernel, p.grid
-        dy, dx = (p.extent(0) >> 1) - (kh >> 1), (p.extent(1) >> 1) - (kw >> 1)
+        dy, dx = p.beta_shift()
         a = s_prime.abs().mean(dim=1, keepdim=True)[:, :, dy:, dx:]
         beta = Fn.avg_pool2d(a, (kh, kw), p.stride)[:, :, :gh, :gw]
     return acc * b.out_scale.view(channel) * beta + b.out_bias.view(channel)
@@ -636,8 +584,8 @@ def gradient(plan: Plan, src: torch.Tensor, e: torch.Tensor, weights: np.ndarray
             x = _gather_and_pad(x if plan.crop is None else x[plan.crop], plan)
     # The convolution's own backward (no forward recomputed), then autograd through the window ops only.
     window = _canonical(x.detach())
-    out_h = (window.shape[2] + 2 * plan.conv_padding[0] - problem.extent(0)) // problem.stride[0] + 1
-    out_w = (window.shape[3] + 2 * plan.conv_padding[1] - problem.extent(1)) // problem.stride[1] + 1
+    out_h, out_w = (torch_output_size(window.shape[2 + axis], problem.kernel[axis], problem.stride[axis],
+                                      plan.conv_padding[axis], problem.dilation[axis]) for axis in (0, 1))
     grad_out = e.permute(0, 3, 1, 2).to(torch.float32)
     if plan.out_crop is not None:  # the wanted outputs are a crop of the padded convolution's
         full = grad_out.new_zeros((grad_out.shape[0], grad_out.shape[1], out_h, out_w))

@@ -259,6 +259,11 @@ class ConvProblem:
         """Values the convolution computes before any depth-to-space (images x grid x channels)."""
         return self.n_images * self.grid[0] * self.grid[1] * self.out_channels
 
+    def beta_shift(self) -> tuple[int, int]:
+        """Where a binary kernel's β window (``kernel`` undilated, centred on each window's centre)
+        starts, relative to the window's first tap: ``(Kd >> 1) - (k >> 1)`` per axis."""
+        return tuple((self.extent(axis) >> 1) - (self.kernel[axis] >> 1) for axis in (0, 1))
+
     def read_range(self, axis: int) -> tuple[int, int]:
         """First and last source coordinate the clip region reads on ``axis`` (may lie outside)."""
         first = self.tap0[axis]
@@ -285,6 +290,115 @@ def tiles(problem: ConvProblem, rows: int, images: int) -> list[ConvProblem]:
     return pieces
 
 
+# --------------------------------------------------------------------------------------------
+# The window as a framework convolution reads it (PyTorch's conv2d / conv_transpose2d)
+
+
+@dataclass(frozen=True)
+class FrameworkWindow:
+    """How a framework convolution, whose padding is zeros and the same on both sides, computes a
+    forward ``ConvProblem``. Pairs are ``(y, x)``; coordinates are of the (expanded) source.
+
+    The read window (``read_range``) is cut from the source (``crop``, ``[start, stop)`` per axis),
+    read through the clamp edge where it leaves the source (``gathers``: ``(axis, first, last, size)``,
+    coordinates ``first..last`` clamped into ``0..size-1``), or is all zeros where it misses the
+    source entirely (``zeros``). Zero edges outside the source become the convolution's own
+    ``padding`` where that is exact (then ``out_crop`` is the first output of the padded convolution
+    that is ours, when the larger pad of an axis made extra ones), else an explicit zero ``pad``
+    ``(left, right, top, bottom)`` of the crop. ``input_size`` is what the convolution then reads.
+    """
+
+    crop: tuple[tuple[int, int], tuple[int, int]]
+    gathers: tuple[tuple[int, int, int, int], ...]
+    zeros: bool
+    padding: tuple[int, int]
+    out_crop: tuple[int, int] | None
+    pad: tuple[int, int, int, int] | None
+    input_size: tuple[int, int]
+
+
+def framework_window(p: ConvProblem) -> FrameworkWindow:
+    """The ``FrameworkWindow`` of a forward problem."""
+    crop, gathers, pads, zeros = [], [], [], False
+    for axis in (0, 1):
+        first, last = p.read_range(axis)
+        size = p.expanded_size[axis]
+        if p.edge == EdgeMode.clamp:
+            if first < 0 or last >= size:
+                gathers.append((axis, first, last, size))
+                crop.append((0, size))
+            else:
+                crop.append((first, last + 1))
+            pads.append((0, 0))
+            continue
+        lo, hi = max(first, 0), min(last, size - 1)
+        zeros = zeros or lo > hi  # the window never touches the source: every tap reads 0
+        crop.append((lo, hi + 1))
+        pads.append((lo - first, last - hi))
+    read = tuple(last - first + 1 for first, last in map(p.read_range, (0, 1)))
+    if zeros:
+        pads = [(0, 0), (0, 0)]
+    (top, bottom), (left, right) = pads
+    symmetric = (max(top, bottom), max(left, right))
+    shift = (symmetric[0] - top, symmetric[1] - left)
+    # The convolution's own padding stays below the window (oneDNN crashes on far larger pads, which
+    # an offset far outside the source produces); binary taps outside the source read inBias·inScale,
+    # not 0, and an element-wise kernel has no convolution: those take an explicit pad.
+    implicit = not p.identity and p.binary < 0 and symmetric[0] < p.extent(0) and symmetric[1] < p.extent(1)
+    padding, out_crop, pad = (0, 0), None, None
+    if implicit and shift[0] % p.stride[0] == 0 and shift[1] % p.stride[1] == 0:
+        # Pad both sides by the larger pad and drop the outputs the extra rows/columns make: output j
+        # of the padded convolution starts at j·s - P, ours at v·s - before, so j = v + (P - before)/s;
+        # the last one needed exists because after <= P.
+        padding = symmetric
+        if shift != (0, 0) or symmetric[0] > bottom or symmetric[1] > right:
+            out_crop = (shift[0] // p.stride[0], shift[1] // p.stride[1])
+    elif any((left, right, top, bottom)):
+        pad = (left, right, top, bottom)
+    input_size = read if pad is not None else (read[0] - top - bottom, read[1] - left - right)
+    return FrameworkWindow((crop[0], crop[1]), tuple(gathers), zeros, padding, out_crop, pad, input_size)
+
+
+@dataclass(frozen=True)
+class TransposedWindow:
+    """How ``conv_transpose2d`` computes a backwards ``ConvProblem`` from the source itself (no zeros
+    inserted): with framework padding 0, its output pixel ``j`` is local destination pixel ``u = j -
+    start``, ``start = tap0 + Kd - 1``, and outputs beyond its extent ``(n - 1)·s + Kd`` read only
+    inserted zeros. Where the framework's ``padding`` and ``output_padding`` give exactly the wanted
+    outputs (``exact``), they are used; otherwise the full output is cropped (``crop``, ``[start,
+    stop)`` per axis) and zero-padded (``pad``, ``(left, right, top, bottom)``) to the clip region."""
+
+    exact: bool
+    padding: tuple[int, int]
+    output_padding: tuple[int, int]
+    crop: tuple[tuple[int, int], tuple[int, int]] | None
+    pad: tuple[int, int, int, int] | None
+
+
+def transposed_window(p: ConvProblem) -> TransposedWindow:
+    """The ``TransposedWindow`` of a backwards problem (``upsample`` the forward stride)."""
+    starts = [p.tap0[axis] + p.extent(axis) - 1 for axis in (0, 1)]
+    natural = [(p.src_size[axis] - 1) * p.upsample[axis] - 2 * starts[axis] + p.extent(axis) for axis in (0, 1)]
+    output_padding = [p.grid[axis] - natural[axis] for axis in (0, 1)]
+    if all(start >= 0 and 0 <= extra < max(p.upsample[axis], p.dilation[axis])
+           for axis, (start, extra) in enumerate(zip(starts, output_padding))):
+        return TransposedWindow(True, (starts[0], starts[1]), (output_padding[0], output_padding[1]), None, None)
+    crop, pads = [], []
+    for axis in (0, 1):
+        start, count = starts[axis], p.grid[axis]
+        full = (p.src_size[axis] - 1) * p.upsample[axis] + p.extent(axis)
+        lo, hi = max(start, 0), min(start + count, full)  # the wanted outputs it has
+        if lo < hi:
+            crop.append((lo, hi))
+            pads.append((lo - start, start + count - hi))
+        else:  # none: every wanted output reads only inserted zeros
+            crop.append((0, 0))
+            pads.append((count, 0))
+    (top, bottom), (left, right) = pads
+    pad = (left, right, top, bottom) if any((left, right, top, bottom)) else None
+    return TransposedWindow(False, (0, 0), (0, 0), (crop[0], crop[1]), pad)
+
+
 def source_region(
     offset_yx: tuple[int, int], size_hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
     dilation: tuple[int, int],
@@ -298,6 +412,82 @@ def source_region(
         origin.append(first)
         size.append(last - first + 1)
     return (origin[0], origin[1]), (size[0], size[1])
+
+
+def source_region_backwards(
+    offset_yx: tuple[int, int], kernel_offset_yx: tuple[int, int], size_hw: tuple[int, int],
+    kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``sourceRegionForDestinationSize`` of a backwards kernel: origin ``(y, x)`` and size ``(h, w)``
+    of the source pixels read. The window of local pixel ``u`` spans expanded pixels
+    ``T + u - (Kd >> 1)`` to ``+ Kd - 1``, ``T = offset·s + kernelOffset``; only every ``s``-th
+    expanded pixel is a source pixel."""
+    origin, size = [], []
+    for axis in (0, 1):
+        kd, s = dilated_extent(kernel[axis], dilation[axis]), stride[axis]
+        t = offset_yx[axis] * s + kernel_offset_yx[axis]
+        first = t - (kd >> 1)
+        last = first + size_hw[axis] - 1 + kd - 1
+        lo, hi = -((-first) // s), last // s  # the source pixels inside [first, last]
+        origin.append(lo)
+        size.append(max(0, hi - lo + 1))
+    return (origin[0], origin[1]), (size[0], size[1])
+
+
+def backwards_kernel_offset(forward_offset_yx: tuple[int, int], kernel: tuple[int, int],
+                            dilation: tuple[int, int]) -> tuple[int, int]:
+    """The ``kernelOffset`` a backwards kernel (a transpose, a gradient) takes from its forward
+    convolution's gradient state: ``-offset + (1 if Kd is even else 0)`` per axis, with its own
+    ``offset`` 0, so that its window over the zero-inserted source mirrors the forward window."""
+    return tuple(-o + (1 if dilated_extent(k, d) % 2 == 0 else 0)
+                 for o, k, d in zip(forward_offset_yx, kernel, dilation))
+
+
+def gradient_secondary_offset(forward_offset_yx: tuple[int, int], kernel: tuple[int, int],
+                              dilation: tuple[int, int]) -> tuple[int, int]:
+    """A convolution gradient's ``secondaryOffset`` (its forward source's first read pixel):
+    ``offset - (Kd >> 1)`` per axis."""
+    return tuple(o - (dilated_extent(k, d) >> 1) for o, k, d in zip(forward_offset_yx, kernel, dilation))
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch's padding and MPS's window placement, one axis at a time
+
+
+def torch_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1,
+                      transposed: bool = False, output_padding: int = 0) -> int:
+    """The output length PyTorch's ``Conv2d`` / ``ConvTranspose2d`` gives along one axis."""
+    kd = dilated_extent(kernel, dilation)
+    if transposed:
+        return (size - 1) * stride - 2 * padding + kd + output_padding
+    return (size + 2 * padding - kd) // stride + 1
+
+
+def offset_for_padding(kernel: int, dilation: int, padding: int) -> int:
+    """The ``offset`` of a convolution that PyTorch pads by ``padding``: PyTorch's first tap of output
+    0 is at ``-padding``; MPS centres the window of destination pixel 0 on ``offset``, so
+    ``offset = (Kd >> 1) - padding``."""
+    return (dilated_extent(kernel, dilation) >> 1) - padding
+
+
+def padding_for_offset(kernel: int, dilation: int, offset: int) -> int:
+    """PyTorch's padding for a convolution's ``offset``: the inverse of ``offset_for_padding``."""
+    return (dilated_extent(kernel, dilation) >> 1) - offset
+
+
+def kernel_offset_for_padding(kernel: int, dilation: int, padding: int) -> int:
+    """The ``kernelOffset`` (``offset`` 0) of a transposed convolution that PyTorch pads by
+    ``padding``: MPS reads ``Z(T + u - (Kd >> 1) + p·d)`` with the weights as stored, PyTorch
+    ``Z(u + padding - (Kd - 1) + k·d)`` with them rotated, so ``T = padding - (Kd - 1) + (Kd >> 1)``."""
+    kd = dilated_extent(kernel, dilation)
+    return padding - (kd - 1) + (kd >> 1)
+
+
+def padding_for_kernel_offset(kernel: int, dilation: int, kernel_offset: int) -> int:
+    """PyTorch's padding for a transposed convolution's ``kernelOffset``: the inverse of
+    ``kernel_offset_for_padding``."""
+    kd = dilated_extent(kernel, dilation)
+    return kernel_offset + (kd - 1) - (kd >> 1)
 
 
 def resolve_forward(
