@@ -127,7 +127,7 @@ def test_fully_connected_matches_reference(p):
 
 @pytest.mark.parametrize("neuron_type", [t for t in list(T)[:-1]])
 def test_every_neuron_matches_reference(neuron_type):
-    """The kernels' ``_neuron`` against ``neuron.FORMULAS`` for every type, PReLU per channel too."""
+    """The kernels' ``_neuron`` against ``core.activations.FORMULAS`` for every type, PReLU per channel too."""
     rng = np.random.default_rng(100 + int(neuron_type))
     d = descriptor(3, 3, 5, 6)
     d.fusedNeuronDescriptor = neuron_descriptor(neuron_type, 6, rng)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Neuron codes are MPSCNNNeuronType raw values; _neuron mirrors neuron.FORMULAS (tests compare the two
+# Neuron codes are MPSCNNNeuronType raw values; _neuron mirrors core.activations.FORMULAS (tests compare the two
 # for every type).
 
 
