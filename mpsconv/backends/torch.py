@@ -181,16 +181,16 @@ class Plan:
         out_bytes = n * gh * gw * p.out_channels * self.compute_dtype.itemsize
         self.graphed = self.fused and device.is_cuda and out_bytes <= GRAPH_MAX_BYTES
         # Epilogue: what is left after the convolution (and its bias).
-        neuron = p.neuron
-        relu = neuron.type == MPSCNNNeuronType.reLU and neuron.a == 0.0
-        # Not oneDNN's relu post-op: it maps NaN and -inf to 0 (docs/reliability.md "Numerics"); its
-        # output is copied into the destination anyway, and leaky_relu(out=) is that copy.
-        self.apply_neuron = neuron.type != MPSCNNNeuronType.none
+        # Not oneDNN's relu or clip post-ops: they map NaN and -inf to 0 (docs/reliability.md
+        # "Numerics"); the output is copied into the destination anyway, and leaky_relu(out=) is that
+        # copy (ReLU, and ReLUN's first part, whose ceiling is then one pass in place).
+        self.apply_neuron = p.neuron.type != MPSCNNNeuronType.none
+        self.ceiling = p.neuron.b if p.neuron.type == MPSCNNNeuronType.reLUN else None
         if p.subpixel > 1 or p.binary >= 0 or self.dst_format not in _FLOAT_FORMATS:
             self.epilogue = _GENERAL  # neuron, depth-to-space, format conversion as needed
         elif not self.apply_neuron:
             self.epilogue = _COPY
-        elif relu and self.dst_format == F.float32:  # leaky_relu(out=) needs out's dtype to be y's
+        elif _leaky(p.neuron) and self.dst_format == F.float32:  # leaky_relu(out=) needs out's dtype to be y's
             self.epilogue = _RELU
         else:
             self.epilogue = _GENERAL
@@ -304,9 +304,12 @@ def run(bound: Bound, prepared: Prepared) -> None:
     if plan.epilogue == _COPY:
         out.copy_(y)
     elif plan.epilogue == _RELU:
-        # ReLU and the write into the slice in one pass; leaky_relu with slope 0, not clamp_min, so that
-        # -inf gives the formula's 0·(-inf) = NaN (docs/reliability.md "Numerics")
-        torch.ops.aten.leaky_relu.out(y, 0.0, out=out)
+        # ReLU and the write into the slice in one pass; leaky_relu, not clamp_min, so that -inf gives
+        # the formula's a·(-inf) = NaN for a = 0 (docs/reliability.md "Numerics"); ReLUN's ceiling
+        # after, in place (clamp keeps NaN)
+        torch.ops.aten.leaky_relu.out(y, p.neuron.a, out=out)
+        if plan.ceiling is not None:
+            out.clamp_(max=plan.ceiling)
     else:
         if plan.apply_neuron:
             y = _neuron(y, p, prepared)
@@ -388,14 +391,23 @@ def _triton_epilogue_usable(p: ConvProblem) -> bool:
     return launch.available() and neuron_supported(p.neuron)
 
 
+def _leaky(neuron) -> bool:
+    """Whether ``neuron`` is ``leaky_relu`` (ReLU), or that and a ceiling (ReLUN), exactly: where(x >= 0,
+    x, a·x) tests x >= 0, leaky_relu x > 0, the same wherever a·0 = 0, i.e. for a finite slope; the
+    ceiling ``min(y, b)`` is ``clamp(max=b)`` for a finite ``b`` (both keep NaN)."""
+    if neuron.type == MPSCNNNeuronType.reLU:
+        return math.isfinite(neuron.a)
+    return neuron.type == MPSCNNNeuronType.reLUN and math.isfinite(neuron.a) and math.isfinite(neuron.b)
+
+
 def _neuron(y: torch.Tensor, p: ConvProblem, prepared: Prepared) -> torch.Tensor:
     neuron = p.neuron
-    if neuron.type == MPSCNNNeuronType.reLU and math.isfinite(neuron.a):
+    if _leaky(neuron):
         # FORMULAS' where(x >= 0, x, a·x) as one pass instead of four (with a = 0 too: -inf gives
         # 0·(-inf) = NaN, as the formula does): in place on the convolution's own output, out of
-        # place for a neuron kernel, whose y is a view of the source image. leaky_relu tests x > 0,
-        # not x >= 0: the same wherever a·0 = 0, i.e. for a finite slope.
-        return Fn.leaky_relu(y, neuron.a) if p.identity else Fn.leaky_relu_(y, neuron.a)
+        # place for a neuron kernel, whose y is a view of the source image.
+        y = Fn.leaky_relu(y, neuron.a) if p.identity else Fn.leaky_relu_(y, neuron.a)
+        return y.clamp_(max=neuron.b) if neuron.type == MPSCNNNeuronType.reLUN else y
     prelu = None if prepared.prelu is None else prepared.prelu[: y.shape[1]]
     return apply_neuron(y, neuron, prelu, TORCH_OPS)
 

@@ -1,0 +1,322 @@
+"""Whole networks for the benchmarks (our addition): the convolutions of MobileNetV2, of the ResNet-50
+body and of an Inception-style block, as MPS encodes into one command buffer and as the same
+network in PyTorch.
+
+A network is a list of ``Layer``s, each reading one image and writing one image (or, for the
+Inception block's branches, a channel slice of one: MPS's concatenation). Only the convolutions
+are there, each with its bias and fused neuron (MobileNetV2's ReLU6, ResNet's ReLU); pooling and
+the residual additions are not part of the MPS convolution family, so both sides leave them out.
+
+``Ours`` builds the images and kernels and encodes the whole network into one command buffer;
+``Eager`` runs the same network in PyTorch (channels-last ``conv2d`` with bias, the activation in
+place, ``torch.cat`` for the concatenation) on the same data and weights. ``timing`` alternates
+contenders in rounds and reports medians with their spread. ``benchmarks/networks.py`` adds the
+other peers (``torch.compile``, ONNX Runtime, CUDA graphs) and the per-layer mode; ``mpsconv bench
+--networks`` runs ours against eager.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .convolution import MPSCNNConvolution
+from .core.activations import MPSCNNNeuronType
+from .core.formats import MPSImageFeatureChannelFormat
+from .core.geometry import offset_for_padding, torch_output_size
+from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNDepthWiseConvolutionDescriptor
+from .image import MPSImage, MPSImageDescriptor
+from .layout import MPSCNNConvolutionWeights, weights_from_oihw
+from .neuron import MPSNNNeuronDescriptor
+from .types import MPSOffset
+
+
+class Layer(NamedTuple):
+    """One convolution: ``src`` image -> channels ``[offset, offset + cout)`` of image ``dst``; a
+    ``k`` x ``k`` window at ``stride``, padded ``k // 2`` as PyTorch would; ``neuron`` is ``relu6``,
+    ``relu`` or None."""
+
+    name: str
+    src: str
+    dst: str
+    cin: int
+    cout: int
+    k: int = 1
+    stride: int = 1
+    groups: int = 1
+    neuron: str | None = None
+    offset: int = 0
+
+
+class Network(NamedTuple):
+    name: str
+    input: str
+    size: tuple[int, int, int]  # the input's (height, width, channels)
+    layers: list[Layer]
+    output: str
+
+
+def mobilenet_v2(size: int = 224) -> Network:
+    """MobileNetV2's 52 convolutions: the 3x3/2 stem, 17 inverted residual blocks (1x1 expansion and
+    3x3 depthwise with ReLU6, linear 1x1 projection), the final 1x1 to 1280 channels."""
+    layers = [Layer("stem", "input", "x0", 3, 32, 3, 2, neuron="relu6")]
+    blocks = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+              (6, 320, 1, 1)]  # expansion t, channels c, repeats n, first stride s
+    cin, i = 32, 0
+    for t, c, n, s in blocks:
+        for j in range(n):
+            stride, hidden, src = (s if j == 0 else 1), cin * t, f"x{i}"
+            if t != 1:
+                layers.append(Layer(f"b{i}_expand", src, f"x{i}e", cin, hidden, neuron="relu6"))
+                src = f"x{i}e"
+            layers.append(Layer(f"b{i}_dw", src, f"x{i}d", hidden, hidden, 3, stride, hidden, "relu6"))
+            layers.append(Layer(f"b{i}_project", f"x{i}d", f"x{i + 1}", hidden, c))
+            cin, i = c, i + 1
+    layers.append(Layer("head", f"x{i}", "output", cin, 1280, neuron="relu6"))
+    return Network(f"mobilenetv2_{size}", "input", (size, size, 3), layers, "output")
+
+
+def resnet50_body(size: int = 56) -> Network:
+    """The ResNet-50 body's 48 convolutions from its 56x56x64 stem output: 16 bottlenecks of 1x1
+    reduction, 3x3 (stride 2 first in stages 2-4), 1x1 expansion, each with ReLU."""
+    layers, cin, i = [], 64, 0
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for j in range(blocks):
+            src = "input" if i == 0 else f"x{i}"
+            layers += [Layer(f"b{i}_reduce", src, f"x{i}r", cin, width, neuron="relu"),
+                       Layer(f"b{i}_3x3", f"x{i}r", f"x{i}m", width, width, 3, stride if j == 0 else 1, neuron="relu"),
+                       Layer(f"b{i}_expand", f"x{i}m", f"x{i + 1}", width, 4 * width, neuron="relu")]
+            cin, i = 4 * width, i + 1
+    layers[-1] = layers[-1]._replace(dst="output")
+    return Network(f"resnet50_body_{size}", "input", (size, size, 64), layers, "output")
+
+
+def inception(size: int = 28) -> Network:
+    """An Inception (v1 3a) block on 28x28x192: four branches (1x1; 1x1 then 3x3; 1x1 then 5x5; a 1x1
+    projection) writing channel slices of one 256-channel image."""
+    relu = "relu"
+    layers = [Layer("1x1", "input", "output", 192, 64, neuron=relu, offset=0),
+              Layer("3x3_reduce", "input", "r3", 192, 96, neuron=relu),
+              Layer("3x3", "r3", "output", 96, 128, 3, neuron=relu, offset=64),
+              Layer("5x5_reduce", "input", "r5", 192, 16, neuron=relu),
+              Layer("5x5", "r5", "output", 16, 32, 5, neuron=relu, offset=192),
+              Layer("pool_proj", "input", "output", 192, 32, neuron=relu, offset=224)]
+    return Network(f"inception_{size}", "input", (size, size, 192), layers, "output")
+
+
+NETWORKS = {"mobilenetv2": mobilenet_v2, "resnet50": resnet50_body, "inception": inception}
+
+
+def shapes(net: Network) -> dict[str, tuple[int, int, int]]:
+    """Every image's (height, width, channels): a layer's output size as PyTorch computes it; an image
+    written by several layers takes the channels they write together."""
+    out = {net.input: net.size}
+    for layer in net.layers:
+        h, w, _ = out[layer.src]
+        oh, ow = (torch_output_size(n, layer.k, layer.stride, layer.k // 2) for n in (h, w))
+        _, _, c = out.get(layer.dst, (oh, ow, 0))
+        out[layer.dst] = (oh, ow, max(c, layer.offset + layer.cout))
+    return out
+
+
+def random_weights(net: Network, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per layer, float32 OIHW weights scaled to keep activations of order one, and a bias."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for layer in net.layers:
+        fan_in = layer.k * layer.k * layer.cin // layer.groups
+        w = rng.standard_normal((layer.cout, layer.cin // layer.groups, layer.k, layer.k)) * math.sqrt(2.0 / fan_in)
+        out[layer.name] = (w.astype(np.float32), (0.1 * rng.standard_normal(layer.cout)).astype(np.float32))
+    return out
+
+
+_NEURONS = {"relu6": (MPSCNNNeuronType.reLUN, 0.0, 6.0), "relu": (MPSCNNNeuronType.reLU, 0.0, 0.0)}
+FORMATS = {torch.float32: MPSImageFeatureChannelFormat.float32, torch.float16: MPSImageFeatureChannelFormat.float16,
+           torch.bfloat16: MPSImageFeatureChannelFormat.bfloat16}
+
+
+def kernel_for(layer: Layer, weights, bias, device) -> MPSCNNConvolution:
+    """The MPS kernel of one layer: its descriptor (depthwise where each channel is a group), fused
+    neuron, float32 weights (as PyTorch has them), PyTorch's padding as an offset, and the channel
+    offset it writes at."""
+    depthwise = layer.groups > 1 and layer.groups == layer.cin == layer.cout
+    cls = MPSCNNDepthWiseConvolutionDescriptor if depthwise else MPSCNNConvolutionDescriptor
+    d = cls(kernelWidth=layer.k, kernelHeight=layer.k, inputFeatureChannels=layer.cin, outputFeatureChannels=layer.cout)
+    d.strideInPixelsX = d.strideInPixelsY = layer.stride
+    if not depthwise:
+        d.groups = layer.groups
+    if layer.neuron is not None:
+        kind, a, b = _NEURONS[layer.neuron]
+        d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(kind, a=a, b=b)
+    kernel = MPSCNNConvolution(device=device, weights=MPSCNNConvolutionWeights(d, weights_from_oihw(weights), bias))
+    o = offset_for_padding(layer.k, 1, layer.k // 2)
+    kernel.offset = MPSOffset(o, o, 0)
+    kernel.destinationFeatureChannelOffset = layer.offset
+    kernel.label = layer.name
+    return kernel
+
+
+class Ours:
+    """A network as MPS encodes: one image per tensor (whole images; the Inception block's branches
+    write slices of one), one kernel per layer, all encoded into one command buffer."""
+
+    def __init__(self, net: Network, weights: dict, batch: int, device, dtype=torch.float32):
+        self.net, self.device = net, device
+        fmt = FORMATS[dtype]
+        self.images = {name: MPSImage(device=device, imageDescriptor=MPSImageDescriptor(
+            channelFormat=fmt, width=w, height=h, featureChannels=c, numberOfImages=batch))
+            for name, (h, w, c) in shapes(net).items()}
+        self.kernels = [(kernel_for(layer, *weights[layer.name], device), self.images[layer.src],
+                         self.images[layer.dst]) for layer in net.layers]
+        self.queue = device.makeCommandQueue()
+        self._replayable = None
+
+    def load(self, x: torch.Tensor) -> None:
+        """The input's values (NHWC)."""
+        image = self.images[self.net.input]
+        image.torch().copy_(x.to(image.torch().device))
+
+    def encode(self, cb) -> None:
+        for kernel, src, dst in self.kernels:
+            kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+
+    def __call__(self) -> None:
+        """Encode the whole network into one command buffer, commit, wait."""
+        cb = self.queue.makeCommandBuffer()
+        self.encode(cb)
+        cb.commit()
+        cb.waitUntilCompleted()
+
+    def replay(self) -> None:
+        """The same command buffer replayed (``make_replayable``): recorded once, then run again."""
+        if self._replayable is None:
+            cb = self.queue.makeCommandBuffer()
+            self.encode(cb)
+            cb.make_replayable()
+            cb.commit()
+            cb.waitUntilCompleted()
+            self._replayable = cb
+        self._replayable.replay().waitUntilCompleted()
+
+    def layer(self, index: int):
+        """One layer alone: encode it into a command buffer of its own, commit, wait."""
+        kernel, src, dst = self.kernels[index]
+
+        def run():
+            cb = self.queue.makeCommandBuffer()
+            kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+            cb.commit()
+            cb.waitUntilCompleted()
+        return run
+
+    def output(self) -> torch.Tensor:
+        return self.images[self.net.output].torch()
+
+
+class Eager:
+    """The same network in PyTorch eager: NCHW channels-last tensors, ``conv2d`` with bias, the
+    activation in place (``relu_``, ``hardtanh_(0, 6)``), ``torch.cat`` where layers write one image."""
+
+    def __init__(self, net: Network, weights: dict, device: torch.device, dtype=torch.float32):
+        self.net = net
+        self.params = {name: (torch.from_numpy(w).to(device, dtype).contiguous(memory_format=torch.channels_last),
+                              torch.from_numpy(b).to(device, dtype)) for name, (w, b) in weights.items()}
+        writers: dict[str, int] = {}
+        for layer in net.layers:
+            writers[layer.dst] = writers.get(layer.dst, 0) + 1
+        self.concatenated = {name for name, count in writers.items() if count > 1}
+
+    def layer(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.params[layer.name]
+        y = F.conv2d(x, w, b, layer.stride, layer.k // 2, 1, layer.groups)
+        if layer.neuron == "relu6":
+            y = F.hardtanh_(y, 0.0, 6.0)
+        elif layer.neuron == "relu":
+            y = y.relu_()
+        return y
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: the input, NCHW (channels-last); returns the output, NCHW."""
+        tensors, parts = {self.net.input: x}, {}
+        for layer in self.net.layers:
+            src = tensors.get(layer.src)
+            if src is None:
+                src = tensors[layer.src] = _concatenated(parts.pop(layer.src))
+            y = self.layer(layer, src)
+            if layer.dst in self.concatenated:
+                parts.setdefault(layer.dst, []).append((layer.offset, y))
+            else:
+                tensors[layer.dst] = y
+        out = self.net.output
+        return tensors[out] if out in tensors else _concatenated(parts[out])
+
+    def layer_alone(self, index: int, x: torch.Tensor):
+        layer = self.net.layers[index]
+        return lambda: self.layer(layer, x)
+
+
+def _concatenated(parts: list) -> torch.Tensor:
+    """``(channel offset, tensor)`` parts joined along the channels in offset order."""
+    return torch.cat([tensor for _, tensor in sorted(parts, key=lambda part: part[0])], 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+def busy() -> float | None:
+    """The 1-minute load average beyond this process, as a share of the cores (None where unknown)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    return max(0.0, load - 1.0) / (os.cpu_count() or 1)
+
+
+def synchronizer(device: torch.device):
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def timing(contenders: dict, rounds: int = 5, budget_s: float = 1.0, sync=lambda: None) -> dict:
+    """Seconds per call of each contender (a callable), timed in alternating rounds: per round, each
+    runs as many calls as fit in ``budget_s / rounds`` and its mean per call is one sample. Returns
+    ``{name: (median, min, max)}`` over the rounds."""
+    samples = {name: [] for name in contenders}
+    for fn in contenders.values():  # warm-up: compiles, plans, autotunes, first allocations
+        fn()
+        fn()
+        sync()
+    per_round = budget_s / rounds / max(1, len(contenders))
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            sync()
+            time.sleep(0.005)  # thread pools that spin after their work (OpenMP's, ONNX Runtime's) settle
+            start, calls = time.perf_counter(), 0
+            while True:
+                fn()
+                calls += 1
+                sync()
+                elapsed = time.perf_counter() - start
+                if elapsed >= per_round and calls >= 2:
+                    break
+            samples[name].append(elapsed / calls)
+    return {name: (statistics.median(t), min(t), max(t)) for name, t in samples.items()}
+
+
+def spread_warning(times: dict, limit: float = 1.3) -> str | None:
+    """A warning when a contender's slowest round took ``limit`` times its fastest, or the machine is
+    busy: the ratios may then be off."""
+    wide = [name for name, (_, lo, hi) in times.items() if hi > limit * lo]
+    load = busy()
+    notes = []
+    if wide:
+        notes.append(f"spread over {limit:.1f}x for {', '.join(wide)}")
+    if load is not None and load > 0.25:
+        notes.append(f"load average beyond this process is {load:.0%} of the cores")
+    return "; ".join(notes) + " (the machine may be busy; the ratios may be off)" if notes else None
