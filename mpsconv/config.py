@@ -18,7 +18,11 @@ import threading
 from pathlib import Path
 
 _BACKENDS = ("auto", "reference", "torch", "triton")
-_local = threading.local()
+class _Local(threading.local):
+    backend = None  # a class default: a missing thread-local attribute costs an exception to find
+
+
+_local = _Local()
 
 
 def _check_backend(name: str) -> str:
@@ -27,43 +31,41 @@ def _check_backend(name: str) -> str:
     return name
 
 
-_parsed: dict[str, tuple] = {}
+class _Knob:
+    """One environment variable, parsed once per value: encodes read some on every call. Reading
+    ``os.environ`` costs ~1 µs (it encodes the key and decodes the value each time); on POSIX CPython
+    it is a view of a dict of bytes that it updates in place, where a look-up costs ~30 ns."""
+
+    __slots__ = ("name", "key", "parse", "raw", "value")
+    _data = getattr(os.environ, "_data", None) if os.name == "posix" else None
+    if not isinstance(_data, dict):
+        _data = None
+
+    def __init__(self, name: str, parse):
+        self.name, self.key, self.parse = name, os.fsencode(name), parse
+        self.raw, self.value = self, None  # ``raw`` starts as a value no environment holds
+
+    def __call__(self):
+        data = self._data
+        raw = data.get(self.key) if data is not None else os.environ.get(self.name)
+        if raw != self.raw:
+            self.value, self.raw = self.parse(os.environ.get(self.name)), raw
+        return self.value
 
 
-def _raw_env(name: str):
-    """``$name`` as ``os.environ`` holds it (None when unset). On POSIX CPython that is a dict of bytes
-    behind ``os.environ``, which ``os.environ`` updates in place: a plain look-up there costs ~30 ns
-    against ~1 µs for ``os.environ.get``, which encodes the key and decodes the value every time."""
-    data = getattr(os.environ, "_data", None)
-    if os.name == "posix" and isinstance(data, dict):
-        return data.get(_KEYS.get(name) or _KEYS.setdefault(name, os.fsencode(name)))
-    return os.environ.get(name)
-
-
-_KEYS: dict[str, bytes] = {}
-
-
-def _env(name: str, parse):
-    """``parse`` of ``$name`` (None when unset), parsed once per value: encodes read these every time."""
-    raw = _raw_env(name)
-    hit = _parsed.get(name)
-    if hit is None or hit[0] != raw:
-        hit = _parsed[name] = (raw, parse(os.environ.get(name)))  # the raw value may be bytes
-    return hit[1]
+_BACKEND = _Knob("MPSCONV_BACKEND", lambda raw: _check_backend((raw or "auto").strip().lower() or "auto"))
 
 
 def backend() -> str:
     """The backend forced by ``use_backend`` or ``MPSCONV_BACKEND``; ``auto`` lets dispatch choose."""
-    forced = getattr(_local, "backend", None)
-    if forced is not None:
-        return forced
-    return _env("MPSCONV_BACKEND", lambda raw: _check_backend((raw or "auto").strip().lower() or "auto"))
+    forced = _local.backend
+    return _BACKEND() if forced is None else forced
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
     """Force a backend for the encodes made inside the block (on this thread)."""
-    previous = getattr(_local, "backend", None)
+    previous = _local.backend
     _local.backend = _check_backend(name)
     try:
         yield
@@ -92,12 +94,6 @@ def cache_dir() -> Path:
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def _bytes(name: str, default: int | None) -> int | None:
-    """``$name`` as a byte count (``512M``, ``8GiB``, ``1073741824``), parsed once per value; ``default``
-    when unset or empty."""
-    return _env(name, lambda raw: _parse_bytes(name, raw, default))
-
-
 def _parse_bytes(name: str, raw: str | None, default: int | None) -> int | None:
     text = (raw or "").strip().upper().removesuffix("B").removesuffix("I")
     if not text:
@@ -112,10 +108,14 @@ def _parse_bytes(name: str, raw: str | None, default: int | None) -> int | None:
     return value
 
 
+_MAX_ARCHIVE = _Knob("MPSCONV_MAX_ARCHIVE_BYTES", lambda raw: _parse_bytes("MPSCONV_MAX_ARCHIVE_BYTES", raw, 1 << 30))
+_MEMORY_LIMIT = _Knob("MPSCONV_MEMORY_LIMIT", lambda raw: _parse_bytes("MPSCONV_MEMORY_LIMIT", raw, None))
+
+
 def max_archive_bytes() -> int:
     """The largest archive ``NSKeyedUnarchiver`` and ``load`` read: ``$MPSCONV_MAX_ARCHIVE_BYTES``,
     default 1 GiB (a 3x3 convolution of 4096 -> 4096 channels in float32 is 604 MB)."""
-    return _bytes("MPSCONV_MAX_ARCHIVE_BYTES", 1 << 30)
+    return _MAX_ARCHIVE()
 
 
 def _available_memory() -> int:
@@ -134,9 +134,7 @@ _limit_override = None
 
 def explicit_memory_limit() -> int | None:
     """The CPU limit set by ``use_memory_limit`` or ``$MPSCONV_MEMORY_LIMIT``, else None."""
-    if _limit_override is not None:
-        return _limit_override
-    return _bytes("MPSCONV_MEMORY_LIMIT", None)
+    return _MEMORY_LIMIT() if _limit_override is None else _limit_override
 
 
 def memory_limit() -> int:

@@ -66,8 +66,8 @@ class GradientJob(NamedTuple):
 
 class _Repeat(NamedTuple):
     """A validated encode kept for ``repeat``: its images and their storages when it ran, the kernel's
-    ``_settings()`` then, its scratch bytes, and what it recorded (``(backend, bound, prepared)``, None
-    for an empty problem)."""
+    ``_settings()`` then, its scratch bytes, and what it recorded (a ``_Work``, None for an empty
+    problem)."""
 
     source: object
     destination: object
@@ -75,7 +75,7 @@ class _Repeat(NamedTuple):
     dst_storage: object
     settings: tuple
     scratch: int
-    work: tuple | None
+    work: _Work | None
 
 
 #: Entries a cache keeps before it starts again (a kernel encoding ever new shapes stays bounded).
@@ -210,8 +210,8 @@ class Encoder:
             return
         work = None
         if not item.problem.empty:
-            work = (item.backend, self._bind(item, source, destination),
-                    self.prepared(kernel, item.backend, item.problem.src_format))
+            work = _Work(item.backend, self._bind(item, source, destination),
+                         self.prepared(kernel, item.backend, item.problem.src_format), kernel, quiet=True)
         self._put(self.repeats, key, _Repeat(source, destination, source._storage, destination._storage,
                                              kernel._settings(), item.scratch, work), REPEATS)
 
@@ -226,9 +226,10 @@ class Encoder:
                 last.settings != kernel._settings() or \
                 memory.available(kernel._device, 0, last.scratch) is not None:
             return False
-        if last.work is not None:
-            backend, bound, prepared = last.work
-            cb._record(_Work(backend, bound, prepared, kernel))
+        work = last.work
+        if work is not None:
+            # the same call again; a new one where its label (a debug group) may have changed or is printed
+            cb._record(work if work.label is None and not work.verbose else work.again(kernel))
         return True
 
     # -- gradient encodes
@@ -261,13 +262,18 @@ def _consume_reads(images) -> None:
 
 
 class _Work:
-    """One recorded backend call; runs when its command buffer is committed."""
+    """One recorded backend call; runs when its command buffer is committed. It holds no state of its
+    own run, so the steady-state encode records one object again and again."""
 
-    __slots__ = ("run", "bound", "prepared", "label")
+    __slots__ = ("backend", "run", "bound", "prepared", "label", "verbose")
 
-    def __init__(self, backend, bound, prepared, kernel):
-        self.run, self.bound, self.prepared = backend.run, bound, prepared
-        self.label = _label(kernel, f"{bound} on {backend.name}")
+    def __init__(self, backend, bound, prepared, kernel, quiet: bool = False):
+        self.backend, self.run, self.bound, self.prepared = backend, backend.run, bound, prepared
+        self.verbose = _verbose(kernel)
+        self.label = _label(kernel, f"{bound} on {backend.name}", quiet)
+
+    def again(self, kernel) -> "_Work":
+        return _Work(self.backend, self.bound, self.prepared, kernel)
 
     def __call__(self) -> None:
         if self.label is None:
@@ -313,13 +319,17 @@ class _GradientWork:
                 target.add_(value) if job.accumulate else target.copy_(value)
 
 
-def _label(kernel, what: str) -> str | None:
+def _verbose(kernel) -> bool:
+    """Whether the kernel's recorded work is printed (``verbose``, ``MPS_LOG_INFO``)."""
+    return bool(int(kernel._options) & _VERBOSE or _LOG_INFO)
+
+
+def _label(kernel, what: str, quiet: bool = False) -> str | None:
     """The debug-group label of the kernel's work (``insertDebugGroups``), printed first when asked
-    for (``verbose``, ``MPS_LOG_INFO``)."""
-    options = int(kernel._options)
-    if options & _VERBOSE or _LOG_INFO:
+    for and not ``quiet`` (a work kept for later encodes, not recorded now)."""
+    if not quiet and _verbose(kernel):
         print(f"mpsconv: {kernel.label or type(kernel).__name__}: {what}", file=sys.stderr)
-    return (kernel.label or type(kernel).__name__) if options & _DEBUG_GROUPS else None
+    return (kernel.label or type(kernel).__name__) if int(kernel._options) & _DEBUG_GROUPS else None
 
 
 _LOG_INFO = bool(os.environ.get("MPS_LOG_INFO"))

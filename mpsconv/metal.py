@@ -438,6 +438,7 @@ class MTLCommandQueue:
         self.label = None
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # a buffer of this queue changed status
+        self._waiting = 0  # threads waiting on ``_changed`` (most commits have none to wake)
         self._pending: list[MTLCommandBuffer] = []
         self._handlers: concurrent.futures.ThreadPoolExecutor | None = None
         self._stream = None  # CUDA: the queue's own stream, made on first commit
@@ -469,10 +470,15 @@ class MTLCommandQueue:
         with self._lock:
             self._pending.append(cb)
 
+    def _notify(self) -> None:
+        """Wake the threads waiting for a buffer of this queue (the caller holds ``_lock``)."""
+        if self._waiting:
+            self._changed.notify_all()
+
     def _drain(self) -> None:
         """Run every committed buffer at the head of the queue, in order."""
         with self._lock:
-            while self._pending and self._pending[0]._status >= MTLCommandBufferStatus.committed:
+            while self._pending and self._pending[0]._status >= _COMMITTED:
                 self._pending.pop(0)._run()
 
     def _handler_pool(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -543,30 +549,34 @@ class CommandBufferTemporary:
 
 
 _handler_thread = threading.local()
+_NOT_ENQUEUED, _ENQUEUED, _COMMITTED, _SCHEDULED, _COMPLETED, _ERROR = MTLCommandBufferStatus
 
 
 class MTLCommandBuffer:
     """``MTLCommandBuffer``: encodes record work here; ``commit`` runs it."""
 
+    # What most command buffers never change: class-level values until they do (a command buffer a
+    # layer is made per encode in many programs, so its construction is part of the host path).
+    _error: NSError | None = None
+    _scheduled_handlers: tuple = ()
+    _completed_handlers: tuple = ()
+    _handlers_done = False
+    _open_encoder: MTLComputeCommandEncoder | None = None
+    _replayable = False
+    _event = None  # CUDA, no handlers: completion is read off this event when asked for
+    _inflight = None
+    _graph = None
+    _replay_work = None
+    label = None
+
     def __init__(self, queue: MTLCommandQueue, retained: bool = True):
         self._queue = queue
-        self._device = queue.device
+        self._device = queue._device
         self._retained = retained
-        self._status = MTLCommandBufferStatus.notEnqueued
-        self._error: NSError | None = None
+        self._status = _NOT_ENQUEUED
         self._work: list[Callable[[], None]] = []
-        self._scheduled_handlers: list[Callable] = []
-        self._completed_handlers: list[Callable] = []
-        self._handlers_done = False
-        self._open_encoder: MTLComputeCommandEncoder | None = None
-        self._encoding = threading.Lock()  # held by the one encode running into this buffer (§7.6.3)
+        self._encoding = threading.Lock()  # held by the one encode running into this buffer
         self._state_lock = threading.Lock()  # enqueue / commit are atomic against other threads
-        self._replayable = False
-        self._event = None  # CUDA, no handlers: completion is read off this event when asked for
-        self._inflight = None
-        self._graph = None
-        self._replay_work = None
-        self.label = None
 
     # -- properties
     @property
@@ -593,7 +603,7 @@ class MTLCommandBuffer:
 
     # -- encoding (internal API used by kernels)
     def _check_open(self, what: str) -> None:
-        if self._status >= MTLCommandBufferStatus.committed:
+        if self._status >= _COMMITTED:
             raise MPSCommandBufferError(
                 f"{what}: the command buffer is already committed (status {self._status.name}); "
                 "make a new one with queue.makeCommandBuffer()"
@@ -611,7 +621,7 @@ class MTLCommandBuffer:
                 f"{what}: another encode into this command buffer is in progress; a command buffer is encoded "
                 "by one thread at a time (give each thread its own command buffer)"
             )
-        if self._status >= MTLCommandBufferStatus.committed:  # committed by another thread meanwhile
+        if self._status >= _COMMITTED:  # committed by another thread meanwhile
             self._encoding.release()
             self._check_open(what)
 
@@ -635,14 +645,14 @@ class MTLCommandBuffer:
     def addScheduledHandler(self, block: Callable) -> None:
         """``addScheduledHandler(_:)``: must be called before ``commit()``."""
         self._check_open("MTLCommandBuffer.addScheduledHandler")
-        self._scheduled_handlers.append(block)
+        self._scheduled_handlers += (block,)
 
     def addCompletedHandler(self, block: Callable) -> None:
         """``addCompletedHandler(_:)``: must be called before ``commit()``; runs once, after the work."""
         self._check_open("MTLCommandBuffer.addCompletedHandler")
         if not callable(block):
             raise MPSTypeError(f"MTLCommandBuffer.addCompletedHandler: {block!r} is not callable")
-        self._completed_handlers.append(block)
+        self._completed_handlers += (block,)
 
     def enqueue(self) -> None:
         """``enqueue()``: reserve this buffer's place in its queue's order."""
@@ -650,17 +660,17 @@ class MTLCommandBuffer:
             self._enqueue()
 
     def _enqueue(self) -> None:
-        if self._status != MTLCommandBufferStatus.notEnqueued:
-            if self._status >= MTLCommandBufferStatus.committed:
+        if self._status != _NOT_ENQUEUED:
+            if self._status >= _COMMITTED:
                 raise MPSCommandBufferError("MTLCommandBuffer.enqueue: the command buffer is already committed")
             return
-        self._status = MTLCommandBufferStatus.enqueued
+        self._status = _ENQUEUED
         self._queue._enqueue(self)
 
     def commit(self) -> None:
         """``commit()``: submit. Buffers of one queue run in enqueue order."""
         with self._state_lock:
-            if self._status >= MTLCommandBufferStatus.committed:
+            if self._status >= _COMMITTED:
                 raise MPSCommandBufferError("MTLCommandBuffer.commit: the command buffer was already committed")
             if self._open_encoder is not None:
                 raise MPSCommandBufferError("MTLCommandBuffer.commit: a compute command encoder is still open")
@@ -669,7 +679,7 @@ class MTLCommandBuffer:
                                             "running on another thread; commit after it returns")
             try:
                 self._enqueue()
-                self._status = MTLCommandBufferStatus.committed
+                self._status = _COMMITTED
             finally:
                 self._encoding.release()
         self._queue._drain()
@@ -686,12 +696,12 @@ class MTLCommandBuffer:
             if self._device.is_cuda:
                 torch.cuda.empty_cache()
         self._error = NSError(MTLCommandBufferErrorDomain, code, f"{type(exc).__name__}: {exc}", exc)
-        self._status = MTLCommandBufferStatus.error
+        self._status = _ERROR
 
     def _complete(self) -> None:
         """The work has finished: completed, unless it failed."""
-        if self._status != MTLCommandBufferStatus.error:
-            self._status = MTLCommandBufferStatus.completed
+        if self._status != _ERROR:
+            self._status = _COMPLETED
 
     def _run(self) -> None:
         """Run the recorded work (called by the queue, in order, holding its lock).
@@ -703,7 +713,7 @@ class MTLCommandBuffer:
         there, in commit order; one without is completed when ``status`` or ``waitUntilCompleted``
         reads the event (no thread hand-off per commit: that cost more than a small kernel).
         """
-        self._status = MTLCommandBufferStatus.scheduled
+        self._status = _SCHEDULED
         work, self._work = self._work, []
         event = None
         try:
@@ -738,7 +748,7 @@ class MTLCommandBuffer:
                 self._fail(exc)
             self._complete()
             self._event = self._inflight = None
-            self._queue._changed.notify_all()
+            self._queue._notify()
 
     def _launch(self, work):
         stream = self._queue.stream
@@ -772,14 +782,13 @@ class MTLCommandBuffer:
             self._finish(work)
 
     def _finish(self, work) -> None:
-        if self._replayable and self._status == MTLCommandBufferStatus.completed:
+        if self._replayable and self._status == _COMPLETED:
             self._replay_work = work
-        handlers = self._scheduled_handlers + self._completed_handlers
-        if handlers:
-            self._queue._handler_pool().submit(self._run_handlers, handlers)
+        if self._scheduled_handlers or self._completed_handlers:
+            self._queue._handler_pool().submit(self._run_handlers, self._scheduled_handlers + self._completed_handlers)
         else:
             self._handlers_done = True
-        self._queue._changed.notify_all()
+        self._queue._notify()
 
     # -- graph replay (our addition)
     def make_replayable(self) -> None:
@@ -825,20 +834,24 @@ class MTLCommandBuffer:
             _handler_thread.active = False
             with self._queue._changed:
                 self._handlers_done = True
-                self._queue._changed.notify_all()
+                self._queue._notify()
 
     def _wait(self, done: Callable[[], bool], what: str) -> None:
-        if self._status < MTLCommandBufferStatus.committed:
+        if self._status < _COMMITTED:
             raise MPSCommandBufferError(f"MTLCommandBuffer.{what}: commit() the command buffer first")
         if self._event is not None and what == "waitUntilCompleted":
             self._settle(block=True)
         if not done():
             with self._queue._changed:
-                self._queue._changed.wait_for(done)
+                self._queue._waiting += 1
+                try:
+                    self._queue._changed.wait_for(done)
+                finally:
+                    self._queue._waiting -= 1
 
     def waitUntilScheduled(self) -> None:
         """``waitUntilScheduled()``."""
-        self._wait(lambda: self._status >= MTLCommandBufferStatus.scheduled, "waitUntilScheduled")
+        self._wait(lambda: self._status >= _SCHEDULED, "waitUntilScheduled")
 
     def waitUntilCompleted(self) -> None:
         """``waitUntilCompleted()``: blocks until the work and its completed handlers are done.
@@ -847,10 +860,12 @@ class MTLCommandBuffer:
         buffer failed (``status == .error``; the cause is in ``error``). Called from a completed
         handler, it does not wait for the handlers themselves.
         """
+        if self._status is _COMPLETED and self._handlers_done:  # done already (the CPU, no handlers)
+            return
         in_handler = getattr(_handler_thread, "active", False)
-        self._wait(lambda: self._status >= MTLCommandBufferStatus.completed and (self._handlers_done or in_handler),
+        self._wait(lambda: self._status >= _COMPLETED and (self._handlers_done or in_handler),
                    "waitUntilCompleted")
-        if self._status == MTLCommandBufferStatus.error:
+        if self._status == _ERROR:
             raise MPSCommandBufferError(
                 f"MTLCommandBuffer: the command buffer failed: {self._error.localizedDescription}"
             ) from self._error.underlyingError

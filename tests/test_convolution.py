@@ -616,4 +616,4 @@ def test_a_repeated_encode_uses_reloaded_weights_and_the_backend_in_force():
         k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
     cb.commit()
     cb.waitUntilCompleted()
-    assert k._encoder.repeats[id(src), id(dst)].work[0].name == "torch"
+    assert k._encoder.repeats[id(src), id(dst)].work.backend.name == "torch"
