@@ -11,8 +11,10 @@ encodes into whole images, against, on the same NHWC data and weights:
 - graph (CUDA): eager captured as a CUDA graph and replayed;
 - bare (CUDA): the convolutions alone (``conv2d``, no bias, no activation, cuDNN benchmark mode).
 
-Ours: ``plain`` (encode every layer, commit, wait) and ``replay`` (the command buffer recorded once
-with ``make_replayable``, replayed). Every network's output is checked against eager's first.
+Ours: ``plain`` (encode every layer, commit, wait), ``replay`` (the command buffer recorded once
+with ``make_replayable``, replayed) and ``tmp_replay`` (the same with ``MPSTemporaryImage``s between
+the input and the output, as MPS code written for speed has them; peer name ``temporary``). On the
+CPU a replay runs as one ONNX Runtime session where that is faster (``mpsconv/backends/onnx.py``). Every network's output is checked against eager's first.
 Medians over alternating rounds with their min..max; the thread count is pinned (``--threads``).
 ``--per-layer`` times every layer alone (encode + commit + wait of one layer into its own image)
 against eager's same layer.
@@ -138,8 +140,12 @@ def run_network(name, batch, dtype, args, device, tdev) -> dict:
         err_eager = float((want.float() - exact).abs().max() / exact.abs().max())
     if not err <= TOLERANCE[dtype]:
         raise SystemExit(f"{name} batch {batch}: ours and eager differ by {err:.2e} (relative); not timed")
-    contenders = {"ours": ours, "ours_replay": ours.replay}
     peers = args.peers.split(",")
+    contenders = {"ours": ours, "ours_replay": ours.replay}
+    if "temporary" in peers:  # the images between input and output as MPSTemporaryImages, replayed
+        temp = Ours(net, weights, batch, device, dtype, temporary=True)
+        temp.load(x_nhwc)
+        contenders["ours_tmp_replay"] = temp.replay
     with torch.no_grad():
         if "eager" in peers:
             contenders["eager"] = lambda: eager(x)
@@ -224,7 +230,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in (args.batches or ("1,32" if cuda else "1,8")).split(",")]
     dtypes = [DTYPES[d] for d in (args.dtypes or ("fp16,bf16" if cuda else "fp32")).split(",")]
-    args.peers = args.peers or ("eager,graph,compile,bare" if cuda else "eager,compile,ort")
+    args.peers = args.peers or ("temporary,eager,graph,compile,bare" if cuda else "temporary,eager,compile,ort")
     load = busy()
     header = dict(device=device.name, torch=torch.__version__, mpsconv=mpsconv.__version__, commit=commit(),
                   threads=torch.get_num_threads(), cores=os.cpu_count(), platform=platform.platform(),
@@ -239,14 +245,13 @@ def main(argv=None):
                 row = run_network(name, batch, dtype, args, device, tdev)
                 rows.append(row)
                 t = row["times_ms"]
-                ours = t["ours"][0]
                 cells = "  ".join(f"{k} {v[0]:.3f} ({v[1]:.3f}..{v[2]:.3f})" for k, v in t.items())
-                ratios = "  ".join(f"x{k} {v[0] / ours:.2f}" for k, v in t.items() if not k.startswith("ours"))
-                replay = "  ".join(f"replay x{k} {v[0] / t['ours_replay'][0]:.2f}" for k, v in t.items()
-                                   if not k.startswith("ours"))
                 print(f"{row['network']:<18} b{batch:<3} {row['dtype']:<8} ms: {cells}", flush=True)
-                print(f"{'':<18} {'':<4} {'':<8} ours plain: {ratios}; {replay}; rel err {row['rel_err']:.1e}"
-                      + (f"  WARNING: {row['warning']}" if "warning" in row else ""), flush=True)
+                for mine in (k for k in t if k.startswith("ours")):
+                    ratios = "  ".join(f"x{k} {v[0] / t[mine][0]:.2f}" for k, v in t.items() if not k.startswith("ours"))
+                    print(f"{'':<32} {mine[5:] or 'plain':<11} {ratios}", flush=True)
+                print(f"{'':<32} rel err {row['rel_err']:.1e}" + (f"  WARNING: {row['warning']}" if "warning" in row
+                                                                  else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(header, rows=rows), f, indent=1)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import backends, config, memory
+from .backends import onnx
 from .core.formats import MPSImageFeatureChannelFormat as F, storage_to_values, values_to_storage
 from .core.geometry import ConvProblem
 from .core.weights import round_for_source
@@ -168,7 +169,8 @@ class Encoder:
                 continue
             prepared = self.prepared(kernel, item.backend, item.problem.src_format)
             if tiles is None:
-                cb._record(_Work(item.backend, self._bind(item, source, destination), prepared, kernel))
+                cb._record(_Work(item.backend, self._bind(item, source, destination), prepared, kernel,
+                                 step=_step(kernel, item.problem, source, destination)))
                 continue
             src, dst = source._ensure_storage(), destination._ensure_storage()
             for backend, plan in tiles:
@@ -211,7 +213,8 @@ class Encoder:
         work = None
         if not item.problem.empty:
             work = _Work(item.backend, self._bind(item, source, destination),
-                         self.prepared(kernel, item.backend, item.problem.src_format), kernel, quiet=True)
+                         self.prepared(kernel, item.backend, item.problem.src_format), kernel, quiet=True,
+                         step=_step(kernel, item.problem, source, destination))
         self._put(self.repeats, key, _Repeat(source, destination, source._storage, destination._storage,
                                              kernel._settings(), item.scratch, work), REPEATS)
 
@@ -263,17 +266,18 @@ def _consume_reads(images) -> None:
 
 class _Work:
     """One recorded backend call; runs when its command buffer is committed. It holds no state of its
-    own run, so the steady-state encode records one object again and again."""
+    own run, so the steady-state encode records one object again and again. ``step`` describes it for
+    the CPU replay engine (``backends.onnx``), None for tiles."""
 
-    __slots__ = ("backend", "run", "bound", "prepared", "label", "verbose")
+    __slots__ = ("backend", "run", "bound", "prepared", "label", "verbose", "step")
 
-    def __init__(self, backend, bound, prepared, kernel, quiet: bool = False):
-        self.backend, self.run, self.bound, self.prepared = backend, backend.run, bound, prepared
+    def __init__(self, backend, bound, prepared, kernel, quiet: bool = False, step=None):
+        self.backend, self.run, self.bound, self.prepared, self.step = backend, backend.run, bound, prepared, step
         self.verbose = _verbose(kernel)
         self.label = _label(kernel, f"{bound} on {backend.name}", quiet)
 
     def again(self, kernel) -> "_Work":
-        return _Work(self.backend, self.bound, self.prepared, kernel)
+        return _Work(self.backend, self.bound, self.prepared, kernel, step=self.step)
 
     def __call__(self) -> None:
         if self.label is None:
@@ -281,6 +285,17 @@ class _Work:
         else:
             with torch.autograd.profiler.record_function(self.label):  # debug group -> profiler range
                 self.run(self.bound, self.prepared)
+
+
+def _step(kernel, problem: ConvProblem, source, destination) -> onnx.Step | None:
+    """A recorded encode as the CPU replay engine sees it: the kernel's effective weights now, and the
+    two images' whole storages (None for views of other images and for weightless kernels)."""
+    weights, bias, _ = kernel._params()
+    if not isinstance(weights, np.ndarray) or source._root is not source or destination._root is not destination:
+        return None
+    return onnx.Step(problem, round_for_source(weights, problem.src_format), bias, source._storage,
+                     destination._storage, destination._c, isinstance(destination, MPSTemporaryImage))
+
 
 
 class _GradientWork:

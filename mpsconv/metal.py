@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import config
+from .backends import onnx as graph_engine
 from .core.formats import FORMAT_OF_PIXEL, STORAGE_DTYPE, MTLPixelFormat
 from .errors import MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValueError
 from .memory import allocation_failed, out_of_memory
@@ -567,6 +568,7 @@ class MTLCommandBuffer:
     _inflight = None
     _graph = None
     _replay_work = None
+    _cpu_replay = None  # the replay engine's compiled work (backends.onnx), False where there is none
     label = None
 
     def __init__(self, queue: MTLCommandQueue, retained: bool = True):
@@ -815,7 +817,14 @@ class MTLCommandBuffer:
         run = MTLCommandBuffer(self._queue)
         run.label = self.label
         graph = self._graph
-        run._work = [graph.replay] if graph is not None else list(self._replay_work)
+        if graph is None and self._cpu_replay is None:  # the first replay on the CPU: compile once
+            work = list(self._replay_work)
+            self._cpu_replay = graph_engine.compile([getattr(item, "step", None) for item in work], work,
+                                                    torch.get_num_threads()) or False
+        if graph is not None:
+            run._work = [graph.replay]
+        else:
+            run._work = [self._cpu_replay] if self._cpu_replay else list(self._replay_work)
         run._replay_source = self  # keeps the captured storages alive while the replay runs
         run.commit()
         return run

@@ -31,7 +31,7 @@ from .core.activations import MPSCNNNeuronType
 from .core.formats import MPSImageFeatureChannelFormat
 from .core.geometry import offset_for_padding, torch_output_size
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNDepthWiseConvolutionDescriptor
-from .image import MPSImage, MPSImageDescriptor
+from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .layout import MPSCNNConvolutionWeights, weights_from_oihw
 from .neuron import MPSNNNeuronDescriptor
 from .types import MPSOffset
@@ -164,16 +164,22 @@ def kernel_for(layer: Layer, weights, bias, device) -> MPSCNNConvolution:
 
 class Ours:
     """A network as MPS encodes: one image per tensor (whole images; the Inception block's branches
-    write slices of one), one kernel per layer, all encoded into one command buffer."""
+    write slices of one), one kernel per layer, all encoded into one command buffer. With
+    ``temporary``, the images between the input and the output are ``MPSTemporaryImage``s, made for
+    each command buffer and read as many times as layers read them (what MPS code does for speed)."""
 
-    def __init__(self, net: Network, weights: dict, batch: int, device, dtype=torch.float32):
-        self.net, self.device = net, device
+    def __init__(self, net: Network, weights: dict, batch: int, device, dtype=torch.float32,
+                 temporary: bool = False):
+        self.net, self.device, self.temporary = net, device, temporary
         fmt = FORMATS[dtype]
-        self.images = {name: MPSImage(device=device, imageDescriptor=MPSImageDescriptor(
-            channelFormat=fmt, width=w, height=h, featureChannels=c, numberOfImages=batch))
-            for name, (h, w, c) in shapes(net).items()}
-        self.kernels = [(kernel_for(layer, *weights[layer.name], device), self.images[layer.src],
-                         self.images[layer.dst]) for layer in net.layers]
+        self.descriptors = {name: MPSImageDescriptor(channelFormat=fmt, width=w, height=h, featureChannels=c,
+                                                     numberOfImages=batch) for name, (h, w, c) in shapes(net).items()}
+        kept = {net.input, net.output} if temporary else set(self.descriptors)
+        self.images = {name: MPSImage(device=device, imageDescriptor=self.descriptors[name]) for name in kept}
+        self.kernels = [(kernel_for(layer, *weights[layer.name], device), layer.src, layer.dst) for layer in net.layers]
+        self.reads = {}
+        for layer in net.layers:
+            self.reads[layer.src] = self.reads.get(layer.src, 0) + 1
         self.queue = device.makeCommandQueue()
         self._replayable = None
 
@@ -183,8 +189,13 @@ class Ours:
         image.torch().copy_(x.to(image.torch().device))
 
     def encode(self, cb) -> None:
+        images = dict(self.images)
+        for name, descriptor in self.descriptors.items():
+            if name not in images:
+                images[name] = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=descriptor)
+                images[name].readCount = self.reads.get(name, 0)
         for kernel, src, dst in self.kernels:
-            kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+            kernel.encode(commandBuffer=cb, sourceImage=images[src], destinationImage=images[dst])
 
     def __call__(self) -> None:
         """Encode the whole network into one command buffer, commit, wait."""
@@ -205,8 +216,10 @@ class Ours:
         self._replayable.replay().waitUntilCompleted()
 
     def layer(self, index: int):
-        """One layer alone: encode it into a command buffer of its own, commit, wait."""
+        """One layer alone: encode it into a command buffer of its own, commit, wait (whole images)."""
         kernel, src, dst = self.kernels[index]
+        src, dst = (self.images.get(name) or MPSImage(device=self.device, imageDescriptor=self.descriptors[name])
+                    for name in (src, dst))
 
         def run():
             cb = self.queue.makeCommandBuffer()
@@ -296,7 +309,9 @@ def timing(contenders: dict, rounds: int = 5, budget_s: float = 1.0, sync=lambda
     for _ in range(rounds):
         for name, fn in contenders.items():
             sync()
-            time.sleep(0.005)  # thread pools that spin after their work (OpenMP's, ONNX Runtime's) settle
+            time.sleep(0.05)  # thread pools that spin after their work (OpenMP's, ONNX Runtime's) settle
+            fn()  # and their threads wake up, on this contender's time
+            sync()
             start, calls = time.perf_counter(), 0
             while True:
                 fn()

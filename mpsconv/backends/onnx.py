@@ -1,0 +1,299 @@
+"""The CPU replay engine: a replayable command buffer's convolutions run as one ONNX Runtime session.
+
+A replayed command buffer on the CPU (``make_replayable``, ``replay``) would otherwise run its
+recorded work again, one backend call per encode. Where every encode in it is expressible, its
+convolutions become one ONNX graph, which ONNX Runtime's CPU execution provider runs with fused
+activations and its own blocked layouts, keeping between layers whatever no one can read: the
+contents of temporary images (``MPSTemporaryImage``) never leave the session. Images that were
+written and can be read afterwards are graph outputs bound straight to their storage (NHWC, the
+storage's 4-lane channel slices included); images read before they are written are inputs, read
+from their storage in place.
+
+Expressible: a forward convolution (not binary, sub-pixel, transposed or a neuron kernel) from one
+float32 image into another, reading through the zero edge, writing whole images (any window
+placement, stride, dilation, groups; destinations whose channel slices are written by several
+encodes are joined), with no neuron, ReLU or ReLUN of finite parameters. Anything else, or no
+onnxruntime / onnx installed: the recorded work runs.
+
+The same numbers: ONNX Runtime sums in another order (within the float32 tolerance of the float64
+reference, as every fast path), and its Relu and Clip map NaN to 0 where the neuron formulas keep
+NaN and -inf. So before each replay the inputs are checked: finite, and small enough that no layer
+can overflow (each layer's largest possible output, from the largest input, the weights' absolute
+row sums and the bias, stays far below float32's limit). With finite values that cannot overflow,
+no NaN or infinity arises and the two computations agree; otherwise the recorded work runs, exactly.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ..core.activations import MPSCNNNeuronType
+from ..core.formats import MPSImageFeatureChannelFormat as F, slices_for
+from ..core.geometry import ConvProblem, EdgeMode
+
+#: The largest value any layer may be able to produce for a replay to go through ONNX Runtime: far
+#: below float32's 3.4e38, so that sums rounded in any order stay finite.
+LIMIT = 1e36
+
+
+class Step(NamedTuple):
+    """What one recorded encode did, as the engine needs it: the problem, the kernel's effective
+    float32 weights ``[O, kH, kW, I/G]`` and bias, the source and destination storages (NHWC, whole
+    images), and whether the destination is temporary (unreadable after the command buffer)."""
+
+    problem: ConvProblem
+    weights: np.ndarray
+    bias: np.ndarray | None
+    src: torch.Tensor
+    dst: torch.Tensor
+    dst_channels: int  # the destination's feature channels (its storage has them rounded up to 4)
+    dst_temporary: bool
+
+
+def available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def expressible(step: Step | None) -> bool:
+    """Whether the engine computes ``step`` exactly (see the module's docstring)."""
+    if step is None:
+        return False
+    p, n = step.problem, step.problem.neuron
+    finite = np.isfinite([n.a, n.b]).all()
+    neuron_ok = n.type == MPSCNNNeuronType.none or (
+        n.type in (MPSCNNNeuronType.reLU, MPSCNNNeuronType.reLUN) and finite)
+    (dn, dh, dw, _), src_n = step.dst.shape, step.src.shape[0]
+    return (not p.empty and not p.identity and p.binary < 0 and p.subpixel == 1 and p.upsample == (1, 1)
+            and p.edge == EdgeMode.zero and p.src_format == F.float32 and p.dst_format == F.float32
+            and step.src.dtype == step.dst.dtype == torch.float32
+            and step.src.is_contiguous() and step.dst.is_contiguous() and step.src.device.type == "cpu"
+            and step.dst.device.type == "cpu" and neuron_ok and step.src.data_ptr() != step.dst.data_ptr()
+            and p.out_origin == (0, 0) and p.out_size == (dh, dw) and p.dst_image0 == 0 and p.n_images == dn
+            and p.src_image0 == 0 and src_n == p.n_images
+            and all(p.read_range(axis)[0] <= p.src_size[axis] - 1 and p.read_range(axis)[1] >= 0 for axis in (0, 1)))
+
+
+class Replay:
+    """One compiled command buffer: the session, its bindings, the input checks; ``fallback`` runs the
+    recorded work where the checks fail."""
+
+    def __init__(self, session, binding, inputs: list, gains: list, fallback: list):
+        self.session, self.binding, self.inputs, self.gains, self.fallback = session, binding, inputs, gains, fallback
+
+    def faster(self, rounds: int = 3) -> bool:
+        """Whether the session beats the recorded work on this machine, timed in alternating rounds
+        (both compute the same images, so running them changes nothing). Images written and read
+        afterwards must leave the session through a layout change each, which can cost it more than
+        it gains on networks of many small layers."""
+        mine, theirs = [], []
+        for _ in range(rounds):
+            for times, run in ((mine, self.__call__), (theirs, self._recorded)):
+                time.sleep(0.01)  # the other's thread pool stops spinning
+                run()  # and this one's wakes up
+                start = time.perf_counter()
+                run()
+                run()
+                times.append(time.perf_counter() - start)
+        return statistics.median(mine) < statistics.median(theirs)
+
+    def _recorded(self) -> None:
+        for work in self.fallback:
+            work()
+
+    def safe(self) -> bool:
+        """Whether the inputs are finite and no layer can reach ``LIMIT`` from them."""
+        bounds = {}
+        for key, values in self.inputs:  # NumPy: a torch operation here would wake its thread pool,
+            lo, hi = float(values.min()), float(values.max())  # whose spinning then slows the session
+            if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN reaches min and max
+                return False
+            bounds[key] = max(-lo, hi)
+        for src, dst, gain, bias, ceiling, slope in self.gains:
+            bound = (bounds[src] * gain + bias) * max(1.0, abs(slope))  # the sums, and a·x for x < 0
+            if not bound < LIMIT:  # before the ceiling: a sum that overflowed to -inf gives NaN there
+                return False
+            if ceiling is not None:  # min(f(x), b): at most b above, f's own bound below
+                bound = min(bound, ceiling) if slope == 0.0 and ceiling >= 0 else max(bound, abs(ceiling))
+            bounds[dst] = max(bounds.get(dst, 0.0), bound)
+        return True
+
+    def __call__(self) -> None:
+        if self.safe():
+            self.session.run_with_iobinding(self.binding)
+        else:
+            self._recorded()
+
+
+def compile(steps: list, fallback: list, threads: int) -> Replay | None:
+    """The ``Replay`` of a command buffer's recorded ``steps`` (one per recorded work, None for work the
+    engine does not know), or None where one is not expressible, ONNX Runtime is missing, or the
+    recorded work runs faster."""
+    if not steps or not all(expressible(s) for s in steps) or not available():
+        return None
+    try:
+        graph = _Graph()
+        for step in steps:
+            graph.add(step)
+        replay = graph.build(fallback, threads)
+    except _Unsupported:
+        return None
+    return replay if replay.faster() else None
+
+
+class _Unsupported(Exception):
+    """The command buffer's work cannot be one graph (the recorded work runs)."""
+
+
+class _Graph:
+    """Builds the ONNX graph: values by storage (``id`` of the storage tensor), NCHW inside."""
+
+    def __init__(self):
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.nodes, self.initializers = [], []
+        self.storages: dict[int, torch.Tensor] = {}
+        self.values: dict[int, str] = {}  # storage -> its current NCHW value (all of its lanes)
+        self.parts: dict[int, list] = {}  # storage -> (channel offset, channels, value) written so far
+        self.inputs: list[int] = []
+        self.written: dict[int, bool] = {}  # storage -> temporary
+        self.gains: list = []
+        self.count = 0
+
+    def name(self, what: str) -> str:
+        self.count += 1
+        return f"{what}{self.count}"
+
+    def node(self, op: str, inputs: list[str], **attributes) -> str:
+        out = self.name(op.lower())
+        self.nodes.append(self.helper.make_node(op, inputs, [out], **attributes))
+        return out
+
+    def constant(self, array: np.ndarray) -> str:
+        name = self.name("c")
+        self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def read(self, storage: torch.Tensor) -> str:
+        """The NCHW value holding every lane of ``storage`` now."""
+        key = id(storage)
+        if key in self.parts:
+            raise _Unsupported("an image is read while only some of its channels are written")
+        if key not in self.values:
+            if key in self.written:
+                raise _Unsupported("storage changed identity")
+            self.storages[key] = storage
+            self.inputs.append(key)
+            self.values[key] = self.node("Transpose", [f"in{key}"], perm=[0, 3, 1, 2])
+        return self.values[key]
+
+    def slice(self, value: str, axis: int, start: int, stop: int, size: int) -> str:
+        if (start, stop) == (0, size):
+            return value
+        ints = lambda v: self.constant(np.array([v], np.int64))  # noqa: E731
+        return self.node("Slice", [value, ints(start), ints(stop), ints(axis)])
+
+    def add(self, step: Step) -> None:
+        p, src, dst = step.problem, step.src, step.dst
+        self.storages[id(dst)] = dst
+        x = self.read(src)
+        x = self.slice(x, 1, p.src_channel0, p.src_channel0 + p.in_channels, src.shape[3])
+        pads = [[0, 0], [0, 0]]
+        for axis in (0, 1):
+            first, last = p.read_range(axis)
+            size = p.src_size[axis]
+            lo, hi = max(first, 0), min(last, size - 1)
+            x = self.slice(x, 2 + axis, lo, hi + 1, size)
+            pads[axis] = [lo - first, last - hi]
+        w = np.ascontiguousarray(step.weights.transpose(0, 3, 1, 2), np.float32)  # OHWI -> OIHW
+        bias = np.zeros(p.out_channels, np.float32) if step.bias is None else np.asarray(step.bias, np.float32)
+        y = self.node("Conv", [x, self.constant(w), self.constant(bias)], kernel_shape=list(p.kernel),
+                      strides=list(p.stride), dilations=list(p.dilation), group=p.groups,
+                      pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
+        neuron, ceiling, slope = p.neuron, None, 0.0
+        if neuron.type == MPSCNNNeuronType.reLUN:
+            ceiling = float(neuron.b)
+        if neuron.type != MPSCNNNeuronType.none:  # as ONNX Runtime fuses them into the convolution
+            slope = float(neuron.a)
+            bound = self.constant(np.array(ceiling if ceiling is not None else np.inf, np.float32))
+            if slope == 0.0 and ceiling is not None:
+                y = self.node("Clip", [y, self.constant(np.array(0.0, np.float32)), bound])
+            elif slope == 0.0:
+                y = self.node("Relu", [y])
+            else:
+                y = self.node("LeakyRelu", [y], alpha=slope)
+                if ceiling is not None:
+                    y = self.node("Min", [y, bound])
+        gain = float(np.abs(step.weights).reshape(p.out_channels, -1).sum(axis=1).max())
+        self.gains.append((id(src), id(dst), gain, float(np.abs(bias).max(initial=0.0)), ceiling, slope))
+        self.write(dst, p.dst_channel0, p.out_channels, y, step.dst_channels, step.dst_temporary)
+
+    def write(self, dst: torch.Tensor, offset: int, channels: int, value: str, real: int, temporary: bool) -> None:
+        """``value`` into channels ``[offset, offset + channels)`` of ``dst``; once its real channels are
+        all written (by one encode or several), the image has a new value."""
+        key = id(dst)
+        if key in self.inputs:
+            raise _Unsupported("an image read from outside is written too")
+        self.values.pop(key, None)
+        parts = self.parts.setdefault(key, [])
+        parts.append((offset, channels, value))
+        parts.sort()
+        lanes, end, joined = dst.shape[3], 0, []
+        for start, count, part in parts:
+            if start != end:
+                return  # a gap: later encodes may fill it
+            joined.append(part)
+            end = start + count
+        if end < real:
+            return
+        if end > real:
+            raise _Unsupported("channel slices overlap")
+        del self.parts[key]
+        full = joined[0] if len(joined) == 1 else self.node("Concat", joined, axis=1)
+        if end < lanes:  # the storage's padding lanes stay zero
+            full = self.node("Pad", [full, self.constant(np.array([0, 0, 0, 0, 0, lanes - end, 0, 0], np.int64))])
+        self.values[key] = full
+        self.written[key] = temporary
+
+    def build(self, fallback: list, threads: int) -> Replay:
+        import onnxruntime as ort
+        from onnx import TensorProto
+
+        if self.parts:
+            raise _Unsupported("an image is left with some channels unwritten")
+        outputs = [key for key, temporary in self.written.items() if not temporary]
+        out_names = []
+        for key in outputs:
+            out_names.append(f"out{key}")
+            self.nodes.append(self.helper.make_node("Transpose", [self.values[key]], [f"out{key}"], perm=[0, 2, 3, 1]))
+        info = lambda name, key: self.helper.make_tensor_value_info(  # noqa: E731
+            name, TensorProto.FLOAT, list(self.storages[key].shape))
+        graph = self.helper.make_graph(self.nodes, "mpsconv", [info(f"in{k}", k) for k in self.inputs],
+                                       [info(f"out{k}", k) for k in outputs], self.initializers)
+        model = self.helper.make_model(graph, opset_imports=[self.helper.make_opsetid("", 17)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        # its threads spin while a run lasts, not after it: spinning threads would take the cores from
+        # whatever runs next (PyTorch's own thread pool, on the same cores)
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        binding = session.io_binding()
+        for key in self.inputs:
+            s = self.storages[key]
+            binding.bind_input(f"in{key}", "cpu", 0, np.float32, list(s.shape), s.data_ptr())
+        for key in outputs:
+            s = self.storages[key]
+            binding.bind_output(f"out{key}", "cpu", 0, np.float32, list(s.shape), s.data_ptr())
+        inputs = [(key, self.storages[key].numpy()) for key in self.inputs]
+        return Replay(session, binding, inputs, self.gains, fallback)

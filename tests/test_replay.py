@@ -1,0 +1,206 @@
+"""The CPU replay engine (``backends.onnx``): a replayed command buffer through ONNX Runtime gives the
+reference's numbers, keeps NaN and infinities exact by running the recorded work where they could
+arise, and leaves alone what it cannot express."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import DEVICE, QUEUE, ArraySource, blank, descriptor, image, values
+from mpsconv import (
+    MPSCNNConvolution, MPSCNNNeuronType, MPSDataType, MPSImageDescriptor, MPSImageEdgeMode,
+    MPSImageFeatureChannelFormat, MPSNNNeuronDescriptor, MPSOffset, MPSTemporaryImage, MTLOrigin, MTLRegion, MTLSize,
+    use_backend,
+)
+from mpsconv.backends import onnx as engine
+from tolerances import assert_close
+
+pytestmark = pytest.mark.skipif(not engine.available(), reason="onnx / onnxruntime are not installed")
+FLOAT32 = MPSImageFeatureChannelFormat.float32
+
+
+@pytest.fixture(autouse=True)
+def always_the_engine(monkeypatch):
+    """The engine is kept only where it beats the recorded work on this machine; here it always is,
+    so that these tests run it."""
+    monkeypatch.setattr(engine.Replay, "faster", lambda self, rounds=3: True)
+
+
+def _conv(rng, cin, cout, k=3, neuron=None, groups=1, **props):
+    d = descriptor(k, k, cin, cout, groups=groups, **props)
+    if neuron is not None:
+        d.fusedNeuronDescriptor = neuron
+    w = rng.uniform(-1, 1, (cout, k, k, cin // groups)).astype(np.float32)
+    return MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, w, rng.uniform(-1, 1, cout).astype(np.float32)))
+
+
+def _temporary(cb, w, h, c, reads):
+    t = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=MPSImageDescriptor(
+        channelFormat=FLOAT32, width=w, height=h, featureChannels=c))
+    t.readCount = reads
+    return t
+
+
+def _network(rng):
+    """Five encodes: a strided, dilated and offset window through a temporary image, a grouped layer,
+    two branches into channel slices of one image, a layer that reads that joined image."""
+    relu6 = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLUN, a=0.0, b=0.75)  # clips often
+    leaky = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLUN, a=0.2, b=0.5)
+    first = _conv(rng, 3, 8, 3, relu6, strideInPixelsX=2, strideInPixelsY=2, dilationRateX=2)
+    first.offset = MPSOffset(1, 0, 0)
+    grouped = _conv(rng, 8, 8, 3, MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU, a=0.1), groups=2)
+    left, right = _conv(rng, 8, 4, 1), _conv(rng, 8, 4, 3, leaky)
+    right.destinationFeatureChannelOffset = 4
+    last = _conv(rng, 8, 5, 1)
+    last.offset = MPSOffset(0, 0, 0)
+    return first, grouped, left, right, last
+
+
+def _encode(kernels, cb, src, temporary: bool):
+    first, grouped, left, right, last = kernels
+    if temporary:
+        a, b = _temporary(cb, 6, 5, 8, 1), _temporary(cb, 6, 5, 8, 2)
+        joined = _temporary(cb, 6, 5, 8, 1)
+    else:
+        a, b, joined = blank(6, 5, 8), blank(6, 5, 8), blank(6, 5, 8)
+    out = blank(6, 5, 5, fill=0.5)
+    first.encode(commandBuffer=cb, sourceImage=src, destinationImage=a)
+    grouped.encode(commandBuffer=cb, sourceImage=a, destinationImage=b)
+    left.encode(commandBuffer=cb, sourceImage=b, destinationImage=joined)
+    right.encode(commandBuffer=cb, sourceImage=b, destinationImage=joined)
+    last.encode(commandBuffer=cb, sourceImage=joined, destinationImage=out)
+    return (out,) if temporary else (a, b, joined, out)
+
+
+def _reference(kernels, src, temporary):
+    with use_backend("reference"):
+        cb = QUEUE.makeCommandBuffer()
+        images = _encode(kernels, cb, src, temporary)
+        cb.commit()
+        cb.waitUntilCompleted()
+    return [values(i) for i in images]
+
+
+@pytest.mark.parametrize("temporary", [False, True], ids=["images", "temporary images"])
+def test_replays_through_the_engine_match_the_reference(temporary):
+    rng = np.random.default_rng(1)
+    kernels = _network(rng)
+    src = image(rng.uniform(-1, 1, (9, 11, 3)))
+    with use_backend("torch"):
+        cb = QUEUE.makeCommandBuffer()
+        images = _encode(kernels, cb, src, temporary)
+        cb.make_replayable()
+        cb.commit()
+        cb.waitUntilCompleted()
+    for round_ in range(2):  # new contents each time: the replay reads the source as it is then
+        x = rng.uniform(-1, 1, (1, 9, 11, 3))
+        src.torch().copy_(torch.from_numpy(x))
+        for i in images:
+            i.torch().fill_(float("nan"))  # every value must be written again
+        cb.replay().waitUntilCompleted()
+        assert isinstance(cb._cpu_replay, engine.Replay)
+        for got, want in zip(images, _reference(kernels, src, temporary)):
+            assert_close(values(got), want, "float32", f"round {round_}")
+
+
+@pytest.mark.parametrize("special", [math.nan, math.inf, -math.inf, 1e37], ids=["nan", "inf", "-inf", "huge"])
+def test_values_that_could_make_nan_or_infinity_take_the_recorded_work(special):
+    """ONNX Runtime's Relu and Clip map NaN to 0; the neuron formulas keep NaN and give NaN for
+    0·(-inf). A source with a non-finite value, or one large enough that a layer could overflow,
+    runs the recorded work: the results are the reference's, NaN and infinities where it has them."""
+    rng = np.random.default_rng(2)
+    kernels = _network(rng)
+    src = image(rng.uniform(-1, 1, (9, 11, 3)))
+    cb = QUEUE.makeCommandBuffer()
+    images = _encode(kernels, cb, src, False)
+    cb.make_replayable()
+    cb.commit()
+    cb.waitUntilCompleted()
+    storage = src.torch()
+    storage[0, 4, 5, 1] = special
+    cb.replay().waitUntilCompleted()
+    replay = cb._cpu_replay
+    assert isinstance(replay, engine.Replay) and not replay.safe()
+    for got, want in zip(images, _reference(kernels, src, False)):
+        np.testing.assert_array_equal(np.isnan(values(got)), np.isnan(want))
+        assert_close(values(got), want, "float32", f"source with {special}")
+
+
+def _replayed(kernel, src, dst):
+    cb = QUEUE.makeCommandBuffer()
+    kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+    cb.make_replayable()
+    cb.commit()
+    cb.waitUntilCompleted()
+    cb.replay().waitUntilCompleted()
+    return cb._cpu_replay
+
+
+def test_what_the_engine_cannot_express_runs_as_recorded():
+    rng = np.random.default_rng(3)
+    src = image(rng.uniform(-1, 1, (6, 7, 4)))
+    clamped = _conv(rng, 4, 4)
+    clamped.edgeMode = MPSImageEdgeMode.clamp
+    sigmoid = _conv(rng, 4, 4, neuron=MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.sigmoid))
+    clipped = _conv(rng, 4, 4)
+    clipped.clipRect = MTLRegion(MTLOrigin(1, 1, 0), MTLSize(3, 3, 1))
+    half = _conv(rng, 4, 4)
+    cases = [(clamped, src, blank(7, 6, 4)), (sigmoid, src, blank(7, 6, 4)), (clipped, src, blank(7, 6, 4)),
+             (half, image(rng.uniform(-1, 1, (6, 7, 4)), MPSImageFeatureChannelFormat.float16),
+              blank(7, 6, 4, fmt=MPSImageFeatureChannelFormat.float16))]
+    for kernel, source, dst in cases:
+        assert _replayed(kernel, source, dst) is False
+        want = blank(7, 6, 4, fmt=dst.featureChannelFormat)
+        with use_backend("reference"):
+            cb = QUEUE.makeCommandBuffer()
+            kernel.encode(commandBuffer=cb, sourceImage=source, destinationImage=want)
+            cb.commit()
+            cb.waitUntilCompleted()
+        assert_close(values(dst), values(want), dst.featureChannelFormat.name, str(kernel))
+
+
+def test_an_image_read_from_outside_and_written_runs_as_recorded():
+    """Ping-pong: the second encode writes the first's source, which the session would read and
+    write at once."""
+    rng = np.random.default_rng(4)
+    k = _conv(rng, 4, 4)
+    a, b = image(rng.uniform(-1, 1, (5, 5, 4))), blank(5, 5, 4)
+    cb = QUEUE.makeCommandBuffer()
+    k.encode(commandBuffer=cb, sourceImage=a, destinationImage=b)
+    k.encode(commandBuffer=cb, sourceImage=b, destinationImage=a)
+    cb.make_replayable()
+    cb.commit()
+    cb.waitUntilCompleted()
+    cb.replay().waitUntilCompleted()
+    assert cb._cpu_replay is False
+
+
+def test_the_safety_bound_follows_the_layers():
+    """A source of 1e3 through weights whose rows sum to 1e17 stays finite in float32 but could reach
+    1e20 · 1e17 after two layers: the first replay goes through the session, the second not."""
+    d = descriptor(1, 1, 4, 4)
+    big = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, np.full(16, 2.5e16, np.float32),
+                                                               kernel_type=MPSDataType.float32))
+    src, mid, out = image(np.full((2, 2, 4), 1e3)), blank(2, 2, 4), blank(2, 2, 4)
+    cb = QUEUE.makeCommandBuffer()
+    big.encode(commandBuffer=cb, sourceImage=src, destinationImage=mid)
+    big.encode(commandBuffer=cb, sourceImage=mid, destinationImage=out)
+    cb.make_replayable()
+    cb.commit()
+    cb.waitUntilCompleted()
+    cb.replay().waitUntilCompleted()
+    assert isinstance(cb._cpu_replay, engine.Replay) and not cb._cpu_replay.safe()  # 1e3·1e17·1e17 > LIMIT
+    src.torch().fill_(1e-30)
+    assert cb._cpu_replay.safe()
+
+
+def test_images_the_session_does_not_know_keep_their_contents():
+    """Only what the command buffer writes changes; a blank image elsewhere stays as it was."""
+    rng = np.random.default_rng(5)
+    k = _conv(rng, 4, 4)
+    src, dst, other = image(rng.uniform(-1, 1, (5, 5, 4))), blank(5, 5, 4), blank(5, 5, 4, fill=0.25)
+    assert isinstance(_replayed(k, src, dst), engine.Replay)
+    np.testing.assert_array_equal(values(other), np.full((1, 5, 5, 4), 0.25))
