@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._api import keywords
 from .convolution import DescribedKernel
 from .datasource import check_protocol, read_array
 from .descriptor import (
@@ -20,6 +21,8 @@ _INITIALIZERS = ("MPSCNNBinaryConvolution(device=, convolutionData=, scaleValue=
                  "MPSCNNBinaryConvolution(coder=, device=)")
 
 
+@keywords("device", "convolutionData", "scaleValue", "outputBiasTerms", "outputScaleTerms", "inputBiasTerms",
+          "inputScaleTerms", "type", "flags", "coder")
 class MPSCNNBinaryConvolution(DescribedKernel, MPSCNNKernel):
     """``MPSCNNBinaryConvolution``: 1-bit weights, optionally binarized input (XNOR / AND), scales.
 

@@ -11,6 +11,8 @@ Errors (bad option, unwritable output, no such device) are one line on stderr an
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -74,6 +76,11 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    missing = [name for module, name in (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise CommandError(f"mpsconv demo needs {' and '.join(missing)} (the demo extra): "
+                           "pip install 'mpsconv[demo]'")
     from .demo import run
 
     if args.epochs < 1:
@@ -114,6 +121,7 @@ def cmd_verify(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="mpsconv", description="Apple's MPS convolution family for Python: tools.")
+    top.add_argument("--version", action="version", version=f"mpsconv {__version__}")
     sub = top.add_subparsers(dest="command", metavar="{info,demo,bench,verify}", parser_class=_Parser)
     sub.add_parser("info", help="version, devices, backends usable on each, cache location")
     demo = sub.add_parser("demo", help="train a digits CNN built from mpsconv kernels",
@@ -155,6 +163,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mpsconv info | head`: the reader has gone; nothing more to say
+        try:  # and nothing at exit either, when Python flushes what is left
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
 
 
 if __name__ == "__main__":

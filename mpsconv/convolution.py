@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from ._api import keywords
 from .core.activations import MPSCNNNeuronType
 from .core.geometry import MPSNNPaddingMethod, NeuronSpec
 from .core.weights import round_weights
@@ -293,6 +294,7 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
 
 
 
+@keywords("device", "weights", "convolutionDescriptor", "kernelWeights", "biasTerms", "flags", "coder")
 class MPSCNNConvolution(_WeightedKernel):
     """``MPSCNNConvolution``: cross-correlation + bias + inference batch norm + fused neuron.
 

@@ -142,6 +142,13 @@ def digits(seed: int):
 
 
 def progress(epoch: int, epochs: int, step: int, steps: int, loss: float, stream) -> None:
+    """A bar redrawn in place on a terminal; one line an epoch elsewhere (a log keeps no carriage returns)."""
+    terminal = getattr(stream, "isatty", lambda: False)()
+    if not terminal:
+        if step == steps:
+            stream.write(f"epoch {epoch}/{epochs}: loss {loss:.3f}\n")
+            stream.flush()
+        return
     width = 30
     done = int(width * step / steps)
     stream.write(f"\repoch {epoch}/{epochs} [{'#' * done}{'.' * (width - done)}] {step}/{steps} loss {loss:.3f}")

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from ._api import keywords
 from .errors import MPSTypeError, MPSValueError
 from .core.activations import MPSCNNNeuronType
 from .core.geometry import NeuronSpec
@@ -93,6 +94,7 @@ class _BatchNorm:
         return self.mean, self.variance, self.gamma, self.beta
 
 
+@keywords("kernelWidth", "kernelHeight", "inputFeatureChannels", "outputFeatureChannels", "coder")
 class MPSCNNConvolutionDescriptor:
     """``MPSCNNConvolutionDescriptor``: window, channels, groups, dilation, fused neuron, batch norm.
 
@@ -369,6 +371,7 @@ class MPSCNNDepthWiseConvolutionDescriptor(MPSCNNConvolutionDescriptor):
         return self._inputFeatureChannels
 
 
+@keywords("kernelWidth", "kernelHeight", "inputFeatureChannels", "outputFeatureChannels", "coder")
 class MPSCNNSubPixelConvolutionDescriptor(MPSCNNConvolutionDescriptor):
     """``MPSCNNSubPixelConvolutionDescriptor``: a convolution of ``N = outputFeatureChannels`` channels
     fused with depth-to-space by ``r = subPixelScaleFactor`` (spec §5).

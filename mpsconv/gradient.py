@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 
+from ._api import keywords
 from .convolution import _WeightedKernel
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNConvolutionGradientOption
 from .encoder import GradientJob
@@ -25,6 +26,7 @@ from .types import MPSDataType
 # MPSCNNConvolutionGradient (spec convolution.md §11)
 
 
+@keywords("device", "weights", "coder")
 class MPSCNNConvolutionGradient(_WeightedKernel):
     """``MPSCNNConvolutionGradient``: back-propagation through an ``MPSCNNConvolution``.
 

@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from ._api import keywords
 from .core.formats import (
     FLOAT_FORMATS, FORMAT_OF_PIXEL, ImageLayout, NUMPY_DTYPE, PIXEL_FORMATS, PRECISION, STORAGE_DTYPE, MPSImageFeatureChannelFormat,
     MTLPixelFormat, check_format, lanes_for, slices_for, storage_to_values, values_to_storage,
@@ -131,6 +132,7 @@ class MPSImageDescriptor:
 # MPSImage
 
 
+@keywords("device", "imageDescriptor", "texture", "featureChannels", "parentImage", "sliceRange")
 class MPSImage:
     """``MPSImage``: ``numberOfImages`` images of ``width x height`` pixels with ``featureChannels``.
 
@@ -562,6 +564,7 @@ def _as_range(value, owner: str) -> tuple[int, int]:
 # Temporary images
 
 
+@keywords("commandBuffer", "imageDescriptor", "textureDescriptor", "featureChannels")
 class MPSTemporaryImage(CommandBufferTemporary, MPSImage):
     """``MPSTemporaryImage``: an image that lives inside one command buffer, read ``readCount`` times.
 

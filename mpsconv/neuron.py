@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import torch
 
+from ._api import keywords
 from .core.activations import MPSCNNNeuronType, default_parameters
 from .core.geometry import NeuronSpec
 from .errors import MPSTypeError, MPSValueError
@@ -44,6 +45,7 @@ def float32_values(data, owner: str, prop: str) -> np.ndarray:
         raise MPSTypeError(f"{owner}: {prop} must be bytes or an array of floats, not {type(data).__name__}") from None
 
 
+@keywords()  # unavailable: made by its class methods
 class MPSNNNeuronDescriptor:
     """``MPSNNNeuronDescriptor``: an activation type and its parameters.
 
@@ -130,6 +132,7 @@ def _deprecated(what: str, instead: str) -> None:
 # Neuron kernels (spec §5.4). Deprecated subclasses carry a neuron into a convolution descriptor.
 
 
+@keywords("device", "neuronDescriptor", "coder")
 class MPSCNNNeuron(MPSCNNKernel):
     """``MPSCNNNeuron``: applies an activation to each feature channel of each pixel.
 
@@ -201,7 +204,7 @@ def _legacy(name: str, neuron_type, params: tuple[str, ...]):
         self._init_neuron(kwargs["device"], descriptor)
 
     doc = f"``{name}`` (deprecated): ``MPSCNNNeuron`` of type ``{neuron_type.name}``."
-    return type(name, (MPSCNNNeuron,), {"__init__": __init__, "__doc__": doc})
+    return keywords("device", *params)(type(name, (MPSCNNNeuron,), {"__init__": __init__, "__doc__": doc}))
 
 
 MPSCNNNeuronLinear = _legacy("MPSCNNNeuronLinear", T.linear, ("a", "b"))

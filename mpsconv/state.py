@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 from typing import Sequence
 
+from ._api import keywords
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNConvolutionWeightsLayout
 from .errors import MPSTypeError, MPSValueError
 from .metal import CommandBufferTemporary, MTLBuffer, MTLCommandBuffer, MTLDevice
@@ -20,6 +21,7 @@ class MPSStateResourceType(enum.IntEnum):
     texture = 2
 
 
+@keywords("device", "bufferSize", "resource", "resources")
 class MPSState(CommandBufferTemporary):
     """``MPSState``: zero or more buffers; temporary states live on one command buffer and are
     released when their ``readCount`` reaches 0.
@@ -203,6 +205,7 @@ class MPSCNNConvolutionGradientState(MPSNNGradientState):
         return self._forward_offset
 
 
+@keywords("weights", "biases", "device", "cnnConvolutionDescriptor", "weightsOffset", "biasesOffset")
 class MPSCNNConvolutionWeightsAndBiasesState(MPSState):
     """``MPSCNNConvolutionWeightsAndBiasesState``: float32 weights ``[O][kH][kW][I/G]`` (depthwise
     ``[O][kH][kW]``) and biases ``[O]`` in buffers, from byte offsets (spec ``convolution.md`` §13).

@@ -23,3 +23,16 @@ def mismatches(actual, expected, fmt: str) -> np.ndarray:
     rtol, atol = TOLERANCES[fmt]
     return ~np.isclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64), rtol=rtol, atol=atol,
                        equal_nan=True)
+
+
+def error_ratio(actual, expected, fmt: str) -> float:
+    """The largest ``|actual - expected| / (atol + rtol·|expected|)``: how close to ``fmt``'s tolerance
+    the values came (1 is the limit; values that are NaN or infinite where expected count as 0 when
+    they match, infinity when they do not)."""
+    rtol, atol = TOLERANCES[fmt]
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    same = (a == e) | (np.isnan(a) & np.isnan(e))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        ratio = np.where(same, 0.0, np.abs(a - e) / (atol + rtol * np.abs(e)))
+    ratio = np.where(np.isnan(ratio), np.inf, ratio)
+    return float(ratio.max()) if ratio.size else 0.0

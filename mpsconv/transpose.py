@@ -1,6 +1,7 @@
 """``MPSCNNConvolutionTranspose`` (spec ``convolution.md`` §10)."""
 from __future__ import annotations
 
+from ._api import keywords
 from .convolution import MPSCNNConvolution, _WeightedKernel
 from .descriptor import MPSCNNConvolutionDescriptor
 from .errors import MPSTypeError, MPSValueError
@@ -11,6 +12,7 @@ from .state import MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGra
 from .types import MPSDataType, MPSOffset
 
 
+@keywords("device", "weights", "coder")
 class MPSCNNConvolutionTranspose(_WeightedKernel):
     """``MPSCNNConvolutionTranspose``: zero-insertion upsampling by the stride, then a unit-stride
     convolution with the weights as stored (no 180° rotation).

@@ -21,7 +21,7 @@ from .image import MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat as
 from .layout import MPSCNNConvolutionWeights
 from .core.activations import MPSCNNNeuronType
 from .neuron import MPSNNNeuronDescriptor
-from .tolerances import mismatches
+from .tolerances import error_ratio, mismatches
 from .transpose import MPSCNNConvolutionTranspose
 from .types import MPSDataType, MPSOffset
 
@@ -172,12 +172,12 @@ def cases() -> list[Case]:
 def verify(device, *, seed: int = 0, out=print) -> bool:
     """Run every case on ``device`` with each usable non-reference backend; print a table; True if all pass."""
     names = [name for name in backends.usable(device) if name != "reference"]
-    out(f"{'kernel':<34} " + " ".join(f"{name:>10}" for name in names))
+    out(f"{'kernel':<34} " + " ".join(f"{name:>10}" for name in names) + "   worst error / tolerance")
     ok = True
     for case in cases():
         with config.use_backend("reference"):
             want = case.run(device, np.random.default_rng(seed))
-        cells = []
+        cells, worst = [], 0.0
         for name in names:
             try:
                 with config.use_backend(name):
@@ -188,7 +188,8 @@ def verify(device, *, seed: int = 0, out=print) -> bool:
                     continue
                 raise
             bad = sum(int(mismatches(g, w, case.fmt).sum()) for g, w in zip(got, want))
+            worst = max(worst, *(error_ratio(g, w, case.fmt) for g, w in zip(got, want)))
             cells.append("pass" if bad == 0 else f"FAIL({bad})")
             ok &= bad == 0
-        out(f"{case.name:<34} " + " ".join(f"{cell:>10}" for cell in cells))
+        out(f"{case.name:<34} " + " ".join(f"{cell:>10}" for cell in cells) + f"   {worst:.2g}")
     return ok

@@ -9,7 +9,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "mpsconv"
-LEAVES = {"mpsconv.errors", "mpsconv.types", "mpsconv.config", "mpsconv._version"}
+LEAVES = {"mpsconv.errors", "mpsconv.types", "mpsconv.config", "mpsconv._version", "mpsconv._api"}
 #: Imports inside functions that are lazy optional loads: the CLI's subcommands, the autotuner, the
 #: Triton kernels (importing Triton costs about a second).
 LAZY = {("mpsconv.cli", "mpsconv.demo"), ("mpsconv.cli", "mpsconv.bench"), ("mpsconv.cli", "mpsconv.verify"),

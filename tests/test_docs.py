@@ -64,3 +64,31 @@ def test_porting_table_names_exist():
                 assert hasattr(mpsconv, name), (name, row)
             for name in re.findall(r"(?<!self)\.([A-Za-z_]\w*)", code):
                 assert any(hasattr(owner, name) for owner in owners), (name, row)
+
+
+def test_the_package_carries_its_license_types_docs_and_examples():
+    """What a source distribution and a wheel hold: the SPDX license and its text, the type marker,
+    the docs and examples (``MANIFEST.in``)."""
+    pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
+    assert re.search(r'^license = "Apache-2\.0"$', pyproject, re.M) and 'license-files = ["LICENSE"]' in pyproject
+    assert re.search(r'mpsconv = \["py\.typed"\]', pyproject) and os.path.exists(os.path.join(ROOT, "mpsconv", "py.typed"))
+    assert open(os.path.join(ROOT, "LICENSE")).read().lstrip().startswith("Apache License")
+    manifest = open(os.path.join(ROOT, "MANIFEST.in")).read().split("\n")
+    assert "graft docs" in manifest and "graft examples" in manifest
+
+
+def test_initializers_show_their_keywords():
+    """help() and inspect.signature show the keywords of every overload, not **kwargs."""
+    import inspect
+
+    shown = {}
+    for name in mpsconv.__all__:
+        cls = getattr(mpsconv, name)
+        if inspect.isclass(cls) and cls.__module__.startswith("mpsconv") and not issubclass(cls, Exception):
+            shown[name] = inspect.signature(cls)
+    loose = [name for name, sig in shown.items() if any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                                                          for p in sig.parameters.values())]
+    assert loose == []
+    assert list(shown["MPSCNNConvolution"].parameters)[:2] == ["device", "weights"]
+    assert "coder" in shown["MPSCNNConvolutionTranspose"].parameters
+    assert list(shown["MPSCNNNeuronReLUN"].parameters) == ["device", "a", "b"]

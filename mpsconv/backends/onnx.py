@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..core.activations import MPSCNNNeuronType
-from ..core.formats import MPSImageFeatureChannelFormat as F, slices_for
+from ..core.formats import MPSImageFeatureChannelFormat as F
 from ..core.geometry import ConvProblem, EdgeMode
 
 #: The largest value any layer may be able to produce for a replay to go through ONNX Runtime: far
