@@ -30,3 +30,39 @@ def keywords(*names: str):
         init.__signature__ = inspect.Signature(params)
         return cls
     return apply
+
+
+class Strict:
+    """Refuses an attribute its class does not have, as Swift refuses to compile one: ``desc.strideInPixelX = 2``
+    raises an ``AttributeError`` that suggests ``strideInPixelsX`` instead of making a new attribute
+    that nothing reads. Our own fields start with ``_``; subclasses written outside mpsconv (a data
+    source, a padding policy, a custom kernel) keep Python's freedom."""
+
+    __slots__ = ()
+    _strict = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # the library's own classes; the tools on top (the demo's data source) are written as users write
+        cls._strict = cls.__module__.startswith("mpsconv.") and cls.__module__ not in _USER_CODE
+
+    def __setattr__(self, name: str, value, _set=object.__setattr__) -> None:
+        if name[0] != "_" and self._strict and not hasattr(type(self), name) and name not in self.__dict__:
+            raise AttributeError(misspelled(self, name))
+        _set(self, name, value)
+
+
+_USER_CODE = {"mpsconv.demo", "mpsconv.bench", "mpsconv.networks", "mpsconv.verify"}
+
+
+def misspelled(obj, name: str) -> str:
+    """The message for an attribute ``obj``'s class does not have, with the nearest real names."""
+    import difflib
+
+    owner = type(obj).__name__
+    known = sorted({n for n in dir(type(obj)) if not n.startswith("_")} | {n for n in vars(obj) if not n.startswith("_")})
+    near = difflib.get_close_matches(name, known, n=3, cutoff=0.6) or \
+        difflib.get_close_matches(name.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
+    near = [next((k for k in known if k.lower() == n), n) for n in near]
+    hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+    return f"{owner} has no attribute {name!r} to set{hint}"

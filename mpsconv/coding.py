@@ -31,6 +31,7 @@ import struct
 import numpy as np
 import safetensors.numpy
 
+from ._api import Strict
 from . import _codecs, config
 from .errors import MPSArchiveError, MPSConvError, MPSTypeError
 
@@ -38,7 +39,7 @@ FORMAT = "mpsconv.archive"
 VERSION = "1"
 
 
-class NSCoder:
+class NSCoder(Strict):
     """Base of the archiver and unarchiver."""
 
     requiresSecureCoding = True

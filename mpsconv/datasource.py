@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._api import Strict
 from .descriptor import (
     MPSCNNConvolutionDescriptor, MPSCNNConvolutionWeightsLayout, MPSCNNWeightsQuantizationType,
     MPSNNConvolutionAccumulatorPrecisionOption,
@@ -226,7 +227,7 @@ def _dequantize(ds, raw: np.ndarray, owner: str) -> np.ndarray:
     raise MPSValueError(f"{owner}: uInt8 weights need weightsQuantizationType() linear or lookupTable")
 
 
-class _ArrayDataSource(MPSCNNConvolutionDataSource):
+class _ArrayDataSource(Strict, MPSCNNConvolutionDataSource):
     """The data source a kernel synthesizes for the deprecated pointer initializer and for archives."""
 
     def __init__(self, descriptor, weights: np.ndarray, bias: np.ndarray | None, kernel_type=MPSDataType.float16,

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ._api import keywords
+from ._api import Strict, keywords
 from .errors import MPSTypeError, MPSValueError
 from .core.activations import MPSCNNNeuronType
 from .core.geometry import NeuronSpec
@@ -95,7 +95,7 @@ class _BatchNorm:
 
 
 @keywords("kernelWidth", "kernelHeight", "inputFeatureChannels", "outputFeatureChannels", "coder")
-class MPSCNNConvolutionDescriptor:
+class MPSCNNConvolutionDescriptor(Strict):
     """``MPSCNNConvolutionDescriptor``: window, channels, groups, dilation, fused neuron, batch norm.
 
     ``MPSCNNConvolutionDescriptor()`` gives a 3x3 window and 0 channels (a kernel needs them set);

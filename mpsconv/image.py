@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from ._api import keywords
+from ._api import Strict, keywords
 from .core.formats import (
     FLOAT_FORMATS, FORMAT_OF_PIXEL, ImageLayout, NUMPY_DTYPE, PIXEL_FORMATS, PRECISION, STORAGE_DTYPE, MPSImageFeatureChannelFormat,
     MTLPixelFormat, check_format, lanes_for, slices_for, storage_to_values, values_to_storage,
@@ -58,8 +58,13 @@ class MPSPurgeableState(enum.IntEnum):
 # Descriptor
 
 
-class MPSImageDescriptor:
+class MPSImageDescriptor(Strict):
     """``MPSImageDescriptor``: the size, channel count and format of an image to make."""
+
+    # public fields, set in __init__ (Strict refuses what the class does not have)
+    width = height = featureChannels = numberOfImages = 1
+    cpuCacheMode = MTLCPUCacheMode.defaultCache
+    storageMode = MTLStorageMode.shared
 
     def __init__(self, *, channelFormat=F.none, width: int = 1, height: int = 1, featureChannels: int = 1,
                  numberOfImages: int = 1, usage=MTLTextureUsage.shaderRead | MTLTextureUsage.shaderWrite):
@@ -133,7 +138,7 @@ class MPSImageDescriptor:
 
 
 @keywords("device", "imageDescriptor", "texture", "featureChannels", "parentImage", "sliceRange")
-class MPSImage:
+class MPSImage(Strict):
     """``MPSImage``: ``numberOfImages`` images of ``width x height`` pixels with ``featureChannels``.
 
     Initializers (keyword sets, as Swift's overloads):
@@ -142,6 +147,8 @@ class MPSImage:
       ``MPSImage(parentImage=, sliceRange=, featureChannels=)``: a view of a parent's slices.
     Our additions: ``MPSImage.from_numpy``, ``numpy()``, ``torch()``, ``__array__``, ``__dlpack__``.
     """
+
+    label = None
 
     _temporary = False
 
@@ -447,6 +454,7 @@ class MPSImage:
 
     def _access(self, owner, data, layout, image_index, bpc, bpr, bpi, region, info, write):
         self._cpu_check(owner)
+        self._check_element_type(owner, data)
         layout = MPSDataLayout(int(layout))
         hwc = layout == MPSDataLayout.HeightxWidthxFeatureChannels
         region = MTLRegion(MTLOrigin(0, 0, 0), MTLSize(self._w, self._h, 1)) if region is None \
@@ -503,6 +511,28 @@ class MPSImage:
         else:
             raw = window.cpu().contiguous().view(torch.uint8).numpy().reshape(-1)
             buf[byte_index] = raw
+
+    def _check_element_type(self, owner: str, data) -> None:
+        """An array with an element type (NumPy, torch) must have the one this image stores: its
+        bytes are copied as they are, so a float64 array into a float32 image would be read as other
+        numbers. Raw bytes (bytes, bytearray, memoryview, a uint8 array, an MTLBuffer) go as they are,
+        as through Apple's raw pointer."""
+        if isinstance(data, torch.Tensor):
+            have, want = data.dtype, STORAGE_DTYPE[self._format]
+        elif isinstance(data, np.ndarray):
+            have, want = data.dtype, np.dtype(NUMPY_DTYPE[self._format])
+        else:
+            return
+        if have == want or have in (torch.uint8, np.dtype(np.uint8)):
+            return
+        name = str(want).replace("torch.", "")
+        convert = f"tensor.to(torch.{name})" if isinstance(data, torch.Tensor) else f"np.asarray(array, np.{name})"
+        bits = " (bfloat16 bits: NumPy has no bfloat16)" if self._format == MPSImageFeatureChannelFormat.bfloat16 \
+            and not isinstance(data, torch.Tensor) else ""
+        raise MPSTypeError(
+            f"{owner}: dataBytes holds {str(have).replace('torch.', '')} elements; this image stores "
+            f"{self._format.name} as {name}{bits}. Convert it ({convert}) or pass raw bytes (bytes, bytearray, "
+            "memoryview, a uint8 array or an MTLBuffer); nothing was copied")
 
     # -- interop (our additions)
     def torch(self) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from ._api import Strict
 from . import config
 from .errors import (
     MPSDeviceError, MPSTypeError, MPSValueError,
@@ -80,7 +81,7 @@ class MPSNNPadding:
         raise NotImplementedError("an MPSNNPadding must implement paddingMethod()")
 
 
-class MPSNNDefaultPadding(MPSNNPadding):
+class MPSNNDefaultPadding(Strict, MPSNNPadding):
     """``MPSNNDefaultPadding``: a policy that is just a ``MPSNNPaddingMethod``.
 
     ``MPSNNDefaultPadding(method=...)`` (ObjC ``+paddingWithMethod:``).
@@ -158,8 +159,10 @@ _DEFAULT_METHOD = MPSNNPaddingMethod.alignCentered | MPSNNPaddingMethod.addRemai
 # MPSKernel
 
 
-class MPSKernel:
+class MPSKernel(Strict):
     """``MPSKernel``: the root of every kernel: device, options, label, copying, archiving."""
+
+    label = None  # a public field (Strict refuses what the class does not have)
 
     _archivable = True
 

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ._api import Strict
 from . import config
 from .backends import onnx as graph_engine
 from .core.formats import FORMAT_OF_PIXEL, STORAGE_DTYPE, MTLPixelFormat
@@ -55,8 +56,11 @@ class MTLCommandBufferError(enum.IntEnum):
 MTLCommandBufferErrorDomain = "MTLCommandBufferErrorDomain"
 
 
-class NSError:
+class NSError(Strict):
     """``NSError``: what a failed command buffer reports in ``error``."""
+
+    domain = localizedDescription = underlyingError = None  # public fields, set in __init__
+    code = 0
 
     def __init__(self, domain: str, code: int, localizedDescription: str, underlying: BaseException | None = None):
         self.domain = domain
@@ -124,8 +128,10 @@ class MPSDeviceOptions(enum.IntFlag):
 # Devices
 
 
-class MTLDevice:
+class MTLDevice(Strict):
     """``MTLDevice``: a compute device, the CPU or one CUDA GPU. One object per device."""
+
+    label = None
 
     def __init__(self, kind: str, index: int = 0):
         self._kind = kind
@@ -294,8 +300,10 @@ def _byte_view(obj, owner: str, writable: bool = False) -> np.ndarray:
     return np.frombuffer(mv.cast("B"), dtype=np.uint8) if not mv.readonly else np.frombuffer(mv.tobytes(), np.uint8)
 
 
-class MTLBuffer:
+class MTLBuffer(Strict):
     """``MTLBuffer``: bytes on a device. ``contents()`` is a writable host view (shared storage)."""
+
+    label = None
 
     def __init__(self, device: MTLDevice, data: torch.Tensor, options: int, deallocator: Callable | None):
         self._device = device
@@ -354,8 +362,12 @@ class MTLBuffer:
 # Textures (just enough to wrap and to report what an MPSImage's texture would be)
 
 
-class MTLTextureDescriptor:
+class MTLTextureDescriptor(Strict):
     """``MTLTextureDescriptor`` (2D and 2D-array textures only)."""
+
+    # public fields, set in __init__
+    textureType = pixelFormat = usage = storageMode = None
+    width = height = arrayLength = depth = 1
 
     def __init__(self, *, textureType=MTLTextureType.type2D, pixelFormat=MTLPixelFormat.rgba16Float, width: int = 1,
                  height: int = 1, arrayLength: int = 1, usage=MTLTextureUsage.shaderRead,
@@ -371,12 +383,14 @@ class MTLTextureDescriptor:
         return cls(pixelFormat=pixelFormat, width=width, height=height)
 
 
-class MTLTexture:
+class MTLTexture(Strict):
     """``MTLTexture``: ``arrayLength`` slices of ``width x height`` pixels with up to 4 lanes.
 
     Its storage is one tensor ``[1, height, width, 4·arrayLength]`` or an image's NHWC tensor;
     an ``MPSImage`` made from it is a view of that tensor.
     """
+
+    label = textureType = pixelFormat = usage = storageMode = None  # public fields, set in __init__
 
     def __init__(self, device: MTLDevice, storage: torch.Tensor, images: int, textureType, pixelFormat, usage,
                  root, storageMode=MTLStorageMode.shared):
@@ -431,8 +445,10 @@ def make_texture(device: MTLDevice, descriptor: MTLTextureDescriptor) -> MTLText
 # Queues and command buffers
 
 
-class MTLCommandQueue:
+class MTLCommandQueue(Strict):
     """``MTLCommandQueue``: runs its command buffers in the order they were enqueued."""
+
+    label = None
 
     def __init__(self, device: MTLDevice):
         self._device = device
@@ -500,8 +516,10 @@ def _capture(work, stream):
     return graph
 
 
-class MTLComputeCommandEncoder:
+class MTLComputeCommandEncoder(Strict):
     """``MTLComputeCommandEncoder``: user work on a command buffer; end it before an MPS encode."""
+
+    label = None
 
     def __init__(self, cb: "MTLCommandBuffer"):
         self._cb = cb
@@ -553,7 +571,7 @@ _handler_thread = threading.local()
 _NOT_ENQUEUED, _ENQUEUED, _COMMITTED, _SCHEDULED, _COMPLETED, _ERROR = MTLCommandBufferStatus
 
 
-class MTLCommandBuffer:
+class MTLCommandBuffer(Strict):
     """``MTLCommandBuffer``: encodes record work here; ``commit`` runs it."""
 
     # What most command buffers never change: class-level values until they do (a command buffer a
@@ -572,13 +590,11 @@ class MTLCommandBuffer:
     label = None
 
     def __init__(self, queue: MTLCommandQueue, retained: bool = True):
-        self._queue = queue
-        self._device = queue._device
-        self._retained = retained
-        self._status = _NOT_ENQUEUED
-        self._work: list[Callable[[], None]] = []
-        self._encoding = threading.Lock()  # held by the one encode running into this buffer
-        self._state_lock = threading.Lock()  # enqueue / commit are atomic against other threads
+        # one update, not Strict.__setattr__ per field: a command buffer is made for every encode in
+        # many programs. _encoding is held by the one encode running into this buffer; _state_lock
+        # makes enqueue / commit atomic against other threads.
+        self.__dict__.update(_queue=queue, _device=queue._device, _retained=retained, _status=_NOT_ENQUEUED,
+                             _work=[], _encoding=threading.Lock(), _state_lock=threading.Lock())
 
     # -- properties
     @property
@@ -681,7 +697,7 @@ class MTLCommandBuffer:
                                             "running on another thread; commit after it returns")
             try:
                 self._enqueue()
-                self._status = _COMMITTED
+                self.__dict__["_status"] = _COMMITTED  # (the hot path: no Strict.__setattr__)
             finally:
                 self._encoding.release()
         self._queue._drain()
@@ -703,7 +719,7 @@ class MTLCommandBuffer:
     def _complete(self) -> None:
         """The work has finished: completed, unless it failed."""
         if self._status != _ERROR:
-            self._status = _COMPLETED
+            self.__dict__["_status"] = _COMPLETED
 
     def _run(self) -> None:
         """Run the recorded work (called by the queue, in order, holding its lock).
@@ -715,8 +731,9 @@ class MTLCommandBuffer:
         there, in commit order; one without is completed when ``status`` or ``waitUntilCompleted``
         reads the event (no thread hand-off per commit: that cost more than a small kernel).
         """
-        self._status = _SCHEDULED
-        work, self._work = self._work, []
+        state = self.__dict__  # its fields, set without Strict.__setattr__ on the path of every commit
+        state["_status"] = _SCHEDULED
+        work, state["_work"] = self._work, []
         event = None
         try:
             if self._device.is_cuda:
@@ -789,7 +806,7 @@ class MTLCommandBuffer:
         if self._scheduled_handlers or self._completed_handlers:
             self._queue._handler_pool().submit(self._run_handlers, self._scheduled_handlers + self._completed_handlers)
         else:
-            self._handlers_done = True
+            self.__dict__["_handlers_done"] = True
         self._queue._notify()
 
     # -- graph replay (our addition)

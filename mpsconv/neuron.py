@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import torch
 
-from ._api import keywords
+from ._api import Strict, keywords
 from .core.activations import MPSCNNNeuronType, default_parameters
 from .core.geometry import NeuronSpec
 from .errors import MPSTypeError, MPSValueError
@@ -46,12 +46,15 @@ def float32_values(data, owner: str, prop: str) -> np.ndarray:
 
 
 @keywords()  # unavailable: made by its class methods
-class MPSNNNeuronDescriptor:
+class MPSNNNeuronDescriptor(Strict):
     """``MPSNNNeuronDescriptor``: an activation type and its parameters.
 
     Made by ``cnnNeuronDescriptor(type, a=, b=, c=)`` or ``cnnNeuronPReLUDescriptor(data, noCopy=)``;
     ``MPSNNNeuronDescriptor()`` is unavailable.
     """
+
+    a = b = c = 0.0  # public fields, set by the class methods
+    data = None
 
     def __init__(self, *args, **kwargs):
         raise MPSTypeError("MPSNNNeuronDescriptor() is unavailable; use MPSNNNeuronDescriptor.cnnNeuronDescriptor("

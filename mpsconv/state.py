@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 from typing import Sequence
 
-from ._api import keywords
+from ._api import Strict, keywords
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNConvolutionWeightsLayout
 from .errors import MPSTypeError, MPSValueError
 from .metal import CommandBufferTemporary, MTLBuffer, MTLCommandBuffer, MTLDevice
@@ -22,7 +22,7 @@ class MPSStateResourceType(enum.IntEnum):
 
 
 @keywords("device", "bufferSize", "resource", "resources")
-class MPSState(CommandBufferTemporary):
+class MPSState(Strict, CommandBufferTemporary):
     """``MPSState``: zero or more buffers; temporary states live on one command buffer and are
     released when their ``readCount`` reaches 0.
 
@@ -30,6 +30,8 @@ class MPSState(CommandBufferTemporary):
     ``MPSState.temporaryState(commandBuffer=[, bufferSize=])``; ``MPSState()`` is unavailable.
     Buffers are allocated lazily (``resource(at:allocateMemory:)``).
     """
+
+    label = None
 
     _kind = "temporary state"
 

@@ -276,3 +276,35 @@ def test_reading_before_completion_shows_old_data():
     cb.commit()
     cb.waitUntilCompleted()
     assert values(dst)[0, 1, 1, 0] == 9
+
+
+@pytest.mark.parametrize("fmt, wrong", [(FMT.float32, np.float64), (FMT.float32, np.float16), (FMT.float16, np.float32),
+                                        (FMT.unorm8, np.float32), (FMT.unorm16, np.int16)])
+def test_byte_io_refuses_an_array_of_another_element_type(fmt, wrong):
+    """writeBytes(np.ones(16)) into a float32 image would write the float64 bytes, read back as
+    [0, 1.875, 0, 1.875, ...]: refused, naming both types, and nothing is written; reads likewise."""
+    img = blank(2, 2, 4, fmt=fmt, fill=0.5)
+    before = img.numpy().copy()
+    with pytest.raises(MPSTypeError, match=rf"holds {np.dtype(wrong).name} elements; this image stores {fmt.name}"):
+        img.writeBytes(np.ones(16, wrong), dataLayout=MPSDataLayout.HeightxWidthxFeatureChannels, imageIndex=0)
+    np.testing.assert_array_equal(img.numpy(), before)
+    out = np.full(16, 7, wrong)
+    with pytest.raises(MPSTypeError, match="Convert it"):
+        img.readBytes(out, dataLayout=MPSDataLayout.HeightxWidthxFeatureChannels, imageIndex=0)
+    assert (out == 7).all()
+    with pytest.raises(MPSTypeError, match="float64 elements"):
+        img.writeBytes(torch.ones(16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fmt", [FMT.float32, FMT.float16, FMT.unorm8, FMT.unorm16])
+def test_byte_io_takes_the_storage_type_and_raw_bytes(fmt):
+    rng = np.random.default_rng(int(fmt))
+    dtype = {FMT.float32: np.float32, FMT.float16: np.float16, FMT.unorm8: np.uint8, FMT.unorm16: np.uint16}[fmt]
+    raw = (rng.uniform(0, 1, 16) * (200 if dtype in (np.uint8, np.uint16) else 1)).astype(dtype)
+    for data in (raw, raw.view(np.uint8), raw.tobytes(), bytearray(raw.tobytes()), memoryview(raw.tobytes()),
+                 torch.from_numpy(raw.copy())):
+        img = blank(2, 2, 4, fmt=fmt)
+        img.writeBytes(data, dataLayout=MPSDataLayout.HeightxWidthxFeatureChannels, imageIndex=0)
+        back = np.zeros(16, dtype)
+        img.readBytes(back, dataLayout=MPSDataLayout.HeightxWidthxFeatureChannels, imageIndex=0)
+        np.testing.assert_array_equal(back, raw)
