@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -89,13 +90,50 @@ def timed(fn, budget_s: float, max_reps: int = 200) -> list[float]:
     return times
 
 
-def paired_medians(a, b, budget_s: float) -> tuple[float, float]:
-    """Medians of ``a`` and ``b`` timed in alternating rounds (seconds)."""
+def paired_times(a, b, budget_s: float) -> tuple[list[float], list[float]]:
+    """Per-call times of ``a`` and ``b`` (seconds), timed in alternating rounds."""
     ta, tb = [], []
     for _ in range(3):
         ta += timed(a, budget_s / 6)
         tb += timed(b, budget_s / 6)
+    return ta, tb
+
+
+def paired_medians(a, b, budget_s: float) -> tuple[float, float]:
+    """Medians of ``a`` and ``b`` timed in alternating rounds (seconds)."""
+    ta, tb = paired_times(a, b, budget_s)
     return statistics.median(ta), statistics.median(tb)
+
+
+def spread(times: list[float]) -> tuple[float, float, float]:
+    """``(median, fastest, slowest)`` of per-call times; the quartiles' spread where there are many
+    (a scheduler step now and then is not the machine's speed)."""
+    ordered = sorted(times)
+    q = len(ordered) // 4
+    return statistics.median(ordered), ordered[q], ordered[-1 - q]
+
+
+def busy() -> float | None:
+    """The 1-minute load average beyond this process, as a share of the cores (None where unknown)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    return max(0.0, load - 1.0) / (os.cpu_count() or 1)
+
+
+def spread_warning(times: dict, limit: float = 1.3) -> str | None:
+    """A warning when a contender's slowest (third quartile, round) took ``limit`` times its fastest,
+    or the machine is busy: the ratios may then be off. ``times``: ``{name: (median, fastest, slowest)}``."""
+    wide = [name for name, (_, lo, hi) in times.items() if hi > limit * lo]
+    load = busy()
+    notes = []
+    if wide:
+        notes.append(f"spread over {limit:.1f}x for {', '.join(wide)}")
+    if load is not None and load > 0.25:
+        notes.append(f"load average beyond this process is {load:.0%} of the cores")
+    return "; ".join(notes) + " (the machine may be busy; the ratios may be off)" if notes else None
+
 
 
 def operation_kernel(device, c, h, w, k, r, s, stride, pad, dil, groups, wt, bias):
@@ -375,21 +413,30 @@ def main(argv=None, device=None):
     rng = np.random.default_rng(0)
     print(f"mpsconv {mpsconv.__version__}, torch {torch.__version__}, {device.name}, {torch.get_num_threads()} "
           f"threads, {platform.platform()}")
-    print(f"{'shape':<14} {'N':>2} {'dtype':>5} {'ours ms':>9} {'eager ms':>9} {'ratio':>6} {'GFLOP/s':>8}")
-    rows = []
+    print(f"{'shape':<14} {'N':>2} {'dtype':>5} {'ours ms (quartiles)':>24} {'eager ms (quartiles)':>24} "
+          f"{'ratio':>6} {'GFLOP/s':>8}")
+    rows, timings = [], {}
     for (name, _n, c, h, w, k, r, s, stride, pad, dil, groups) in SHAPES:
         if wanted is not None and name not in wanted:
             continue
         n = args.batch
         ours, eager, flops = mps_operation(device, queue, n, c, h, w, k, r, s, stride, pad, dil, groups, dtype, rng)
-        t_ours, t_eager = paired_medians(ours, eager, budget)
+        (t_ours, *q_ours), (t_eager, *q_eager) = (spread(ts) for ts in paired_times(ours, eager, budget))
+        timings[name] = ((t_ours, *q_ours), (t_eager, *q_eager))
         ratio = t_eager / t_ours
         rows.append(dict(shape=name, batch=n, dtype=args.dtype, ours_ms=t_ours * 1e3, eager_ms=t_eager * 1e3,
+                         ours_quartiles_ms=[v * 1e3 for v in q_ours], eager_quartiles_ms=[v * 1e3 for v in q_eager],
                          ratio=ratio, gflops=flops / t_ours / 1e9))
-        print(f"{name:<14} {n:>2} {args.dtype:>5} {t_ours * 1e3:>9.3f} {t_eager * 1e3:>9.3f} {ratio:>6.2f} "
+        cells = [f"{m * 1e3:.3f} ({lo * 1e3:.3f}..{hi * 1e3:.3f})" for m, lo, hi in ((t_ours, *q_ours),
+                                                                                  (t_eager, *q_eager))]
+        print(f"{name:<14} {n:>2} {args.dtype:>5} {cells[0]:>24} {cells[1]:>24} {ratio:>6.2f} "
               f"{flops / t_ours / 1e9:>8.1f}", flush=True)
     geo = math.exp(sum(math.log(row["ratio"]) for row in rows) / len(rows)) if rows else float("nan")
     print(f"geometric mean ratio (PyTorch eager time / ours): {geo:.3f}")
+    warning = spread_warning({f"{name} {side}": times for name, pair in timings.items()
+                              for side, times in zip(("ours", "eager"), pair)})
+    if warning:
+        print(f"WARNING: {warning}")
     family = []
     if args.dtype == "fp32":
         cases = [(name, "transpose", lambda sh=sh: transpose_operation(device, queue, *sh[1:], rng))
@@ -414,7 +461,7 @@ def main(argv=None, device=None):
         with open(args.json, "w") as f:
             json.dump(dict(device=device.name, torch=torch.__version__, mpsconv=mpsconv.__version__,
                            threads=torch.get_num_threads(), rows=rows, geomean=geo, overhead=overhead, family=family,
-                           command=" ".join(sys.argv)), f, indent=1)
+                           warning=warning, command=" ".join(sys.argv)), f, indent=1)
     if args.plot:
         plot(rows, family, device.name, args.plot)
     return rows, family

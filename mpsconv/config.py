@@ -9,12 +9,17 @@
                        ``G`` suffixes allowed).
 ``MPSCONV_MEMORY_LIMIT``  bytes one encode may allocate on the CPU, images it allocates included
                        (default: the memory the system reports available; suffixes as above).
+``MPSCONV_NUM_THREADS``  threads the CPU runs a command buffer's work with: a number, or ``auto``
+                       (default): PyTorch's own count, less the cores other processes kept busy
+                       over the last second or so.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
+import time
 from pathlib import Path
 
 _BACKENDS = ("auto", "reference", "torch", "triton")
@@ -152,3 +157,76 @@ def use_memory_limit(nbytes: int):
         yield
     finally:
         _limit_override = previous
+
+
+def _parse_threads(raw: str | None) -> int | None:
+    text = (raw or "auto").strip().lower()
+    if text in ("", "auto"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"MPSCONV_NUM_THREADS={raw!r} is not a thread count; give a number >= 1 or auto") from None
+    if value < 1:
+        raise ValueError(f"MPSCONV_NUM_THREADS={raw!r} must be >= 1 (or auto)")
+    return value
+
+
+_THREADS = _Knob("MPSCONV_NUM_THREADS", _parse_threads)
+
+
+class _Load:
+    """What ``auto`` sees, read at most once a second: the cores this process may run on, and how many
+    cores other processes kept busy since the last reading (the system's busy time from
+    ``/proc/stat`` less this process's own CPU time, over the same interval). Where ``/proc/stat``
+    cannot be read, none."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.at = self.stat = self.cpu = None
+        self.others = 0
+        try:
+            self.cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            self.cores = os.cpu_count() or 1
+
+    @staticmethod
+    def _system() -> tuple[int, int] | None:
+        """``(busy, total)`` jiffies of every CPU since boot."""
+        try:
+            with open("/proc/stat", "rb") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle, iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+
+    def busy_cores(self) -> int:
+        now = time.monotonic()
+        if self.at is not None and now - self.at < 1.0:
+            return self.others
+        with self.lock:
+            stat, times = self._system(), os.times()
+            cpu = times.user + times.system
+            if stat is not None and self.stat is not None and stat[1] > self.stat[1]:
+                cores = os.cpu_count() or 1
+                everyone = (stat[0] - self.stat[0]) / (stat[1] - self.stat[1]) * cores
+                mine = (cpu - self.cpu) / max(now - self.at, 1e-3)
+                self.others = max(0, math.floor(everyone - mine + 0.25))  # a busy core, not stray ticks
+            self.at, self.stat, self.cpu = now, stat, cpu
+        return self.others
+
+
+_LOAD = _Load()
+
+
+def cpu_threads(default: int) -> int:
+    """The threads a command buffer's work runs with on the CPU: ``MPSCONV_NUM_THREADS``, else
+    ``default`` (PyTorch's count) less the cores other processes keep busy, at least 1. OpenMP's
+    threads wait for each other at every step of an operation, so one that shares its core with a
+    busy process holds the others up: fewer threads are faster there (the demo: 9.3 s with 2 threads
+    against 4.5 s with 1, two busy processes on 2 cores)."""
+    explicit = _THREADS()
+    if explicit is not None:
+        return explicit
+    return max(1, min(default, _LOAD.cores - _LOAD.busy_cores()))

@@ -506,6 +506,21 @@ class MTLCommandQueue(Strict):
             return self._handlers
 
 
+def _run_on_cpu(work) -> None:
+    """A command buffer's work on the CPU, with the threads ``config.cpu_threads`` chooses (PyTorch's own
+    setting comes back afterwards)."""
+    threads = torch.get_num_threads()
+    wanted = config.cpu_threads(threads)
+    if wanted != threads:
+        torch.set_num_threads(wanted)
+    try:
+        for item in work:
+            item()
+    finally:
+        if wanted != threads:
+            torch.set_num_threads(threads)
+
+
 def _capture(work, stream):
     """``work`` captured as a CUDA graph on ``stream`` (which has just run it once, so every lazy
     initialisation, Triton compile and autotune is done and nothing synchronises during capture)."""
@@ -739,8 +754,7 @@ class MTLCommandBuffer(Strict):
             if self._device.is_cuda:
                 event = self._launch(work)
             else:
-                for item in work:
-                    item()
+                _run_on_cpu(work)
         except Exception as exc:
             self._fail(exc)
         if event is None:

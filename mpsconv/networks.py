@@ -17,7 +17,6 @@ other peers (``torch.compile``, ONNX Runtime, CUDA graphs) and the per-layer mod
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from typing import NamedTuple
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .bench import busy, spread_warning  # noqa: F401  (re-exported for benchmarks/networks.py)
 from .convolution import MPSCNNConvolution
 from .core.activations import MPSCNNNeuronType
 from .core.formats import MPSImageFeatureChannelFormat
@@ -283,15 +283,6 @@ def _concatenated(parts: list) -> torch.Tensor:
 # Timing
 
 
-def busy() -> float | None:
-    """The 1-minute load average beyond this process, as a share of the cores (None where unknown)."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return None
-    return max(0.0, load - 1.0) / (os.cpu_count() or 1)
-
-
 def synchronizer(device: torch.device):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
@@ -322,16 +313,3 @@ def timing(contenders: dict, rounds: int = 5, budget_s: float = 1.0, sync=lambda
                     break
             samples[name].append(elapsed / calls)
     return {name: (statistics.median(t), min(t), max(t)) for name, t in samples.items()}
-
-
-def spread_warning(times: dict, limit: float = 1.3) -> str | None:
-    """A warning when a contender's slowest round took ``limit`` times its fastest, or the machine is
-    busy: the ratios may then be off."""
-    wide = [name for name, (_, lo, hi) in times.items() if hi > limit * lo]
-    load = busy()
-    notes = []
-    if wide:
-        notes.append(f"spread over {limit:.1f}x for {', '.join(wide)}")
-    if load is not None and load > 0.25:
-        notes.append(f"load average beyond this process is {load:.0%} of the cores")
-    return "; ".join(notes) + " (the machine may be busy; the ratios may be off)" if notes else None

@@ -5,6 +5,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import DEVICE, QUEUE, blank, conv, image, run, values
 from mpsconv import *
@@ -229,3 +230,32 @@ def test_ki_checklist_118_other_device_raises():
         channelFormat=MPSImageFeatureChannelFormat.float32, width=3, height=3, featureChannels=1))
     with pytest.raises(MPSDeviceError, match="the kernel is on"):
         k.encode(commandBuffer=QUEUE.makeCommandBuffer(), sourceImage=foreign_image, destinationImage=blank(3, 3, 1))
+
+
+def _threads_during_work() -> int:
+    seen = []
+    cb = DEVICE.makeCommandQueue().makeCommandBuffer()
+    cb._record(lambda: seen.append(torch.get_num_threads()))
+    cb.commit()
+    cb.waitUntilCompleted()
+    return seen[0]
+
+
+def test_the_cpu_thread_count_follows_mpsconv_num_threads_and_comes_back(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setenv("MPSCONV_NUM_THREADS", "1")
+    assert _threads_during_work() == 1 and torch.get_num_threads() == before
+    monkeypatch.setenv("MPSCONV_NUM_THREADS", "lots")
+    with pytest.raises(MPSCommandBufferError, match="MPSCONV_NUM_THREADS='lots' is not a thread count"):
+        _threads_during_work()
+    assert torch.get_num_threads() == before
+
+
+def test_auto_threads_leave_the_cores_other_processes_use(monkeypatch):
+    from mpsconv import config
+
+    monkeypatch.delenv("MPSCONV_NUM_THREADS", raising=False)
+    monkeypatch.setattr(config._LOAD, "busy_cores", lambda: config._LOAD.cores)  # every core busy elsewhere
+    assert _threads_during_work() == 1
+    monkeypatch.setattr(config._LOAD, "busy_cores", lambda: 0)
+    assert _threads_during_work() == min(torch.get_num_threads(), config._LOAD.cores)
