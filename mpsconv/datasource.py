@@ -103,6 +103,21 @@ def read_array(data, dtype, count: int, owner: str, what: str) -> np.ndarray:
     return values.reshape(-1).astype(dtype, copy=True)
 
 
+def check_weight_shape(data, shape: tuple[int, int, int, int], owner: str, what: str) -> None:
+    """A 4-D weight array must be OHWI, ``[O][kH][kW][I/G]``, as MPS reads it: the same count in another
+    layout would be read as other weights. (Flat arrays, lists and bytes are taken in OHWI order.)"""
+    have = tuple(getattr(data, "shape", ()))
+    if len(have) != 4 or have == tuple(shape):
+        return
+    o, kh, kw, ig = shape
+    layouts = {(o, ig, kh, kw): ("OIHW (PyTorch, Caffe)", "weights_from_oihw"),
+               (kh, kw, ig, o): ("HWIO (TensorFlow)", "weights_from_hwio")}
+    known = layouts.get(have)
+    hint = f" It looks like {known[0]}: convert it with mpsconv.{known[1]}." if known else ""
+    raise MPSValueError(f"{owner}: {what} has shape {have}; the descriptor needs OHWI {tuple(shape)} "
+                        f"([outputFeatureChannels][kernelHeight][kernelWidth][inputFeatureChannels / groups]).{hint}")
+
+
 def _optional(ds, name: str):
     method = getattr(ds, name, None)
     return method if callable(method) else None
@@ -165,7 +180,10 @@ def load_weights(ds, owner: str, *, accumulator: MPSNNConvolutionAccumulatorPrec
             if accumulator == MPSNNConvolutionAccumulatorPrecisionOption.half:
                 raise MPSValueError(f"{owner}: float32 kernel weights need accumulatorPrecisionOption=.float")
 
-        raw = read_array(ds.weights(), _NUMPY[data_type], count, owner, "dataSource.weights()")
+        data = ds.weights()
+        if data_type != MPSDataType.uInt8:
+            check_weight_shape(data, shape, owner, "dataSource.weights()")
+        raw = read_array(data, _NUMPY[data_type], count, owner, "dataSource.weights()")
         if data_type == MPSDataType.uInt8:
             weights = _dequantize(ds, raw.reshape(o, -1), owner).reshape(shape)
         else:

@@ -94,7 +94,7 @@ class _BatchNorm:
         return self.mean, self.variance, self.gamma, self.beta
 
 
-@keywords("kernelWidth", "kernelHeight", "inputFeatureChannels", "outputFeatureChannels", "coder")
+@keywords("kernelWidth", "kernelHeight", "inputFeatureChannels", "outputFeatureChannels", "neuronFilter", "coder")
 class MPSCNNConvolutionDescriptor(Strict):
     """``MPSCNNConvolutionDescriptor``: window, channels, groups, dilation, fused neuron, batch norm.
 
@@ -116,10 +116,11 @@ class MPSCNNConvolutionDescriptor(Strict):
             kwargs["coder"].decodeInto(self)
             return
         four = {"kernelWidth", "kernelHeight", "inputFeatureChannels", "outputFeatureChannels"}
-        if kwargs and set(kwargs) != four:
+        if kwargs and set(kwargs) not in (four, four | {"neuronFilter"}):
             raise MPSTypeError(
                 f"{type(self).__name__}({', '.join(sorted(kwargs))}): pass no arguments, or all of "
-                "kernelWidth=, kernelHeight=, inputFeatureChannels=, outputFeatureChannels="
+                "kernelWidth=, kernelHeight=, inputFeatureChannels=, outputFeatureChannels= (and, deprecated, "
+                "neuronFilter=)"
             )
         self._kernelWidth = self._kernelHeight = 3
         self._inputFeatureChannels = self._outputFeatureChannels = 0
@@ -136,6 +137,9 @@ class MPSCNNConvolutionDescriptor(Strict):
         for name in ("inputFeatureChannels", "outputFeatureChannels"):
             if name in kwargs:
                 setattr(self, name, positive_int(kwargs[name], self._owner, name))
+        if "neuronFilter" in kwargs:  # init(kernelWidth:kernelHeight:inputFeatureChannels:outputFeatureChannels:neuronFilter:)
+            _deprecated(f"{type(self).__name__}(..., neuronFilter=)", "fusedNeuronDescriptor")
+            self._set_legacy_neuron(kwargs["neuronFilter"])
 
     @classmethod
     def cnnConvolutionDescriptor(cls, *, kernelWidth, kernelHeight, inputFeatureChannels, outputFeatureChannels,
@@ -371,7 +375,7 @@ class MPSCNNDepthWiseConvolutionDescriptor(MPSCNNConvolutionDescriptor):
         return self._inputFeatureChannels
 
 
-@keywords("kernelWidth", "kernelHeight", "inputFeatureChannels", "outputFeatureChannels", "coder")
+@keywords("kernelWidth", "kernelHeight", "inputFeatureChannels", "outputFeatureChannels", "neuronFilter", "coder")
 class MPSCNNSubPixelConvolutionDescriptor(MPSCNNConvolutionDescriptor):
     """``MPSCNNSubPixelConvolutionDescriptor``: a convolution of ``N = outputFeatureChannels`` channels
     fused with depth-to-space by ``r = subPixelScaleFactor`` (spec §5).

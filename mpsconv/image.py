@@ -269,6 +269,12 @@ class MPSImage(Strict):
         if values.dim() != 4:
             raise MPSValueError(f"MPSImage.from_numpy: array of shape {tuple(values.shape)} must be (H, W, C) or (N, H, W, C)")
         n, h, w, c = values.shape
+        if h <= 4 and c == w >= 16:  # (N, 3, 224, 224): NCHW, as PyTorch holds images
+            raise MPSValueError(
+                f"MPSImage.from_numpy: array of shape {tuple(array.shape)} looks like NCHW ({h} channels of "
+                f"{w}x{c} pixels); images are NHWC: pass array.transpose(0, 2, 3, 1) (a tensor: "
+                f".permute(0, 2, 3, 1)). If it really is {h} rows of {w} pixels with {c} channels, make the image "
+                "with MPSImage(device=, imageDescriptor=) and copy the values into image.torch()")
         device = device or MTLCreateSystemDefaultDevice()
         image = cls(device=device, imageDescriptor=MPSImageDescriptor(
             channelFormat=featureChannelFormat, width=w, height=h, featureChannels=c, numberOfImages=n))
@@ -688,7 +694,12 @@ class MPSTemporaryImage(CommandBufferTemporary, MPSImage):
         self._check_temporary(cb, owner, role)
 
     def _cpu_check(self, owner: str) -> None:
-        raise MPSValueError(f"{owner}: an MPSTemporaryImage has no CPU access; copy it into an MPSImage first")
+        raise MPSValueError(
+            f"{owner}: an MPSTemporaryImage has no CPU access (its contents live only inside its command buffer). "
+            "An allocating encode makes one through the kernel's destinationImageAllocator, "
+            "MPSTemporaryImage.defaultAllocator() unless you set it: to read the result, set "
+            "kernel.destinationImageAllocator = MPSImage.defaultAllocator() before that encode, or encode into an "
+            "MPSImage you made")
 
     def __del__(self):
         if getattr(self, "_read_count", 0) > 0 and getattr(self, "_lifetime_parent", None) is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .convolution import MPSCNNConvolution, MPSCNNFullyConnected
-from .datasource import _ArrayDataSource
+from .datasource import _ArrayDataSource, check_weight_shape
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNDepthWiseConvolutionDescriptor
 from .errors import MPSTypeError, MPSValueError
 from .core.geometry import (
@@ -67,6 +67,8 @@ class MPSCNNConvolutionWeights(_ArrayDataSource):
         d = descriptor
         ig = 1 if isinstance(d, MPSCNNDepthWiseConvolutionDescriptor) else d.inputFeatureChannels // d.groups
         count = d.outputFeatureChannels * d.kernelHeight * d.kernelWidth * ig
+        check_weight_shape(weights, (d.outputFeatureChannels, d.kernelHeight, d.kernelWidth, ig), "MPSCNNConvolutionWeights",
+                           "weights")
         w = np.asarray(weights, np.float32)
         if w.size != count:
             raise MPSValueError(f"MPSCNNConvolutionWeights: weights has {w.size} values; the descriptor needs "
