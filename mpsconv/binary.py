@@ -1,4 +1,4 @@
-"""``MPSCNNBinaryConvolution`` and ``MPSCNNBinaryFullyConnected`` (spec ``convolution.md`` §15)."""
+"""``MPSCNNBinaryConvolution`` and ``MPSCNNBinaryFullyConnected`` (docs/semantics.md, "Binary convolution")."""
 from __future__ import annotations
 
 import numpy as np
@@ -90,9 +90,9 @@ class MPSCNNBinaryConvolution(DescribedKernel, MPSCNNKernel):
             words = (i + 31) // 32
             bits = read_array(ds.weights(), np.uint32, o * desc.kernelHeight * desc.kernelWidth * words, owner,
                               "convolutionData.weights()").reshape(o, desc.kernelHeight, desc.kernelWidth, words)
-            if i % 32:  # bits of channels >= I are ignored (spec §15.2 OPEN): clear them once, here
+            if i % 32:  # bits of channels >= I are ignored (our reading): clear them once, here
                 bits[..., -1] &= np.uint32((1 << (i % 32)) - 1)
-            if scale_value is not None:  # spec §15.1 OPEN: the data source's bias, one scale for all
+            if scale_value is not None:  # our reading: the data source's bias, one scale for all
                 bias = ds.biasTerms()
                 out_bias = np.zeros(o, np.float32) if bias is None else \
                     read_array(bias, np.float32, o, owner, "convolutionData.biasTerms()")
@@ -135,7 +135,7 @@ class MPSCNNBinaryConvolution(DescribedKernel, MPSCNNKernel):
 
 
 class MPSCNNBinaryFullyConnected(MPSCNNBinaryConvolution):
-    """``MPSCNNBinaryFullyConnected``: binary convolution whose window is the whole source (spec §15.4)."""
+    """``MPSCNNBinaryFullyConnected``: binary convolution whose window is the whole source."""
 
     _fully_connected = True
 

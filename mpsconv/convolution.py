@@ -1,4 +1,4 @@
-"""``MPSCNNConvolution`` and ``MPSCNNFullyConnected`` (spec ``convolution.md`` §6–§9)."""
+"""``MPSCNNConvolution`` and ``MPSCNNFullyConnected`` (docs/semantics.md, "The convolution")."""
 from __future__ import annotations
 
 import inspect
@@ -88,7 +88,7 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
         """Class-specific descriptor rules (subclasses add theirs)."""
 
     def _copy_into(self, other, device) -> None:
-        """Spec §6.5: the data source's ``copy(zone, device)`` if it takes a device, else
+        """As MPS does: the data source's ``copy(zone, device)`` if it takes a device, else
         ``copy(zone)``, else the copy shares the data source."""
         copy = getattr(self._data_source, "copy", None)
         if callable(copy):
@@ -158,7 +158,7 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
         return self.subPixelScaleFactor
 
     def _allocated_geometry(self, source, kernel, stride, dilation, rule, owner):
-        """Sub-pixel kernels allocate ``r ·`` the forward size (spec §5 OPEN); ``offset`` as forward."""
+        """Sub-pixel kernels allocate ``r ·`` the forward size (our reading); ``offset`` as forward."""
         (h, w), offset = super()._allocated_geometry(source, kernel, stride, dilation, rule, owner)
         r = self._subpixel()
         return (h * r, w * r), offset
@@ -195,7 +195,7 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
         zeros) become the effective weights, taken as final (no batch-norm folding) and rounded to the
         kernel weight type; the state's read count drops by one.
 
-        Like every property, the weights are read when this is encoded (spec kernel-image.md §7.6):
+        Like every property, the weights are read when this is encoded (as every property):
         encodes recorded after it use them; CPU writes into the state after this call are not seen.
         """
         owner = f"{type(self).__name__}.reloadWeightsAndBiases"
@@ -231,7 +231,7 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
         state.bias_values(self._loaded.bias.size, owner).copy_(torch.from_numpy(self._loaded.bias))
         return state
 
-    # -- training states (spec §8.4, §10.6): what the forward encode records for the gradient pass
+    # -- training states: what the forward encode records for the gradient pass
     def _state_snapshot(self) -> tuple:
         return (self._offset, self._clipRect, self._edgeMode, self._sfo, self._sfmax, self._dfo)
 
@@ -302,7 +302,7 @@ class MPSCNNConvolution(_WeightedKernel):
 
         D(X, Y, dfo + o) = f(B'[o] + Σ_{q,p,c} W'[o][q][p][c] · S̃(xs(u, p), ys(v, q), sfo + grp(o)·Ig + c))
 
-    with the window centred at ``offset + (u·strideX, v·strideY)`` (spec §1.2) and ``W'``, ``B'`` the
+    with the window centred at ``offset + (u·strideX, v·strideY)`` (docs/semantics.md, "Window placement") and ``W'``, ``B'`` the
     effective weights (batch norm folded, float16-rounded unless the data source asks for float32).
 
     Initializers (keyword sets, as Swift's overloads):

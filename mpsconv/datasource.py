@@ -1,4 +1,4 @@
-"""The ``MPSCNNConvolutionDataSource`` protocol and the one weight-loading cycle (spec §6, §7).
+"""The ``MPSCNNConvolutionDataSource`` protocol and the one weight-loading cycle (docs/semantics.md, "Weights").
 
 ``load_weights`` runs ``load()`` -> reads -> ``purge()`` (balanced even when a read fails), then
 turns what the data source returned into the kernel's *effective* weights: dequantize (uint8) ->
@@ -139,7 +139,7 @@ def check_protocol(ds, owner: str) -> None:
 
 def load_weights(ds, owner: str, *, accumulator: MPSNNConvolutionAccumulatorPrecisionOption,
                  check_descriptor, data_types=tuple(_NUMPY)) -> LoadedWeights:
-    """Run the data-source cycle once and return the effective parameters (spec §6.1, §7).
+    """Run the data-source cycle once and return the effective parameters.
 
     ``check_descriptor(descriptor)`` applies the kernel class's own rules to the descriptor;
     ``data_types`` are the ``dataType()`` values the kernel class accepts.
@@ -219,7 +219,7 @@ def _check_finite(weights: np.ndarray, owner: str, folded: bool) -> None:
 
 
 def _dequantize(ds, raw: np.ndarray, owner: str) -> np.ndarray:
-    """uint8 weights -> float32, per output channel row (spec §7.2, §7.3)."""
+    """uint8 weights -> float32, per output channel row."""
     ranges, table = _optional(ds, "rangesForUInt8Kernel"), _optional(ds, "lookupTableForUInt8Kernel")
     qtype_method = _optional(ds, "weightsQuantizationType")
     if qtype_method is not None:

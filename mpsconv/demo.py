@@ -1,11 +1,11 @@
 """``mpsconv demo``: a small CNN trained on scikit-learn's handwritten digits, built only from
-mpsconv kernels (our addition, issue 6).
+mpsconv kernels (our addition).
 
     conv 3x3, 1 -> 16, fused ReLU            8x8  -> 8x8   (MPSCNNConvolution)
     conv 3x3 stride 2, 16 -> 32, fused ReLU  8x8  -> 4x4   (strided MPSCNNConvolution downsamples)
     fully connected 4x4x32 -> 10             4x4  -> 1x1   (MPSCNNFullyConnected)
 
-Training: softmax cross-entropy; the gradient kernels (MPSCNNConvolutionGradient,
+Training: softmax cross-entropy (in PyTorch, on the images' memory); the gradient kernels (MPSCNNConvolutionGradient,
 MPSCNNFullyConnectedGradient) give the weight, bias and source gradients; the fused ReLU's own
 gradient is a mask applied on the host (mpsconv has no MPSCNNNeuronGradient); momentum SGD runs in
 each data source's ``update(gradientState, sourceState)`` through ``encode_data_source_update``.
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .coding import load, save
 from .convolution import MPSCNNConvolution, MPSCNNFullyConnected
@@ -29,7 +30,7 @@ from .neuron import MPSNNNeuronDescriptor
 
 
 class MomentumSGD(MPSCNNConvolutionWeights):
-    """A data source that trains itself: the CPU form of ``update`` (spec convolution.md §6.4)."""
+    """A data source that trains itself: the CPU form of ``update`` (``encode_data_source_update``)."""
 
     def __init__(self, descriptor, weights, bias, lr: float, momentum: float = 0.9, label=None):
         super().__init__(descriptor, weights, bias, label=label)
@@ -109,12 +110,14 @@ class Network:
             states.append(state)
         cb.commit()
         cb.waitUntilCompleted()
-        z = sources[-1].numpy()[:, 0, 0, :].astype(np.float64)
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        loss = float(-np.log(p[np.arange(n), labels] + 1e-12).mean())
-        p[np.arange(n), labels] -= 1.0
-        error = self.image((p / n)[:, None, None, :])
+        # softmax and the loss are not MPS convolutions: PyTorch runs them on the image's own memory
+        # (image.torch() is a view), and writes the loss gradient into an image the same way
+        rows = torch.arange(n)
+        p = torch.softmax(sources[-1].torch()[:, 0, 0, :].double(), dim=1)
+        loss = float(-torch.log(p[rows, labels] + 1e-12).mean())
+        p[rows, labels] -= 1.0
+        error = self.blank(n, SIZES[-1])
+        error.torch()[:, 0, 0, :] = p / n
         for i in reversed(range(len(self.forward))):
             cb = self.queue.makeCommandBuffer()
             d_src = self.blank(n, SIZES[i])

@@ -1,4 +1,4 @@
-"""``MPSCNNConvolutionDescriptor`` and the convolution family's enumerations (spec ``convolution.md`` §2, §3)."""
+"""``MPSCNNConvolutionDescriptor`` and the convolution family's enumerations ."""
 from __future__ import annotations
 
 import enum
@@ -313,7 +313,7 @@ class MPSCNNConvolutionDescriptor(Strict):
 
     # -- resolution (used at kernel construction)
     def _check_for_kernel(self, owner: str) -> None:
-        """Combination rules checked when a kernel is built (spec §3.1)."""
+        """Combination rules checked when a kernel is built."""
         i, o, g = self._inputFeatureChannels, self._outputFeatureChannels, self._groups
         if i < 1 or o < 1:
             raise MPSValueError(f"{owner}: inputFeatureChannels={i} and outputFeatureChannels={o} must both be >= 1")
@@ -341,7 +341,7 @@ class MPSCNNConvolutionDescriptor(Strict):
 
 
 class MPSCNNDepthWiseConvolutionDescriptor(MPSCNNConvolutionDescriptor):
-    """``MPSCNNDepthWiseConvolutionDescriptor``: each input channel filtered on its own (spec §4).
+    """``MPSCNNDepthWiseConvolutionDescriptor``: each input channel filtered on its own.
 
     Output channel ``k·M + m`` reads input channel ``k`` only, with weights ``[O][kH][kW]`` (no
     input-channel axis). ``channelMultiplier = O / I``; only ``M = 1`` is supported, and ``groups``
@@ -378,7 +378,7 @@ class MPSCNNDepthWiseConvolutionDescriptor(MPSCNNConvolutionDescriptor):
 @keywords("kernelWidth", "kernelHeight", "inputFeatureChannels", "outputFeatureChannels", "neuronFilter", "coder")
 class MPSCNNSubPixelConvolutionDescriptor(MPSCNNConvolutionDescriptor):
     """``MPSCNNSubPixelConvolutionDescriptor``: a convolution of ``N = outputFeatureChannels`` channels
-    fused with depth-to-space by ``r = subPixelScaleFactor`` (spec §5).
+    fused with depth-to-space by ``r = subPixelScaleFactor``.
 
     Destination pixel ``(x, y)`` of the clip region, channel ``c < N/r²``, is intermediate pixel
     ``(x // r, y // r)``, channel ``(N/r²)·(r·(y mod r) + (x mod r)) + c``: TensorFlow's NHWC

@@ -28,8 +28,3 @@ class MPSDeviceError(MPSValueError):
 class MPSMemoryError(MPSConvError, MemoryError):
     """An image or an encode's scratch memory would not fit (``MPSCONV_MEMORY_LIMIT`` on the CPU, the
     GPU's free memory on CUDA), or the allocator ran out while a command buffer ran."""
-
-
-def not_implemented(feature: str, issue: int) -> NotImplementedError:
-    """The error for a feature that waits for a later issue."""
-    return NotImplementedError(f"{feature} is not implemented yet; it waits for issue {issue}")

@@ -23,7 +23,7 @@ from .types import MPSDataType
 
 
 # --------------------------------------------------------------------------------------------
-# MPSCNNConvolutionGradient (spec convolution.md §11)
+# MPSCNNConvolutionGradient
 
 
 @keywords("device", "weights", "coder")
@@ -33,7 +33,7 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
     ``encode(commandBuffer=, sourceGradient=E, sourceImage=S, gradientState=state[,
     destinationGradient=])`` writes ``dL/dS`` (the forward source's size, ``I`` channels) and fills
     ``state.gradientForWeights`` / ``gradientForBiases`` (float32, OHWI), per ``gradientOption``.
-    ``E`` is the gradient of the forward output before its neuron (spec §11.5 OPEN) and has the
+    ``E`` is the gradient of the forward output before its neuron (docs/semantics.md, "Gradients") and has the
     forward clip region's size. The geometry is the one the forward encode recorded in the state.
     Over a batch the weight and bias gradients are summed. Initializers:
     ``MPSCNNConvolutionGradient(device=, weights=dataSource)`` (the forward kernel's data source),
@@ -92,7 +92,7 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
         _deprecated(f"{type(self).__name__}.serializeWeightsAndBiases", "nothing (it has no effect)")
         self._serialize = bool(value)
 
-    # -- geometry of the last encode (spec §11.2, §11.4, §11.5): set from the gradient state
+    # -- geometry of the last encode: set from the gradient state
     def _state_geometry(self) -> tuple:
         return getattr(self, "_geometry", ((0, 0), MPSOffset(0, 0, 0), MPSOffset(0, 0, 0)))
 
@@ -228,14 +228,14 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
 
 
 def encode_data_source_update(commandBuffer, gradientState, forward, gradient) -> None:
-    """What a graph executor does after a gradient pass (spec convolution.md §6.4; our addition).
+    """What a graph executor does after a gradient pass (our addition).
 
     The data source's GPU form ``update(commandBuffer, gradientState, sourceState)`` is called now,
     with ``sourceState`` the weights the kernels use; a returned weights state becomes the weights of
     ``forward`` and ``gradient`` (in order, on this command buffer). Otherwise its CPU form
     ``update(gradientState, sourceState) -> bool`` runs when the command buffer completes, and on
     True both kernels reload from the data source; on False nothing is reloaded and the failure is
-    reported as a warning (spec §6.4 OPEN).
+    reported as a warning (our choice).
 
     Like every reload here, the GPU form's state is read when the reload is encoded: commit the
     gradient pass before calling this when the callback reads the gradients on the CPU.
@@ -283,7 +283,7 @@ class MPSCNNFullyConnectedGradient(MPSCNNConvolutionGradient):
 
 class MPSCNNConvolutionTransposeGradient(MPSCNNConvolutionGradient):
     """``MPSCNNConvolutionTransposeGradient``: back-propagation through an
-    ``MPSCNNConvolutionTranspose`` (spec §14): the VJPs of its zero-inserted convolution with respect
+    ``MPSCNNConvolutionTranspose``: the VJPs of its zero-inserted convolution with respect
     to the source, the weights and the biases. Made from the transpose's data source."""
 
     _input_state_class = MPSCNNConvolutionTransposeGradientState

@@ -124,7 +124,7 @@ class MPSNNDefaultPadding(Strict, MPSNNPadding):
         return f"MPSNNDefaultPadding(align {align}, remainder {rem}, size {size}{''.join(', ' + f for f in flags)})"
 
     def inverse(self) -> "MPSNNDefaultPadding":
-        """Swaps valid-only and full, keeps same, alignment and remainder (spec §3.4 OPEN)."""
+        """Swaps valid-only and full, keeps same, alignment and remainder (our reading)."""
         m = int(self._method)
         size = m & 0x30
         swapped = {0x00: 0x20, 0x20: 0x00}.get(size, size)
@@ -238,7 +238,7 @@ class MPSCNNKernel(MPSKernel):
       allocates through ``destinationImageAllocator``.
       ``encodeBatch(commandBuffer=, sourceImages=, destinationImages=)`` and
       ``encodeBatch(commandBuffer=, sourceImages=) -> [MPSImage]``.
-      The ``destinationState`` forms record training state (issue 4).
+      The ``destinationState`` forms fill a training state.
     """
 
     _default_padding_method = _DEFAULT_METHOD
@@ -378,7 +378,7 @@ class MPSCNNKernel(MPSKernel):
         """ObjC spelling of ``sourceRegion(destinationSize:)``."""
         return self.sourceRegion(destinationSize)
 
-    # -- states (training comes with issue 4)
+    # -- states
     def isResultStateReusedAcrossBatch(self) -> bool:
         return False
 
@@ -530,8 +530,7 @@ class MPSCNNKernel(MPSKernel):
 
     # -- states (kernels that make one override _new_state and _check_state)
     def _new_state(self, source, commandBuffer, temporary: bool):
-        raise NotImplementedError(f"{type(self).__name__} makes no training state here yet: its gradient kernel "
-                                  "is not in any issue")
+        raise MPSTypeError(f"{type(self).__name__} makes no training state: mpsconv has no gradient kernel for it")
 
     def _check_state(self, state, cb, owner: str) -> None:
         """A destination state must come from this kernel, with the properties the encode uses."""
@@ -590,7 +589,7 @@ class MPSCNNKernel(MPSKernel):
         return None
 
     def _encode_allocating(self, cb, sources: list, owner: str, state_temporary: bool | None = None):
-        """Padding policy -> allocator -> manual encode, per source (spec §2.7). With
+        """Padding policy -> allocator -> manual encode, per source. With
         ``state_temporary`` set, also makes the result state after allocating and returns
         ``(images, state)`` (one state for the whole batch)."""
         self._check_cb(cb, owner)

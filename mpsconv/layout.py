@@ -56,8 +56,8 @@ class MPSCNNConvolutionWeights(_ArrayDataSource):
     ``weights``: float32 ``[O][kH][kW][I/G]`` (any shape with that many elements); ``bias``: ``[O]`` or
     None. ``kernelWeightsDataType`` (float32 unless given) decides whether the kernel rounds to fp16.
     To change the weights, assign ``.weights_array`` / ``.bias_array`` and call the kernel's
-    ``reloadWeightsAndBiasesFromDataSource()``; to train, subclass it with an ``update`` (spec
-    convolution.md §6.4; ``mpsconv/demo.py`` has one).
+    ``reloadWeightsAndBiasesFromDataSource()``; to train, subclass it with an ``update``
+    (``encode_data_source_update``; ``mpsconv/demo.py`` has one).
     """
 
     def __init__(self, descriptor, weights, bias=None, *, kernelWeightsDataType=MPSDataType.float32, label=None):

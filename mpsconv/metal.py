@@ -4,7 +4,7 @@ A ``MTLDevice`` is a compute device (the CPU, or a CUDA GPU). A command buffer r
 that encodes describe; ``commit`` runs it, in the order the queue enqueued its buffers (on CUDA:
 launches it on the queue's own stream and returns); completed handlers then run once, in
 registration order, on the queue's handler thread (never on the thread that called ``commit``).
-Spec: ``kernel-image.md`` §7. Our addition: ``make_replayable`` / ``replay`` (CUDA graphs).
+Semantics: docs/semantics.md, "Command buffers". Our addition: ``make_replayable`` / ``replay`` (CUDA graphs).
 """
 from __future__ import annotations
 
@@ -550,7 +550,7 @@ class MTLComputeCommandEncoder(Strict):
 
 
 class CommandBufferTemporary:
-    """Read-count rules of temporary images and states (spec kernel-image.md §4.7, §6.3): bound to
+    """Read-count rules of temporary images and states : bound to
     one command buffer (``_cb``), read ``readCount`` times, released at 0, frozen after that.
     Subclasses say what they are (``_kind``) and what releasing frees (``_release``)."""
 
@@ -577,7 +577,7 @@ class CommandBufferTemporary:
             raise MPSCommandBufferError(f"{owner}: {role} was released (readCount reached 0)")
 
     def _consume_read(self) -> None:
-        """One encode read it (spec §2.8: once per distinct temporary per encode call)."""
+        """One encode read it (once per distinct temporary per encode call)."""
         if self._read_count > 0:
             self._set_read_count(self._read_count - 1)
 

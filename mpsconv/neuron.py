@@ -97,13 +97,13 @@ class MPSNNNeuronDescriptor(Strict):
         return MPSNNNeuronDescriptor._make(self._type, self.a, self.b, self.c, self.data)
 
     def resolve(self, owner: str, channels: int | None) -> tuple[NeuronSpec, np.ndarray | None]:
-        """Snapshot: the scalar spec and, for PReLU, ``channels`` float32 coefficients (a copy).
+        """Snapshot: the resolved scalars and, for PReLU, ``channels`` float32 coefficients (a copy).
 
         ``channels=None`` keeps every coefficient (checked later against the processed channels).
         """
-        spec = NeuronSpec(int(self._type), self.a, self.b, self.c)
+        resolved = NeuronSpec(int(self._type), self.a, self.b, self.c)
         if self._type != T.pReLU:
-            return spec, None
+            return resolved, None
         if self.data is None:
             raise MPSValueError(f"{owner}: a pReLU neuron needs per-channel data (cnnNeuronPReLUDescriptor)")
         values = float32_values(self.data, owner, "pReLU data")
@@ -132,7 +132,7 @@ def _deprecated(what: str, instead: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Neuron kernels (spec §5.4). Deprecated subclasses carry a neuron into a convolution descriptor.
+# Neuron kernels. Deprecated subclasses carry a neuron into a convolution descriptor.
 
 
 @keywords("device", "neuronDescriptor", "coder")

@@ -129,7 +129,7 @@ class MPSState(Strict, CommandBufferTemporary):
         on._check_open(f"{type(self).__name__}.synchronize")
 
     def destinationImageDescriptor(self, sourceImages, sourceStates, kernel, suggestedDescriptor):
-        """Hook of the descriptor pipeline (spec §2.7 step 3): the base state changes nothing."""
+        """Hook of the descriptor pipeline (after the padding policy's size): the base state changes nothing."""
         return suggestedDescriptor
 
     # -- encode-time checks (used by kernels)
@@ -196,7 +196,7 @@ class MPSCNNConvolutionGradientState(MPSNNGradientState):
         return self.resource(at=1)
 
     def _filled_by(self, source, problem=None) -> None:
-        """The forward encode recorded into this state (spec §8.4): the source size it read and the
+        """The forward encode recorded into this state: the source size it read and the
         resolved forward problem (window origin, clip size, edge mode, channel and image ranges)."""
         self._source_size = (source.width, source.height)
         self._problem = problem
@@ -210,7 +210,7 @@ class MPSCNNConvolutionGradientState(MPSNNGradientState):
 @keywords("weights", "biases", "device", "cnnConvolutionDescriptor", "weightsOffset", "biasesOffset")
 class MPSCNNConvolutionWeightsAndBiasesState(MPSState):
     """``MPSCNNConvolutionWeightsAndBiasesState``: float32 weights ``[O][kH][kW][I/G]`` (depthwise
-    ``[O][kH][kW]``) and biases ``[O]`` in buffers, from byte offsets (spec ``convolution.md`` §13).
+    ``[O][kH][kW]``) and biases ``[O]`` in buffers, from byte offsets.
 
     ``(weights=, biases=)``: existing buffers (biases may be None).
     ``(device=, cnnConvolutionDescriptor=)``: new zero-filled buffers of the descriptor's sizes.
@@ -283,7 +283,7 @@ class MPSCNNConvolutionWeightsAndBiasesState(MPSState):
 
 
 def _lengths(descriptor, owner: str) -> tuple[int, int]:
-    """Bytes of weights and biases a descriptor implies (spec §13.1)."""
+    """Bytes of weights and biases a descriptor implies."""
     if not isinstance(descriptor, MPSCNNConvolutionDescriptor):
         raise MPSTypeError(f"{owner}: cnnConvolutionDescriptor={descriptor!r} must be an MPSCNNConvolutionDescriptor")
     o, kh, kw, ig = descriptor._weight_shape()
@@ -297,7 +297,7 @@ def _check_buffer(buffer, owner: str, name: str) -> None:
 
 class MPSCNNConvolutionTransposeGradientState(MPSCNNConvolutionGradientState):
     """``MPSCNNConvolutionTransposeGradientState``: made by a transpose's ``resultState…`` or training
-    encode (spec §14). ``convolutionTranspose`` is that transpose; ``convolution`` the
+    encode. ``convolutionTranspose`` is that transpose; ``convolution`` the
     ``MPSCNNConvolution`` whose gradient state configured it, if one did."""
 
     _source_convolution = None

@@ -1,4 +1,4 @@
-"""``MPSCNNConvolutionTranspose`` (spec ``convolution.md`` §10)."""
+"""``MPSCNNConvolutionTranspose`` (docs/semantics.md, "Transposed convolution")."""
 from __future__ import annotations
 
 from ._api import keywords
@@ -92,10 +92,10 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
                                                      kernel, stride, dilation)
         return MPSRegion(MPSOrigin(ox, oy, self._offset.z), MPSSize(sw, sh, d))
 
-    # -- encode forms with a convolution gradient state (spec §10.4, §10.5)
+    # -- encode forms with a convolution gradient state
     def _apply_state(self, state, cb, owner: str) -> None:
         """The forward convolution's state decides the geometry: ``offset = 0`` and
-        ``kernelOffset = -o + (1 if Kd is even else 0)`` per axis (spec §10.4)."""
+        ``kernelOffset = -o + (1 if Kd is even else 0)`` per axis."""
         if not isinstance(state, MPSCNNConvolutionGradientState):
             raise MPSTypeError(f"{owner}: convolutionGradientState={type(state).__name__} must be an "
                                "MPSCNNConvolutionGradientState from the forward convolution")
@@ -114,7 +114,7 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
         self._offset = MPSOffset(0, 0, self._offset.z)
         self._kernel_offset = backwards_kernel_offset((offset.y, offset.x), kernel, dilation)
 
-    # -- training states (spec §10.6, §14)
+    # -- training states
     def _result_state_class(self):
         return MPSCNNConvolutionTransposeGradientState
 

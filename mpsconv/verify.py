@@ -1,5 +1,5 @@
 """``mpsconv verify``: every kernel of the family on one device, each fast backend against the
-reference backend, on random data (our addition, issue 6)."""
+reference backend, on random data (our addition)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

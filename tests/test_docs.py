@@ -92,3 +92,27 @@ def test_initializers_show_their_keywords():
     assert list(shown["MPSCNNConvolution"].parameters)[:2] == ["device", "weights"]
     assert "coder" in shown["MPSCNNConvolutionTranspose"].parameters
     assert list(shown["MPSCNNNeuronReLUN"].parameters) == ["device", "a", "b"]
+
+
+DOCS = ["README.md", "docs/porting.md", "docs/reliability.md", "docs/semantics.md", "docs/architecture.md"]
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_docs_cite_only_what_users_have(path):
+    """No reference to files outside the repository (the design notes, the specification) or to
+    issue numbers; every relative link resolves."""
+    text = open(os.path.join(ROOT, path)).read()
+    assert not re.search(r"shared/|DESIGN\.md|\bspec\b|§|\bissue \d", text), path
+    for target in re.findall(r"\]\(([^)#:]+)\)", text):
+        assert os.path.exists(os.path.join(ROOT, os.path.dirname(path), target)), f"{path} links {target}"
+
+
+def test_the_library_cites_only_what_users_have():
+    """Docstrings and messages point at docs/semantics.md, not at a specification users do not have."""
+    cited = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "mpsconv")):
+        for name in files:
+            if name.endswith(".py"):
+                text = open(os.path.join(folder, name)).read()
+                cited += [f"{name}: {m}" for m in re.findall(r".{0,30}(?:§|\bspec\b|\bissue \d|shared/spec).{0,20}", text)]
+    assert cited == []

@@ -149,7 +149,7 @@ def test_batch_encodes_with_states():
 
 def test_neurons_make_no_state_yet():
     n = MPSCNNNeuron(device=DEVICE, neuronDescriptor=MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.none))
-    with pytest.raises(NotImplementedError, match="not in any issue"):
+    with pytest.raises(MPSTypeError, match="makes no training state"):
         n.encode(commandBuffer=QUEUE.makeCommandBuffer(), sourceImage=blank(3, 3, 1), destinationStateIsTemporary=True)
 
 

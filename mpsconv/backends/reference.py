@@ -1,4 +1,4 @@
-"""The reference backend: NumPy, float64, written from the spec to be obviously correct.
+"""The reference backend: NumPy, float64, written from docs/semantics.md to be obviously correct.
 
 It gathers every window tap of the clip region through the edge mode (an index view of the
 source) and contracts it with the weights in one ``einsum`` per problem. It is the oracle every
@@ -35,7 +35,7 @@ def taps(first: int, count: int, stride: int, k: int, dilation: int, size: int, 
 
 
 def expand(x: np.ndarray, problem: ConvProblem) -> np.ndarray:
-    """Backwards kernels read the source with ``s - 1`` zeros inserted between pixels (spec §10.3)."""
+    """Backwards kernels read the source with ``s - 1`` zeros inserted between pixels."""
     if problem.upsample == (1, 1):
         return x
     (uy, ux), (he, we) = problem.upsample, problem.expanded_size
@@ -55,7 +55,7 @@ def gather_windows(x: np.ndarray, problem: ConvProblem) -> np.ndarray:
 
 
 def depth_to_space(x: np.ndarray, r: int) -> np.ndarray:
-    """NHWC depth-to-space (spec §5): channel ``(C/r²)·(r·dy + dx) + c`` of pixel ``(Y, X)`` becomes
+    """NHWC depth-to-space: channel ``(C/r²)·(r·dy + dx) + c`` of pixel ``(Y, X)`` becomes
     channel ``c`` of pixel ``(r·Y + dy, r·X + dx)``."""
     n, h, w, c = x.shape
     blocks = x.reshape(n, h, w, r, r, c // (r * r))  # [.., dy, dx, c]
@@ -63,7 +63,7 @@ def depth_to_space(x: np.ndarray, r: int) -> np.ndarray:
 
 
 def binary_accumulate(x: np.ndarray, windows: np.ndarray, problem: ConvProblem, params) -> np.ndarray:
-    """Spec §15.2, literally: ``acc · scale[o] · β + bias[o]`` from the windows of ``S̃``."""
+    """The binary formula, literally: ``acc · scale[o] · β + bias[o]`` from the windows of ``S̃``."""
     c = problem.in_channels
     s_prime = (windows + params.in_bias) * params.in_scale  # S' = (S̃ + inBias) · inScale
     bits = params.unpacked(c).astype(np.float64)

@@ -96,7 +96,7 @@ class Prepared:
         return self._operands[dtype]
 
     def transposed(self, groups: int) -> torch.Tensor:
-        """The weights as ``conv_transpose2d`` takes them: ``[I][O/G][kH][kW]``, rotated 180° (spec §10.3)."""
+        """The weights as ``conv_transpose2d`` takes them: ``[I][O/G][kH][kW]``, rotated 180°."""
         if getattr(self, "_transposed", None) is None:
             o, ig, kh, kw = self.weights.shape
             w = self.weights.reshape(groups, o // groups, ig, kh, kw).transpose(1, 2)  # [G][Ig][Og][kH][kW]
@@ -423,7 +423,7 @@ def _gather_and_pad(x: torch.Tensor, plan) -> torch.Tensor:
 
 
 def _expand(x: torch.Tensor, upsample: tuple[int, int]) -> torch.Tensor:
-    """The source with ``s - 1`` zeros between pixels (spec §10.3), NCHW, channels-last."""
+    """The source with ``s - 1`` zeros between pixels, NCHW, channels-last."""
     (uy, ux), (n, c, h, w) = upsample, x.shape
     out = x.new_zeros((n, c, (h - 1) * uy + 1, (w - 1) * ux + 1)).contiguous(memory_format=torch.channels_last)
     out[:, :, ::uy, ::ux] = x
@@ -431,7 +431,7 @@ def _expand(x: torch.Tensor, upsample: tuple[int, int]) -> torch.Tensor:
 
 
 def _depth_to_space(y: torch.Tensor, r: int) -> torch.Tensor:
-    """NCHW view of NHWC depth-to-space (spec §5): channel ``(C/r²)·(r·dy + dx) + c`` of ``(Y, X)``
+    """NCHW view of NHWC depth-to-space: channel ``(C/r²)·(r·dy + dx) + c`` of ``(Y, X)``
     becomes channel ``c`` of ``(r·Y + dy, r·X + dx)``."""
     n, c, h, w = y.shape
     blocks = y.reshape(n, r, r, c // (r * r), h, w)  # [n, dy, dx, c, Y, X]
@@ -475,7 +475,7 @@ def _full_fp32(op):
 
 
 # --------------------------------------------------------------------------------------------
-# Binary convolution (spec convolution.md §15)
+# Binary convolution
 #
 # XNOR and AND sums are integers: Σ sgn(S')·(2·bit - 1) and Σ [S' >= 0]·bit. As a convolution of ±1
 # (or 0/1) values in float32 they are exact while |sum| < 2**24, i.e. bit for bit what popcounts over

@@ -311,7 +311,7 @@ class Plan:
 
     def operand_dtype(self, prepared: Prepared) -> torch.dtype:
         """The type the products are taken in: the source's 16-bit storage type when the weights are
-        exact in it (float16 weights by §0.2's rule, bfloat16 ones for bfloat16 sources), else float32."""
+        exact in it (float16 weights by MPS's rule, bfloat16 ones for bfloat16 sources), else float32."""
         if self.src_dtype != torch.float32 and prepared.exact_in(self.src_dtype):
             return self.src_dtype
         return torch.float32

@@ -152,7 +152,7 @@ def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds
     rng = np.random.default_rng(0)
     g = torch.Generator().manual_seed(0)
     ig = p.in_channels // p.groups
-    # Weights exact in the type the kernel would give them (§0.2's float16; bfloat16 for bfloat16
+    # Weights exact in the type the kernel would give them (MPS's float16; bfloat16 for bfloat16
     # sources), so that every candidate takes the product type it will take for real.
     weights = round_for_source(round_weights(rng.standard_normal((p.out_channels, *p.kernel, ig)) * 0.1,
                                              MPSDataType.float16), p.src_format)

@@ -42,7 +42,7 @@ class MPSCNNNeuronType(enum.IntEnum):
 
 T = MPSCNNNeuronType
 
-#: Parameter values used for every parameter a constructor does not receive (spec §5.1 OPEN).
+#: Parameter values used for every parameter a constructor does not receive (our choice where Apple gives none).
 DEFAULT_PARAMETERS = {
     T.reLU: (0.0, 0.0, 0.0),
     T.linear: (1.0, 0.0, 0.0),
@@ -113,11 +113,11 @@ FORMULAS = {
 }
 
 
-def apply_neuron(x, spec: NeuronSpec, prelu, ops):
+def apply_neuron(x, neuron: NeuronSpec, prelu, ops):
     """``f(x)`` for a resolved neuron; ``prelu`` is the per-channel ``a`` (broadcast on the last axis)."""
-    neuron_type = MPSCNNNeuronType(spec.type)
-    a = prelu if neuron_type == T.pReLU else spec.a
-    return FORMULAS[neuron_type](x, a, spec.b, spec.c, ops)
+    neuron_type = MPSCNNNeuronType(neuron.type)
+    a = prelu if neuron_type == T.pReLU else neuron.a
+    return FORMULAS[neuron_type](x, a, neuron.b, neuron.c, ops)
 
 
 def neuron_args(neuron) -> tuple[int, float, float, float, float]:

@@ -4,7 +4,7 @@ Nothing here touches a tensor (no torch, no numpy). Public classes collect prope
 image shapes, call ``resolve_forward`` once per encode, and hand the resulting ``ConvProblem`` to a
 backend; backends never re-derive sizes, pads or channel ranges.
 
-Conventions (spec ``kernel-image.md`` §0, §2.4, §3.2): internal tuples are ``(y, x)``; ``Kd`` is the
+Conventions (docs/semantics.md): internal tuples are ``(y, x)``; ``Kd`` is the
 dilated window extent ``(k - 1)·d + 1``; arithmetic that can see a negative numerator uses
 ``tdiv`` (C division, truncating toward zero), never Python's ``//``.
 
@@ -112,7 +112,7 @@ class PaddingRule:
 
 
 def decode_padding_method(method: int, owner: str) -> PaddingRule:
-    """Split the bit field; reserved alignment or size values are errors (spec §2.8 rule 9)."""
+    """Split the bit field; reserved alignment or size values are errors."""
     method = int(method)
     alignment = method & 3
     if alignment == 3:
@@ -141,8 +141,8 @@ def allocate(
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """Destination size ``(H, W)`` and window offset ``(y, x)`` a padding policy gives.
 
-    Forward kernels: ``DestSize`` and ``offset`` (spec kernel-image.md §3.2). Backwards kernels
-    (convolution.md §10.4): ``DestSizeReverse``, and the forward rule applied to the expanded source
+    Forward kernels: ``DestSize`` and ``offset``. Backwards kernels:
+    ``DestSizeReverse``, and the forward rule applied to the expanded source
     at stride 1, i.e. ``kernelOffset = (Kd >> 1) - left`` with ``extra = (style + 1)·(Kd - 1)`` (the
     kernel's own ``offset`` becomes 0).
     """
@@ -193,7 +193,7 @@ class ConvProblem:
                                            src_channel0 + grp(o)·Ig + c])
 
     where ``S̃`` reads through ``edge``; for backwards kernels (``upsample`` > 1) ``S̃`` is the source
-    with ``upsample - 1`` zeros inserted between pixels (spec §10.3), read at stride 1. ``identity`` kernels (neurons) have no weights: the one tap
+    with ``upsample - 1`` zeros inserted between pixels, read at stride 1. ``identity`` kernels (neurons) have no weights: the one tap
     is copied channel for channel (``in_channels == out_channels``). Sub-pixel kernels (``subpixel =
     r > 1``) compute that on the ``grid`` (``ceil(out_size / r)``) and write destination pixel
     ``(v, u)`` of the clip region, channel ``c < out_channels / r²``, from grid pixel
@@ -515,12 +515,13 @@ def resolve_forward(
     binary: tuple[int, bool] = (-1, False),
     reduced_precision: bool = False,
 ) -> ConvProblem:
-    """Resolve a forward encode (spec ``kernel-image.md`` §2.4) or raise naming what is wrong.
+    """Resolve a forward encode (docs/semantics.md, "Window placement") or raise naming
+    what is wrong.
 
     ``src_shape``/``dst_shape`` are ``(N, H, W, C)`` with ``C`` the real feature channels.
     ``offset`` is ``(x, y, z)`` and ``clip`` ``((x, y, z), (w, h, d))`` as Metal spells them.
     ``in_channels=None`` means "follows the source" (element-wise kernels: ``Cin = Cout = Cin_avail``).
-    ``kernel_offset`` ``(y, x)`` marks a backwards kernel (spec §10.3): ``stride`` is then the
+    ``kernel_offset`` ``(y, x)`` marks a backwards kernel: ``stride`` is then the
     upsampling factor, and the window of local destination pixel ``u`` is centred on expanded-source
     pixel ``offset·stride + kernelOffset + u``.
     """
