@@ -53,7 +53,7 @@ from .layout import (
 )
 from .state import (
     MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState, MPSCNNConvolutionWeightsAndBiasesState,
-    MPSNNGradientState, MPSState, MPSStateBatchIncrementReadCount, MPSStateResourceType,
+    MPSImageSizeEncodingState, MPSNNGradientState, MPSState, MPSStateBatchIncrementReadCount, MPSStateResourceType,
 )
 from .transpose import MPSCNNConvolutionTranspose
 from .types import (

@@ -80,27 +80,31 @@ _NUMPY = {MPSDataType.float32: np.float32, MPSDataType.float16: np.float16, MPSD
 
 
 def read_array(data, dtype, count: int, owner: str, what: str) -> np.ndarray:
-    """``count`` elements of ``dtype`` from a pointer-like value (array, tensor, list, bytes), copied."""
+    """The first ``count`` elements of ``dtype`` from a pointer-like value (array, tensor, list,
+    bytes), copied. MPS reads such arguments through a pointer, so a longer buffer (a view into a
+    whole weight file, as YOLO-style loaders return) gives its first ``count`` values; a shorter one
+    is an error."""
     if data is None:
         raise MPSValueError(f"{owner}: {what} is None")
     if isinstance(data, (bytes, bytearray, memoryview)):
-        raw = bytes(data)
+        raw = memoryview(data).cast("B")
         itemsize = np.dtype(dtype).itemsize
-        if len(raw) != count * itemsize:
+        if len(raw) < count * itemsize:
             raise MPSValueError(f"{owner}: {what} holds {len(raw)} bytes; {count} elements of "
                                 f"{np.dtype(dtype).name} need {count * itemsize}")
-        return np.frombuffer(raw, dtype=dtype).copy()
+        return np.frombuffer(raw[:count * itemsize], dtype=dtype).copy()
     if isinstance(data, torch.Tensor):
         data = data.detach().cpu().numpy()
     try:
         values = np.asarray(data)
     except (TypeError, ValueError):
         raise MPSTypeError(f"{owner}: {what} must be an array, tensor, list or bytes, not {type(data).__name__}") from None
-    if values.size != count:
-        raise MPSValueError(f"{owner}: {what} holds {values.size} elements; expected {count}")
+    if values.size < count:
+        raise MPSValueError(f"{owner}: {what} holds {values.size} elements; {count} are needed (the first {count} "
+                            "are read, as through a pointer)")
     if values.dtype.kind not in "fiub":
         raise MPSTypeError(f"{owner}: {what} has dtype {values.dtype}; expected numbers")
-    return values.reshape(-1).astype(dtype, copy=True)
+    return values.reshape(-1)[:count].astype(dtype, copy=True)
 
 
 def check_weight_shape(data, shape: tuple[int, int, int, int], owner: str, what: str) -> None:

@@ -4,6 +4,7 @@ states: what a forward convolution records for its gradient pass (``MPSCNNConvol
 (``MPSCNNConvolutionWeightsAndBiasesState``)."""
 from __future__ import annotations
 
+import abc
 import enum
 from typing import Sequence
 
@@ -147,6 +148,30 @@ class MPSNNGradientState(MPSState):
     forward kernel's ``resultState…`` methods, never directly)."""
 
 
+class MPSImageSizeEncodingState(metaclass=abc.ABCMeta):
+    """``MPSImageSizeEncodingState`` protocol: a state that knows the size of the image it was made
+    for, ``sourceWidth`` and ``sourceHeight`` (the forward source, for a gradient state), so that a
+    kernel that undoes that one (a transposed convolution) can size its destination from it.
+
+    ``MPSCNNConvolutionGradientState`` conforms. A class of yours conforms by subclassing this and
+    providing the two properties; ``isinstance(state, MPSImageSizeEncodingState)`` also holds for any
+    object that has both (as Objective-C's ``conformsToProtocol`` would for a class declaring them)."""
+
+    @property
+    def sourceWidth(self) -> int:
+        raise NotImplementedError("an MPSImageSizeEncodingState must provide sourceWidth")
+
+    @property
+    def sourceHeight(self) -> int:
+        raise NotImplementedError("an MPSImageSizeEncodingState must provide sourceHeight")
+
+    @classmethod
+    def __subclasshook__(cls, other):
+        if cls is MPSImageSizeEncodingState:
+            return all(any(name in vars(base) for base in other.__mro__) for name in ("sourceWidth", "sourceHeight"))
+        return NotImplemented
+
+
 def MPSStateBatchIncrementReadCount(batch, amount: int) -> int:
     """Adds ``amount`` once per distinct state; returns the number of distinct states."""
     seen = {}
@@ -161,7 +186,7 @@ def MPSStateBatchIncrementReadCount(batch, amount: int) -> int:
 # The convolution family's states
 
 
-class MPSCNNConvolutionGradientState(MPSNNGradientState):
+class MPSCNNConvolutionGradientState(MPSNNGradientState, MPSImageSizeEncodingState):
     """``MPSCNNConvolutionGradientState``: the forward convolution's geometry and the buffers its
     weight and bias gradients go into.
 

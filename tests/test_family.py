@@ -43,10 +43,14 @@ def test_conv_checklist_48_depthwise(backend):
 
 
 def test_conv_checklist_49_depthwise_weight_count():
+    """A 3x3, 4-channel depthwise kernel reads 36 weights: the first 36 of a longer buffer (MPS reads
+    through a pointer), and a shorter one is refused."""
     k = depthwise(4, k=3, weights=np.arange(36))
     assert k._loaded.weights.size == 36
-    with pytest.raises(MPSValueError, match="holds 144 elements; expected 36"):
-        depthwise(4, k=3, weights=np.arange(144))
+    longer = depthwise(4, k=3, weights=np.arange(144) * 0.5)
+    np.testing.assert_array_equal(longer._loaded.weights.reshape(-1), np.arange(36) * 0.5)
+    with pytest.raises(MPSValueError, match="holds 35 elements; 36 are needed"):
+        depthwise(4, k=3, weights=np.arange(35))
 
 
 @pytest.mark.parametrize("cout, props, match", [(8, {}, "channelMultiplier=2 is not supported"),

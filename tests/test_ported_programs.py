@@ -1,0 +1,85 @@
+"""What ported MPS client programs need, each pinned on random data against the reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import DEVICE, ArraySource, blank, descriptor, image, run, values
+from mpsconv import (
+    MPSCNNConvolution, MPSCNNConvolutionDataSource, MPSCNNConvolutionGradientState, MPSDataType,
+    MPSImageSizeEncodingState, MPSValueError,
+)
+from tolerances import assert_close
+
+
+# -- weights through a pointer
+
+
+class WeightFile(MPSCNNConvolutionDataSource):
+    """A YOLO-style loader: one float32 file of every layer's biases and weights; each layer's data
+    source hands out views into it at its offsets."""
+
+    def __init__(self, blob, offset, d):
+        self.blob, self.offset, self.d = blob, offset, d
+
+    def dataType(self):
+        return MPSDataType.float32
+
+    def kernelWeightsDataType(self):
+        return MPSDataType.float32
+
+    def descriptor(self):
+        return self.d
+
+    def biasTerms(self):
+        return self.blob[self.offset:]  # a view: the layer's biases, then everything after them
+
+    def weights(self):
+        return self.blob[self.offset + self.d.outputFeatureChannels:]
+
+    def label(self):
+        return "yolo"
+
+
+def test_a_data_source_may_return_views_into_a_whole_weight_file():
+    rng = np.random.default_rng(0)
+    blob = rng.uniform(-1, 1, 1000).astype(np.float32)
+    d = descriptor(3, 3, 4, 6)
+    kernel = MPSCNNConvolution(device=DEVICE, weights=WeightFile(blob, 100, d))
+    w = blob[106:106 + 6 * 9 * 4].reshape(6, 3, 3, 4)
+    want = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, w, blob[100:106], kernel_type=MPSDataType.float32))
+    src = image(rng.uniform(-1, 1, (5, 5, 4)))
+    assert_close(values(run(kernel, src, blank(5, 5, 6), "reference")),
+                 values(run(want, src, blank(5, 5, 6), "reference")), "float32")
+    short = WeightFile(blob[:100 + 6 + 10], 100, d)
+    with pytest.raises(MPSValueError, match=r"weights\(\) holds 10 elements; 216 are needed"):
+        MPSCNNConvolution(device=DEVICE, weights=short)
+
+
+def test_raw_bytes_longer_than_the_weights_give_their_first_values():
+    w = np.arange(8, dtype=np.float32)
+    d = descriptor(1, 1, 4, 2)
+    k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, w.tobytes() + b"\xff" * 12))
+    np.testing.assert_array_equal(k._loaded.weights.reshape(-1), w)
+
+
+# -- MPSImageSizeEncodingState
+
+
+def test_the_convolution_gradient_state_encodes_the_source_size():
+    k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(descriptor(3, 3, 1, 1, strideInPixelsX=2,
+                                                                         strideInPixelsY=2), np.ones(9)))
+    state = k.resultState(sourceImage=blank(7, 5, 1))
+    assert isinstance(state, MPSImageSizeEncodingState) and issubclass(MPSCNNConvolutionGradientState,
+                                                                       MPSImageSizeEncodingState)
+    assert (state.sourceWidth, state.sourceHeight) == (7, 5)
+
+    class Sized(MPSImageSizeEncodingState):
+        sourceWidth, sourceHeight = 3, 4
+
+    class DuckSized:
+        sourceWidth = sourceHeight = 2
+
+    assert isinstance(Sized(), MPSImageSizeEncodingState) and isinstance(DuckSized(), MPSImageSizeEncodingState)
+    assert not isinstance(torch.zeros(1), MPSImageSizeEncodingState)
