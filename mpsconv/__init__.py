@@ -31,7 +31,7 @@ from .kernel import (
     MPSRegion, MPSSize,
 )
 from .metal import (
-    MPSDeviceOptions, MPSGetPreferredDevice, MPSHintTemporaryMemoryHighWaterMark, MPSSetHeapCacheDuration,
+    MPSCommandBuffer, MPSDeviceOptions, MPSGetPreferredDevice, MPSHintTemporaryMemoryHighWaterMark, MPSSetHeapCacheDuration,
     MPSSupportsMTLDevice, MTLBuffer, MTLCommandBuffer, MTLCommandBufferError, MTLCommandBufferErrorDomain,
     MTLCommandBufferStatus, MTLCommandQueue, MTLComputeCommandEncoder, MTLCopyAllDevices, MTLCPUCacheMode,
     MTLCreateSystemDefaultDevice, MTLDevice, MTLResourceOptions, MTLStorageMode, MTLTexture, MTLTextureDescriptor,

@@ -912,3 +912,132 @@ class MTLCommandBuffer(Strict):
 
     def __repr__(self) -> str:
         return f"<MTLCommandBuffer {self.label or ''} status={self._status.name} on {self.device.torch_device}>"
+
+
+# --------------------------------------------------------------------------------------------
+# MPSCommandBuffer
+
+
+class MPSCommandBuffer(MTLCommandBuffer):
+    """``MPSCommandBuffer``: a command buffer MPS code encodes into, which can commit the work so far
+    and go on (``commitAndContinue``). It stands for its current underlying ``MTLCommandBuffer``
+    (``commandBuffer``): encodes record there, and ``commit``, ``waitUntilCompleted``, handlers,
+    ``status`` and ``error`` are that buffer's. Temporary images and states made on it stay valid
+    across ``commitAndContinue``, as in MPS, since they belong to this object, not to one
+    underlying buffer.
+
+    ``MPSCommandBuffer(queue)`` (Swift ``init(from:)``, ObjC ``commandBufferFromCommandQueue:``) and
+    ``MPSCommandBuffer(commandBuffer=cb)`` (``init(commandBuffer:)``, wrapping an existing one).
+    """
+
+    def __init__(self, from_=None, /, *, commandBuffer=None):
+        if (from_ is None) == (commandBuffer is None):
+            raise MPSTypeError("MPSCommandBuffer: pass a command queue (MPSCommandBuffer(queue), Swift init(from:)) "
+                               "or commandBuffer= (init(commandBuffer:)), one of the two")
+        if commandBuffer is None:
+            if not isinstance(from_, MTLCommandQueue):
+                raise MPSTypeError(f"MPSCommandBuffer: {from_!r} is not an MTLCommandQueue")
+            commandBuffer = from_.makeCommandBuffer()
+        elif not isinstance(commandBuffer, MTLCommandBuffer) or isinstance(commandBuffer, MPSCommandBuffer):
+            raise MPSTypeError(f"MPSCommandBuffer: commandBuffer={commandBuffer!r} must be an MTLCommandBuffer")
+        self.__dict__.update(_current=commandBuffer, _root=commandBuffer, _queue=commandBuffer._queue,
+                             _device=commandBuffer._device, _heap_provider=None, _predicate=None)
+
+    @classmethod
+    def commandBufferFromCommandQueue(cls, commandQueue) -> "MPSCommandBuffer":
+        """ObjC ``+commandBufferFromCommandQueue:``."""
+        return cls(commandQueue)
+
+    @classmethod
+    def commandBufferWithCommandBuffer(cls, commandBuffer) -> "MPSCommandBuffer":
+        """ObjC ``+commandBufferWithCommandBuffer:``."""
+        return cls(commandBuffer=commandBuffer)
+
+    @property
+    def commandBuffer(self) -> MTLCommandBuffer:
+        """The underlying command buffer the next encodes go into."""
+        return self._current
+
+    @property
+    def rootCommandBuffer(self) -> MTLCommandBuffer:
+        """The command buffer this one was made from (the first underlying one)."""
+        return self._root
+
+    @property
+    def predicate(self):
+        """``predicate``: kept, not evaluated (MPS kernels here always run)."""
+        return self._predicate
+
+    @predicate.setter
+    def predicate(self, value) -> None:
+        self._predicate = value
+
+    @property
+    def heapProvider(self):
+        """``heapProvider``: kept; storage comes from PyTorch's allocator here."""
+        return self._heap_provider
+
+    @heapProvider.setter
+    def heapProvider(self, value) -> None:
+        self._heap_provider = value
+
+    def prefetchHeap(self, forWorkloadSize: int = 0) -> None:
+        """``prefetchHeap(forWorkloadSize:)``: a hint; no effect."""
+        self._current._check_open("MPSCommandBuffer.prefetchHeap")
+
+    def commitAndContinue(self) -> None:
+        """``commitAndContinue()``: commit the work encoded so far and go on encoding into a new
+        underlying command buffer of the same queue (run after this one)."""
+        self._current.commit()
+        self.__dict__["_current"] = MTLCommandBuffer(self._queue, self._current._retained)
+
+    # -- the current underlying buffer's
+    label = property(lambda self: self._current.label, lambda self, value: setattr(self._current, "label", value))
+    status = property(lambda self: self._current.status)
+    error = property(lambda self: self._current.error)
+    retainedReferences = property(lambda self: self._current.retainedReferences)
+    _status = property(lambda self: self._current._status)
+
+    def _check_open(self, what: str) -> None:
+        self._current._check_open(what)
+
+    def _begin_encode(self, what: str) -> None:
+        self._current._begin_encode(what)
+
+    def _end_encode(self) -> None:
+        self._current._end_encode()
+
+    def _record(self, work) -> None:
+        self._current._record(work)
+
+    def computeCommandEncoder(self) -> MTLComputeCommandEncoder:
+        return self._current.computeCommandEncoder()
+
+    makeComputeCommandEncoder = computeCommandEncoder
+
+    def addScheduledHandler(self, block: Callable) -> None:
+        self._current.addScheduledHandler(block)
+
+    def addCompletedHandler(self, block: Callable) -> None:
+        self._current.addCompletedHandler(block)
+
+    def enqueue(self) -> None:
+        self._current.enqueue()
+
+    def commit(self) -> None:
+        self._current.commit()
+
+    def waitUntilScheduled(self) -> None:
+        self._current.waitUntilScheduled()
+
+    def waitUntilCompleted(self) -> None:
+        self._current.waitUntilCompleted()
+
+    def make_replayable(self) -> None:
+        self._current.make_replayable()
+
+    def replay(self) -> MTLCommandBuffer:
+        return self._current.replay()
+
+    def __repr__(self) -> str:
+        return f"<MPSCommandBuffer over {self._current!r}>"

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import DEVICE, ArraySource, blank, descriptor, image, run, values
+from helpers import DEVICE, QUEUE, ArraySource, blank, descriptor, image, run, values
 from mpsconv import (
-    MPSCNNConvolution, MPSCNNConvolutionDataSource, MPSCNNConvolutionGradientState, MPSDataType,
-    MPSImageSizeEncodingState, MPSValueError,
+    MPSCNNConvolution, MPSCNNConvolutionDataSource, MPSCNNConvolutionGradientState, MPSCommandBuffer,
+    MPSCommandBufferError, MPSDataType, MPSImageDescriptor, MPSImageFeatureChannelFormat, MPSImageSizeEncodingState,
+    MPSTemporaryImage, MPSTypeError, MPSValueError, MTLCommandBufferStatus,
 )
 from tolerances import assert_close
 
@@ -83,3 +84,66 @@ def test_the_convolution_gradient_state_encodes_the_source_size():
 
     assert isinstance(Sized(), MPSImageSizeEncodingState) and isinstance(DuckSized(), MPSImageSizeEncodingState)
     assert not isinstance(torch.zeros(1), MPSImageSizeEncodingState)
+
+
+# -- MPSCommandBuffer
+
+
+def _conv(rng, cin, cout):
+    d = descriptor(3, 3, cin, cout)
+    return MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, (cout, 3, 3, cin)),
+                                                                rng.uniform(-1, 1, cout)))
+
+
+def test_temporary_images_live_across_commit_and_continue():
+    rng = np.random.default_rng(1)
+    first, second = _conv(rng, 3, 8), _conv(rng, 8, 4)
+    src = image(rng.uniform(-1, 1, (9, 7, 3)))
+    cb = MPSCommandBuffer(QUEUE)
+    assert cb.rootCommandBuffer is cb.commandBuffer and cb.device is DEVICE
+    done = []
+    cb.addCompletedHandler(lambda buffer: done.append(buffer))
+    tmp = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=MPSImageDescriptor(
+        channelFormat=MPSImageFeatureChannelFormat.float16, width=7, height=9, featureChannels=8))
+    first.encode(commandBuffer=cb, sourceImage=src, destinationImage=tmp)
+    cb.commitAndContinue()
+    root = cb.rootCommandBuffer
+    assert root.status == MTLCommandBufferStatus.completed and done == [root]
+    assert cb.commandBuffer is not root and cb.status == MTLCommandBufferStatus.notEnqueued
+    dst = blank(7, 9, 4)
+    second.encode(commandBuffer=cb, sourceImage=tmp, destinationImage=dst)
+    assert tmp.readCount == 0
+    cb.commit()
+    cb.waitUntilCompleted()
+    assert cb.status == MTLCommandBufferStatus.completed and cb.error is None
+    with pytest.raises(MPSCommandBufferError, match="already committed"):
+        second.encode(commandBuffer=cb, sourceImage=src)
+
+    mid, want = blank(7, 9, 8, fmt=MPSImageFeatureChannelFormat.float16), blank(7, 9, 4)
+    run(first, src, mid, "reference")
+    run(second, mid, want, "reference")
+    assert_close(values(dst), values(want), "float16")
+
+
+def test_a_command_buffer_wrapping_an_existing_one():
+    rng = np.random.default_rng(2)
+    k = _conv(rng, 4, 4)
+    src, dst = image(rng.uniform(-1, 1, (6, 6, 4))), blank(6, 6, 4)
+    base = QUEUE.makeCommandBuffer()
+    cb = MPSCommandBuffer.commandBufferWithCommandBuffer(base)
+    assert cb.commandBuffer is base and cb.rootCommandBuffer is base
+    cb.label = "wrapped"
+    cb.predicate, cb.heapProvider = "p", "h"
+    cb.prefetchHeap(forWorkloadSize=1 << 20)
+    assert (base.label, cb.predicate, cb.heapProvider) == ("wrapped", "p", "h")
+    k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+    cb.commit()
+    base.waitUntilCompleted()
+    want = blank(6, 6, 4)
+    run(k, src, want, "reference")
+    assert_close(values(dst), values(want), "float32")
+    for bad in ({}, {"commandBuffer": cb}, {"commandBuffer": "queue"}):
+        with pytest.raises(MPSTypeError, match="MPSCommandBuffer"):
+            MPSCommandBuffer(**bad)
+    with pytest.raises(MPSTypeError, match="not an MTLCommandQueue"):
+        MPSCommandBuffer.commandBufferFromCommandQueue(base)
