@@ -269,10 +269,10 @@ class _Work:
     own run, so the steady-state encode records one object again and again. ``step`` describes it for
     the CPU replay engine (``backends.onnx``), None for tiles."""
 
-    __slots__ = ("backend", "run", "bound", "prepared", "label", "verbose", "step")
+    __slots__ = ("backend", "bound", "prepared", "label", "verbose", "step")
 
     def __init__(self, backend, bound, prepared, kernel, quiet: bool = False, step=None):
-        self.backend, self.run, self.bound, self.prepared, self.step = backend, backend.run, bound, prepared, step
+        self.backend, self.bound, self.prepared, self.step = backend, bound, prepared, step
         self.verbose = _verbose(kernel)
         self.label = _label(kernel, f"{bound} on {backend.name}", quiet)
 
@@ -281,10 +281,10 @@ class _Work:
 
     def __call__(self) -> None:
         if self.label is None:
-            self.run(self.bound, self.prepared)
+            self.backend.run(self.bound, self.prepared)
         else:
             with torch.autograd.profiler.record_function(self.label):  # debug group -> profiler range
-                self.run(self.bound, self.prepared)
+                self.backend.run(self.bound, self.prepared)
 
 
 def _step(kernel, problem: ConvProblem, source, destination) -> onnx.Step | None:
@@ -295,7 +295,6 @@ def _step(kernel, problem: ConvProblem, source, destination) -> onnx.Step | None
         return None
     return onnx.Step(problem, round_for_source(weights, problem.src_format), bias, source._storage,
                      destination._storage, destination._c, isinstance(destination, MPSTemporaryImage))
-
 
 
 class _GradientWork:

@@ -108,6 +108,7 @@ def test_temporary_images_live_across_commit_and_continue():
     first.encode(commandBuffer=cb, sourceImage=src, destinationImage=tmp)
     cb.commitAndContinue()
     root = cb.rootCommandBuffer
+    root.waitUntilCompleted()  # (its handlers may run on the queue's thread)
     assert root.status == MTLCommandBufferStatus.completed and done == [root]
     assert cb.commandBuffer is not root and cb.status == MTLCommandBufferStatus.notEnqueued
     dst = blank(7, 9, 4)

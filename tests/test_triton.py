@@ -82,12 +82,14 @@ def test_rolling_direct_matches_reference(band, roll, stages, p):
     """The rolling direct kernel with bands walking ``band`` source rows, ``roll`` a step: the
     steps inside the image (no per-row mask) and those at its edges and at the band's end (masked),
     whatever the offset, edge mode and image height put where; ``stages`` > 1 pipelines the row loop
-    on a GPU (the interpreter runs it plainly)."""
+    on a GPU (the interpreter runs it plainly). The kernel launched is checked in the interpreter,
+    where the configuration is the one patched in."""
     cfg = triton_backend.Config(band, 32, roll, 1, stages, direct=True)
     with mock.patch.dict(triton_backend.INTERPRET_CONFIG, {True: cfg}), launched_kernels() as names:
         kernel, src, prior = build(p)
         check_against_reference(p, kernel, src, prior, "triton")
-    if written_mask(p, prior.shape).any():
+    if triton_backend.interpreting() and written_mask(p, prior.shape).any():
+        # (on a GPU the autotuner launches every candidate once to time it: the list names them all)
         assert names == ["direct_rolling_nhwc g1"], names
 
 
@@ -114,7 +116,8 @@ def test_grouped_direct_and_gemm_match_reference(p):
                 mock.patch.object(triton_backend, "INTERPRET_CHOICE", merge), launched_kernels() as names:
             kernel, src, prior = build(p)
             check_against_reference(p, kernel, src, prior, "triton")
-        if written_mask(p, prior.shape).any():  # else the clip region is empty: nothing to launch
+        # the interpreter runs the configuration patched in; a GPU's autotuner times every candidate
+        if triton_backend.interpreting() and written_mask(p, prior.shape).any():  # (an empty clip: no launch)
             assert names and all(name.startswith(want) for name in names), names
 
 
