@@ -8,6 +8,7 @@ as an overload allows: the docstring lists them, and a wrong combination is refu
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 
 
@@ -57,8 +58,6 @@ _USER_CODE = {"mpsconv.demo", "mpsconv.bench", "mpsconv.networks", "mpsconv.veri
 
 def misspelled(obj, name: str) -> str:
     """The message for an attribute ``obj``'s class does not have, with the nearest real names."""
-    import difflib
-
     owner = type(obj).__name__
     known = sorted({n for n in dir(type(obj)) if not n.startswith("_")} | {n for n in vars(obj) if not n.startswith("_")})
     near = difflib.get_close_matches(name, known, n=3, cutoff=0.6) or \

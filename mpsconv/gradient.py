@@ -3,6 +3,8 @@
 ``encode_data_source_update``."""
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import replace
 
 
@@ -240,9 +242,6 @@ def encode_data_source_update(commandBuffer, gradientState, forward, gradient) -
     Like every reload here, the GPU form's state is read when the reload is encoded: commit the
     gradient pass before calling this when the callback reads the gradients on the CPU.
     """
-    import inspect
-    import warnings
-
     ds = forward.dataSource
     update = getattr(ds, "update", None)
     owner = "encode_data_source_update"

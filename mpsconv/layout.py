@@ -10,6 +10,8 @@ is the caller's choice in MPS; :func:`torch_output_size` gives PyTorch's.
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn as nn
 
 from .convolution import MPSCNNConvolution, MPSCNNFullyConnected
 from .datasource import _ArrayDataSource, check_weight_shape
@@ -118,9 +120,6 @@ def from_torch(module, device, *, neuron=None, input_shape=None):
     tensor; its weights are reordered to MPS's HWC). ``neuron``: an ``MPSNNNeuronDescriptor`` to fuse.
     Size the destination with :func:`torch_output_size` to get PyTorch's output shape.
     """
-    import torch
-    import torch.nn as nn
-
     def weights_of(p):
         return None if p is None else p.detach().cpu().to(torch.float32).numpy()
 
@@ -181,9 +180,6 @@ def to_torch(kernel):
     """The ``torch.nn`` layer computing what ``kernel`` computes (our addition; the inverse of
     :func:`from_torch`). The fused neuron is not part of the layer: apply it after. Raises when the
     kernel's placement has no PyTorch padding (asymmetric or negative)."""
-    import torch
-    import torch.nn as nn
-
     loaded = kernel._loaded
     d = loaded.descriptor
     w, b = loaded.weights, loaded.bias

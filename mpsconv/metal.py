@@ -12,6 +12,7 @@ import concurrent.futures
 import enum
 import platform
 import threading
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -867,8 +868,6 @@ class MTLCommandBuffer(Strict):
                 try:
                     handler(self)
                 except Exception as exc:  # a user handler's failure must not stop the others
-                    import warnings
-
                     warnings.warn(f"mpsconv: a command buffer handler raised {type(exc).__name__}: {exc}")
         finally:
             _handler_thread.active = False
