@@ -309,6 +309,7 @@ def training_step(device, queue, n, c, h, w, k, r, s, rng):
         cb = queue.makeCommandBuffer()
         state = conv.resultState(sourceImage=src)
         conv.encode(commandBuffer=cb, sourceImage=src, destinationState=state, destinationImage=out)
+        grad.destinationImageDescriptor(sourceImages=[err, src], sourceStates=[state])  # sets the offsets
         grad.encode(commandBuffer=cb, sourceGradient=err, sourceImage=src, gradientState=state,
                     destinationGradient=d_src)
         cb.commit()

@@ -121,6 +121,8 @@ class Network:
         for i in reversed(range(len(self.forward))):
             cb = self.queue.makeCommandBuffer()
             d_src = self.blank(n, SIZES[i])
+            # the state sets the kernel's offsets (kernelOffsetX/Y, secondaryOffset), as MPS asks
+            self.backward[i].destinationImageDescriptor(sourceImages=[error, sources[i]], sourceStates=[states[i]])
             self.backward[i].encode(commandBuffer=cb, sourceGradient=error, sourceImage=sources[i],
                                     gradientState=states[i], destinationGradient=d_src)
             # the CPU form of update runs when this command buffer completes, after the gradients exist

@@ -7,21 +7,22 @@ import inspect
 import warnings
 from dataclasses import replace
 
-
 from ._api import keywords
 from .convolution import _WeightedKernel
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNConvolutionGradientOption
 from .encoder import GradientJob
 from .errors import MPSDeviceError, MPSTypeError, MPSValueError
-from .core.geometry import NeuronSpec, backwards_kernel_offset, gradient_secondary_offset
+from .core.geometry import (
+    ConvProblem, NeuronSpec, backwards_kernel_offset, gradient_secondary_offset, gradient_window_shifts,
+)
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
+from .kernel import MPSCNNKernel, MPSImageEdgeMode, kernel_offset_property
 from .metal import MTLCommandBuffer
 from .neuron import _deprecated
 from .state import (
     MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState,
 )
-from .types import MPSOffset
-from .types import MPSDataType
+from .types import MPSDataType, MPSOffset, as_offset
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,8 +37,11 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
     destinationGradient=])`` writes ``dL/dS`` (the forward source's size, ``I`` channels) and fills
     ``state.gradientForWeights`` / ``gradientForBiases`` (float32, OHWI), per ``gradientOption``.
     ``E`` is the gradient of the forward output before its neuron (docs/semantics.md, "Gradients") and has the
-    forward clip region's size. The geometry is the one the forward encode recorded in the state.
-    Over a batch the weight and bias gradients are summed. Initializers:
+    forward clip region's size. The encode that returns ``dL/dS`` places the windows as the forward
+    encode recorded in the state, and sets ``kernelOffsetX/Y``, ``primaryOffset`` and
+    ``secondaryOffset`` to match (so does ``destinationImageDescriptor(sourceImages:sourceStates:)``);
+    the encode into a caller's ``destinationGradient`` uses them as they are set, as in MPS
+    (docs/semantics.md, "Gradients"). Over a batch the weight and bias gradients are summed. Initializers:
     ``MPSCNNConvolutionGradient(device=, weights=dataSource)`` (the forward kernel's data source),
     ``MPSCNNConvolutionGradient(coder=, device=)``.
     """
@@ -94,25 +98,94 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
         _deprecated(f"{type(self).__name__}.serializeWeightsAndBiases", "nothing (it has no effect)")
         self._serialize = bool(value)
 
-    # -- geometry of the last encode: set from the gradient state
-    def _state_geometry(self) -> tuple:
-        return getattr(self, "_geometry", ((0, 0), MPSOffset(0, 0, 0), MPSOffset(0, 0, 0)))
+    # -- window placement (MPSCNNGradientKernel, MPSCNNBinaryKernel). The primary source is the
+    # incoming gradient, the secondary the forward source. The allocating encode and
+    # destinationImageDescriptor(sourceImages:sourceStates:) set the offsets from the gradient state;
+    # the encode into a caller's destinationGradient uses them as they are.
+    _kernel_offset = (0, 0)  # (y, x)
+    _primary_offset = _secondary_offset = MPSOffset(0, 0, 0)
+    _secondary_edge = MPSImageEdgeMode.zero
 
-    kernelOffsetX = property(lambda self: self._state_geometry()[0][1])
-    kernelOffsetY = property(lambda self: self._state_geometry()[0][0])
-    primaryOffset = property(lambda self: self._state_geometry()[1])
-    secondaryOffset = property(lambda self: self._state_geometry()[2])
+    kernelOffsetY = kernel_offset_property(0, "kernelOffsetY")
+    kernelOffsetX = kernel_offset_property(1, "kernelOffsetX")
 
-    def _set_geometry(self, state) -> None:
-        """``kernelOffset = -o + (1 if Kd is even else 0)``, ``primaryOffset = 0``,
-        ``secondaryOffset = o - (Kd >> 1)``: what the state-driven encode configures. (The gradient is
-        always computed from the state's recorded forward geometry; the manual form's caller-set
-        offsets of the reference platform are not supported.)"""
+    @property
+    def primaryOffset(self) -> MPSOffset:
+        """``primaryOffset``: where the incoming gradient's data starts (the data gradient only)."""
+        return self._primary_offset
+
+    @primaryOffset.setter
+    def primaryOffset(self, value) -> None:
+        self._primary_offset = as_offset(value, f"{type(self).__name__}.primaryOffset")
+
+    @property
+    def secondaryOffset(self) -> MPSOffset:
+        """``secondaryOffset``: the forward source's first read pixel, ``offset - (Kd >> 1)`` (the
+        weight and bias gradients only)."""
+        return self._secondary_offset
+
+    @secondaryOffset.setter
+    def secondaryOffset(self, value) -> None:
+        self._secondary_offset = as_offset(value, f"{type(self).__name__}.secondaryOffset")
+
+    # the two sources' windows: the forward convolution's (read-only here; MPS sets them at init)
+    primaryKernelWidth = secondaryKernelWidth = property(lambda self: self.kernelWidth)
+    primaryKernelHeight = secondaryKernelHeight = property(lambda self: self.kernelHeight)
+    primaryStrideInPixelsX = secondaryStrideInPixelsX = property(lambda self: self.strideInPixelsX)
+    primaryStrideInPixelsY = secondaryStrideInPixelsY = property(lambda self: self.strideInPixelsY)
+    primaryDilationRateX = secondaryDilationRateX = property(lambda self: self.dilationRateX)
+    primaryDilationRateY = secondaryDilationRateY = property(lambda self: self.dilationRateY)
+    primaryEdgeMode = property(lambda self: MPSImageEdgeMode.zero,
+                               doc="``primaryEdgeMode``: the incoming gradient is zero outside its data.")
+    secondaryEdgeMode = property(lambda self: self._secondary_edge,
+                                 doc="``secondaryEdgeMode``: the forward encode's edge mode, from the state.")
+    primarySourceFeatureChannelOffset = MPSCNNKernel.sourceFeatureChannelOffset
+    primarySourceFeatureChannelMaxCount = MPSCNNKernel.sourceFeatureChannelMaxCount
+
+    def _configured(self, state) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(kernelOffset, secondaryOffset)`` as ``(y, x)`` pairs for ``state``'s forward offset ``o``:
+        ``-o + (1 if Kd is even else 0)`` and ``o - (Kd >> 1)`` (``primaryOffset`` 0)."""
         o = state.forward_offset
         kernel, _, dilation = self._window()
-        kernel_offset = backwards_kernel_offset((o.y, o.x), kernel, dilation)
-        sy, sx = gradient_secondary_offset((o.y, o.x), kernel, dilation)
-        self._geometry = (kernel_offset, MPSOffset(0, 0, 0), MPSOffset(sx, sy, o.z))
+        return (backwards_kernel_offset((o.y, o.x), kernel, dilation),
+                gradient_secondary_offset((o.y, o.x), kernel, dilation))
+
+    def _configure(self, state) -> None:
+        """Set the offsets as the state-driven encode does (MPS's "Note on setting correct offsets")."""
+        kernel_offset, (sy, sx) = self._configured(state)
+        z = state.forward_offset.z
+        self._kernel_offset = kernel_offset
+        self._primary_offset, self._secondary_offset = MPSOffset(0, 0, 0), MPSOffset(sx, sy, z)
+        problem = getattr(state, "_problem", None)
+        if problem is not None:
+            self._secondary_edge = MPSImageEdgeMode(int(problem.edge))
+
+    def _shifts(self, state) -> tuple[tuple[int, int], tuple[int, int]]:
+        """How far the offsets as set move the data and weight gradients' windows from the state's."""
+        p, q = self._primary_offset, self._secondary_offset
+        _, stride, _ = self._window()
+        return gradient_window_shifts(self._kernel_offset, (p.y, p.x), (q.y, q.x), self._configured(state), stride)
+
+    def destinationImageDescriptor(self, *, sourceImages, sourceStates=None) -> MPSImageDescriptor:
+        """``destinationImageDescriptor(sourceImages:sourceStates:)``: ``sourceImages`` are the
+        incoming gradient and the forward source; with the forward's gradient state it also **sets**
+        ``kernelOffsetX/Y``, ``primaryOffset`` and ``secondaryOffset`` as the state-driven encode does.
+        The descriptor is the forward source's size with ``destinationFeatureChannelOffset +
+        inputFeatureChannels`` channels in its format."""
+        owner = f"{type(self).__name__}.destinationImageDescriptor"
+        images = list(sourceImages)
+        if len(images) != 2 or not all(isinstance(image, MPSImage) for image in images):
+            raise MPSTypeError(f"{owner}: sourceImages must be [sourceGradient, sourceImage], two MPSImages")
+        states = [s for s in (sourceStates or ()) if s is not None]
+        if states and not isinstance(states[0], self._input_state_class):
+            raise MPSTypeError(f"{owner}: sourceStates[0]={type(states[0]).__name__} must be an "
+                               f"{self._input_state_class.__name__} from the forward kernel")
+        source = images[1]
+        if states:
+            self._configure(states[0])
+        return MPSImageDescriptor(channelFormat=source.featureChannelFormat, width=source.width,
+                                  height=source.height, featureChannels=self._dfo + self.inputFeatureChannels,
+                                  numberOfImages=source.numberOfImages)
 
     # -- encode
     def _encode_kw(self, *, commandBuffer, sourceGradient, sourceImage, gradientState,
@@ -138,10 +211,14 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
         if len(lengths) != 1:
             raise MPSValueError(f"{owner}: sourceGradients, sourceImages, gradientStates (and "
                                 "destinationGradients) must have the same length")
+        if destinations is None:  # the state-driven form: the state sets the offsets
+            if not isinstance(states[0], self._input_state_class):
+                raise MPSTypeError(f"{owner}: gradientState={type(states[0]).__name__} must be an "
+                                   f"{self._input_state_class.__name__} from the forward kernel")
+            self._configure(states[0])
         pending = []
         for i, (e, src, state) in enumerate(zip(gradients, sources, states)):
             pending.append(self._check_one(cb, e, src, state, owner, f"[{i}]" if len(sources) > 1 else ""))
-        self._set_geometry(states[0])
         allocated = []
         if destinations is None:
             destinations = []
@@ -171,15 +248,32 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
                 if option & MPSCNNConvolutionGradientOption.gradientWithWeightsAndBias:
                     weights, biases = (buffer.as_float32(0, buffer.length // 4, owner)
                                        for buffer in (state.gradientForWeights, state.gradientForBiases))
-                data = option & MPSCNNConvolutionGradientOption.gradientWithData
-                jobs.append(GradientJob(problem, e, self._sfo, src, dst if data else None, weights, biases,
-                                        accumulate))
+                data = dst if option & MPSCNNConvolutionGradientOption.gradientWithData else None
+                data_problem, weights_problem = self._placed(problem, e, state)
+                if data_problem == weights_problem:
+                    jobs.append(GradientJob(data_problem, e, self._sfo, src, data, weights, biases, accumulate))
+                    continue
+                if data is not None:
+                    jobs.append(GradientJob(data_problem, e, self._sfo, src, data, None, None, False))
+                if weights is not None:
+                    jobs.append(GradientJob(weights_problem, e, self._sfo, src, None, weights, biases, accumulate))
             self._encoder.encode_gradient(self, cb, jobs, owner)
             for state in {id(s): s for s in states}.values():
                 state._consume_read()
         finally:
             cb._end_encode()
         return destinations
+
+    def _placed(self, problem: ConvProblem, e: MPSImage, state) -> tuple[ConvProblem, ConvProblem]:
+        """The data and weight gradients' forward problems with the offsets as set: the state's
+        problem where they are what the state configures. With ``primaryOffset`` set, the whole
+        incoming gradient is the data gradient's output (zero outside its data, as MPS asks)."""
+        (dy, dx), (wy, wx) = self._shifts(state)
+        p = self._primary_offset
+        out_size = (e.height, e.width) if (p.x, p.y) != (0, 0) else problem.out_size
+        ty, tx = problem.tap0
+        return (replace(problem, tap0=(ty + dy, tx + dx), out_size=out_size),
+                replace(problem, tap0=(ty + wy, tx + wx)))
 
     def _check_one(self, cb, e, src, state, owner, index):
         for image, role in ((e, "sourceGradient" + index), (src, "sourceImage" + index)):
@@ -203,9 +297,13 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
         if forward is None:
             raise MPSValueError(f"{owner}: gradientState{index} was not filled by a forward encode yet")
         he, we = forward.out_size
-        if (e.height, e.width) != (he, we) or e.numberOfImages < forward.n_images:
+        p = self._primary_offset
+        shifted = (p.x, p.y) != (0, 0)  # then E may be larger than the clip region, zero outside its data
+        if (e.height < he or e.width < we if shifted else (e.height, e.width) != (he, we)) \
+                or e.numberOfImages < forward.n_images:
+            need = "at least " if shifted else ""
             raise MPSValueError(f"{owner}: sourceGradient{index} is {e.width}x{e.height} x{e.numberOfImages}; "
-                                f"the forward clip region was {we}x{he} x{forward.n_images}")
+                                f"it must be {need}the forward clip region's {we}x{he} x{forward.n_images}")
         if e.featureChannels < self._sfo + forward.out_channels:
             raise MPSValueError(f"{owner}: sourceGradient{index} has {e.featureChannels} feature channels; "
                                 f"{forward.out_channels} are needed from sourceFeatureChannelOffset={self._sfo}")
@@ -291,3 +389,16 @@ class MPSCNNConvolutionTransposeGradient(MPSCNNConvolutionGradient):
     def _check_descriptor(self, descriptor) -> None:
         if type(descriptor) is not MPSCNNConvolutionDescriptor:
             raise MPSTypeError(f"{type(self).__name__}: takes a plain MPSCNNConvolutionDescriptor")
+
+    def _placed(self, problem: ConvProblem, e: MPSImage, state) -> tuple[ConvProblem, ConvProblem]:
+        """Only the state's placement: a transpose's window over its zero-inserted source has no
+        other gradient here."""
+        if self._shifts(state) != ((0, 0), (0, 0)) or tuple(self._primary_offset[:2]) != (0, 0):
+            (ky, kx), (qy, qx) = self._configured(state)
+            raise MPSValueError(
+                f"{type(self).__name__}: kernelOffsetX/Y={self.kernelOffsetX}/{self.kernelOffsetY}, primaryOffset="
+                f"{tuple(self._primary_offset)}, secondaryOffset={tuple(self._secondary_offset)}; the gradient of a "
+                f"transposed convolution is computed at its state's placement only (kernelOffsetX/Y={kx}/{ky}, "
+                f"primaryOffset=(0, 0, 0), secondaryOffset=({qx}, {qy}, ...)): use the encode that returns the "
+                "gradient, or destinationImageDescriptor(sourceImages:sourceStates:) first")
+        return problem, problem

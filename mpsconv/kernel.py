@@ -625,6 +625,22 @@ class MPSCNNKernel(MPSKernel):
         return destinations if state_temporary is None else (destinations, state)
 
 
+def kernel_offset_property(axis: int, name: str) -> property:
+    """``kernelOffsetY`` (axis 0) or ``kernelOffsetX`` (axis 1) of a backwards kernel: an integer
+    kept in ``_kernel_offset`` ``(y, x)``."""
+    def get(self) -> int:
+        return self._kernel_offset[axis]
+
+    def set_(self, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise MPSTypeError(f"{type(self).__name__}: {name}={value!r} must be an integer")
+        offsets = list(self._kernel_offset)
+        offsets[axis] = int(value)
+        self._kernel_offset = tuple(offsets)
+
+    return property(get, set_, doc=f"``{name}``: the window's placement on the zero-inserted source.")
+
+
 def _check_uniform_batch(images: list, owner: str, name: str) -> None:
     first = images[0]
     for i, image in enumerate(images[1:], 1):

@@ -7,7 +7,7 @@ from .descriptor import MPSCNNConvolutionDescriptor
 from .errors import MPSTypeError, MPSValueError
 from .core.geometry import ConvProblem, allocate, backwards_kernel_offset, source_region_backwards
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
-from .kernel import MPSImageEdgeMode, MPSOrigin, MPSRegion, MPSSize
+from .kernel import MPSImageEdgeMode, MPSOrigin, MPSRegion, MPSSize, kernel_offset_property
 from .state import MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState
 from .types import MPSDataType, MPSOffset
 
@@ -56,22 +56,8 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
     # -- properties
     isBackwards = property(lambda self: True)
 
-    def _offset_prop(axis: int, name: str):
-        def get(self):
-            return self._kernel_offset[axis]
-
-        def set_(self, value):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise MPSTypeError(f"MPSCNNConvolutionTranspose: {name}={value!r} must be an integer")
-            offsets = list(self._kernel_offset)
-            offsets[axis] = value
-            self._kernel_offset = tuple(offsets)
-
-        return property(get, set_)
-
-    kernelOffsetY = _offset_prop(0, "kernelOffsetY")
-    kernelOffsetX = _offset_prop(1, "kernelOffsetX")
-    del _offset_prop
+    kernelOffsetY = kernel_offset_property(0, "kernelOffsetY")
+    kernelOffsetX = kernel_offset_property(1, "kernelOffsetX")
 
     # -- geometry
     def _resolve(self, source, destination, owner: str) -> ConvProblem:

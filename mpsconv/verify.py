@@ -113,8 +113,9 @@ def _gradient(fwd_cls, grad_cls, d, src_shape, dst_shape):
         n, h, w, c = dst_shape
         fwd.encode(commandBuffer=cb, sourceImage=src, destinationState=state, destinationImage=_blank(device, w, h, c, n))
         d_src = _blank(device, src_shape[2], src_shape[1], src_shape[3], src_shape[0])
-        grad.encode(commandBuffer=cb, sourceGradient=_image(device, rng.uniform(-1, 1, dst_shape)), sourceImage=src,
-                    gradientState=state, destinationGradient=d_src)
+        e = _image(device, rng.uniform(-1, 1, dst_shape))
+        grad.destinationImageDescriptor(sourceImages=[e, src], sourceStates=[state])  # sets the offsets
+        grad.encode(commandBuffer=cb, sourceGradient=e, sourceImage=src, gradientState=state, destinationGradient=d_src)
         cb.commit()
         cb.waitUntilCompleted()
         return [d_src.numpy()] + [np.frombuffer(buf.contents().tobytes(), np.float32)

@@ -53,7 +53,8 @@ def test_porting_table_names_exist():
               mpsconv.MPSCNNConvolutionGradient, mpsconv.MPSCNNConvolutionDataSource, mpsconv.MPSNNPaddingMethod,
               mpsconv.MPSImageEdgeMode, mpsconv.MPSDataLayout, mpsconv.MPSCNNNeuronType, mpsconv.MPSDataType,
               mpsconv.MPSImageFeatureChannelFormat, mpsconv.MPSNNNeuronDescriptor, mpsconv.NSKeyedArchiver,
-              mpsconv.NSKeyedUnarchiver, mpsconv.MPSCommandBuffer]
+              mpsconv.NSKeyedUnarchiver, mpsconv.MPSCommandBuffer, mpsconv.MPSOffset(),
+              mpsconv.MPSCNNConvolutionGradientState]
     for row in rows:
         python = row.split(" | ")[2]
         for code in re.findall(r"`([^`]+)`", python):

@@ -415,7 +415,7 @@ ROWS = [
     ("transpose archived as a convolution", lambda: make(lambda: NSKeyedUnarchiver.unarchivedObject(MPSCNNConvolution, archive(tr()))), MPSArchiveError, "not a MPSCNNConvolution"),
     # -- gradient
     ("gradient state of another type", lambda: gradient_case("state type"), T, "must be an MPSCNNConvolutionGradientState"),
-    ("gradient image size", lambda: gradient_case("gradient size"), E, "the forward clip region was 5x5"),
+    ("gradient image size", lambda: gradient_case("gradient size"), E, "the forward clip region.s 5x5"),
     ("gradient released state", lambda: gradient_case("released"), MPSCommandBufferError, "released"),
     ("gradient destination size", lambda: gradient_case("destination size"), E, "needs the forward source's size"),
     ("gradient of another shape", lambda: gradient_case("other shape"), E, "a convolution of another shape"),

@@ -39,7 +39,9 @@ def forward_backward(fwd, grad, x, e, backend, offset=(0, 0), option=OPT.all, ds
         fwd.encode(commandBuffer=cb, sourceImage=src, destinationState=state,
                    destinationImage=blank(wd, hd, fwd.outputFeatureChannels, images=src.numberOfImages))
         d_src = blank(src.width, src.height, cin, images=src.numberOfImages, fill=sentinel)
-        grad.encode(commandBuffer=cb, sourceGradient=image(e), sourceImage=src, gradientState=state,
+        e_img = image(e)
+        grad.destinationImageDescriptor(sourceImages=[e_img, src], sourceStates=[state])  # sets the offsets
+        grad.encode(commandBuffer=cb, sourceGradient=e_img, sourceImage=src, gradientState=state,
                     destinationGradient=d_src)
         cb.commit()
         cb.waitUntilCompleted()
@@ -151,7 +153,7 @@ def test_conv_checklist_96_97_99_properties_and_restrictions():
     d.subPixelScaleFactor = 2
     with pytest.raises(MPSValueError, match="sub-pixel kernels"):
         MPSCNNConvolutionGradient(device=DEVICE, weights=ArraySource(d, np.ones(4)))
-    with pytest.raises(MPSValueError, match="the forward clip region was 5x5"):
+    with pytest.raises(MPSValueError, match="the forward clip region.s 5x5"):
         forward_backward(*pair(3, 3, 1, 1, np.ones(9)), np.ones((5, 5, 1)), np.ones((1, 4, 5, 1)), "torch",
                          dst_hw=(5, 5))
 
@@ -205,7 +207,9 @@ def test_transpose_gradient_is_the_vjp(backend, k, s, d, n, t, seed):
         state = tr.resultState(sourceImage=src)
         tr.encode(commandBuffer=cb, sourceImage=src, destinationState=state, destinationImage=blank(size, size, 2))
         d_src = blank(n, n, 3)
-        grad.encode(commandBuffer=cb, sourceGradient=image(e), sourceImage=src, gradientState=state,
+        e_img = image(e)
+        grad.destinationImageDescriptor(sourceImages=[e_img, src], sourceStates=[state])  # sets the offsets
+        grad.encode(commandBuffer=cb, sourceGradient=e_img, sourceImage=src, gradientState=state,
                     destinationGradient=d_src)
         cb.commit()
         cb.waitUntilCompleted()
@@ -299,3 +303,133 @@ def test_gradient_reports_the_state_driven_offsets(k, o, kernel_offset, secondar
     forward_backward(fwd, grad, np.ones((6, 6, 1)), np.ones((1, 6, 6, 1)), "reference", offset=(o, o))
     assert (grad.kernelOffsetX, grad.kernelOffsetY) == (kernel_offset, kernel_offset)
     assert grad.primaryOffset == MPSOffset(0, 0, 0) and grad.secondaryOffset == MPSOffset(secondary, secondary, 0)
+
+
+def _gradients(fwd, grad, src, e, state, cb, dst=None):
+    """The gradient encode (manual into ``dst``, else the returning form) then (dS, dW, dB)."""
+    out = grad.encode(commandBuffer=cb, sourceGradient=e, sourceImage=src, gradientState=state,
+                      **({} if dst is None else {"destinationGradient": dst}))
+    cb.commit()
+    cb.waitUntilCompleted()
+    read = lambda b: np.frombuffer(b.contents().tobytes(), np.float32).astype(np.float64)  # noqa: E731
+    return values(dst if dst is not None else out), read(state.gradientForWeights), read(state.gradientForBiases)
+
+
+def _forward(fwd, src, offset, clip=None):
+    fwd.offset = MPSOffset(*offset, 0)
+    cb = QUEUE.makeCommandBuffer()
+    state = fwd.resultState(sourceImage=src)
+    fwd.encode(commandBuffer=cb, sourceImage=src, destinationState=state,
+               destinationImage=blank(src.width, src.height, fwd.outputFeatureChannels))
+    return cb, state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k, offset", [(3, (1, 0)), (2, (0, 1)), (5, (2, 3))])
+def test_offsets_set_as_apple_says_give_the_state_driven_gradient(backend, k, offset):
+    """The manual encode with kernelOffset = -o + (Kd even), primaryOffset 0, secondaryOffset = o - (Kd >> 1),
+    set by hand, equals the encode that returns the gradient (which sets them from the state)."""
+    rng = np.random.default_rng(k)
+    fwd, grad = pair(k, k, 3, 4, rng.uniform(-1, 1, (4, k, k, 3)), rng.uniform(-1, 1, 4))
+    src, e = blank(7, 6, 3, rng=rng), blank(7, 6, 4, rng=rng)
+    grad.destinationImageAllocator = MPSImage.defaultAllocator()
+    with use_backend(backend):
+        cb, state = _forward(fwd, src, offset)
+        want = _gradients(fwd, grad, src, e, state, cb)
+        configured = (grad.kernelOffsetX, grad.kernelOffsetY, grad.primaryOffset, grad.secondaryOffset)
+        even = 1 if k % 2 == 0 else 0
+        ox, oy = offset
+        assert configured == (-ox + even, -oy + even, MPSOffset(0, 0, 0), MPSOffset(ox - k // 2, oy - k // 2, 0))
+        fresh = MPSCNNConvolutionGradient(device=DEVICE, weights=fwd.dataSource)
+        fresh.kernelOffsetX, fresh.kernelOffsetY = -ox + even, -oy + even
+        fresh.secondaryOffset = MPSOffset(ox - k // 2, oy - k // 2, 0)
+        cb, state = _forward(fwd, src, offset)
+        got = _gradients(fwd, fresh, src, e, state, cb, blank(7, 6, 3, rng=rng))
+    for g, w in zip(got, want):
+        assert_close(g, w, "float32")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_manual_encode_uses_the_offsets_as_set(backend):
+    """Offsets that differ from the state's move the windows: the data gradient is that of the forward
+    placed at -kernelOffset + (Kd even), the weight gradient that of the forward at secondaryOffset + (Kd >> 1)
+    (each taken from the state-driven gradient of a forward placed there)."""
+    rng = np.random.default_rng(5)
+    w = rng.uniform(-1, 1, (2, 3, 3, 3))
+    fwd, grad = pair(3, 3, 3, 2, w, rng.uniform(-1, 1, 2))
+    src, e = blank(6, 5, 3, rng=rng), blank(6, 5, 2, rng=rng)
+    with use_backend(backend):
+        grad.kernelOffsetX, grad.kernelOffsetY = -1, 1  # the data gradient of a forward at offset (1, -1)
+        grad.secondaryOffset = MPSOffset(0, -2, 0)  # the weight gradient of a forward at offset (1, -1)
+        assert (grad.kernelOffsetX, grad.kernelOffsetY, grad.secondaryOffset) == (-1, 1, MPSOffset(0, -2, 0))
+        cb, state = _forward(fwd, src, (0, 0))
+        got = _gradients(fwd, grad, src, e, state, cb, blank(6, 5, 3))
+        other = MPSCNNConvolutionGradient(device=DEVICE, weights=fwd.dataSource)
+        other.destinationImageAllocator = MPSImage.defaultAllocator()
+        cb, state = _forward(fwd, src, (1, -1))
+        want = _gradients(fwd, other, src, e, state, cb)
+    assert (grad.kernelOffsetX, grad.kernelOffsetY) == (-1, 1)  # the manual encode leaves them as set
+    for g, w_ in zip(got, want):
+        assert_close(g, w_, "float32")
+    assert not np.allclose(got[0], _forward_backward_at_state(fwd, src, e, backend))
+
+
+def _forward_backward_at_state(fwd, src, e, backend):
+    grad = MPSCNNConvolutionGradient(device=DEVICE, weights=fwd.dataSource)
+    grad.destinationImageAllocator = MPSImage.defaultAllocator()
+    with use_backend(backend):
+        cb, state = _forward(fwd, src, (0, 0))
+        return _gradients(fwd, grad, src, e, state, cb)[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_primary_offset_reads_the_gradient_where_its_data_starts(backend):
+    """A padded incoming gradient, zero outside its data, with primaryOffset at the data's start gives the
+    data gradient of the unpadded one."""
+    rng = np.random.default_rng(6)
+    fwd, grad = pair(3, 3, 2, 3, rng.uniform(-1, 1, (3, 3, 3, 2)))
+    src, e = blank(5, 4, 2, rng=rng), rng.uniform(-1, 1, (4, 5, 3))
+    padded = np.zeros((7, 9, 3))
+    padded[2:6, 1:6] = e
+    grad.gradientOption = OPT.gradientWithData
+    with use_backend(backend):
+        cb, state = _forward(fwd, src, (0, 0))
+        grad.destinationImageDescriptor(sourceImages=[image(e), src], sourceStates=[state])
+        want = _gradients(fwd, grad, src, image(e), state, cb, blank(5, 4, 2))[0]
+        grad.primaryOffset = MPSOffset(1, 2, 0)
+        cb, state = _forward(fwd, src, (0, 0))
+        got = _gradients(fwd, grad, src, image(padded), state, cb, blank(5, 4, 2))[0]
+        with pytest.raises(MPSValueError, match="at least the forward clip region's 5x4"):
+            cb, state = _forward(fwd, src, (0, 0))
+            grad.encode(commandBuffer=cb, sourceGradient=blank(4, 4, 3), sourceImage=src, gradientState=state,
+                        destinationGradient=blank(5, 4, 2))
+    assert_close(got, want, "float32")
+
+
+def test_gradient_offsets_refuse_what_is_not_an_integer_and_the_transpose_refuses_other_placements():
+    fwd, grad = pair(3, 3, 1, 1, np.ones(9))
+    for prop, bad in (("kernelOffsetX", 1.5), ("kernelOffsetY", "1"), ("primaryOffset", (1, 2)),
+                      ("secondaryOffset", 3)):
+        with pytest.raises(MPSTypeError, match=f"{prop}|offset="):
+            setattr(grad, prop, bad)
+    assert (grad.kernelOffsetX, grad.primaryOffset, grad.secondaryOffset) == (0, MPSOffset(0, 0, 0), MPSOffset(0, 0, 0))
+    assert (grad.primaryKernelWidth, grad.secondaryStrideInPixelsX, grad.primaryEdgeMode) == (3, 1, MPSImageEdgeMode.zero)
+    d = descriptor(3, 3, 2, 2)
+    ds = ArraySource(d, np.random.default_rng(0).uniform(-1, 1, 36))
+    tr, tgrad = MPSCNNConvolutionTranspose(device=DEVICE, weights=ds), MPSCNNConvolutionTransposeGradient(
+        device=DEVICE, weights=ds)
+    src = blank(4, 4, 2, rng=np.random.default_rng(1))
+    cb = QUEUE.makeCommandBuffer()
+    state = tr.resultState(sourceImage=src)
+    tr.encode(commandBuffer=cb, sourceImage=src, destinationState=state, destinationImage=blank(4, 4, 2))
+    tgrad.kernelOffsetX = 5
+    dst = blank(4, 4, 2, fill=7.0)
+    with pytest.raises(MPSValueError, match="computed at its state's placement only"):
+        tgrad.encode(commandBuffer=cb, sourceGradient=blank(4, 4, 2), sourceImage=src, gradientState=state,
+                     destinationGradient=dst)
+    tgrad.destinationImageDescriptor(sourceImages=[dst, src], sourceStates=[state])
+    tgrad.encode(commandBuffer=cb, sourceGradient=blank(4, 4, 2), sourceImage=src, gradientState=state,
+                 destinationGradient=dst)
+    cb.commit()
+    cb.waitUntilCompleted()
+    assert cb.error is None

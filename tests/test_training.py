@@ -64,6 +64,7 @@ def test_two_layer_network_learns(backend):
             e_out = image((2 * (y - target) / y.size)[:, None, None, :])
             cb = QUEUE.makeCommandBuffer()
             d_hidden = blank(3, 3, 4, images=16)
+            grad2.destinationImageDescriptor(sourceImages=[e_out, hidden], sourceStates=[state2])  # sets the offsets
             grad2.encode(commandBuffer=cb, sourceGradient=e_out, sourceImage=hidden, gradientState=state2,
                          destinationGradient=d_hidden)
             cb.commit()
@@ -71,6 +72,7 @@ def test_two_layer_network_learns(backend):
             e_h = image(values(d_hidden) * (pre > 0))
             cb = QUEUE.makeCommandBuffer()
             grad1.gradientOption = MPSCNNConvolutionGradientOption.gradientWithWeightsAndBias
+            grad1.destinationImageDescriptor(sourceImages=[e_h, src], sourceStates=[state1])
             grad1.encode(commandBuffer=cb, sourceGradient=e_h, sourceImage=src, gradientState=state1,
                          destinationGradient=blank(6, 6, 1, images=16))
             cb.commit()
@@ -114,6 +116,7 @@ def test_fully_connected_gradient_is_the_vjp(backend):
         state = fc.resultState(sourceImage=src)
         fc.encode(commandBuffer=cb, sourceImage=src, destinationState=state, destinationImage=blank(1, 1, 4, images=2))
         d_src = blank(2, 3, 3, images=2)
+        grad.destinationImageDescriptor(sourceImages=[d_src, src], sourceStates=[state])  # sets the offsets
         grad.encode(commandBuffer=cb, sourceGradient=image(e), sourceImage=src, gradientState=state,
                     destinationGradient=d_src)
         cb.commit()

@@ -450,6 +450,24 @@ def gradient_secondary_offset(forward_offset_yx: tuple[int, int], kernel: tuple[
     return tuple(o - (dilated_extent(k, d) >> 1) for o, k, d in zip(forward_offset_yx, kernel, dilation))
 
 
+def gradient_window_shifts(kernel_offset: tuple[int, int], primary: tuple[int, int], secondary: tuple[int, int],
+                           configured: tuple[tuple[int, int], tuple[int, int]],
+                           stride: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How far a convolution gradient's offsets, as its caller set them, move the forward window from
+    where the gradient state placed it: ``(data, weights)``, each ``(y, x)``.
+
+    ``configured`` is ``(kernelOffset, secondaryOffset)`` as the state sets them (``primaryOffset``
+    0). The data gradient reads the zero-inserted incoming gradient from ``primaryOffset·stride +
+    kernelOffset``, and ``kernelOffset = -offset + (1 if Kd is even else 0)``: its forward window
+    starts ``-(kernelOffset - configured) - primaryOffset·stride`` further. The weight gradient's
+    window starts at ``secondaryOffset = offset - (Kd >> 1)``: it moves by ``secondaryOffset -
+    configured``."""
+    (k_conf, q_conf) = configured
+    data = tuple(-(k - kc) - p * s for k, kc, p, s in zip(kernel_offset, k_conf, primary, stride))
+    weights = tuple(q - qc for q, qc in zip(secondary, q_conf))
+    return data, weights
+
+
 # --------------------------------------------------------------------------------------------
 # PyTorch's padding and MPS's window placement, one axis at a time
 
