@@ -44,15 +44,17 @@ from .neuron import (
     MPSNNNeuronDescriptor,
 )
 from .gradient import (
-    MPSCNNConvolutionGradient, MPSCNNConvolutionTransposeGradient, MPSCNNFullyConnectedGradient,
+    MPSCNNConvolutionGradient, MPSCNNConvolutionTransposeGradient, MPSCNNFullyConnectedGradient, MPSCNNNeuronGradient,
     encode_data_source_update,
 )
 from .layout import (
     MPSCNNConvolutionWeights, from_torch, to_torch, torch_output_size, weights_from_hwio, weights_from_oihw,
     weights_to_hwio, weights_to_oihw,
 )
-from .state import (
+from .convolution_state import (
     MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState, MPSCNNConvolutionWeightsAndBiasesState,
+)
+from .state import (
     MPSImageSizeEncodingState, MPSNNGradientState, MPSState, MPSStateBatchIncrementReadCount, MPSStateResourceType,
 )
 from .transpose import MPSCNNConvolutionTranspose
@@ -65,4 +67,5 @@ from ._version import __version__
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in {
     "core", "encoder", "coding", "config", "convolution", "datasource", "descriptor", "errors", "geometry", "image", "kernel",
-    "metal", "memory", "neuron", "types", "backends", "transpose", "binary", "state", "gradient", "layout", "cli"}]
+    "metal", "memory", "neuron", "types", "backends", "transpose", "binary", "state", "convolution_state", "gradient",
+    "layout", "cli"}]

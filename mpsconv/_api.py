@@ -27,7 +27,14 @@ def keywords(*names: str):
     def apply(cls):
         params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=OVERLOAD) for name in names]
-        init = cls.__dict__["__init__"]
+        init = cls.__dict__.get("__init__")
+        if init is None:  # inherited: a function of this class's own carries its signature
+            inherited = cls.__init__
+
+            def init(self, **kwargs):
+                inherited(self, **kwargs)
+
+            init.__doc__, cls.__init__ = inherited.__doc__, init
         init.__signature__ = inspect.Signature(params)
         return cls
     return apply

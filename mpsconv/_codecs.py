@@ -19,7 +19,7 @@ from .errors import MPSArchiveError
 from .image import MPSImage, MPSTemporaryImage
 from .kernel import MPSCNNKernel, MPSImageEdgeMode, MPSKernelOptions, MPSNNDefaultPadding
 from .metal import MTLCreateSystemDefaultDevice, MTLDevice
-from .neuron import MPSCNNNeuron, MPSNNNeuronDescriptor, float32_values
+from .neuron import MPSCNNNeuron, MPSNNNeuronDescriptor, NeuronKernel, float32_values
 from .types import MPSDataType, MPSOffset, MTLOrigin, MTLRegion, MTLSize
 
 
@@ -39,6 +39,7 @@ def _classes() -> dict:
         "MPSCNNBinaryConvolution": binary.MPSCNNBinaryConvolution,
         "MPSCNNBinaryFullyConnected": binary.MPSCNNBinaryFullyConnected,
         "MPSCNNNeuron": neuron.MPSCNNNeuron,
+        "MPSCNNNeuronGradient": gradient.MPSCNNNeuronGradient,
     }
     for name in dir(neuron):
         value = getattr(neuron, name)
@@ -256,7 +257,7 @@ def encode_object(obj) -> tuple[str, dict, dict]:
         fields, tensors = _encode_convolution(obj)
     elif isinstance(obj, MPSCNNBinaryConvolution):
         fields, tensors = _encode_binary(obj)
-    elif isinstance(obj, MPSCNNNeuron):
+    elif isinstance(obj, NeuronKernel):
         fields = _encode_kernel_base(obj)
         fields["neuron"] = _encode_neuron(obj._descriptor, "neuron.", tensors)
     else:  # pragma: no cover - class_named covers exactly the branches above
@@ -278,7 +279,7 @@ def decode_into(obj, fields: dict, tensors: dict, device) -> None:
         _decode_convolution(obj, fields, tensors, device)
     elif isinstance(obj, MPSCNNBinaryConvolution):
         _decode_binary(obj, fields, tensors, device)
-    elif isinstance(obj, MPSCNNNeuron):
+    elif isinstance(obj, NeuronKernel):
         obj._init_neuron(device, _decode_neuron(_field(fields, "neuron"), "neuron.", tensors))
         _decode_kernel_base(obj, fields)
     else:  # pragma: no cover

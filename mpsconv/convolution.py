@@ -19,7 +19,7 @@ from .errors import MPSTypeError, MPSValueError
 from .image import MPSImage
 from .kernel import MPSCNNKernel
 from .neuron import MPSNNNeuronDescriptor, _deprecated
-from .state import MPSCNNConvolutionGradientState, MPSCNNConvolutionWeightsAndBiasesState
+from .convolution_state import MPSCNNConvolutionGradientState, MPSCNNConvolutionWeightsAndBiasesState
 from .types import MPSDataType
 
 Accumulator = MPSNNConvolutionAccumulatorPrecisionOption
@@ -231,65 +231,8 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
         state.bias_values(self._loaded.bias.size, owner).copy_(torch.from_numpy(self._loaded.bias))
         return state
 
-    # -- training states: what the forward encode records for the gradient pass
-    def _state_snapshot(self) -> tuple:
-        return (self._offset, self._clipRect, self._edgeMode, self._sfo, self._sfmax, self._dfo)
-
     def _result_state_class(self):
-        """The state this kernel makes; None for kernels that make none (gradient kernels)."""
         return MPSCNNConvolutionGradientState
-
-    def _new_state(self, source, commandBuffer, temporary: bool):
-        state_class = self._result_state_class()
-        if state_class is None:
-            raise MPSTypeError(f"{type(self).__name__} makes no result state")
-        if not isinstance(source, MPSImage):
-            raise MPSTypeError(f"{type(self).__name__}: sourceImage={source!r} must be an MPSImage")
-        if temporary:
-            state = state_class.temporaryState(commandBuffer=commandBuffer)
-        else:
-            state = state_class.__new__(state_class)
-            state._init_state(source.device, [], None, temporary=False)
-        state._init_gradient_state(self, source)
-        return state
-
-    def resultState(self, *, sourceImage, sourceStates=None, destinationImage=None):
-        """``resultState(sourceImage:sourceStates:destinationImage:)``: a new (non-temporary)
-        ``MPSCNNConvolutionGradientState`` for the encode that takes it. Make it after every property
-        (and the padding policy's ``offset``) is final."""
-        return self._new_state(sourceImage, None, temporary=False)
-
-    def temporaryResultState(self, *, commandBuffer, sourceImage, sourceStates=None, destinationImage=None):
-        """``temporaryResultState(commandBuffer:sourceImage:sourceStates:destinationImage:)``."""
-        return self._new_state(sourceImage, commandBuffer, temporary=True)
-
-    def resultStateBatch(self, *, sourceImage, sourceStates=None, destinationImage=None):
-        """One state shared by the whole batch: a list of references to one object."""
-        sources = list(sourceImage)
-        state = self._new_state(sources[0], None, temporary=False)
-        return [state] * len(sources)
-
-    def temporaryResultStateBatch(self, *, commandBuffer, sourceImage, sourceStates=None, destinationImage=None):
-        sources = list(sourceImage)
-        state = self._new_state(sources[0], commandBuffer, temporary=True)
-        return [state] * len(sources)
-
-    def isResultStateReusedAcrossBatch(self) -> bool:
-        return True
-
-    def _check_state(self, state, cb, owner: str) -> None:
-        state_class = self._result_state_class()
-        if state_class is None or not isinstance(state, state_class):
-            expected = "no state" if state_class is None else f"an {state_class.__name__}"
-            raise MPSTypeError(f"{owner}: destinationState={type(state).__name__}; this kernel takes {expected} "
-                               "(from its resultState)")
-        if state._producer is not self:
-            raise MPSValueError(f"{owner}: destinationState was made by another kernel; make it with this "
-                                "kernel's resultState / temporaryResultState")
-        if state._recorded != self._state_snapshot():
-            raise MPSValueError(f"{owner}: the kernel's offset, clipRect, edgeMode or channel offsets changed "
-                                "after destinationState was made; make the state after configuring the kernel")
-        state._check_for_encode(cb, owner, "destinationState")
 
 
 

@@ -1,14 +1,14 @@
 """``mpsconv demo``: a small CNN trained on scikit-learn's handwritten digits, built only from
 mpsconv kernels (our addition).
 
-    conv 3x3, 1 -> 16, fused ReLU            8x8  -> 8x8   (MPSCNNConvolution)
-    conv 3x3 stride 2, 16 -> 32, fused ReLU  8x8  -> 4x4   (strided MPSCNNConvolution downsamples)
+    conv 3x3, 1 -> 16, ReLU                  8x8  -> 8x8   (MPSCNNConvolution, MPSCNNNeuron)
+    conv 3x3 stride 2, 16 -> 32, ReLU        8x8  -> 4x4   (strided MPSCNNConvolution downsamples)
     fully connected 4x4x32 -> 10             4x4  -> 1x1   (MPSCNNFullyConnected)
 
-Training: softmax cross-entropy (in PyTorch, on the images' memory); the gradient kernels (MPSCNNConvolutionGradient,
-MPSCNNFullyConnectedGradient) give the weight, bias and source gradients; the fused ReLU's own
-gradient is a mask applied on the host (mpsconv has no MPSCNNNeuronGradient); momentum SGD runs in
-each data source's ``update(gradientState, sourceState)`` through ``encode_data_source_update``.
+Training: softmax cross-entropy (in PyTorch, on the images' memory); the gradient kernels
+(MPSCNNNeuronGradient, MPSCNNConvolutionGradient, MPSCNNFullyConnectedGradient) give the source,
+weight and bias gradients in one command buffer; momentum SGD runs in each data source's
+``update(gradientState, sourceState)`` through ``encode_data_source_update`` when it completes.
 """
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ import torch
 from .coding import load, save
 from .convolution import MPSCNNConvolution, MPSCNNFullyConnected
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNConvolutionGradientOption
-from .gradient import MPSCNNConvolutionGradient, MPSCNNFullyConnectedGradient, encode_data_source_update
+from .gradient import (
+    MPSCNNConvolutionGradient, MPSCNNFullyConnectedGradient, MPSCNNNeuronGradient, encode_data_source_update,
+)
 from .image import MPSImage, MPSImageDescriptor, MPSImageFeatureChannelFormat
 from .layout import MPSCNNConvolutionWeights
 from .core.activations import MPSCNNNeuronType
-from .neuron import MPSNNNeuronDescriptor
+from .neuron import MPSCNNNeuron, MPSNNNeuronDescriptor
 
 
 class MomentumSGD(MPSCNNConvolutionWeights):
@@ -56,18 +58,21 @@ SIZES = [(8, 8, 1), (8, 8, 16), (4, 4, 32), (1, 1, 10)]  # H, W, C of each layer
 
 
 class Network:
-    """The three kernels, their gradient kernels and data sources, on one device."""
+    """The three weighted kernels, the ReLU neurons after the first two, their gradient kernels and
+    the data sources, on one device."""
 
     def __init__(self, device, rng, lr: float):
         self.device = device
         self.queue = device.makeCommandQueue()
-        self.forward, self.backward = [], []
-        for name, k, cin, cout, stride, relu, fc in LAYERS:
+        self.forward, self.backward, self.relu = [], [], {}
+        relu = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU, a=0.0)
+        for i, (name, k, cin, cout, stride, has_relu, fc) in enumerate(LAYERS):
             d = MPSCNNConvolutionDescriptor(kernelWidth=k, kernelHeight=k, inputFeatureChannels=cin,
                                             outputFeatureChannels=cout)
             d.strideInPixelsX = d.strideInPixelsY = stride
-            if relu:
-                d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU, a=0.0)
+            if has_relu:  # a neuron kernel of its own, not fused: training needs its source, the conv's output
+                self.relu[i] = (MPSCNNNeuron(device=device, neuronDescriptor=relu),
+                                MPSCNNNeuronGradient(device=device, neuronDescriptor=relu))
             fan_in = k * k * cin
             ds = MomentumSGD(d, rng.standard_normal(cout * fan_in) * np.sqrt(2.0 / fan_in), np.zeros(cout), lr,
                              label=name)
@@ -85,12 +90,21 @@ class Network:
             channelFormat=MPSImageFeatureChannelFormat.float32, width=w, height=h, featureChannels=c,
             numberOfImages=n))
 
+    def steps(self, kernels=None) -> list:
+        """``(forward kernel, its gradient kernel, output size)`` in order: each weighted layer, then
+        its ReLU where it has one."""
+        steps = []
+        for i, (kernel, size) in enumerate(zip(kernels or self.forward, SIZES[1:])):
+            steps.append((kernel, self.backward[i], size))
+            if i in self.relu:
+                steps.append((*self.relu[i], size))
+        return steps
+
     def logits(self, x: np.ndarray, kernels=None) -> np.ndarray:
-        """Inference: one command buffer, three encodes."""
-        kernels = kernels or self.forward
+        """Inference: one command buffer, five encodes."""
         cb = self.queue.makeCommandBuffer()
         img = self.image(x)
-        for kernel, size in zip(kernels, SIZES[1:]):
+        for kernel, _, size in self.steps(kernels):
             out = self.blank(len(x), size)
             kernel.encode(commandBuffer=cb, sourceImage=img, destinationImage=out)
             img = out
@@ -101,8 +115,9 @@ class Network:
     def train_step(self, x: np.ndarray, labels: np.ndarray) -> float:
         n = len(x)
         cb = self.queue.makeCommandBuffer()
+        steps = self.steps()
         sources, states = [self.image(x)], []
-        for kernel, size in zip(self.forward, SIZES[1:]):
+        for kernel, _, size in steps:
             state = kernel.resultState(sourceImage=sources[-1])
             out = self.blank(n, size)
             kernel.encode(commandBuffer=cb, sourceImage=sources[-1], destinationState=state, destinationImage=out)
@@ -118,19 +133,22 @@ class Network:
         p[rows, labels] -= 1.0
         error = self.blank(n, SIZES[-1])
         error.torch()[:, 0, 0, :] = p / n
-        for i in reversed(range(len(self.forward))):
-            cb = self.queue.makeCommandBuffer()
-            d_src = self.blank(n, SIZES[i])
-            # the state sets the kernel's offsets (kernelOffsetX/Y, secondaryOffset), as MPS asks
-            self.backward[i].destinationImageDescriptor(sourceImages=[error, sources[i]], sourceStates=[states[i]])
-            self.backward[i].encode(commandBuffer=cb, sourceGradient=error, sourceImage=sources[i],
-                                    gradientState=states[i], destinationGradient=d_src)
-            # the CPU form of update runs when this command buffer completes, after the gradients exist
-            encode_data_source_update(cb, states[i], self.forward[i], self.backward[i])
-            cb.commit()
-            cb.waitUntilCompleted()
-            if i:  # the ReLU fused into layer i-1: its gradient is the mask of its output
-                error = self.image(d_src.numpy() * (sources[i].numpy() > 0))
+        cb = self.queue.makeCommandBuffer()  # the whole backward pass
+        for i in reversed(range(len(steps))):
+            forward, gradient, _ = steps[i]
+            source = sources[i]
+            d_src = self.blank(n, (source.height, source.width, source.featureChannels))
+            if not isinstance(gradient, MPSCNNNeuronGradient):
+                # the state sets the kernel's offsets (kernelOffsetX/Y, secondaryOffset), as MPS asks
+                gradient.destinationImageDescriptor(sourceImages=[error, source], sourceStates=[states[i]])
+            gradient.encode(commandBuffer=cb, sourceGradient=error, sourceImage=source, gradientState=states[i],
+                            destinationGradient=d_src)
+            if not isinstance(gradient, MPSCNNNeuronGradient):
+                # the CPU form of update runs when this command buffer completes, after every gradient
+                encode_data_source_update(cb, states[i], forward, gradient)
+            error = d_src
+        cb.commit()
+        cb.waitUntilCompleted()
         return loss
 
 

@@ -65,6 +65,18 @@ class GradientJob(NamedTuple):
     accumulate: bool
 
 
+class NeuronGradientJob(NamedTuple):
+    """One neuron gradient encode, validated by its kernel: the forward neuron's ``problem`` as its
+    gradient state recorded it (``dst_format`` / ``dst_channel0``: the destination of ``dL/dS``), the
+    incoming gradient image and its first channel, the forward source and the destination."""
+
+    problem: ConvProblem
+    gradient: object
+    gradient_channel0: int
+    source: object
+    destination: object
+
+
 class _Repeat(NamedTuple):
     """A validated encode kept for ``repeat``: its images and their storages when it ran, the kernel's
     ``_settings()`` then, its scratch bytes, and what it recorded (a ``_Work``, None for an empty
@@ -250,6 +262,23 @@ class Encoder:
         _consume_reads(image for job in jobs for image in (job.gradient, job.source))
 
 
+    def encode_neuron_gradient(self, kernel, cb, jobs: list[NeuronGradientJob], owner: str) -> None:
+        """Record validated neuron gradient jobs (nothing if the memory budget refuses them), then
+        consume one read of each distinct temporary image they read."""
+        device = kernel._device
+        chosen = [backends.select_neuron_gradient(job.problem, int(job.gradient.featureChannelFormat), device)
+                  for job in jobs]
+        new = _new_bytes(image for job in jobs for image in (job.gradient, job.source, job.destination))
+        # at most: the source slice, what is read of it, E, E·f' and dS in float64 (the reference)
+        scratch = max(8 * job.problem.n_images * job.problem.in_channels
+                      * (2 * job.problem.src_size[0] * job.problem.src_size[1] + 3 * job.problem.out_size[0]
+                         * job.problem.out_size[1]) for job in jobs)
+        memory.check(owner, device, new, scratch, memory.available(device, new, scratch))
+        for backend, job in zip(chosen, jobs):
+            cb._record(_NeuronGradientWork(backend, job, kernel))
+        _consume_reads(image for job in jobs for image in (job.gradient, job.source))
+
+
 def _new_bytes(images) -> int:
     """Bytes the storages ``images`` are the first to touch will take."""
     return sum(layout.storage_bytes for layout in unallocated(list(images)))
@@ -331,6 +360,35 @@ class _GradientWork:
             if target is not None:
                 value = torch.as_tensor(value).reshape(-1).to(torch.float32).cpu()
                 target.add_(value) if job.accumulate else target.copy_(value)
+
+
+class _NeuronGradientWork:
+    """One recorded neuron gradient: the backend writes ``dL/dS = E·f'(S)`` into the destination's
+    channel slice."""
+
+    __slots__ = ("backend", "job", "prelu", "storages", "label")
+
+    def __init__(self, backend, job: NeuronGradientJob, kernel):
+        self.backend, self.job, self.prelu = backend, job, kernel._params()[2]
+        self.storages = (job.gradient._ensure_storage(), job.source._ensure_storage(),
+                         job.destination._ensure_storage())
+        self.label = _label(kernel, f"neuron gradient on {backend.name}")
+
+    def __call__(self) -> None:
+        if self.label is None:
+            self._run()
+        else:
+            with torch.autograd.profiler.record_function(self.label):
+                self._run()
+
+    def _run(self) -> None:
+        job, (e_storage, src_storage, dst_storage) = self.job, self.storages
+        p = job.problem
+        n, (he, we), c0, ch = p.n_images, p.out_size, job.gradient_channel0, p.in_channels
+        i0, d0 = p.src_image0, p.dst_channel0
+        self.backend.neuron_gradient(p, src_storage, e_storage[:n, :he, :we, c0:c0 + ch],
+                                     int(job.gradient.featureChannelFormat),
+                                     dst_storage[i0:i0 + n, :, :, d0:d0 + ch], self.prelu)
 
 
 def _verbose(kernel) -> bool:

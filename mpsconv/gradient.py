@@ -1,16 +1,18 @@
 """The gradient kernels: ``MPSCNNConvolutionGradient``, ``MPSCNNFullyConnectedGradient`` and
-``MPSCNNConvolutionTransposeGradient`` (the states they read live in ``state.py``), and
-``encode_data_source_update``."""
+``MPSCNNConvolutionTransposeGradient`` (the states they read live in ``convolution_state.py``),
+``MPSCNNNeuronGradient``, and ``encode_data_source_update``."""
 from __future__ import annotations
 
 import inspect
 import warnings
 from dataclasses import replace
 
+import numpy as np
+
 from ._api import keywords
 from .convolution import _WeightedKernel
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNConvolutionGradientOption
-from .encoder import GradientJob
+from .encoder import GradientJob, NeuronGradientJob
 from .errors import MPSDeviceError, MPSTypeError, MPSValueError
 from .core.geometry import (
     ConvProblem, NeuronSpec, backwards_kernel_offset, gradient_secondary_offset, gradient_window_shifts,
@@ -18,8 +20,9 @@ from .core.geometry import (
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .kernel import MPSCNNKernel, MPSImageEdgeMode, kernel_offset_property
 from .metal import MTLCommandBuffer
-from .neuron import _deprecated
-from .state import (
+from .neuron import MPSCNNNeuron, NeuronKernel, _deprecated
+from .state import MPSNNGradientState
+from .convolution_state import (
     MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState,
 )
 from .types import MPSDataType, MPSOffset, as_offset
@@ -402,3 +405,152 @@ class MPSCNNConvolutionTransposeGradient(MPSCNNConvolutionGradient):
                 f"primaryOffset=(0, 0, 0), secondaryOffset=({qx}, {qy}, ...)): use the encode that returns the "
                 "gradient, or destinationImageDescriptor(sourceImages:sourceStates:) first")
         return problem, problem
+
+
+# --------------------------------------------------------------------------------------------
+# MPSCNNNeuronGradient
+
+
+@keywords("device", "neuronDescriptor", "coder")
+class MPSCNNNeuronGradient(NeuronKernel):
+    """``MPSCNNNeuronGradient``: back-propagation through an ``MPSCNNNeuron``.
+
+    ``MPSCNNNeuronGradient(device=, neuronDescriptor=)`` (the forward neuron's activation),
+    ``MPSCNNNeuronGradient(coder=, device=)``. ``encode(commandBuffer=, sourceGradient=E,
+    sourceImage=S, gradientState=state[, destinationGradient=])`` and ``encodeBatch(commandBuffer=,
+    sourceGradients=, sourceImages=, gradientStates=[, destinationGradients=])``: ``state`` is the
+    ``MPSNNGradientState`` the forward neuron's encode filled; ``E`` has its clip region's size.
+    ``dL/dS`` has the forward source's size: ``E·f'(S̃)`` on the pixel each clip pixel read (added
+    up where the clamp edge read an edge pixel more than once), 0 elsewhere, written at
+    ``destinationFeatureChannelOffset``; ``E`` is read from ``sourceFeatureChannelOffset``.
+    ``f'`` comes from the one formula table, from the right at kinks (docs/semantics.md, "Neurons").
+    """
+
+    def _result_state_class(self):
+        return None
+
+    isBackwards = property(lambda self: True)
+
+    def _encode_kw(self, *, commandBuffer, sourceGradient, sourceImage, gradientState, destinationGradient=None):
+        out = self._encode_neuron_gradient(commandBuffer, [sourceGradient], [sourceImage], [gradientState],
+                                           None if destinationGradient is None else [destinationGradient],
+                                           self._owner())
+        return None if destinationGradient is not None else out[0]
+
+    def encodeBatch(self, *, commandBuffer, sourceGradients, sourceImages, gradientStates, destinationGradients=None):
+        """``encodeBatch(commandBuffer:sourceGradients:sourceImages:gradientStates:[destinationGradients:])``."""
+        out = self._encode_neuron_gradient(commandBuffer, list(sourceGradients), list(sourceImages),
+                                           list(gradientStates), None if destinationGradients is None
+                                           else list(destinationGradients), self._owner("encodeBatch"))
+        return None if destinationGradients is not None else out
+
+    def destinationImageDescriptor(self, *, sourceImages, sourceStates=None) -> MPSImageDescriptor:
+        """``destinationImageDescriptor(sourceImages:sourceStates:)``: ``sourceImages`` are ``[E, S]``;
+        the forward source's size and format, ``destinationFeatureChannelOffset`` + its channels."""
+        owner = f"{type(self).__name__}.destinationImageDescriptor"
+        images = list(sourceImages)
+        if len(images) != 2 or not all(isinstance(image, MPSImage) for image in images):
+            raise MPSTypeError(f"{owner}: sourceImages must be [sourceGradient, sourceImage], two MPSImages")
+        source, states = images[1], [s for s in (sourceStates or ()) if s is not None]
+        problem = getattr(states[0], "_problem", None) if states else None
+        channels = problem.in_channels if problem is not None else source.featureChannels - self._sfo
+        return MPSImageDescriptor(channelFormat=source.featureChannelFormat, width=source.width,
+                                  height=source.height, featureChannels=self._dfo + channels,
+                                  numberOfImages=source.numberOfImages)
+
+    def _encode_neuron_gradient(self, cb, gradients, sources, states, destinations, owner):
+        self._check_cb(cb, owner)
+        for name, value in (("sourceFeatureChannelOffset", self._sfo), ("destinationFeatureChannelOffset", self._dfo)):
+            if value % 4:
+                raise MPSValueError(f"{owner}: {name}={value} must be a multiple of 4")
+        lengths = {len(gradients), len(sources), len(states)} | ({len(destinations)} if destinations else set())
+        if len(lengths) != 1:
+            raise MPSValueError(f"{owner}: sourceGradients, sourceImages, gradientStates (and "
+                                "destinationGradients) must have the same length")
+        cb._check_open(owner)
+        batch = len(sources) > 1
+        pending = [self._check_one(cb, e, src, state, owner, f"[{i}]" if batch else "")
+                   for i, (e, src, state) in enumerate(zip(gradients, sources, states))]
+        allocated = []
+        if destinations is None:
+            destinations = []
+            for forward, e, src in pending:
+                desc = MPSImageDescriptor(channelFormat=src.featureChannelFormat, width=src.width, height=src.height,
+                                          featureChannels=self._dfo + forward.in_channels,
+                                          numberOfImages=src.numberOfImages)
+                image = self._allocator.image(cb, imageDescriptor=desc, kernel=self)
+                destinations.append(image)
+                allocated.append(image)
+        try:
+            jobs = [NeuronGradientJob(self._check_destination(dst, e, src, forward, cb, owner, f"[{i}]" if batch else ""),
+                                      e, self._sfo, src, dst)
+                    for i, ((forward, e, src), dst) in enumerate(zip(pending, destinations))]
+        except Exception:
+            for image in allocated:
+                if isinstance(image, MPSTemporaryImage) and image.readCount > 0:
+                    image._read_count = 0
+            raise
+        cb._begin_encode(owner)
+        try:
+            self._encoder.encode_neuron_gradient(self, cb, jobs, owner)
+            for state in {id(s): s for s in states}.values():
+                state._consume_read()
+        finally:
+            cb._end_encode()
+        return destinations
+
+    def _check_one(self, cb, e, src, state, owner, index):
+        for image, role in ((e, "sourceGradient" + index), (src, "sourceImage" + index)):
+            if not isinstance(image, MPSImage):
+                raise MPSTypeError(f"{owner}: {role}={image!r} must be an MPSImage")
+            if image.device is not self._device:
+                raise MPSDeviceError(f"{owner}: {role} is on {image.device.torch_device}; the kernel is on "
+                                     f"{self._device.torch_device}")
+            image._check_for_encode(cb, owner, role)
+        if not isinstance(state, MPSNNGradientState) or not isinstance(state._producer, MPSCNNNeuron):
+            raise MPSTypeError(f"{owner}: gradientState{index}={type(state).__name__} must be the "
+                               "MPSNNGradientState of an MPSCNNNeuron's forward encode")
+        state._check_for_encode(cb, owner, "gradientState" + index)
+        forward_neuron = state._producer
+        if forward_neuron._spec != self._spec or not _same_values(forward_neuron._prelu, self._prelu):
+            raise MPSValueError(f"{owner}: gradientState{index} comes from a {forward_neuron._descriptor!r}; this "
+                                f"gradient is of {self._descriptor!r}: make it from the forward neuron's descriptor")
+        forward = state._problem
+        if forward is None:
+            raise MPSValueError(f"{owner}: gradientState{index} was not filled by a forward encode yet")
+        he, we = forward.out_size
+        if (e.height, e.width) != (he, we) or e.numberOfImages < forward.n_images:
+            raise MPSValueError(f"{owner}: sourceGradient{index} is {e.width}x{e.height} x{e.numberOfImages}; "
+                                f"it must be the forward clip region's {we}x{he} x{forward.n_images}")
+        if e.featureChannels < self._sfo + forward.in_channels:
+            raise MPSValueError(f"{owner}: sourceGradient{index} has {e.featureChannels} feature channels; "
+                                f"{forward.in_channels} are needed from sourceFeatureChannelOffset={self._sfo}")
+        if (src.height, src.width) != forward.src_size or src.numberOfImages < forward.src_image0 + forward.n_images:
+            raise MPSValueError(f"{owner}: sourceImage{index} is {src.width}x{src.height}; the forward source "
+                                f"was {forward.src_size[1]}x{forward.src_size[0]}")
+        return forward, e, src
+
+    def _check_destination(self, dst, e, src, forward, cb, owner, index) -> ConvProblem:
+        """The gradient's problem: the forward one writing ``dst``'s format at this kernel's channel offset."""
+        role = "destinationGradient" + index
+        if not isinstance(dst, MPSImage):
+            raise MPSTypeError(f"{owner}: {role}={dst!r} must be an MPSImage")
+        if dst.device is not self._device:
+            raise MPSDeviceError(f"{owner}: {role} is on {dst.device.torch_device}; the kernel is on "
+                                 f"{self._device.torch_device}")
+        dst._check_for_encode(cb, owner, role)
+        if (dst.height, dst.width) != forward.src_size or dst.numberOfImages < forward.src_image0 + forward.n_images:
+            raise MPSValueError(f"{owner}: {role} is {dst.width}x{dst.height} x{dst.numberOfImages}; it needs the "
+                                f"forward source's size {forward.src_size[1]}x{forward.src_size[0]} "
+                                f"x{forward.src_image0 + forward.n_images}")
+        if dst.featureChannels < self._dfo + forward.in_channels:
+            raise MPSValueError(f"{owner}: {role} has {dst.featureChannels} feature channels; "
+                                f"destinationFeatureChannelOffset={self._dfo} + {forward.in_channels} needed")
+        for other, name in ((src, "sourceImage"), (e, "sourceGradient")):
+            if dst._root is other._root:
+                raise MPSValueError(f"{owner}: {role} shares storage with {name}{index}")
+        return replace(forward, dst_format=int(dst.featureChannelFormat), dst_channel0=self._dfo)
+
+
+def _same_values(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))

@@ -379,24 +379,8 @@ class MPSCNNKernel(MPSKernel):
         return self.sourceRegion(destinationSize)
 
     # -- states
-    def isResultStateReusedAcrossBatch(self) -> bool:
-        return False
-
     def appendBatchBarrier(self) -> bool:
         return False
-
-    def resultState(self, *, sourceImage, sourceStates=None, destinationImage=None):
-        """Base class: this kernel makes no state."""
-        return None
-
-    def resultStateBatch(self, *, sourceImage, sourceStates=None, destinationImage=None):
-        return None
-
-    def temporaryResultState(self, *, commandBuffer, sourceImage, sourceStates=None, destinationImage=None):
-        return None
-
-    def temporaryResultStateBatch(self, *, commandBuffer, sourceImage, sourceStates=None, destinationImage=None):
-        return None
 
     def encodingStorageSize(self, *, sourceImage, sourceStates=None, destinationImage=None) -> int:
         """Bytes of scratch memory the encode allocates: none for the base class (subclasses say theirs)."""
@@ -528,13 +512,87 @@ class MPSCNNKernel(MPSKernel):
         finally:
             cb._end_encode()
 
-    # -- states (kernels that make one override _new_state and _check_state)
+    # -- training states: what the forward encode records for the gradient pass (kernels that make one
+    # name its class in _result_state_class)
+    def _state_snapshot(self) -> tuple:
+        return (self._offset, self._clipRect, self._edgeMode, self._sfo, self._sfmax, self._dfo)
+
+    def _result_state_class(self):
+        """The state this kernel's training encodes fill; None for kernels that make none."""
+        return None
+
     def _new_state(self, source, commandBuffer, temporary: bool):
-        raise MPSTypeError(f"{type(self).__name__} makes no training state: mpsconv has no gradient kernel for it")
+        state_class = self._result_state_class()
+        if state_class is None:
+            raise MPSTypeError(f"{type(self).__name__} makes no training state: mpsconv has no gradient kernel for it")
+        if not isinstance(source, MPSImage):
+            raise MPSTypeError(f"{type(self).__name__}: sourceImage={source!r} must be an MPSImage")
+        if temporary:
+            state = state_class.temporaryState(commandBuffer=commandBuffer)
+        else:
+            state = state_class.__new__(state_class)
+            state._init_state(source.device, [], None, temporary=False)
+        state._init_gradient_state(self, source)
+        return state
+
+    def resultState(self, *, sourceImage, sourceStates=None, destinationImage=None):
+        """``resultState(sourceImage:sourceStates:destinationImage:)``: a new (non-temporary) gradient
+        state for the encode that takes it (None for a kernel that makes none). Make it after every
+        property (and the padding policy's ``offset``) is final."""
+        if self._result_state_class() is None:
+            return None
+        return self._new_state(sourceImage, None, temporary=False)
+
+    def temporaryResultState(self, *, commandBuffer, sourceImage, sourceStates=None, destinationImage=None):
+        """``temporaryResultState(commandBuffer:sourceImage:sourceStates:destinationImage:)``."""
+        if self._result_state_class() is None:
+            return None
+        return self._new_state(sourceImage, commandBuffer, temporary=True)
+
+    def resultStateBatch(self, *, sourceImage, sourceStates=None, destinationImage=None):
+        """One state per source; where ``isResultStateReusedAcrossBatch()``, one object for the batch."""
+        if self._result_state_class() is None:
+            return None
+        return self._new_states(list(sourceImage), None, temporary=False)
+
+    def temporaryResultStateBatch(self, *, commandBuffer, sourceImage, sourceStates=None, destinationImage=None):
+        if self._result_state_class() is None:
+            return None
+        return self._new_states(list(sourceImage), commandBuffer, temporary=True)
+
+    #: Whether a batch's training encodes share one state (a convolution's sums its weight gradients).
+    _state_reused_across_batch = True
+
+    def isResultStateReusedAcrossBatch(self) -> bool:
+        return self._result_state_class() is not None and self._state_reused_across_batch
+
+    def _new_states(self, sources: list, commandBuffer, temporary: bool) -> list:
+        if self.isResultStateReusedAcrossBatch():
+            return [self._new_state(sources[0], commandBuffer, temporary)] * len(sources)
+        return [self._new_state(source, commandBuffer, temporary) for source in sources]
+
+    @staticmethod
+    def _fill_states(states, sources, destinations, problem_of) -> None:
+        """Each distinct state records the first encode that wrote it."""
+        seen = set()
+        for state, source, destination in zip(states, sources, destinations):
+            if state is not None and id(state) not in seen:
+                seen.add(id(state))
+                state._filled_by(source, problem_of(source, destination))
 
     def _check_state(self, state, cb, owner: str) -> None:
-        """A destination state must come from this kernel, with the properties the encode uses."""
-        self._new_state(None, cb, False)
+        state_class = self._result_state_class()
+        if state_class is None or not isinstance(state, state_class):
+            expected = "no state" if state_class is None else f"an {state_class.__name__}"
+            raise MPSTypeError(f"{owner}: destinationState={type(state).__name__}; this kernel takes {expected} "
+                               "(from its resultState)")
+        if state._producer is not self:
+            raise MPSValueError(f"{owner}: destinationState was made by another kernel; make it with this "
+                                "kernel's resultState / temporaryResultState")
+        if state._recorded != self._state_snapshot():
+            raise MPSValueError(f"{owner}: the kernel's offset, clipRect, edgeMode or channel offsets changed "
+                                "after destinationState was made; make the state after configuring the kernel")
+        state._check_for_encode(cb, owner, "destinationState")
 
     def _encode_kw(self, *, commandBuffer, sourceImage, destinationImage=None, destinationState=None,
                    destinationStateIsTemporary=None):
@@ -542,9 +600,9 @@ class MPSCNNKernel(MPSKernel):
         if destinationImage is None:
             if destinationStateIsTemporary is None:
                 return self._encode_allocating(commandBuffer, [sourceImage], owner)[0]
-            images, state = self._encode_allocating(commandBuffer, [sourceImage], owner,
-                                                    state_temporary=bool(destinationStateIsTemporary))
-            return images[0], state
+            images, states = self._encode_allocating(commandBuffer, [sourceImage], owner,
+                                                     state_temporary=bool(destinationStateIsTemporary))
+            return images[0], states[0]
         if destinationStateIsTemporary is not None:
             raise MPSTypeError(f"{owner}: destinationStateIsTemporary= goes with the allocating encode (no "
                                "destinationImage=); the manual form takes destinationState=")
@@ -564,9 +622,8 @@ class MPSCNNKernel(MPSKernel):
         if destinationImages is None:
             if destinationStateIsTemporary is None:
                 return self._encode_allocating(commandBuffer, sources, owner)
-            images, state = self._encode_allocating(commandBuffer, sources, owner,
-                                                    state_temporary=bool(destinationStateIsTemporary))
-            return images, [state] * len(sources)  # one state for the batch (isResultStateReusedAcrossBatch)
+            return self._encode_allocating(commandBuffer, sources, owner,
+                                           state_temporary=bool(destinationStateIsTemporary))
         if destinationStateIsTemporary is not None:
             raise MPSTypeError(f"{owner}: destinationStateIsTemporary= goes with the allocating encode (no "
                                "destinationImages=); the manual form takes destinationStates=")
@@ -584,14 +641,15 @@ class MPSCNNKernel(MPSKernel):
                 self._check_state(state, commandBuffer, owner)
         if sources:
             self._encode_pairs(commandBuffer, sources, destinations, owner)
-        for state in states:
-            state._filled_by(sources[0], self._problem(sources[0], destinations[0], owner))
+        if destinationStates is not None:
+            self._fill_states(destinationStates, sources, destinations,
+                              lambda source, destination: self._problem(source, destination, owner))
         return None
 
     def _encode_allocating(self, cb, sources: list, owner: str, state_temporary: bool | None = None):
         """Padding policy -> allocator -> manual encode, per source. With
-        ``state_temporary`` set, also makes the result state after allocating and returns
-        ``(images, state)`` (one state for the whole batch)."""
+        ``state_temporary`` set, also makes the result states after allocating and returns
+        ``(images, states)``."""
         self._check_cb(cb, owner)
         cb._check_open(owner)
         for i, source in enumerate(sources):
@@ -612,17 +670,18 @@ class MPSCNNKernel(MPSKernel):
                 destinations = list(batch_alloc(cb, imageDescriptor=descriptor, kernel=self, count=len(sources)))
             else:
                 destinations = [self._allocator.image(cb, imageDescriptor=descriptor, kernel=self) for _ in sources]
-            state = None if state_temporary is None else self._new_state(sources[0], cb, state_temporary)
+            states = None if state_temporary is None else self._new_states(sources, cb, state_temporary)
             self._encode_pairs(cb, sources, destinations, owner)
-            if state is not None:
-                state._filled_by(sources[0], self._problem(sources[0], destinations[0], owner))
+            if states is not None:
+                self._fill_states(states, sources, destinations,
+                                  lambda source, destination: self._problem(source, destination, owner))
         except Exception:
             self._offset, self._edgeMode = saved
             for image in destinations:  # never used: release without a leak warning
                 if isinstance(image, MPSTemporaryImage) and image.readCount > 0:
                     image._read_count = 0
             raise
-        return destinations if state_temporary is None else (destinations, state)
+        return destinations if state_temporary is None else (destinations, states)
 
 
 def kernel_offset_property(axis: int, name: str) -> property:

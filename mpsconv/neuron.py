@@ -14,6 +14,7 @@ from .core.activations import MPSCNNNeuronType, default_parameters
 from .core.geometry import NeuronSpec
 from .errors import MPSTypeError, MPSValueError
 from .kernel import MPSCNNKernel
+from .state import MPSNNGradientState
 
 T = MPSCNNNeuronType
 
@@ -135,26 +136,21 @@ def _deprecated(what: str, instead: str) -> None:
 # Neuron kernels. Deprecated subclasses carry a neuron into a convolution descriptor.
 
 
-@keywords("device", "neuronDescriptor", "coder")
-class MPSCNNNeuron(MPSCNNKernel):
-    """``MPSCNNNeuron``: applies an activation to each feature channel of each pixel.
-
-    ``MPSCNNNeuron(device=, neuronDescriptor=)``. A 1x1 window: destination pixel ``(X, Y)`` reads
-    source pixel ``offset + (u, v)`` through ``edgeMode``; channels follow the source
-    (``min(sourceFeatureChannelMaxCount, featureChannels - sourceFeatureChannelOffset)``).
-    """
+class NeuronKernel(MPSCNNKernel):
+    """What ``MPSCNNNeuron`` and ``MPSCNNNeuronGradient`` share: the initializers and the activation
+    they take from an ``MPSNNNeuronDescriptor`` (a snapshot: later changes to it do not reach them)."""
 
     def __init__(self, **kwargs):
+        name = type(self).__name__
         if set(kwargs) in ({"coder"}, {"coder", "device"}):  # init?(coder:device:)
             kwargs["coder"].decodeInto(self, kwargs.get("device"))
             return
         if set(kwargs) != {"device", "neuronDescriptor"}:
-            raise MPSTypeError(f"{type(self).__name__}({', '.join(sorted(kwargs))}): use "
-                               "MPSCNNNeuron(device=, neuronDescriptor=) or MPSCNNNeuron(coder=, device=); "
-                               "init(device:) is unavailable")
+            raise MPSTypeError(f"{name}({', '.join(sorted(kwargs))}): use {name}(device=, neuronDescriptor=) "
+                               f"or {name}(coder=, device=); init(device:) is unavailable")
         descriptor = kwargs["neuronDescriptor"]
         if not isinstance(descriptor, MPSNNNeuronDescriptor):
-            raise MPSTypeError(f"MPSCNNNeuron: neuronDescriptor={descriptor!r} must be an MPSNNNeuronDescriptor")
+            raise MPSTypeError(f"{name}: neuronDescriptor={descriptor!r} must be an MPSNNNeuronDescriptor")
         self._init_neuron(kwargs["device"], descriptor)
 
     def _init_neuron(self, device, descriptor: MPSNNNeuronDescriptor) -> None:
@@ -179,6 +175,23 @@ class MPSCNNNeuron(MPSCNNKernel):
 
     def _params(self):
         return self._param_tuple
+
+
+@keywords("device", "neuronDescriptor", "coder")
+class MPSCNNNeuron(NeuronKernel):
+    """``MPSCNNNeuron``: applies an activation to each feature channel of each pixel.
+
+    ``MPSCNNNeuron(device=, neuronDescriptor=)``, ``MPSCNNNeuron(coder=, device=)``. A 1x1 window:
+    destination pixel ``(X, Y)`` reads source pixel ``offset + (u, v)`` through ``edgeMode``;
+    channels follow the source (``min(sourceFeatureChannelMaxCount, featureChannels -
+    sourceFeatureChannelOffset)``). For training, ``resultState`` / the ``destinationState`` encodes
+    fill an ``MPSNNGradientState`` that ``MPSCNNNeuronGradient`` reads.
+    """
+
+    _state_reused_across_batch = False  # a neuron's gradient reads its own source: one state per image
+
+    def _result_state_class(self):
+        return MPSNNGradientState
 
     def _resolve(self, source, destination, owner):
         problem = super()._resolve(source, destination, owner)

@@ -8,7 +8,7 @@ from .errors import MPSTypeError, MPSValueError
 from .core.geometry import ConvProblem, allocate, backwards_kernel_offset, source_region_backwards
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .kernel import MPSImageEdgeMode, MPSOrigin, MPSRegion, MPSSize, kernel_offset_property
-from .state import MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState
+from .convolution_state import MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState
 from .types import MPSDataType, MPSOffset
 
 

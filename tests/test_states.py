@@ -147,12 +147,6 @@ def test_batch_encodes_with_states():
     assert (manual[0].sourceWidth, manual[0].sourceHeight) == (5, 5)
 
 
-def test_neurons_make_no_state_yet():
-    n = MPSCNNNeuron(device=DEVICE, neuronDescriptor=MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.none))
-    with pytest.raises(MPSTypeError, match="makes no training state"):
-        n.encode(commandBuffer=QUEUE.makeCommandBuffer(), sourceImage=blank(3, 3, 1), destinationStateIsTemporary=True)
-
-
 # -- weights and biases (convolution.md §8.5, §13)
 
 

@@ -8,8 +8,9 @@ commit: reads the source storage, writes the destination storage), ``scratch_byt
 (at most the temporary memory ``run`` allocates; ``memory`` tiles problems by it) and
 ``gradient`` (or None): ``gradient(plan, src, e, weights, device) -> (dS, dW, dB)`` for the incoming
 gradient ``e`` of a forward problem, with ``gradient_scratch_bytes(problem)`` bounding what it
-allocates. They import ``core`` (the semantics), ``launch`` (what the GPU backends share) and
-nothing else of the package.
+allocates, and ``neuron_gradient(problem, src, e, e_format, dst, prelu)``: a neuron's ``dS`` written
+into ``dst`` (``select_neuron_gradient`` picks the backend). They import ``core`` (the semantics),
+``launch`` (what the GPU backends share) and nothing else of the package.
 A backend with launch configurations also has ``variants(problem)`` and takes one as ``plan``'s
 third argument. Kernels cache plans and prepared parameters; an encode records one bound call.
 """
@@ -56,6 +57,19 @@ def select(problem, device, gradient: bool = False):
         if not gradient or backend.gradient is not None:
             return backend
     raise MPSValueError(f"no backend supports this problem on {device.torch_device}")
+
+
+def select_neuron_gradient(problem, e_format: int, device):
+    """The backend for a neuron's gradient: the forced one, else on CUDA the fused Triton pass where it
+    applies, else torch. A forced triton falls back to torch where its one pass does not apply."""
+    forced = config.backend()
+    if forced == "reference":
+        return REGISTRY["reference"]
+    triton = REGISTRY["triton"]
+    if forced in ("auto", "triton") and (device.is_cuda or forced == "triton") and \
+            triton.neuron_gradient_supported(problem, e_format, device):
+        return triton
+    return REGISTRY["torch"]
 
 
 def choose(problem, device):

@@ -33,6 +33,17 @@ def _index(i, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _real_pow(y, c):
+    """``y ** c`` where it is real: NaN for a negative ``y`` and a non-integral ``c``; ``y ** 0 = 1``."""
+    mag = tl.exp2(c * tl.log2(tl.abs(y)))
+    integral = tl.floor(c) == c
+    odd = integral & ((c - 2.0 * tl.floor(0.5 * c)) == 1.0)
+    signed = tl.where(odd, -mag, mag)
+    x = tl.where(y < 0.0, tl.where(integral, signed, tl.exp2(c * tl.log2(y))), mag)  # log2(y < 0): NaN
+    return tl.where(c == 0.0, 1.0, x)
+
+
+@triton.jit
 def _neuron(x, a, b, c, p2, alpha, NEURON: tl.constexpr):
     """``FORMULAS[NEURON](x, a, b, c)``; ``alpha`` is the per-channel PReLU slope, ``p2`` a host-side
     constant (exponential: log2 of the base; logarithm: 1 / ln(base)). Clamps use ``where`` so that
@@ -64,13 +75,7 @@ def _neuron(x, a, b, c, p2, alpha, NEURON: tl.constexpr):
         x = tl.where(x >= 0, x, a * x)
         x = tl.where(x > b, b, x)
     elif NEURON == 12:  # power: (a x + b) ** c, real results only
-        y = a * x + b
-        mag = tl.exp2(c * tl.log2(tl.abs(y)))
-        integral = tl.floor(c) == c
-        odd = integral & ((c - 2.0 * tl.floor(0.5 * c)) == 1.0)
-        signed = tl.where(odd, -mag, mag)
-        x = tl.where(y < 0.0, tl.where(integral, signed, tl.exp2(c * tl.log2(y))), mag)  # log2(y < 0): NaN
-        x = tl.where(c == 0.0, 1.0, x)
+        x = _real_pow(a * x + b, c)
     elif NEURON == 13:  # exponential: base ** (a x + b)
         x = tl.exp2((a * x + b) * p2)
     elif NEURON == 14:  # logarithm: log_base(a x + b)
@@ -78,6 +83,88 @@ def _neuron(x, a, b, c, p2, alpha, NEURON: tl.constexpr):
     elif NEURON == 15:  # geLU
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     return x
+
+
+@triton.jit
+def _neuron_grad(x, a, b, c, p2, alpha, NEURON: tl.constexpr):
+    """``DERIVATIVES[NEURON](x, a, b, c)``, from the right at kinks; ``p2`` as in ``_neuron``."""
+    one = tl.full(x.shape, 1.0, tl.float32)
+    if NEURON == 0:
+        d = one
+    elif NEURON == 1:  # reLU
+        d = tl.where(x >= 0, one, a)
+    elif NEURON == 2:  # linear
+        d = one * a
+    elif NEURON == 3:  # sigmoid
+        s = 1.0 / (1.0 + tl.exp(-x))
+        d = s * (1.0 - s)
+    elif NEURON == 4:  # hardSigmoid
+        y = a * x + b
+        up = (y >= 0.0) & (y < 1.0)
+        down = (y > 0.0) & (y <= 1.0)
+        d = tl.where(a > 0, tl.where(up, a, 0.0), tl.where(a < 0, tl.where(down, a, 0.0), 0.0))
+    elif NEURON == 5:  # tanH
+        t = _tanh(b * x)
+        d = a * b * (1.0 - t * t)
+    elif NEURON == 6:  # absolute
+        d = tl.where(x >= 0, one, -one)
+    elif NEURON == 7:  # softPlus
+        d = a * b / (1.0 + tl.exp(-b * x))
+    elif NEURON == 8:  # softSign
+        q = 1.0 + tl.abs(x)
+        d = 1.0 / (q * q)
+    elif NEURON == 9:  # ELU
+        d = tl.where(x >= 0, one, a * tl.exp(x))
+    elif NEURON == 10:  # pReLU
+        d = tl.where(x >= 0, one, alpha)
+    elif NEURON == 11:  # reLUN
+        slope = tl.where(x >= 0, one, a)
+        y = tl.where(x >= 0, x, a * x)
+        capped = tl.where(slope > 0, y >= b, y > b)
+        d = tl.where(capped, 0.0, slope)
+    elif NEURON == 12:  # power
+        d = tl.where(c == 0.0, 0.0, c * a * _real_pow(a * x + b, c - 1.0))
+    elif NEURON == 13:  # exponential: a ln(base) base ** (a x + b)
+        d = a * (p2 * 0.6931471805599453) * tl.exp2((a * x + b) * p2)
+    elif NEURON == 14:  # logarithm
+        d = a * p2 / (a * x + b)
+    else:  # geLU
+        d = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+    return d
+
+
+@triton.jit
+def neuron_gradient_nhwc(
+    s_ptr, e_ptr, d_ptr, prelu_ptr,
+    M, H, W, C,
+    ssn, ssh, ssw, ssc, sen, seh, sew, sec, sdn, sdh, sdw, sdc,
+    TY, TX, OUT_H, OUT_W,
+    na, nb, nc, np2,
+    NEURON: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, WIDE: tl.constexpr,
+):
+    """A neuron's gradient, one pass over the forward source's pixels: pixel ``(y, x)`` was read by the
+    clip pixel ``(y - TY, x - TX)`` (a 1x1 window, stride 1, no pixel read twice); ``dS = E·f'(S)``
+    there and 0 where no clip pixel read it. Grid: ``(cdiv(M, BP), cdiv(C, BC))``, ``M = n·H·W``."""
+    rows = tl.program_id(0) * BP + tl.arange(0, BP)
+    ch = tl.program_id(1) * BC + tl.arange(0, BC)
+    row_ok = rows < M
+    ch_ok = ch < C
+    img, y, x = _pixel(rows, H, W)
+    v = y - TY
+    u = x - TX
+    read = row_ok & (v >= 0) & (v < OUT_H) & (u >= 0) & (u < OUT_W)
+    mask = row_ok[:, None] & ch_ok[None, :]
+    n = _index(img, WIDE)
+    s = tl.load(s_ptr + (n * ssn + y * ssh + x * ssw)[:, None] + (ch * ssc)[None, :], mask=mask, other=0.0)
+    e_mask = read[:, None] & ch_ok[None, :]
+    e = tl.load(e_ptr + (n * sen + v * seh + u * sew)[:, None] + (ch * sec)[None, :], mask=e_mask, other=0.0)
+    alpha = na
+    if NEURON == 10:
+        alpha = tl.load(prelu_ptr + ch, mask=ch_ok, other=0.0)[None, :]
+    d = e.to(tl.float32) * _neuron_grad(s.to(tl.float32), na, nb, nc, np2, alpha, NEURON)
+    d = tl.where(e_mask, d, 0.0)
+    tl.store(d_ptr + (n * sdn + y * sdh + x * sdw)[:, None] + (ch * sdc)[None, :],
+             d.to(d_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

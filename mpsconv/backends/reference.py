@@ -11,9 +11,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ..core.activations import NUMPY_OPS, apply_neuron
+from ..core.activations import NUMPY_OPS, apply_neuron, neuron_derivative
 from ..core.formats import MPSImageFeatureChannelFormat as F, storage_to_values, values_to_storage
-from ..core.geometry import ConvProblem, EdgeMode
+from ..core.geometry import ConvProblem, EdgeMode, identity_reads
 from ..core.weights import BinaryParams
 
 
@@ -147,6 +147,27 @@ def gradient(problem: ConvProblem, src: torch.Tensor, e: torch.Tensor, weights: 
     return d_s[:, ::uy, ::ux], d_w, d_b  # the VJP of zero insertion keeps the source pixels
 
 
+@np.errstate(all="ignore")
+def neuron_gradient(problem: ConvProblem, src: torch.Tensor, e: torch.Tensor, e_format: int, dst: torch.Tensor,
+                    prelu) -> None:
+    """A neuron's ``dS`` into ``dst`` (the destination's ``[n, Hs, Ws, C]`` storage view) for the
+    incoming gradient ``e`` (``[n, He, We, C]`` storage of format ``e_format``): ``E·f'(S̃)`` on the
+    pixel each clip pixel read (the edge pixel, with the clamp edge), summed, 0 where none read."""
+    n, i0, c0, ch = problem.n_images, problem.src_image0, problem.src_channel0, problem.in_channels
+    x = storage_to_values(src[i0:i0 + n, :, :, c0:c0 + ch].cpu(), F(problem.src_format), torch.float64).numpy()
+    (ys, y_in), (xs, x_in) = (tuple(np.asarray(v) for v in axis) for axis in identity_reads(problem))
+    read = x[:, ys[:, None], xs[None, :], :]
+    a = None if prelu is None else np.asarray(prelu, np.float64)[:ch]
+    g = storage_to_values(e.cpu(), F(e_format), torch.float64).numpy()
+    g = g * neuron_derivative(read, problem.neuron, a, NUMPY_OPS)
+    g = np.where((y_in[:, None] & x_in[None, :])[None, :, :, None], g, 0.0)  # not g·mask: inf·0 is NaN
+    d_s = np.zeros_like(x)
+    he, we = problem.out_size
+    for b in range(n):
+        np.add.at(d_s[b], (np.broadcast_to(ys[:, None], (he, we)), np.broadcast_to(xs[None, :], (he, we))), g[b])
+    dst.copy_(values_to_storage(torch.from_numpy(d_s), F(problem.dst_format)).to(dst.device))
+
+
 class _Reference:
     name = "reference"
 
@@ -191,6 +212,7 @@ class _Reference:
         forward(*bound, prepared)
 
     gradient = staticmethod(gradient)
+    neuron_gradient = staticmethod(neuron_gradient)
 
 
 BACKEND = _Reference()

@@ -23,10 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as Fn
 
-from ..core.activations import TORCH_OPS, MPSCNNNeuronType, apply_neuron, neuron_args, neuron_supported
+from ..core.activations import (
+    TORCH_OPS, MPSCNNNeuronType, apply_neuron, neuron_args, neuron_derivative, neuron_supported,
+)
 from ..core.formats import FLOAT_FORMATS as _FLOAT_FORMATS, STORAGE_DTYPE, MPSImageFeatureChannelFormat as F, \
     storage_to_values, values_to_storage
-from ..core.geometry import ConvProblem, framework_window, torch_output_size, transposed_window
+from ..core.geometry import ConvProblem, framework_window, identity_reads, torch_output_size, transposed_window
 from ..core.weights import BinaryParams
 from . import launch  # the CUDA epilogue (Triton itself loads on first use)
 
@@ -611,6 +613,24 @@ def gradient(plan: Plan, src: torch.Tensor, e: torch.Tensor, weights: np.ndarray
     return d_x[0].permute(0, 2, 3, 1), d_w.permute(0, 2, 3, 1), e.sum(dim=(0, 1, 2))
 
 
+def neuron_gradient(problem: ConvProblem, src: torch.Tensor, e: torch.Tensor, e_format: int, dst: torch.Tensor,
+                    prelu) -> None:
+    """The reference backend's ``neuron_gradient`` in float32 on the images' device: the derivative
+    from the one formula table, the scatter an ``index_add_`` (reads of one edge pixel add up)."""
+    n, i0, c0, ch = problem.n_images, problem.src_image0, problem.src_channel0, problem.in_channels
+    x = storage_to_values(src[i0:i0 + n, :, :, c0:c0 + ch], F(problem.src_format), torch.float32)
+    (ys, y_in), (xs, x_in) = identity_reads(problem)
+    ys, xs = (torch.tensor(v, dtype=torch.int64, device=src.device) for v in (ys, xs))
+    read = x[:, ys][:, :, xs]
+    a = None if prelu is None else torch.as_tensor(np.asarray(prelu, np.float32)[:ch], device=src.device)
+    g = storage_to_values(e, F(e_format), torch.float32) * neuron_derivative(read, problem.neuron, a, TORCH_OPS)
+    mask = torch.tensor(y_in, device=src.device)[:, None] & torch.tensor(x_in, device=src.device)[None, :]
+    g = torch.where(mask[None, :, :, None], g, 0.0)  # not g·mask: inf·0 is NaN
+    h, w = x.shape[1:3]
+    d_s = x.new_zeros((n, h * w, ch)).index_add_(1, (ys[:, None] * w + xs[None, :]).reshape(-1), g.reshape(n, -1, ch))
+    dst.copy_(values_to_storage(d_s.reshape(n, h, w, ch), F(problem.dst_format)))
+
+
 class _Torch:
     name = "torch"
 
@@ -651,6 +671,7 @@ class _Torch:
     bind = staticmethod(Bound)
     run = staticmethod(run)
     gradient = staticmethod(gradient)
+    neuron_gradient = staticmethod(neuron_gradient)
 
 
 BACKEND = _Torch()

@@ -37,7 +37,8 @@ from ..core.activations import neuron_args, neuron_supported
 from ..core.formats import STORAGE_DTYPE, MPSImageFeatureChannelFormat as F
 from ..core.geometry import ConvProblem, EdgeMode
 from .launch import (
-    Launcher, available, epilogue_args, epilogue_launcher, interpreting, kernels, needs_wide_index, tl_dtype,
+    EPILOGUE_TILE, Launcher, available, epilogue_args, epilogue_launcher, interpreting, kernels, needs_wide_index,
+    tl_dtype,
 )
 
 _FORMATS = (F.float16, F.float32, F.bfloat16)
@@ -533,6 +534,34 @@ def _pow2(n: int, least: int) -> int:
     return max(least, 1 << (n - 1).bit_length())
 
 
+def neuron_gradient_supported(problem: ConvProblem, e_format: int, device) -> bool:
+    """Whether ``neuron_gradient`` takes this neuron's gradient in one pass: float storages, and no
+    source pixel read twice (the zero edge, or clamped reads that all land inside)."""
+    p = problem
+    inside = all(0 <= t and t + o <= s for t, o, s in zip(p.tap0, p.out_size, p.src_size))
+    return ((device.is_cuda or interpreting()) and available() and neuron_supported(p.neuron)
+            and all(F(f) in _FORMATS for f in (p.src_format, e_format, p.dst_format))
+            and (p.edge == EdgeMode.zero or inside))
+
+
+def neuron_gradient(problem: ConvProblem, src: torch.Tensor, e: torch.Tensor, e_format: int, dst: torch.Tensor,
+                    prelu) -> None:
+    """The reference backend's ``neuron_gradient`` as one fused pass (``neuron_gradient_nhwc``): reads
+    the source and the incoming gradient once, writes ``dS`` in the destination's type once."""
+    p = problem
+    n, i0, c0, ch = p.n_images, p.src_image0, p.src_channel0, p.in_channels
+    s = src[i0:i0 + n, :, :, c0:c0 + ch]
+    h, w = s.shape[1:3]
+    bp, bc, warps = (16, 16, 1) if interpreting() else EPILOGUE_TILE
+    kind, a, b, c, p2 = neuron_args(p.neuron)
+    alpha = dst if prelu is None else torch.as_tensor(np.asarray(prelu, np.float32)[:ch], device=src.device)
+    launch = Launcher(kernels().neuron_gradient_nhwc, dict(NEURON=kind, BP=bp, BC=bc,
+                                                         WIDE=needs_wide_index(src, e, dst), num_warps=warps))
+    rows = n * h * w
+    launch((-(-rows // bp), -(-ch // bc)), (s, e, dst, alpha, rows, h, w, ch, *s.stride(), *e.stride(), *dst.stride(),
+                                            *p.tap0, *p.out_size, a, b, c, p2))
+
+
 class _Triton:
     name = "triton"
 
@@ -570,6 +599,8 @@ class _Triton:
     bind = staticmethod(Bound)
     run = staticmethod(run)
     gradient = None  # gradients run through the torch backend (cuDNN)
+    neuron_gradient = staticmethod(neuron_gradient)
+    neuron_gradient_supported = staticmethod(neuron_gradient_supported)
 
 
 BACKEND = _Triton()

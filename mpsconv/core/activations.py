@@ -2,8 +2,9 @@
 
 ``FORMULAS[type](x, a, b, c, ops)`` is the activation of each type, written once against a small
 array namespace (``NUMPY_OPS`` for the float64 reference, ``TORCH_OPS`` for the fast paths), so
-every backend computes the same expression; the Triton kernels' ``_neuron`` mirrors it, and a test
-holds the two together. ``neuron_args`` / ``neuron_supported`` say how the Triton kernels take a
+every backend computes the same expression; ``DERIVATIVES`` beside it is ``f'(x)`` for the
+gradient kernels. The Triton kernels' ``_neuron`` and ``_neuron_grad`` mirror them, and tests hold
+them together. ``neuron_args`` / ``neuron_supported`` say how the Triton kernels take a
 neuron and which they fuse.
 """
 from __future__ import annotations
@@ -66,6 +67,7 @@ _np_erf = np.vectorize(math.erf, otypes=[np.float64])
 NUMPY_OPS = SimpleNamespace(
     where=np.where, exp=np.exp, expm1=np.expm1, log=np.log, tanh=np.tanh, abs=np.abs, erf=_np_erf,
     minimum=np.minimum, clip=np.clip, power=np.power, logaddexp=np.logaddexp, rpow=np.power,
+    full_like=np.full_like,
 )
 
 
@@ -77,6 +79,7 @@ TORCH_OPS = SimpleNamespace(
     where=torch.where, exp=torch.exp, expm1=torch.expm1, log=torch.log, tanh=torch.tanh, abs=torch.abs,
     erf=torch.erf, minimum=_torch_minimum, clip=lambda x, lo, hi: torch.clamp(x, lo, hi), power=torch.pow,
     logaddexp=lambda lhs, y: torch.logaddexp(y.new_tensor(lhs), y), rpow=torch.pow,
+    full_like=torch.full_like,
 )
 
 
@@ -113,11 +116,83 @@ FORMULAS = {
 }
 
 
+def _right_slope(x, a, ops):
+    """The slope of ``where(x >= 0, x, a·x)``, from the right at 0 (1)."""
+    return ops.where(x >= 0, 1.0, a) if not isinstance(a, float) else ops.where(x >= 0, 1.0, ops.full_like(x, a))
+
+
+def _hard_sigmoid_grad(x, a, b, c, ops):
+    y = a * x + b
+    if a > 0:  # from the right: the slope where a(x + ε) + b lands inside [0, 1)
+        inside = (y >= 0.0) & (y < 1.0)
+    elif a < 0:
+        inside = (y > 0.0) & (y <= 1.0)
+    else:
+        return ops.full_like(x, 0.0)
+    return ops.where(inside, ops.full_like(x, a), 0.0)
+
+
+def _relu_n_grad(x, a, b, c, ops):
+    slope = _right_slope(x, a, ops)
+    y = ops.where(x >= 0, x, a * x)
+    capped = ops.where(slope > 0, y >= b, y > b)  # min(y, b) takes b just right of x
+    return ops.where(capped, 0.0, slope)
+
+
+def _exponential_grad(x, a, b, c, ops):
+    y = a * x + b
+    if c == -1:
+        return a * ops.exp(y)
+    return (a * math.log(c) if c > 0 else math.nan) * ops.rpow(c, y)
+
+
+def _logarithm_grad(x, a, b, c, ops):
+    scale = 1.0 if c == -1 else (1.0 / math.log(c) if c > 0 and c != 1 else math.nan)
+    return a * scale / (a * x + b)
+
+
+def _power_grad(x, a, b, c, ops):
+    if c == 0:
+        return ops.full_like(x, 0.0)
+    return c * a * ops.power(a * x + b, c - 1.0)
+
+
+#: f'(x, a, b, c, ops): each type's derivative. Where f has a kink (reLU, pReLU and reLUN at 0,
+#: reLUN at its ceiling, absolute at 0, hardSigmoid at 0 and 1, ELU at 0) it is the slope on the
+#: right of the kink, x + ε: reLU'(0) = 1, reLUN'(b) = 0 (b > 0), |0|' = 1.
+DERIVATIVES = {
+    T.none: lambda x, a, b, c, ops: ops.full_like(x, 1.0),
+    T.reLU: lambda x, a, b, c, ops: _right_slope(x, a, ops),
+    T.linear: lambda x, a, b, c, ops: ops.full_like(x, a),
+    T.sigmoid: lambda x, a, b, c, ops: (lambda s: s * (1.0 - s))(1.0 / (1.0 + ops.exp(-x))),
+    T.hardSigmoid: _hard_sigmoid_grad,
+    T.tanH: lambda x, a, b, c, ops: (lambda t: a * b * (1.0 - t * t))(ops.tanh(b * x)),
+    T.absolute: lambda x, a, b, c, ops: ops.where(x >= 0, 1.0, ops.full_like(x, -1.0)),
+    T.softPlus: lambda x, a, b, c, ops: a * b / (1.0 + ops.exp(-b * x)),
+    T.softSign: lambda x, a, b, c, ops: 1.0 / ((1.0 + ops.abs(x)) * (1.0 + ops.abs(x))),
+    T.ELU: lambda x, a, b, c, ops: ops.where(x >= 0, 1.0, a * ops.exp(x)),
+    T.pReLU: lambda x, a, b, c, ops: _right_slope(x, a, ops),
+    T.reLUN: _relu_n_grad,
+    T.power: _power_grad,
+    T.exponential: _exponential_grad,
+    T.logarithm: _logarithm_grad,
+    T.geLU: lambda x, a, b, c, ops: (0.5 * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
+                                     + x * ops.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))),
+}
+
+
 def apply_neuron(x, neuron: NeuronSpec, prelu, ops):
     """``f(x)`` for a resolved neuron; ``prelu`` is the per-channel ``a`` (broadcast on the last axis)."""
     neuron_type = MPSCNNNeuronType(neuron.type)
     a = prelu if neuron_type == T.pReLU else neuron.a
     return FORMULAS[neuron_type](x, a, neuron.b, neuron.c, ops)
+
+
+def neuron_derivative(x, neuron: NeuronSpec, prelu, ops):
+    """``f'(x)`` for a resolved neuron (``prelu`` as in ``apply_neuron``)."""
+    neuron_type = MPSCNNNeuronType(neuron.type)
+    a = prelu if neuron_type == T.pReLU else neuron.a
+    return DERIVATIVES[neuron_type](x, a, neuron.b, neuron.c, ops)
 
 
 def neuron_args(neuron) -> tuple[int, float, float, float, float]:

@@ -450,6 +450,18 @@ def gradient_secondary_offset(forward_offset_yx: tuple[int, int], kernel: tuple[
     return tuple(o - (dilated_extent(k, d) >> 1) for o, k, d in zip(forward_offset_yx, kernel, dilation))
 
 
+def identity_reads(problem: ConvProblem) -> tuple[tuple[list[int], list[bool]], tuple[list[int], list[bool]]]:
+    """Where a neuron's clip pixels read its source, per axis ``(y, x)``: the source coordinate each
+    clip row / column reads (clamped into the source) and whether that is a source pixel (with the
+    clamp edge, always). What its gradient scatters ``E·f'`` back onto."""
+    axes = []
+    for first, count, size in zip(problem.tap0, problem.out_size, problem.src_size):
+        coords = [first + i for i in range(count)]
+        inside = [0 <= c < size or problem.edge == EdgeMode.clamp for c in coords]
+        axes.append(([min(max(c, 0), size - 1) for c in coords], inside))
+    return axes[0], axes[1]
+
+
 def gradient_window_shifts(kernel_offset: tuple[int, int], primary: tuple[int, int], secondary: tuple[int, int],
                            configured: tuple[tuple[int, int], tuple[int, int]],
                            stride: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
