@@ -48,8 +48,8 @@ from .gradient import (
     encode_data_source_update,
 )
 from .layout import (
-    MPSCNNConvolutionWeights, from_torch, to_torch, torch_output_size, weights_from_hwio, weights_from_oihw,
-    weights_to_hwio, weights_to_oihw,
+    MPSCNNConvolutionWeights, TorchLayers, from_torch, to_torch, torch_output_size, weights_from_hwio,
+    weights_from_oihw, weights_to_hwio, weights_to_oihw,
 )
 from .convolution_state import (
     MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState, MPSCNNConvolutionWeightsAndBiasesState,

@@ -14,11 +14,15 @@ import torch
 import torch.nn as nn
 
 from .convolution import MPSCNNConvolution, MPSCNNFullyConnected
+from .core.activations import MPSCNNNeuronType
 from .datasource import _ArrayDataSource, check_weight_shape
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNDepthWiseConvolutionDescriptor
 from .errors import MPSTypeError, MPSValueError
+from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
+from .kernel import MPSImageEdgeMode
+from .neuron import MPSCNNNeuron, MPSNNNeuronDescriptor
 from .core.geometry import (
-    kernel_offset_for_padding, offset_for_padding, padding_for_kernel_offset, padding_for_offset,
+    dilated_extent, kernel_offset_for_padding, offset_for_padding, padding_for_kernel_offset, padding_for_offset,
     torch_output_size,  # noqa: F401  (public, re-exported by the package)
 )
 from .transpose import MPSCNNConvolutionTranspose
@@ -113,20 +117,41 @@ class MPSCNNConvolutionWeights(_ArrayDataSource):
 def from_torch(module, device, *, neuron=None, input_shape=None):
     """An mpsconv kernel computing what ``module`` computes (our addition).
 
-    ``torch.nn.Conv2d`` -> ``MPSCNNConvolution`` with ``offset`` set for its padding (zeros mode
-    only); ``torch.nn.ConvTranspose2d`` -> ``MPSCNNConvolutionTranspose`` (weights rotated 180°,
+    ``torch.nn.Conv2d`` -> ``MPSCNNConvolution`` with ``offset`` set for its padding: numeric,
+    ``'valid'`` or ``'same'`` (an odd total padding puts the extra row and column at the bottom and
+    right, as PyTorch does); ``padding_mode='zeros'`` is the zero edge, ``'replicate'`` the clamp
+    edge (``'reflect'`` and ``'circular'`` have no MPS edge mode and are refused).
+    ``torch.nn.ConvTranspose2d`` -> ``MPSCNNConvolutionTranspose`` (weights rotated 180°,
     ``kernelOffset`` set); ``torch.nn.Linear`` -> ``MPSCNNFullyConnected`` over a 1x1 source, or
     over a ``(C, H, W)`` source given ``input_shape`` (the Linear that follows ``flatten`` of an NCHW
     tensor; its weights are reordered to MPS's HWC). ``neuron``: an ``MPSNNNeuronDescriptor`` to fuse.
     Size the destination with :func:`torch_output_size` to get PyTorch's output shape.
+
+    ``torch.nn.Sequential`` -> :class:`TorchLayers`, the list of its kernels: each convolution with
+    the ``BatchNorm2d`` after it folded in (``setBatchNormalizationParametersForInference…``, from
+    the running statistics) and the activation after that fused (ReLU, ReLU6, LeakyReLU, PReLU,
+    Sigmoid, Tanh, Hardsigmoid, ELU, Softplus, Softsign, GELU); an activation with nothing to fuse
+    into is an ``MPSCNNNeuron`` of its own. ``Dropout`` and ``Identity`` are skipped; ``Flatten``
+    may come before a ``Linear`` when ``input_shape`` gives the network input's ``(C, H, W)``.
+    Anything else is refused, naming it: run it in PyTorch between encodes.
     """
+    if isinstance(module, nn.Sequential):
+        if neuron is not None:
+            raise MPSTypeError("from_torch: neuron= is for one layer; a Sequential's activations are its own modules")
+        return _sequential(module, device, input_shape)
+    return _port(module, device, neuron, input_shape)[0]
+
+
+def _port(module, device, neuron=None, input_shape=None, batch_norm=None):
+    """``(kernel, size)`` for one layer: ``size(h, w)`` is PyTorch's output height and width."""
     def weights_of(p):
         return None if p is None else p.detach().cpu().to(torch.float32).numpy()
 
     if not isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-        raise MPSTypeError(f"from_torch: module={type(module).__name__}; Conv2d, ConvTranspose2d and Linear "
-                           "are supported")
+        raise MPSTypeError(f"from_torch: module={type(module).__name__}; Conv2d, ConvTranspose2d, Linear and "
+                           "Sequential are supported")
     w, b = weights_of(module.weight), weights_of(module.bias)
+    edge = MPSImageEdgeMode.zero
     if isinstance(module, nn.Linear):
         o, i = w.shape
         c, h, wd = (i, 1, 1) if input_shape is None else tuple(int(v) for v in input_shape)
@@ -139,10 +164,13 @@ def from_torch(module, device, *, neuron=None, input_shape=None):
         kernel_cls = MPSCNNFullyConnected
     else:
         transposed = isinstance(module, nn.ConvTranspose2d)
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise MPSValueError(f"from_torch: {type(module).__name__} with padding={module.padding!r}, "
-                                f"padding_mode={module.padding_mode!r}; give numeric padding and zeros mode "
-                                "(set offset yourself for 'same')")
+        name = type(module).__name__
+        if module.padding_mode == "replicate" and not transposed:
+            edge = MPSImageEdgeMode.clamp  # the edge pixel, however far outside: what replicate padding reads
+        elif module.padding_mode != "zeros":
+            raise MPSValueError(f"from_torch: {name} with padding_mode={module.padding_mode!r}: MPS reads outside "
+                                "the source as zero (padding_mode='zeros') or as the nearest edge pixel "
+                                "('replicate'); 'reflect' and 'circular' have no MPS edge mode")
         (kh, kw), (sy, sx), (dy, dx) = module.kernel_size, module.stride, module.dilation
         groups = module.groups
         if transposed:
@@ -161,19 +189,188 @@ def from_torch(module, device, *, neuron=None, input_shape=None):
         desc.dilationRateX, desc.dilationRateY = dx, dy
         desc.groups = 1 if depthwise else groups
         kernel_cls = MPSCNNConvolutionTranspose if transposed else MPSCNNConvolution
+    if batch_norm is not None:
+        _fold(desc, batch_norm)
     if neuron is not None:
         desc.fusedNeuronDescriptor = neuron
     kernel = kernel_cls(device=device, weights=MPSCNNConvolutionWeights(
         desc, np.ascontiguousarray(ohwi), b, label=type(module).__name__))
-    if kernel_cls is MPSCNNConvolution:
-        py, px = module.padding
-        kernel.offset = MPSOffset(x=offset_for_padding(kw, dx, px), y=offset_for_padding(kh, dy, py), z=0)
-    elif kernel_cls is MPSCNNConvolutionTranspose:
-        py, px = module.padding
+    if kernel_cls is MPSCNNFullyConnected:
+        return kernel, lambda h, w: (1, 1)
+    (ky, kx), (sy, sx), (dy, dx) = module.kernel_size, module.stride, module.dilation
+    if kernel_cls is MPSCNNConvolutionTranspose:
+        (py, px), (qy, qx) = module.padding, module.output_padding
         kernel.offset = MPSOffset(x=0, y=0, z=0)
-        kernel.kernelOffsetX = kernel_offset_for_padding(kw, dx, px)
-        kernel.kernelOffsetY = kernel_offset_for_padding(kh, dy, py)
-    return kernel
+        kernel.kernelOffsetX = kernel_offset_for_padding(kx, dx, px)
+        kernel.kernelOffsetY = kernel_offset_for_padding(ky, dy, py)
+        return kernel, lambda h, w: (torch_output_size(h, ky, sy, py, dy, transposed=True, output_padding=qy),
+                                     torch_output_size(w, kx, sx, px, dx, transposed=True, output_padding=qx))
+    (top, bottom), (left, right) = _conv_padding(module)
+    kernel.offset = MPSOffset(x=offset_for_padding(kx, dx, left), y=offset_for_padding(ky, dy, top), z=0)
+    kernel.edgeMode = edge
+    return kernel, lambda h, w: ((h + top + bottom - dilated_extent(ky, dy)) // sy + 1,
+                                 (w + left + right - dilated_extent(kx, dx)) // sx + 1)
+
+
+def _fold(desc, bn) -> None:
+    """A ``BatchNorm2d``'s running statistics as the descriptor's inference batch norm."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise MPSValueError("from_torch: a BatchNorm2d without running statistics (track_running_stats=False) "
+                            "normalizes by each batch's own; it has no inference form to fold")
+    if bn.num_features != desc.outputFeatureChannels:
+        raise MPSValueError(f"from_torch: BatchNorm2d({bn.num_features}) after a layer of "
+                            f"{desc.outputFeatureChannels} output channels")
+    values = lambda t: t.detach().cpu().to(torch.float32).numpy()  # noqa: E731
+    ones = np.ones(bn.num_features, np.float32)
+    desc.setBatchNormalizationParametersForInferenceWithMean(
+        values(bn.running_mean), variance=values(bn.running_var),
+        gamma=values(bn.weight) if bn.affine else ones, beta=values(bn.bias) if bn.affine else 0 * ones,
+        epsilon=float(bn.eps))
+
+
+def _neuron_of(module, channels: int | None):
+    """The ``MPSNNNeuronDescriptor`` of an activation module, None for a module that is not one.
+    Activations with no ``MPSCNNNeuronType`` are refused, naming it."""
+    T, make = MPSCNNNeuronType, MPSNNNeuronDescriptor.cnnNeuronDescriptor
+    if isinstance(module, nn.ReLU6):  # (a Hardtanh: before it)
+        return make(T.reLUN, a=0.0, b=6.0)
+    if isinstance(module, nn.ReLU):
+        return make(T.reLU, a=0.0)
+    if isinstance(module, nn.LeakyReLU):
+        return make(T.reLU, a=float(module.negative_slope))
+    if isinstance(module, nn.PReLU):
+        a = module.weight.detach().cpu().to(torch.float32).numpy().reshape(-1)
+        if a.size == 1 and channels is not None:
+            a = np.repeat(a, channels)  # one slope for every channel
+        return MPSNNNeuronDescriptor.cnnNeuronPReLUDescriptor(a)
+    if isinstance(module, nn.Sigmoid):
+        return make(T.sigmoid)
+    if isinstance(module, nn.Tanh):
+        return make(T.tanH, a=1.0, b=1.0)
+    if isinstance(module, nn.Hardsigmoid):  # relu6(x + 3) / 6
+        return make(T.hardSigmoid, a=1.0 / 6.0, b=0.5)
+    if isinstance(module, nn.ELU):
+        return make(T.ELU, a=float(module.alpha))
+    if isinstance(module, nn.Softplus):  # log(1 + exp(βx)) / β; PyTorch's linear tail above its threshold
+        return make(T.softPlus, a=1.0 / module.beta, b=float(module.beta))  # agrees to float32 rounding
+    if isinstance(module, nn.Softsign):
+        return make(T.softSign)
+    if isinstance(module, nn.GELU) and module.approximate == "none":
+        return make(T.geLU)
+    if isinstance(module, (nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.Hardtanh, nn.CELU, nn.SELU, nn.GLU,
+                           nn.LogSigmoid, nn.Softmax, nn.LogSoftmax, nn.Threshold, nn.RReLU, nn.Tanhshrink,
+                           nn.Softshrink, nn.Hardshrink)):
+        raise MPSValueError(f"from_torch: {module!r} has no MPSCNNNeuronType; run it in PyTorch between "
+                            "encodes (image.torch() is a view of the image)")
+    return None
+
+
+def _sequential(seq, device, input_shape) -> "TorchLayers":
+    """Group ``seq``'s modules into layers (a kernel, the BatchNorm2d folded into it, the activation
+    fused into it) and port each."""
+    modules = [(f"[{i}]", m) for i, m in enumerate(seq)]
+    groups: list[list] = []  # [where, kernel module or None, batch norm, neuron, flatten before it]
+    shape = None if input_shape is None else tuple(int(v) for v in input_shape)
+    flatten = False
+    for where, module in modules:
+        last = groups[-1] if groups else None
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            if flatten and not isinstance(module, nn.Linear):
+                raise MPSValueError(f"from_torch: Sequential{where} is a {type(module).__name__} after Flatten")
+            groups.append([where, module, None, None, flatten])
+            flatten = False
+        elif isinstance(module, nn.BatchNorm2d):
+            if last is None or not isinstance(last[1], nn.Conv2d) or last[2] is not None or last[3] is not None:
+                raise MPSValueError(f"from_torch: Sequential{where} is a BatchNorm2d that does not follow a Conv2d "
+                                    "directly: MPS folds batch norm into the convolution before it")
+            last[2] = module
+        elif isinstance(module, nn.Flatten):
+            flatten = True
+        elif isinstance(module, (nn.Dropout, nn.Dropout2d, nn.Identity)):
+            continue  # inference: nothing to do
+        else:
+            channels = None
+            if last is not None and last[1] is not None:
+                channels = last[1].out_features if isinstance(last[1], nn.Linear) else last[1].out_channels
+            neuron = _neuron_of(module, channels)
+            if neuron is None:
+                raise MPSTypeError(f"from_torch: Sequential{where} is {type(module).__name__}; mpsconv ports "
+                                   "Conv2d, ConvTranspose2d, Linear, BatchNorm2d, Flatten before a Linear and the "
+                                   "activations MPS fuses: run the rest in PyTorch between encodes")
+            if last is not None and last[1] is not None and last[3] is None:
+                last[3] = neuron
+            else:  # nothing to fuse into: a neuron kernel of its own
+                groups.append([where, None, None, neuron, False])
+    if flatten:
+        raise MPSValueError("from_torch: the Sequential ends with Flatten; an MPS image is already the flattened "
+                            "values in HWC order")
+    kernels, sizes = [], []
+    for where, module, bn, neuron, flattened in groups:
+        if module is None:
+            kernels.append(MPSCNNNeuron(device=device, neuronDescriptor=neuron))
+            sizes.append(lambda h, w: (h, w))
+            continue
+        if flattened and shape is None:
+            raise MPSValueError(f"from_torch: Sequential{where} is a Linear after Flatten; pass input_shape=(C, H, W) "
+                                "of the network's input so that its weights can be laid out for its source")
+        kernel, size = _port(module, device, neuron, shape if flattened else None, bn)
+        kernels.append(kernel)
+        sizes.append(size)
+        if shape is not None:
+            c = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            shape = (c, *size(*shape[1:]))
+    return TorchLayers(kernels, sizes)
+
+
+class TorchLayers(list):
+    """``from_torch`` of an ``nn.Sequential`` (our addition): its kernels, in order, and ``encode``,
+    which runs them one after another into one command buffer."""
+
+    def __init__(self, kernels, sizes):
+        super().__init__(kernels)
+        self._sizes = list(sizes)
+
+    def output_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the last layer's output for a ``height x width`` input, as PyTorch gives it."""
+        for size in self._sizes:
+            height, width = size(height, width)
+        last = self[-1]
+        channels = last.outputFeatureChannels if hasattr(last, "outputFeatureChannels") else None
+        return channels, height, width
+
+    def encode(self, *, commandBuffer, sourceImage, destinationImage=None):
+        """Encode every layer into ``commandBuffer``: the images between them are ``MPSTemporaryImage``s
+        of it, sized as PyTorch sizes its tensors, in the source's format; the last writes
+        ``destinationImage`` or a new ``MPSImage``, which it returns."""
+        if not self:
+            raise MPSValueError("TorchLayers.encode: there are no layers")
+        if not isinstance(sourceImage, MPSImage):
+            raise MPSTypeError(f"TorchLayers.encode: sourceImage={sourceImage!r} must be an MPSImage")
+        image, h, w = sourceImage, sourceImage.height, sourceImage.width
+        for i, (kernel, size) in enumerate(zip(self, self._sizes)):
+            h, w = size(h, w)
+            channels = getattr(kernel, "outputFeatureChannels", None) or image.featureChannels
+            descriptor = MPSImageDescriptor(channelFormat=sourceImage.featureChannelFormat, width=w, height=h,
+                                            featureChannels=channels, numberOfImages=sourceImage.numberOfImages)
+            if i < len(self) - 1:
+                out = MPSTemporaryImage(commandBuffer=commandBuffer, imageDescriptor=descriptor)
+            else:
+                out = destinationImage if destinationImage is not None else MPSImage(
+                    device=commandBuffer.device, imageDescriptor=descriptor)
+            kernel.encode(commandBuffer=commandBuffer, sourceImage=image, destinationImage=out)
+            image = out
+        return image
+
+
+def _conv_padding(module) -> tuple[tuple[int, int], tuple[int, int]]:
+    """A ``Conv2d``'s padding ``(before, after)`` on each axis ``(y, x)``: ``'same'`` pads
+    ``d·(k - 1)`` in all, the odd one at the end, as PyTorch does."""
+    if module.padding == "valid":
+        return (0, 0), (0, 0)
+    if module.padding == "same":
+        totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+        return tuple((t // 2, t - t // 2) for t in totals)
+    return tuple((p, p) for p in module.padding)
 
 
 def to_torch(kernel):

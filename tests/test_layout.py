@@ -8,7 +8,7 @@ import torch
 from helpers import DEVICE, QUEUE, blank, image, values
 from mpsconv import *
 from mpsconv.layout import (
-    MPSCNNConvolutionWeights, from_torch, to_torch, torch_output_size, weights_from_hwio, weights_from_oihw,
+    MPSCNNConvolutionWeights, TorchLayers, from_torch, to_torch, torch_output_size, weights_from_hwio, weights_from_oihw,
     weights_to_hwio, weights_to_oihw,
 )
 from tolerances import assert_close
@@ -108,7 +108,7 @@ def test_bad_input_is_refused():
         weights_from_oihw(np.zeros((4, 2, 3)))
     with pytest.raises(MPSValueError, match="padding_mode"):
         from_torch(torch.nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), DEVICE)
-    with pytest.raises(MPSTypeError, match="Conv2d, ConvTranspose2d and Linear"):
+    with pytest.raises(MPSTypeError, match="Conv2d, ConvTranspose2d, Linear and Sequential"):
         from_torch(torch.nn.ReLU(), DEVICE)
     with pytest.raises(MPSValueError, match="in_features=6"):
         from_torch(torch.nn.Linear(6, 2), DEVICE, input_shape=(1, 2, 2))
@@ -136,3 +136,101 @@ def test_weights_source_reloads_new_arrays():
         ds.weights_array = np.zeros(53)
     with pytest.raises(MPSValueError, match="outputFeatureChannels"):
         ds.bias_array = [1.0]
+
+
+# -- 'same', replicate, and whole nn.Sequential models
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("k, d, mode", [(1, 1, "zeros"), (2, 1, "zeros"), (3, 1, "replicate"), (4, 1, "zeros"),
+                                        (5, 2, "replicate"), ((2, 3), (1, 2), "zeros"), (4, 1, "replicate")])
+def test_same_padding_and_replicate(backend, k, d, mode):
+    """padding='same' for any kernel (an even one pads one more at the bottom and right, as PyTorch
+    does) and padding_mode='replicate' (the clamp edge), against PyTorch itself on random data."""
+    torch.manual_seed(1)
+    layer = torch.nn.Conv2d(3, 4, k, padding="same", dilation=d, padding_mode=mode).eval()
+    x = torch.randn(1, 3, 7, 9)
+    kernel = from_torch(layer, DEVICE)
+    assert kernel.edgeMode == (MPSImageEdgeMode.clamp if mode == "replicate" else MPSImageEdgeMode.zero)
+    with use_backend(backend):
+        got = run(kernel, x, (7, 9), 4)
+    with torch.no_grad():
+        want = layer(x).permute(0, 2, 3, 1).numpy()
+    assert_close(got, want, "float32", f"k={k} d={d} {mode}")
+    valid = torch.nn.Conv2d(3, 4, 3, padding="valid", padding_mode="replicate").eval()
+    with torch.no_grad():
+        assert_close(run(from_torch(valid, DEVICE), x, (5, 7), 4), valid(x).permute(0, 2, 3, 1).numpy(), "float32")
+
+
+def test_padding_modes_without_an_mps_edge_mode_are_refused_by_name():
+    for mode in ("reflect", "circular"):
+        with pytest.raises(MPSValueError, match=f"padding_mode='{mode}'.*'reflect' and 'circular' have no MPS edge"):
+            from_torch(torch.nn.Conv2d(2, 2, 3, padding="same", padding_mode=mode), DEVICE)
+
+
+def _randomized_batch_norm(bn, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.3)
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+        if bn.affine:
+            bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g) * 0.2)
+    return bn
+
+
+def small_model():
+    """A MobileNet-style stem and block, then one of each activation MPS fuses, then a classifier."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False), _randomized_batch_norm(nn.BatchNorm2d(16), 1),
+        nn.ReLU6(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), _randomized_batch_norm(nn.BatchNorm2d(16), 2),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 1), _randomized_batch_norm(nn.BatchNorm2d(8, affine=False), 3),
+        nn.Conv2d(8, 8, 2, padding="same"), nn.LeakyReLU(0.1),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="replicate"), nn.PReLU(),
+        nn.Conv2d(8, 8, 1), nn.Sigmoid(), nn.Tanh(),  # the second has nothing to fuse into: a neuron kernel
+        nn.Conv2d(8, 8, 1), nn.ELU(0.7),
+        nn.Conv2d(8, 8, 1), nn.Softplus(beta=2.0),
+        nn.Conv2d(8, 8, 1), nn.Hardsigmoid(),
+        nn.Conv2d(8, 8, 1), nn.Softsign(),
+        nn.Dropout(0.5),
+        nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1), nn.GELU(),
+        nn.Flatten(), nn.Linear(4 * 12 * 10, 10),
+    ).eval()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_a_sequential_ports_as_one_list_of_kernels(backend):
+    model = small_model()
+    layers = from_torch(model, DEVICE, input_shape=(3, 12, 10))
+    assert isinstance(layers, TorchLayers) and len(layers) == 13
+    assert isinstance(layers[6], MPSCNNNeuron) and layers[6].neuronType == MPSCNNNeuronType.tanH
+    assert layers[0].fusedNeuronDescriptor.neuronType == MPSCNNNeuronType.reLUN
+    assert layers.output_shape(12, 10) == (10, 1, 1)
+    x = torch.randn(2, 3, 12, 10)
+    src = image(x.permute(0, 2, 3, 1).numpy())
+    with use_backend(backend):
+        cb = QUEUE.makeCommandBuffer()
+        out = layers.encode(commandBuffer=cb, sourceImage=src)
+        cb.commit()
+        cb.waitUntilCompleted()
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert (out.width, out.height, out.featureChannels, out.numberOfImages) == (1, 1, 10, 2)
+    assert_close(values(out)[:, 0, 0, :], want, "float32")
+
+
+@pytest.mark.parametrize("modules, error, message", [
+    (lambda nn: [nn.Conv2d(2, 4, 1), nn.SiLU()], MPSValueError, "SiLU.*has no MPSCNNNeuronType"),
+    (lambda nn: [nn.Conv2d(2, 4, 1), nn.GELU(approximate="tanh")], MPSValueError, "has no MPSCNNNeuronType"),
+    (lambda nn: [nn.Conv2d(2, 4, 1), nn.MaxPool2d(2)], MPSTypeError, r"Sequential\[1\] is MaxPool2d"),
+    (lambda nn: [nn.Conv2d(2, 4, 1), nn.ReLU(), nn.BatchNorm2d(4)], MPSValueError, "does not follow a Conv2d"),
+    (lambda nn: [nn.Conv2d(2, 4, 1), nn.Flatten(), nn.Linear(4 * 9, 3)], MPSValueError, "pass input_shape"),
+    (lambda nn: [nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)], MPSValueError, "running stat"),
+])
+def test_what_a_sequential_cannot_port_is_named(modules, error, message):
+    with pytest.raises(error, match=message):
+        from_torch(torch.nn.Sequential(*modules(torch.nn)).eval(), DEVICE)
