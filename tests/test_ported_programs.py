@@ -7,6 +7,8 @@ import torch
 
 from helpers import DEVICE, QUEUE, ArraySource, blank, descriptor, image, run, values
 from mpsconv import (
+    MPSCNNBinaryConvolution, MPSCNNBinaryConvolutionType, MPSCNNConvolutionGradient, MPSCNNConvolutionTranspose,
+    MPSCNNNeuron, MPSCNNNeuronGradient, MPSCNNNeuronType, MPSNNNeuronDescriptor,
     MPSCNNConvolution, MPSCNNConvolutionDataSource, MPSCNNConvolutionGradientState, MPSCommandBuffer,
     MPSCommandBufferError, MPSDataType, MPSImageDescriptor, MPSImageFeatureChannelFormat, MPSImageSizeEncodingState,
     MPSTemporaryImage, MPSTypeError, MPSValueError, MTLCommandBufferStatus,
@@ -148,3 +150,42 @@ def test_a_command_buffer_wrapping_an_existing_one():
             MPSCommandBuffer(**bad)
     with pytest.raises(MPSTypeError, match="not an MTLCommandQueue"):
         MPSCommandBuffer.commandBufferFromCommandQueue(base)
+
+
+def test_every_kernel_family_encodes_into_an_mps_command_buffer():
+    """Forward, transposed, binary and neuron kernels, and the convolution and neuron gradients, in
+    one MPSCommandBuffer across a commitAndContinue; each result equals the plain command buffer's."""
+    rng = np.random.default_rng(3)
+    d = descriptor(3, 3, 4, 4)
+    ds = ArraySource(d, rng.uniform(-1, 1, (4, 3, 3, 4)), rng.uniform(-1, 1, 4))
+    relu = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU, a=0.2)
+    conv, grad = MPSCNNConvolution(device=DEVICE, weights=ds), MPSCNNConvolutionGradient(device=DEVICE, weights=ds)
+    transpose = MPSCNNConvolutionTranspose(device=DEVICE, weights=ds)
+    binary = MPSCNNBinaryConvolution(device=DEVICE, convolutionData=ArraySource(d, rng.uniform(-1, 1, 144)),
+                                     scaleValue=0.5, type=MPSCNNBinaryConvolutionType.xnor, flags=0)
+    neuron, neuron_grad = (MPSCNNNeuron(device=DEVICE, neuronDescriptor=relu),
+                           MPSCNNNeuronGradient(device=DEVICE, neuronDescriptor=relu))
+    src, e = image(rng.uniform(-1, 1, (5, 5, 4))), image(rng.uniform(-1, 1, (5, 5, 4)))
+
+    def program(cb, split):
+        outs = [blank(5, 5, 4) for _ in range(6)]
+        state = conv.resultState(sourceImage=src)
+        conv.encode(commandBuffer=cb, sourceImage=src, destinationState=state, destinationImage=outs[0])
+        transpose.encode(commandBuffer=cb, sourceImage=src, destinationImage=outs[1])
+        binary.encode(commandBuffer=cb, sourceImage=src, destinationImage=outs[2])
+        split(cb)
+        n_state = neuron.resultState(sourceImage=src)
+        neuron.encode(commandBuffer=cb, sourceImage=src, destinationState=n_state, destinationImage=outs[3])
+        neuron_grad.encode(commandBuffer=cb, sourceGradient=e, sourceImage=src, gradientState=n_state,
+                           destinationGradient=outs[4])
+        grad.destinationImageDescriptor(sourceImages=[e, src], sourceStates=[state])
+        grad.encode(commandBuffer=cb, sourceGradient=e, sourceImage=src, gradientState=state,
+                    destinationGradient=outs[5])
+        cb.commit()
+        cb.waitUntilCompleted()
+        return [values(o) for o in outs] + [np.frombuffer(state.gradientForWeights.contents().tobytes(), np.float32)]
+
+    want = program(QUEUE.makeCommandBuffer(), lambda cb: None)
+    got = program(MPSCommandBuffer(QUEUE), lambda cb: cb.commitAndContinue())
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
