@@ -207,6 +207,14 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
         return None if destinationGradients is not None else out
 
     def _encode_gradient(self, cb, gradients, sources, states, destinations, owner):
+        saved = (self._kernel_offset, self._primary_offset, self._secondary_offset, self._secondary_edge)
+        try:
+            return self._encode_gradient_checked(cb, gradients, sources, states, destinations, owner)
+        except Exception:  # a refused encode leaves the offsets as they were
+            self._kernel_offset, self._primary_offset, self._secondary_offset, self._secondary_edge = saved
+            raise
+
+    def _encode_gradient_checked(self, cb, gradients, sources, states, destinations, owner):
         self._check_cb(cb, owner)
         if not isinstance(cb, MTLCommandBuffer):
             raise MPSTypeError(f"{owner}: commandBuffer={cb!r} must be an MTLCommandBuffer")
@@ -215,7 +223,7 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
             raise MPSValueError(f"{owner}: sourceGradients, sourceImages, gradientStates (and "
                                 "destinationGradients) must have the same length")
         if destinations is None:  # the state-driven form: the state sets the offsets
-            if not isinstance(states[0], self._input_state_class):
+            if not states or not isinstance(states[0], self._input_state_class):
                 raise MPSTypeError(f"{owner}: gradientState={type(states[0]).__name__} must be an "
                                    f"{self._input_state_class.__name__} from the forward kernel")
             self._configure(states[0])

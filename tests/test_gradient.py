@@ -433,3 +433,13 @@ def test_gradient_offsets_refuse_what_is_not_an_integer_and_the_transpose_refuse
     cb.commit()
     cb.waitUntilCompleted()
     assert cb.error is None
+
+
+def test_a_refused_gradient_encode_leaves_the_offsets_as_they_were():
+    fwd, grad = pair(3, 3, 2, 2, np.random.default_rng(0).uniform(-1, 1, 36))
+    src = blank(5, 5, 2, rng=np.random.default_rng(1))
+    cb, state = _forward(fwd, src, (1, 1))
+    grad.kernelOffsetX, grad.secondaryOffset = 7, MPSOffset(3, 2, 0)
+    with pytest.raises(MPSValueError, match="forward clip region"):
+        grad.encode(commandBuffer=cb, sourceGradient=blank(4, 5, 2), sourceImage=src, gradientState=state)
+    assert (grad.kernelOffsetX, grad.kernelOffsetY, grad.secondaryOffset) == (7, 0, MPSOffset(3, 2, 0))
