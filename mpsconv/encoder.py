@@ -326,7 +326,21 @@ def _step(kernel, problem: ConvProblem, source, destination) -> onnx.Step | None
                      destination._storage, destination._c, isinstance(destination, MPSTemporaryImage))
 
 
-class _GradientWork:
+class _LabelledWork:
+    """A recorded call that runs ``_run``, inside a profiler range named by its debug-group label
+    (``label``, None when the kernel asks for none)."""
+
+    __slots__ = ()
+
+    def __call__(self) -> None:
+        if self.label is None:
+            self._run()
+        else:
+            with torch.autograd.profiler.record_function(self.label):
+                self._run()
+
+
+class _GradientWork(_LabelledWork):
     """One recorded gradient: reads the incoming gradient's feature values, runs the backend's
     gradient, stores ``dL/dS`` in the destination's format and writes (or adds) the weight and bias
     gradients into their float32 views."""
@@ -338,13 +352,6 @@ class _GradientWork:
         self.storages = (job.gradient._ensure_storage(), job.source._ensure_storage(),
                          None if job.destination is None else job.destination._ensure_storage())
         self.label = _label(kernel, f"gradient on {planned.backend.name}")
-
-    def __call__(self) -> None:
-        if self.label is None:
-            self._run()
-        else:
-            with torch.autograd.profiler.record_function(self.label):
-                self._run()
 
     def _run(self) -> None:
         (problem, backend, plan, _), job = self.planned, self.job
@@ -362,7 +369,7 @@ class _GradientWork:
                 target.add_(value) if job.accumulate else target.copy_(value)
 
 
-class _NeuronGradientWork:
+class _NeuronGradientWork(_LabelledWork):
     """One recorded neuron gradient: the backend writes ``dL/dS = E·f'(S)`` into the destination's
     channel slice."""
 
@@ -373,13 +380,6 @@ class _NeuronGradientWork:
         self.storages = (job.gradient._ensure_storage(), job.source._ensure_storage(),
                          job.destination._ensure_storage())
         self.label = _label(kernel, f"neuron gradient on {backend.name}")
-
-    def __call__(self) -> None:
-        if self.label is None:
-            self._run()
-        else:
-            with torch.autograd.profiler.record_function(self.label):
-                self._run()
 
     def _run(self) -> None:
         job, (e_storage, src_storage, dst_storage) = self.job, self.storages

@@ -287,13 +287,7 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
                 replace(problem, tap0=(ty + wy, tx + wx)))
 
     def _check_one(self, cb, e, src, state, owner, index):
-        for image, role in ((e, "sourceGradient" + index), (src, "sourceImage" + index)):
-            if not isinstance(image, MPSImage):
-                raise MPSTypeError(f"{owner}: {role}={image!r} must be an MPSImage")
-            if image.device is not self._device:
-                raise MPSDeviceError(f"{owner}: {role} is on {image.device.torch_device}; the kernel is on "
-                                     f"{self._device.torch_device}")
-            image._check_for_encode(cb, owner, role)
+        _check_images(self, cb, owner, ((e, "sourceGradient" + index), (src, "sourceImage" + index)))
         if not isinstance(state, self._input_state_class):
             raise MPSTypeError(f"{owner}: gradientState{index}={type(state).__name__} must be an "
                                f"{self._input_state_class.__name__} from the forward kernel")
@@ -307,20 +301,10 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
         forward = getattr(state, "_problem", None)
         if forward is None:
             raise MPSValueError(f"{owner}: gradientState{index} was not filled by a forward encode yet")
-        he, we = forward.out_size
         p = self._primary_offset
-        shifted = (p.x, p.y) != (0, 0)  # then E may be larger than the clip region, zero outside its data
-        if (e.height < he or e.width < we if shifted else (e.height, e.width) != (he, we)) \
-                or e.numberOfImages < forward.n_images:
-            need = "at least " if shifted else ""
-            raise MPSValueError(f"{owner}: sourceGradient{index} is {e.width}x{e.height} x{e.numberOfImages}; "
-                                f"it must be {need}the forward clip region's {we}x{he} x{forward.n_images}")
-        if e.featureChannels < self._sfo + forward.out_channels:
-            raise MPSValueError(f"{owner}: sourceGradient{index} has {e.featureChannels} feature channels; "
-                                f"{forward.out_channels} are needed from sourceFeatureChannelOffset={self._sfo}")
-        if (src.height, src.width) != forward.src_size or src.numberOfImages < forward.src_image0 + forward.n_images:
-            raise MPSValueError(f"{owner}: sourceImage{index} is {src.width}x{src.height}; the forward source "
-                                f"was {forward.src_size[1]}x{forward.src_size[0]}")
+        # with primaryOffset set, E may be larger than the clip region (zero outside its data)
+        _check_against_forward(owner, index, e, src, forward, forward.out_channels, self._sfo,
+                               at_least=(p.x, p.y) != (0, 0))
         problem = replace(forward, neuron=NeuronSpec(), dst_channel0=self._dfo)
         return problem, e, src, state
 
@@ -336,6 +320,35 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
                                 f"destinationFeatureChannelOffset={self._dfo} + {problem.in_channels} needed")
         if dst._root is src._root:
             raise MPSValueError(f"{owner}: destinationGradient shares storage with sourceImage")
+
+
+def _check_images(kernel, cb, owner: str, images) -> None:
+    """Each ``(image, role)`` is an MPSImage on the kernel's device that this command buffer may read."""
+    for image, role in images:
+        if not isinstance(image, MPSImage):
+            raise MPSTypeError(f"{owner}: {role}={image!r} must be an MPSImage")
+        if image.device is not kernel._device:
+            raise MPSDeviceError(f"{owner}: {role} is on {image.device.torch_device}; the kernel is on "
+                                 f"{kernel._device.torch_device}")
+        image._check_for_encode(cb, owner, role)
+
+
+def _check_against_forward(owner: str, index: str, e, src, forward: ConvProblem, channels: int, sfo: int,
+                           at_least: bool = False) -> None:
+    """The incoming gradient has the forward clip region's size (``at_least``: no less) and
+    ``channels`` from ``sfo``; the source is the forward source's size."""
+    he, we = forward.out_size
+    if (e.height < he or e.width < we if at_least else (e.height, e.width) != (he, we)) \
+            or e.numberOfImages < forward.n_images:
+        need = "at least " if at_least else ""
+        raise MPSValueError(f"{owner}: sourceGradient{index} is {e.width}x{e.height} x{e.numberOfImages}; "
+                            f"it must be {need}the forward clip region's {we}x{he} x{forward.n_images}")
+    if e.featureChannels < sfo + channels:
+        raise MPSValueError(f"{owner}: sourceGradient{index} has {e.featureChannels} feature channels; "
+                            f"{channels} are needed from sourceFeatureChannelOffset={sfo}")
+    if (src.height, src.width) != forward.src_size or src.numberOfImages < forward.src_image0 + forward.n_images:
+        raise MPSValueError(f"{owner}: sourceImage{index} is {src.width}x{src.height}; the forward source "
+                            f"was {forward.src_size[1]}x{forward.src_size[0]}")
 
 
 def encode_data_source_update(commandBuffer, gradientState, forward, gradient) -> None:
@@ -508,13 +521,7 @@ class MPSCNNNeuronGradient(NeuronKernel):
         return destinations
 
     def _check_one(self, cb, e, src, state, owner, index):
-        for image, role in ((e, "sourceGradient" + index), (src, "sourceImage" + index)):
-            if not isinstance(image, MPSImage):
-                raise MPSTypeError(f"{owner}: {role}={image!r} must be an MPSImage")
-            if image.device is not self._device:
-                raise MPSDeviceError(f"{owner}: {role} is on {image.device.torch_device}; the kernel is on "
-                                     f"{self._device.torch_device}")
-            image._check_for_encode(cb, owner, role)
+        _check_images(self, cb, owner, ((e, "sourceGradient" + index), (src, "sourceImage" + index)))
         if not isinstance(state, MPSNNGradientState) or not isinstance(state._producer, MPSCNNNeuron):
             raise MPSTypeError(f"{owner}: gradientState{index}={type(state).__name__} must be the "
                                "MPSNNGradientState of an MPSCNNNeuron's forward encode")
@@ -526,27 +533,13 @@ class MPSCNNNeuronGradient(NeuronKernel):
         forward = state._problem
         if forward is None:
             raise MPSValueError(f"{owner}: gradientState{index} was not filled by a forward encode yet")
-        he, we = forward.out_size
-        if (e.height, e.width) != (he, we) or e.numberOfImages < forward.n_images:
-            raise MPSValueError(f"{owner}: sourceGradient{index} is {e.width}x{e.height} x{e.numberOfImages}; "
-                                f"it must be the forward clip region's {we}x{he} x{forward.n_images}")
-        if e.featureChannels < self._sfo + forward.in_channels:
-            raise MPSValueError(f"{owner}: sourceGradient{index} has {e.featureChannels} feature channels; "
-                                f"{forward.in_channels} are needed from sourceFeatureChannelOffset={self._sfo}")
-        if (src.height, src.width) != forward.src_size or src.numberOfImages < forward.src_image0 + forward.n_images:
-            raise MPSValueError(f"{owner}: sourceImage{index} is {src.width}x{src.height}; the forward source "
-                                f"was {forward.src_size[1]}x{forward.src_size[0]}")
+        _check_against_forward(owner, index, e, src, forward, forward.in_channels, self._sfo)
         return forward, e, src
 
     def _check_destination(self, dst, e, src, forward, cb, owner, index) -> ConvProblem:
         """The gradient's problem: the forward one writing ``dst``'s format at this kernel's channel offset."""
         role = "destinationGradient" + index
-        if not isinstance(dst, MPSImage):
-            raise MPSTypeError(f"{owner}: {role}={dst!r} must be an MPSImage")
-        if dst.device is not self._device:
-            raise MPSDeviceError(f"{owner}: {role} is on {dst.device.torch_device}; the kernel is on "
-                                 f"{self._device.torch_device}")
-        dst._check_for_encode(cb, owner, role)
+        _check_images(self, cb, owner, ((dst, role),))
         if (dst.height, dst.width) != forward.src_size or dst.numberOfImages < forward.src_image0 + forward.n_images:
             raise MPSValueError(f"{owner}: {role} is {dst.width}x{dst.height} x{dst.numberOfImages}; it needs the "
                                 f"forward source's size {forward.src_size[1]}x{forward.src_size[0]} "
