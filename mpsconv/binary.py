@@ -10,6 +10,7 @@ from .descriptor import (
     MPSCNNBinaryConvolutionFlags, MPSCNNBinaryConvolutionType, MPSCNNConvolutionDescriptor,
 )
 from .errors import MPSTypeError, MPSValueError
+from .types import as_enum, as_flags, as_float
 from .core.geometry import MPSNNPaddingMethod, NeuronSpec
 from .core.weights import BinaryParams
 from .kernel import MPSCNNKernel
@@ -61,14 +62,10 @@ class MPSCNNBinaryConvolution(DescribedKernel, MPSCNNKernel):
     def _init_binary(self, kwargs: dict, scale_value) -> None:
         owner = type(self).__name__
         self._init_cnn_kernel(kwargs["device"])
+        self._type = as_enum(kwargs["type"], MPSCNNBinaryConvolutionType, owner, "type")
         try:
-            self._type = MPSCNNBinaryConvolutionType(int(kwargs["type"]))
-        except (TypeError, ValueError):
-            raise MPSValueError(f"{owner}: type={kwargs['type']!r} is not an MPSCNNBinaryConvolutionType "
-                                "(binaryWeights 0, xnor 1, AND 2)") from None
-        try:
-            self._flags = MPSCNNBinaryConvolutionFlags(int(kwargs["flags"]))
-        except (TypeError, ValueError):
+            self._flags = as_flags(kwargs["flags"], MPSCNNBinaryConvolutionFlags, owner, "flags")
+        except MPSValueError:
             raise MPSValueError(f"{owner}: flags={kwargs['flags']!r} is not an MPSCNNBinaryConvolutionFlags "
                                 "(none 0, useBetaScaling 1)") from None
         ds = kwargs["convolutionData"]
@@ -96,7 +93,7 @@ class MPSCNNBinaryConvolution(DescribedKernel, MPSCNNKernel):
                 bias = ds.biasTerms()
                 out_bias = np.zeros(o, np.float32) if bias is None else \
                     read_array(bias, np.float32, o, owner, "convolutionData.biasTerms()")
-                out_scale = np.full(o, float(scale_value), np.float32)
+                out_scale = np.full(o, as_float(scale_value, owner, "scaleValue"), np.float32)
                 in_bias, in_scale = np.zeros(i, np.float32), np.ones(i, np.float32)
             else:
                 out_bias = _terms(kwargs["outputBiasTerms"], o, 0.0, owner, "outputBiasTerms")

@@ -22,6 +22,9 @@ import threading
 import time
 from pathlib import Path
 
+from .errors import MPSValueError
+from .types import as_int
+
 _BACKENDS = ("auto", "reference", "torch", "triton")
 class _Local(threading.local):
     backend = None  # a class default: a missing thread-local attribute costs an exception to find
@@ -32,7 +35,7 @@ _local = _Local()
 
 def _check_backend(name: str) -> str:
     if name not in _BACKENDS:
-        raise ValueError(f"MPSCONV_BACKEND={name!r} is not a backend; use one of {', '.join(_BACKENDS)}")
+        raise MPSValueError(f"MPSCONV_BACKEND={name!r} is not a backend; use one of {', '.join(_BACKENDS)}")
     return name
 
 
@@ -67,11 +70,18 @@ def backend() -> str:
     return _BACKEND() if forced is None else forced
 
 
-@contextlib.contextmanager
 def use_backend(name: str):
-    """Force a backend for the encodes made inside the block (on this thread)."""
+    """Force a backend for the encodes made inside the block (on this thread): ``with use_backend("torch"):``.
+    An unknown name is refused here, not when the block starts."""
+    if not isinstance(name, str):
+        raise MPSValueError(f"use_backend: name={name!r} must be one of {', '.join(_BACKENDS)}")
+    return _backend_block(_check_backend(name))
+
+
+@contextlib.contextmanager
+def _backend_block(name: str):
     previous = _local.backend
-    _local.backend = _check_backend(name)
+    _local.backend = name
     try:
         yield
     finally:
@@ -107,9 +117,9 @@ def _parse_bytes(name: str, raw: str | None, default: int | None) -> int | None:
     try:
         value = int(float(number) * _SUFFIXES[suffix])
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a byte count (e.g. 512M, 8G, 1073741824)") from None
+        raise MPSValueError(f"{name}={raw!r} is not a byte count (e.g. 512M, 8G, 1073741824)") from None
     if value <= 0:
-        raise ValueError(f"{name}={raw!r} must be a positive byte count")
+        raise MPSValueError(f"{name}={raw!r} must be a positive byte count")
     return value
 
 
@@ -148,11 +158,16 @@ def memory_limit() -> int:
     return explicit_memory_limit() or _available_memory()
 
 
-@contextlib.contextmanager
 def use_memory_limit(nbytes: int):
-    """Set the CPU memory limit for the block (process-wide, e.g. for tests)."""
+    """Set the CPU memory limit for the block (process-wide, e.g. for tests): a byte count >= 1, as
+    ``MPSCONV_MEMORY_LIMIT`` takes."""
+    return _memory_limit_block(as_int(nbytes, "use_memory_limit", "nbytes", 1))
+
+
+@contextlib.contextmanager
+def _memory_limit_block(nbytes: int):
     global _limit_override
-    previous, _limit_override = _limit_override, int(nbytes)
+    previous, _limit_override = _limit_override, nbytes
     try:
         yield
     finally:
@@ -166,9 +181,9 @@ def _parse_threads(raw: str | None) -> int | None:
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"MPSCONV_NUM_THREADS={raw!r} is not a thread count; give a number >= 1 or auto") from None
+        raise MPSValueError(f"MPSCONV_NUM_THREADS={raw!r} is not a thread count; give a number >= 1 or auto") from None
     if value < 1:
-        raise ValueError(f"MPSCONV_NUM_THREADS={raw!r} must be >= 1 (or auto)")
+        raise MPSValueError(f"MPSCONV_NUM_THREADS={raw!r} must be >= 1 (or auto)")
     return value
 
 

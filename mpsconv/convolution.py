@@ -16,11 +16,10 @@ from .descriptor import (
     MPSCNNConvolutionDescriptor, MPSCNNConvolutionFlags, MPSNNConvolutionAccumulatorPrecisionOption,
 )
 from .errors import MPSTypeError, MPSValueError
-from .image import MPSImage
 from .kernel import MPSCNNKernel
 from .neuron import MPSNNNeuronDescriptor, _deprecated
 from .convolution_state import MPSCNNConvolutionGradientState, MPSCNNConvolutionWeightsAndBiasesState
-from .types import MPSDataType
+from .types import as_enum, MPSDataType
 
 Accumulator = MPSNNConvolutionAccumulatorPrecisionOption
 
@@ -117,7 +116,7 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
 
     @accumulatorPrecisionOption.setter
     def accumulatorPrecisionOption(self, value) -> None:
-        value = Accumulator(int(value) & 1)
+        value = as_enum(value, Accumulator, type(self).__name__, "accumulatorPrecisionOption")
         if value == Accumulator.half and self._loaded.kernel_weights_type == MPSDataType.float32:
             raise MPSValueError(f"{type(self).__name__}: accumulatorPrecisionOption=.half is not allowed with "
                                 "float32 kernel weights (kernelWeightsDataType() == float32)")

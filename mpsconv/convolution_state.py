@@ -6,6 +6,7 @@ from __future__ import annotations
 from ._api import keywords
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNConvolutionWeightsLayout
 from .errors import MPSTypeError, MPSValueError
+from .types import as_int
 from .metal import MTLBuffer
 from .state import MPSImageSizeEncodingState, MPSNNGradientState, MPSState
 
@@ -75,7 +76,7 @@ class MPSCNNConvolutionWeightsAndBiasesState(MPSState):
             w_len, b_len = _lengths(kwargs["cnnConvolutionDescriptor"], owner)
             weights, biases = kwargs["weights"], kwargs["biases"]
             _check_buffer(weights, owner, "weights")
-            w_off, b_off = int(kwargs["weightsOffset"]), int(kwargs["biasesOffset"])
+            w_off, b_off = (as_int(kwargs[name], owner, name, 0) for name in ("weightsOffset", "biasesOffset"))
             for name, off, buf, length in (("weights", w_off, weights, w_len), ("biases", b_off, biases, b_len)):
                 if buf is None:
                     continue

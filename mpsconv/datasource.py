@@ -21,7 +21,7 @@ from .descriptor import (
 from .errors import MPSTypeError, MPSValueError
 from .core.geometry import NeuronSpec
 from .core.weights import round_weights
-from .types import MPSDataType
+from .types import as_enum, MPSDataType
 
 _REQUIRED = ("dataType", "descriptor", "weights", "biasTerms", "load", "purge", "label")
 
@@ -128,10 +128,7 @@ def _optional(ds, name: str):
 
 
 def _data_type(value, owner: str, what: str) -> MPSDataType:
-    try:
-        return MPSDataType(int(value))
-    except (TypeError, ValueError):
-        raise MPSValueError(f"{owner}: {what}={value!r} is not an MPSDataType") from None
+    return as_enum(value, MPSDataType, owner, what)
 
 
 def check_protocol(ds, owner: str) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 
 from ._api import Strict, keywords
 from .errors import MPSTypeError, MPSValueError
+from .types import as_float, as_int
 from .core.activations import MPSCNNNeuronType
 from .core.geometry import NeuronSpec
 from .neuron import MPSCNNNeuron, MPSNNNeuronDescriptor, _deprecated, float32_values
@@ -70,13 +71,7 @@ MAX_DESCRIPTOR_VALUE = 2**31 - 1
 
 
 def positive_int(value, owner: str, prop: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise MPSTypeError(f"{owner}: {prop}={value!r} must be an integer")
-    if value < minimum:
-        raise MPSValueError(f"{owner}: {prop}={value} must be >= {minimum}")
-    if value > MAX_DESCRIPTOR_VALUE:
-        raise MPSValueError(f"{owner}: {prop}={value} must be <= 2**31 - 1")
-    return int(value)
+    return as_int(value, owner, prop, minimum, MAX_DESCRIPTOR_VALUE)
 
 
 class _BatchNorm:
@@ -221,7 +216,8 @@ class MPSCNNConvolutionDescriptor(Strict):
         if neuron.neuronType == MPSCNNNeuronType.pReLU:
             raise MPSValueError(f"{self._owner}.setNeuronType: pReLU needs per-channel parameters; use "
                                 "setNeuronToPReLUWithParametersA or a cnnNeuronPReLUDescriptor")
-        neuron.a, neuron.b = float(parameterA), float(parameterB)
+        owner = f"{self._owner}.setNeuronType"
+        neuron.a, neuron.b = as_float(parameterA, owner, "parameterA"), as_float(parameterB, owner, "parameterB")
         self.fusedNeuronDescriptor = neuron
 
     def setNeuronToPReLUWithParametersA(self, A, /) -> None:
@@ -265,10 +261,7 @@ class MPSCNNConvolutionDescriptor(Strict):
             missing = sorted(set(arrays) - set(given))
             raise MPSValueError(f"{owner}: {', '.join(missing)} is None; pass all four arrays, or all None to "
                                 "remove batch normalization")
-        try:
-            eps = float(epsilon)
-        except (TypeError, ValueError):
-            raise MPSTypeError(f"{owner}: epsilon={epsilon!r} must be a float") from None
+        eps = as_float(epsilon, owner, "epsilon")
         if not math.isfinite(eps):
             raise MPSValueError(f"{owner}: epsilon={epsilon!r} must be a finite float")
         copied = {}

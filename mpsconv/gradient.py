@@ -25,7 +25,7 @@ from .state import MPSNNGradientState
 from .convolution_state import (
     MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState,
 )
-from .types import MPSDataType, MPSOffset, as_offset
+from .types import as_bool, as_int, as_offset, MPSDataType, MPSOffset
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,14 +82,11 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
 
     @gradientOption.setter
     def gradientOption(self, value) -> None:
-        try:
-            value = MPSCNNConvolutionGradientOption(int(value))
-        except (TypeError, ValueError):
-            value = None
-        if value is None or not value & MPSCNNConvolutionGradientOption.all:
+        value = as_int(value, type(self).__name__, "gradientOption")
+        if value not in (1, 2, 3):
             raise MPSValueError(f"{type(self).__name__}: gradientOption must be gradientWithData (1), "
                                 "gradientWithWeightsAndBias (2) or all (3)")
-        self._gradient_option = value
+        self._gradient_option = MPSCNNConvolutionGradientOption(value)
 
     @property
     def serializeWeightsAndBiases(self) -> bool:
@@ -99,7 +96,7 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
     @serializeWeightsAndBiases.setter
     def serializeWeightsAndBiases(self, value) -> None:
         _deprecated(f"{type(self).__name__}.serializeWeightsAndBiases", "nothing (it has no effect)")
-        self._serialize = bool(value)
+        self._serialize = as_bool(value, type(self).__name__, "serializeWeightsAndBiases")
 
     # -- window placement (MPSCNNGradientKernel, MPSCNNBinaryKernel). The primary source is the
     # incoming gradient, the secondary the forward source. The allocating encode and

@@ -20,12 +20,12 @@ from .core.formats import (
     MTLPixelFormat, check_format, lanes_for, slices_for, storage_to_values, values_to_storage,
 )
 from .errors import MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValueError
-from .memory import allocation_failed, out_of_memory
+from .memory import allocation_failed, check_allocation, out_of_memory
 from .metal import (
     CommandBufferTemporary, MTLCommandBuffer, MTLCPUCacheMode, MTLDevice, MTLStorageMode, MTLTexture,
     MTLTextureType, MTLTextureUsage, MTLCreateSystemDefaultDevice, _byte_view,
 )
-from .types import NSIntegerMin, MTLOrigin, MTLRegion, MTLSize, as_region
+from .types import _integers, as_enum, as_flags, as_int, as_region, MTLOrigin, MTLRegion, MTLSize, NSIntegerMin
 
 F = MPSImageFeatureChannelFormat
 
@@ -90,10 +90,7 @@ class MPSImageDescriptor(Strict):
 
     @channelFormat.setter
     def channelFormat(self, value) -> None:
-        try:
-            self._channelFormat = MPSImageFeatureChannelFormat(int(value))
-        except (TypeError, ValueError):
-            raise MPSValueError(f"MPSImageDescriptor: channelFormat={value!r} is not an MPSImageFeatureChannelFormat") from None
+        self._channelFormat = as_enum(value, MPSImageFeatureChannelFormat, "MPSImageDescriptor", "channelFormat")
 
     @property
     def usage(self) -> MTLTextureUsage:
@@ -101,7 +98,7 @@ class MPSImageDescriptor(Strict):
 
     @usage.setter
     def usage(self, value) -> None:
-        self._usage = MTLTextureUsage(int(value))
+        self._usage = as_flags(value, MTLTextureUsage, "MPSImageDescriptor", "usage")
 
     @property
     def pixelFormat(self) -> MTLPixelFormat:
@@ -119,10 +116,7 @@ class MPSImageDescriptor(Strict):
     def _validated(self, owner: str) -> tuple[int, int, int, int, MPSImageFeatureChannelFormat]:
         dims = {}
         for name in ("width", "height", "featureChannels", "numberOfImages"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise MPSValueError(f"{owner}: imageDescriptor.{name}={value!r} must be an integer >= 1")
-            dims[name] = int(value)
+            dims[name] = as_int(getattr(self, name), owner, f"imageDescriptor.{name}", 1)
         fmt = check_format(self._channelFormat, owner)
         if fmt == F.none:
             fmt = F.float16  # "none" means "let MPS pick"; MPS graphs pick float16
@@ -192,9 +186,7 @@ class MPSImage(Strict):
     def _init_texture(self, texture, featureChannels):
         if not isinstance(texture, MTLTexture):
             raise MPSTypeError(f"MPSImage(texture=): {texture!r} is not an MTLTexture")
-        c = int(featureChannels)
-        if c < 1:
-            raise MPSValueError(f"MPSImage(texture=): featureChannels={c} must be >= 1")
+        c = as_int(featureChannels, "MPSImage(texture=)", "featureChannels", 1)
         spi = slices_for(c)
         if texture.textureType == MTLTextureType.type2D:
             if c > 4:
@@ -241,7 +233,7 @@ class MPSImage(Strict):
         if start + length > parent_spi or length < 1:
             raise MPSValueError(f"MPSImage(parentImage=): sliceRange {start}..<{start + length} is outside the "
                                 f"parent's {parent_spi} slices")
-        c = int(featureChannels)
+        c = as_int(featureChannels, "MPSImage(parentImage=)", "featureChannels")
         if not 1 <= c <= 4 * length:
             raise MPSValueError(f"MPSImage(parentImage=): featureChannels={c} must be 1...{4 * length}")
         self._make_view(parent, 0, 1, 4 * start, c)
@@ -263,21 +255,36 @@ class MPSImage(Strict):
         feature values; they are converted to the format as a GPU write would (float16 rounds,
         unorm clamps to [0, 1] and scales).
         """
-        values = array.detach() if isinstance(array, torch.Tensor) else torch.from_numpy(np.array(array))
-        if values.dim() == 3:
-            values = values.unsqueeze(0)
-        if values.dim() != 4:
-            raise MPSValueError(f"MPSImage.from_numpy: array of shape {tuple(values.shape)} must be (H, W, C) or (N, H, W, C)")
-        n, h, w, c = values.shape
+        owner = "MPSImage.from_numpy"
+        if isinstance(array, torch.Tensor):
+            values = array.detach()
+        else:
+            try:
+                values = np.asarray(array)
+            except (TypeError, ValueError) as exc:
+                raise MPSTypeError(f"{owner}: array must be numbers (an array, a tensor or nested lists): {exc}") from None
+            if values.dtype.kind not in "fiub":
+                raise MPSTypeError(f"{owner}: array has dtype {values.dtype}; feature values are real numbers")
+        shape = tuple(values.shape)
+        if len(shape) == 3:
+            shape = (1, *shape)
+        if len(shape) != 4:
+            raise MPSValueError(f"{owner}: array of shape {tuple(values.shape)} must be (H, W, C) or (N, H, W, C)")
+        n, h, w, c = shape
         if h <= 4 and c == w >= 16:  # (N, 3, 224, 224): NCHW, as PyTorch holds images
             raise MPSValueError(
-                f"MPSImage.from_numpy: array of shape {tuple(array.shape)} looks like NCHW ({h} channels of "
+                f"{owner}: array of shape {tuple(values.shape)} looks like NCHW ({h} channels of "
                 f"{w}x{c} pixels); images are NHWC: pass array.transpose(0, 2, 3, 1) (a tensor: "
                 f".permute(0, 2, 3, 1)). If it really is {h} rows of {w} pixels with {c} channels, make the image "
                 "with MPSImage(device=, imageDescriptor=) and copy the values into image.torch()")
         device = device or MTLCreateSystemDefaultDevice()
         image = cls(device=device, imageDescriptor=MPSImageDescriptor(
             channelFormat=featureChannelFormat, width=w, height=h, featureChannels=c, numberOfImages=n))
+        # the storage, and the values converted to float64 on the way (refused before either exists)
+        check_allocation(owner, device, image._layout.storage_bytes + 8 * n * h * w * c)
+        if not isinstance(values, torch.Tensor):
+            values = torch.from_numpy(np.ascontiguousarray(values))
+        values = values.reshape(shape)
         if not values.is_floating_point():
             values = values.to(torch.float64)
         image._ensure_storage()[..., :c].copy_(values_to_storage(values.to(device.torch_device), image._format))
@@ -370,7 +377,7 @@ class MPSImage(Strict):
 
     def setPurgeableState(self, state) -> MPSPurgeableState:
         """``setPurgeableState(_:)``: returns the previous state."""
-        state = MPSPurgeableState(int(state))
+        state = as_enum(state, MPSPurgeableState, "MPSImage.setPurgeableState", "state")
         if self._storage is None:
             return MPSPurgeableState.allocationDeferred
         previous = getattr(self, "_purgeable", MPSPurgeableState.nonVolatile)
@@ -461,7 +468,7 @@ class MPSImage(Strict):
     def _access(self, owner, data, layout, image_index, bpc, bpr, bpi, region, info, write):
         self._cpu_check(owner)
         self._check_element_type(owner, data)
-        layout = MPSDataLayout(int(layout))
+        layout = as_enum(layout, MPSDataLayout, owner, "dataLayout")
         hwc = layout == MPSDataLayout.HeightxWidthxFeatureChannels
         region = MTLRegion(MTLOrigin(0, 0, 0), MTLSize(self._w, self._h, 1)) if region is None \
             else as_region(region, owner, "region")
@@ -469,14 +476,16 @@ class MPSImage(Strict):
         if x0 + w > self._w or y0 + h > self._h:
             raise MPSValueError(f"{owner}: region x {x0}..<{x0 + w}, y {y0}..<{y0 + h} is outside the "
                                 f"{self._w}x{self._h} image")
-        first = int(image_index) + z0
-        if int(image_index) < 0 or first + depth > self._n:
+        image_index = as_int(image_index, owner, "imageIndex")
+        first = image_index + z0
+        if image_index < 0 or first + depth > self._n:
             raise MPSValueError(f"{owner}: imageIndex={image_index} (+ region.origin.z={z0}, depth {depth}) is "
                                 f"outside the image's {self._n} images")
         if info is None:
             off, cnt = 0, self._c
         else:
-            off, cnt = int(info[0]), int(info[1])
+            off, cnt = (as_int(v, owner, name) for v, name in zip(
+                info, ("featureChannelInfo.featureChannelOffset", "featureChannelInfo.numberOfFeatureChannelsToReadWrite")))
             if off % 4:
                 raise MPSValueError(f"{owner}: featureChannelInfo.featureChannelOffset={off} must be a multiple of 4")
             if cnt <= 0:
@@ -587,10 +596,10 @@ def _as_range(value, owner: str) -> tuple[int, int]:
         if value.step != 1:
             raise MPSValueError(f"{owner}: range {value!r} must have step 1")
         return value.start, max(0, value.stop - value.start)
-    try:
-        loc, length = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise MPSTypeError(f"{owner}: {value!r} must be a range or a (location, length) pair") from None
+    pair = _integers(value, 2)
+    if pair is None:
+        raise MPSTypeError(f"{owner}: {value!r} must be a range or a (location, length) pair of integers")
+    loc, length = pair
     if loc < 0 or length < 0:
         raise MPSValueError(f"{owner}: range ({loc}, {length}) must not be negative")
     return loc, length
@@ -628,7 +637,8 @@ class MPSTemporaryImage(CommandBufferTemporary, MPSImage):
                 raise MPSValueError(f"MPSTemporaryImage: pixelFormat={td.pixelFormat!r} is not a feature-channel format")
             fmt, lanes = FORMAT_OF_PIXEL[td.pixelFormat]
             slices = td.arrayLength if td.textureType == MTLTextureType.type2DArray else 1
-            c = int(kwargs.get("featureChannels", lanes if slices == 1 else 4 * slices))
+            c = as_int(kwargs.get("featureChannels", lanes if slices == 1 else 4 * slices), "MPSTemporaryImage",
+                       "featureChannels", 1)
             if slices % slices_for(c):
                 raise MPSValueError(f"MPSTemporaryImage: arrayLength={slices} is not a multiple of "
                                     f"ceil(featureChannels/4)={slices_for(c)}")
@@ -762,10 +772,11 @@ def _distinct(batch: Sequence) -> list:
 
 def MPSImageBatchIncrementReadCount(batch: Sequence[MPSImage], amount: int) -> int:
     """Adds ``amount`` to each distinct temporary image's ``readCount`` (skipping released ones)."""
+    amount = as_int(amount, "MPSImageBatchIncrementReadCount", "amount")
     distinct = _distinct(batch)
     for image in distinct:
         if isinstance(image, MPSTemporaryImage) and image.readCount > 0:
-            image.readCount = image.readCount + int(amount)
+            image.readCount = image.readCount + amount
     return len(distinct)
 
 

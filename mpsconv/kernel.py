@@ -12,8 +12,6 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple, Sequence
 
-import numpy as np
-
 from ._api import Strict
 from . import config
 from .errors import (
@@ -27,7 +25,9 @@ from .core.geometry import (
 from .encoder import Encoder
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .metal import MTLCommandBuffer, MTLDevice
-from .types import NSUIntegerMax, MPSKernelOptions, MPSOffset, MPSRectNoClip, MTLRegion, as_offset, as_region
+from .types import (
+    as_enum, as_flags, as_int, as_offset, as_region, as_size, MPSKernelOptions, MPSOffset, MPSRectNoClip, MTLRegion, NSUIntegerMax,
+)
 
 
 class MPSImageEdgeMode(enum.IntEnum):
@@ -88,10 +88,7 @@ class MPSNNDefaultPadding(Strict, MPSNNPadding):
     """
 
     def __init__(self, method=MPSNNPaddingMethod.sizeSame, *, _custom_edge: bool = False):
-        try:
-            self._method = MPSNNPaddingMethod(int(method))
-        except (TypeError, ValueError):
-            raise MPSTypeError(f"MPSNNDefaultPadding: method={method!r} must be an MPSNNPaddingMethod") from None
+        self._method = MPSNNPaddingMethod(as_int(method, "MPSNNDefaultPadding", "method", 0, NSUIntegerMax))
         self._custom_edge = _custom_edge
 
     @classmethod
@@ -185,7 +182,7 @@ class MPSKernel(Strict):
 
     @options.setter
     def options(self, value) -> None:
-        self._options = MPSKernelOptions(int(value) & 0x1F)  # unknown bits are ignored
+        self._options = as_flags(value, MPSKernelOptions, type(self).__name__, "options", ignore_unknown=True)
 
     @classmethod
     def supportsSecureCoding(cls) -> bool:
@@ -277,11 +274,7 @@ class MPSCNNKernel(MPSKernel):
             return getattr(self, attr)
 
         def set_(self, value):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise MPSTypeError(f"{type(self).__name__}: {name}={value!r} must be an integer")
-            if not minimum <= value <= NSUIntegerMax:
-                raise MPSValueError(f"{type(self).__name__}: {name}={value} must be in 0...2**64-1")
-            setattr(self, attr, int(value))
+            setattr(self, attr, as_int(value, type(self).__name__, name, minimum, NSUIntegerMax))
 
         return property(get, set_)
 
@@ -296,10 +289,7 @@ class MPSCNNKernel(MPSKernel):
 
     @edgeMode.setter
     def edgeMode(self, value) -> None:
-        try:
-            self._edgeMode = MPSImageEdgeMode(int(value))
-        except (TypeError, ValueError):
-            raise MPSValueError(f"{type(self).__name__}: edgeMode={value!r} is not an MPSImageEdgeMode (0...4)") from None
+        self._edgeMode = as_enum(value, MPSImageEdgeMode, type(self).__name__, "edgeMode")
 
     @property
     def padding(self) -> MPSNNPadding:
@@ -369,7 +359,7 @@ class MPSCNNKernel(MPSKernel):
     # -- geometry queries
     def sourceRegion(self, destinationSize) -> MPSRegion:
         """``sourceRegion(destinationSize:)``: the source pixels a destination of that size reads."""
-        w, h, d = (int(v) for v in destinationSize)
+        w, h, d = as_size(destinationSize, self._owner("sourceRegion"), "destinationSize")
         kernel, stride, dilation = self._window()
         (oy, ox), (sh, sw) = source_region((self._offset.y, self._offset.x), (h, w), kernel, stride, dilation)
         return MPSRegion(MPSOrigin(ox, oy, self._offset.z), MPSSize(sw, sh, d))
@@ -691,10 +681,8 @@ def kernel_offset_property(axis: int, name: str) -> property:
         return self._kernel_offset[axis]
 
     def set_(self, value) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise MPSTypeError(f"{type(self).__name__}: {name}={value!r} must be an integer")
         offsets = list(self._kernel_offset)
-        offsets[axis] = int(value)
+        offsets[axis] = as_int(value, type(self).__name__, name)
         self._kernel_offset = tuple(offsets)
 
     return property(get, set_, doc=f"``{name}``: the window's placement on the zero-inserted source.")

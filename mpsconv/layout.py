@@ -75,12 +75,12 @@ class MPSCNNConvolutionWeights(_ArrayDataSource):
         count = d.outputFeatureChannels * d.kernelHeight * d.kernelWidth * ig
         check_weight_shape(weights, (d.outputFeatureChannels, d.kernelHeight, d.kernelWidth, ig), "MPSCNNConvolutionWeights",
                            "weights")
-        w = np.asarray(weights, np.float32)
+        w = _float32(weights, "MPSCNNConvolutionWeights", "weights")
         if w.size != count:
             raise MPSValueError(f"MPSCNNConvolutionWeights: weights has {w.size} values; the descriptor needs "
                                 f"{count} (O={d.outputFeatureChannels} x kH={d.kernelHeight} x kW={d.kernelWidth} "
                                 f"x I/G={ig})")
-        b = None if bias is None else np.asarray(bias, np.float32).reshape(-1)
+        b = None if bias is None else _float32(bias, "MPSCNNConvolutionWeights", "bias").reshape(-1)
         if b is not None and b.size != d.outputFeatureChannels:
             raise MPSValueError(f"MPSCNNConvolutionWeights: bias has {b.size} values; the descriptor needs "
                                 f"{d.outputFeatureChannels} (outputFeatureChannels)")
@@ -93,7 +93,7 @@ class MPSCNNConvolutionWeights(_ArrayDataSource):
 
     @weights_array.setter
     def weights_array(self, value) -> None:
-        value = np.asarray(value, np.float32)
+        value = _float32(value, "MPSCNNConvolutionWeights", "weights_array")
         if value.size != self._weights.size:
             raise MPSValueError(f"MPSCNNConvolutionWeights.weights_array: {value.size} values; {self._weights.size} "
                                 "are needed")
@@ -107,11 +107,26 @@ class MPSCNNConvolutionWeights(_ArrayDataSource):
     @bias_array.setter
     def bias_array(self, value) -> None:
         n = self._descriptor.outputFeatureChannels
-        value = None if value is None else np.asarray(value, np.float32).reshape(-1)
+        value = None if value is None else _float32(value, "MPSCNNConvolutionWeights", "bias_array").reshape(-1)
         if value is not None and value.size != n:
             raise MPSValueError(f"MPSCNNConvolutionWeights.bias_array: {value.size} values; {n} are needed "
                                 "(outputFeatureChannels)")
         self._bias = value
+
+
+def _float32(values, owner: str, what: str) -> np.ndarray:
+    """Real numbers as float32 (a tensor, an array, a list); complex numbers, strings and objects are
+    refused, as the data-source path refuses them."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    try:
+        array = np.asarray(values)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.dtype.kind not in "fiub":
+        kind = type(values).__name__ if array is None else str(array.dtype)
+        raise MPSTypeError(f"{owner}: {what} must be real numbers (an array, a tensor or a list), not {kind}")
+    return array.astype(np.float32)
 
 
 def from_torch(module, device, *, neuron=None, input_shape=None):

@@ -80,6 +80,16 @@ def check(owner: str, device, new_bytes: int, scratch: int, available: int | Non
             "use smaller or fewer images, or raise the limit")
 
 
+def check_allocation(owner: str, device, nbytes: int) -> None:
+    """Refuse, before allocating, ``nbytes`` of storage that cannot fit (``SMALL`` bytes and up are
+    measured, as an encode's are)."""
+    room = available(device, nbytes, 0)
+    if room is not None and nbytes > room:
+        where = "on the GPU" if device.is_cuda else "(MPSCONV_MEMORY_LIMIT or mpsconv.use_memory_limit)"
+        raise MPSMemoryError(f"{owner}: needs {_size(nbytes)}; {_size(room)} is available {where}. Nothing was "
+                             "allocated")
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an allocator's out-of-memory error (the CPU allocator raises RuntimeError)."""
     return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "alloc" in str(exc))

@@ -23,7 +23,8 @@ from . import config
 from .backends import onnx as graph_engine
 from .core.formats import FORMAT_OF_PIXEL, STORAGE_DTYPE, MTLPixelFormat
 from .errors import MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValueError
-from .memory import allocation_failed, out_of_memory
+from .types import as_enum, as_flags, as_int
+from .memory import allocation_failed, check_allocation, out_of_memory
 
 
 class MTLCommandBufferStatus(enum.IntEnum):
@@ -163,8 +164,8 @@ class MTLDevice(Strict):
 
     def makeCommandQueue(self, maxCommandBufferCount: int | None = None) -> "MTLCommandQueue":
         """``makeCommandQueue()`` / ``makeCommandQueue(maxCommandBufferCount:)``."""
-        if maxCommandBufferCount is not None and int(maxCommandBufferCount) < 1:
-            raise MPSValueError(f"MTLDevice.makeCommandQueue: maxCommandBufferCount={maxCommandBufferCount} must be >= 1")
+        if maxCommandBufferCount is not None:
+            as_int(maxCommandBufferCount, "MTLDevice.makeCommandQueue", "maxCommandBufferCount", 1)
         return MTLCommandQueue(self)
 
     def makeBuffer(self, *, length: int | None = None, bytes=None, bytesNoCopy=None,
@@ -175,14 +176,13 @@ class MTLDevice(Strict):
             raise MPSTypeError("MTLDevice.makeBuffer: pass bytes= or bytesNoCopy=, not both")
         if length is None:
             raise MPSTypeError("MTLDevice.makeBuffer: length= is required")
-        length = int(length)
-        if length < 1:
-            raise MPSValueError(f"MTLDevice.makeBuffer: length={length} must be >= 1")
+        length = as_int(length, "MTLDevice.makeBuffer", "length", 1)
         if bytesNoCopy is not None:
             view = _byte_view(bytesNoCopy, "MTLDevice.makeBuffer(bytesNoCopy:)", writable=True)
             if view.size < length:
                 raise MPSValueError(f"MTLDevice.makeBuffer: bytesNoCopy holds {view.size} bytes; length={length}")
             return MTLBuffer(self, torch.from_numpy(view[:length]), options, deallocator)
+        check_allocation("MTLDevice.makeBuffer", self, length)
         data = torch.zeros(length, dtype=torch.uint8)
         if bytes is not None:
             view = _byte_view(bytes, "MTLDevice.makeBuffer(bytes:)")
@@ -373,11 +373,14 @@ class MTLTextureDescriptor(Strict):
     def __init__(self, *, textureType=MTLTextureType.type2D, pixelFormat=MTLPixelFormat.rgba16Float, width: int = 1,
                  height: int = 1, arrayLength: int = 1, usage=MTLTextureUsage.shaderRead,
                  storageMode=MTLStorageMode.shared, depth: int = 1):
-        self.textureType = MTLTextureType(int(textureType))
-        self.pixelFormat = MTLPixelFormat(int(pixelFormat))
-        self.width, self.height, self.arrayLength, self.depth = width, height, arrayLength, depth
-        self.usage = MTLTextureUsage(int(usage))
-        self.storageMode = MTLStorageMode(int(storageMode))
+        owner = "MTLTextureDescriptor"
+        self.textureType = as_enum(textureType, MTLTextureType, owner, "textureType")
+        self.pixelFormat = as_enum(pixelFormat, MTLPixelFormat, owner, "pixelFormat")
+        self.width, self.height, self.arrayLength, self.depth = (
+            as_int(v, owner, name, 1) for v, name in ((width, "width"), (height, "height"),
+                                                     (arrayLength, "arrayLength"), (depth, "depth")))
+        self.usage = as_flags(usage, MTLTextureUsage, owner, "usage")
+        self.storageMode = as_enum(storageMode, MTLStorageMode, owner, "storageMode")
 
     @classmethod
     def texture2DDescriptor(cls, *, pixelFormat, width, height, mipmapped=False) -> "MTLTextureDescriptor":
@@ -433,8 +436,14 @@ def make_texture(device: MTLDevice, descriptor: MTLTextureDescriptor) -> MTLText
     if descriptor.pixelFormat not in FORMAT_OF_PIXEL:
         raise MPSValueError(f"makeTexture: pixelFormat={descriptor.pixelFormat!r} is not a feature-channel format")
     fmt, _ = FORMAT_OF_PIXEL[descriptor.pixelFormat]
-    slices = descriptor.arrayLength if descriptor.textureType == MTLTextureType.type2DArray else 1
-    storage = torch.zeros(1, descriptor.height, descriptor.width, 4 * slices, dtype=STORAGE_DTYPE[fmt],
+    owner = "makeTexture"
+    width, height, array_length, depth = (as_int(getattr(descriptor, name), owner, f"descriptor.{name}", 1, 2**31 - 1)
+                                          for name in ("width", "height", "arrayLength", "depth"))
+    if depth != 1:
+        raise MPSValueError(f"{owner}: descriptor.depth={depth}; 2D textures have depth 1")
+    slices = array_length if descriptor.textureType == MTLTextureType.type2DArray else 1
+    check_allocation(owner, device, height * width * 4 * slices * STORAGE_DTYPE[fmt].itemsize)
+    storage = torch.zeros(1, height, width, 4 * slices, dtype=STORAGE_DTYPE[fmt],
                           device=device.torch_device)
     tex = MTLTexture(device, storage, 1, descriptor.textureType, descriptor.pixelFormat, descriptor.usage, None,
                      descriptor.storageMode)
@@ -558,7 +567,7 @@ class CommandBufferTemporary:
     _kind = "temporary object"
 
     def _set_read_count(self, value: int) -> None:
-        value = int(value)
+        value = as_int(value, type(self).__name__, "readCount")
         if self._read_count == 0:
             raise MPSCommandBufferError(f"{type(self).__name__}.readCount: the {self._kind} was released "
                                         "(readCount is 0); its readCount cannot change any more")
@@ -679,6 +688,8 @@ class MTLCommandBuffer(Strict):
     def addScheduledHandler(self, block: Callable) -> None:
         """``addScheduledHandler(_:)``: must be called before ``commit()``."""
         self._check_open("MTLCommandBuffer.addScheduledHandler")
+        if not callable(block):
+            raise MPSTypeError(f"MTLCommandBuffer.addScheduledHandler: {block!r} is not callable")
         self._scheduled_handlers += (block,)
 
     def addCompletedHandler(self, block: Callable) -> None:
@@ -991,7 +1002,15 @@ class MPSCommandBuffer(MTLCommandBuffer):
         self.__dict__["_current"] = MTLCommandBuffer(self._queue, self._current._retained)
 
     # -- the current underlying buffer's
-    label = property(lambda self: self._current.label, lambda self, value: setattr(self._current, "label", value))
+    @property
+    def label(self) -> str | None:
+        return self._current.label
+
+    @label.setter
+    def label(self, value) -> None:
+        if value is not None and not isinstance(value, str):
+            raise MPSTypeError(f"MPSCommandBuffer: label={value!r} must be a string or None")
+        self._current.label = value
     status = property(lambda self: self._current.status)
     error = property(lambda self: self._current.error)
     retainedReferences = property(lambda self: self._current.retainedReferences)

@@ -13,6 +13,7 @@ from ._api import Strict, keywords
 from .core.activations import MPSCNNNeuronType, default_parameters
 from .core.geometry import NeuronSpec
 from .errors import MPSTypeError, MPSValueError
+from .types import as_enum, as_float, as_int
 from .kernel import MPSCNNKernel
 from .state import MPSNNGradientState
 
@@ -20,10 +21,7 @@ T = MPSCNNNeuronType
 
 
 def _check_type(value, owner: str) -> MPSCNNNeuronType:
-    try:
-        neuron_type = MPSCNNNeuronType(int(value))
-    except (TypeError, ValueError):
-        raise MPSValueError(f"{owner}: neuronType={value!r} is not an MPSCNNNeuronType (0...15)") from None
+    neuron_type = as_enum(value, MPSCNNNeuronType, owner, "neuronType")
     if neuron_type == T.count:
         raise MPSValueError(f"{owner}: neuronType=count is a sentinel, not an activation")
     return neuron_type
@@ -54,8 +52,19 @@ class MPSNNNeuronDescriptor(Strict):
     ``MPSNNNeuronDescriptor()`` is unavailable.
     """
 
-    a = b = c = 0.0  # public fields, set by the class methods
     data = None
+
+    def _parameter(name: str):
+        def get(self) -> float:
+            return getattr(self, "_" + name)
+
+        def set_(self, value) -> None:
+            setattr(self, "_" + name, as_float(value, "MPSNNNeuronDescriptor", name))
+
+        return property(get, set_, doc=f"``{name}``: a parameter of the activation (Float).")
+
+    a, b, c = _parameter("a"), _parameter("b"), _parameter("c")
+    del _parameter
 
     def __init__(self, *args, **kwargs):
         raise MPSTypeError("MPSNNNeuronDescriptor() is unavailable; use MPSNNNeuronDescriptor.cnnNeuronDescriptor("
@@ -65,7 +74,7 @@ class MPSNNNeuronDescriptor(Strict):
     def _make(cls, neuron_type, a, b, c, data=None) -> "MPSNNNeuronDescriptor":
         self = object.__new__(cls)
         self._type = neuron_type
-        self.a, self.b, self.c = float(a), float(b), float(c)
+        self.a, self.b, self.c = a, b, c
         self.data = data
         return self
 
@@ -210,7 +219,7 @@ def _legacy(name: str, neuron_type, params: tuple[str, ...]):
         _deprecated(name, "MPSCNNNeuron(device=, neuronDescriptor=)")
         values = {p: kwargs[p] for p in params}
         if neuron_type == T.pReLU:
-            count = int(values.pop("count"))
+            count = as_int(values.pop("count"), name, "count")
             coefficients = float32_values(values["a"], name, "a")
             if coefficients.size < count or count < 1:
                 raise MPSValueError(f"{name}: a holds {coefficients.size} floats; count={count}")

@@ -9,6 +9,7 @@ from typing import Sequence
 
 from ._api import Strict, keywords
 from .errors import MPSTypeError, MPSValueError
+from .types import as_int
 from .metal import CommandBufferTemporary, MTLBuffer, MTLCommandBuffer, MTLDevice
 
 
@@ -37,12 +38,18 @@ class MPSState(Strict, CommandBufferTemporary):
     def __init__(self, **kwargs):
         keys = frozenset(kwargs)
         if keys == {"device", "bufferSize"}:
-            self._init_state(kwargs["device"], [int(kwargs["bufferSize"])], None, temporary=False)
+            self._init_state(kwargs["device"], [as_int(kwargs["bufferSize"], "MPSState", "bufferSize", 1)], None,
+                             temporary=False)
         elif keys == {"resource"}:
             resource = kwargs["resource"]
+            _check_resources([] if resource is None else [resource], "resource")
             self._init_state(getattr(resource, "device", None), [], [] if resource is None else [resource], False)
         elif keys == {"resources"}:
-            resources = list(kwargs["resources"] or [])
+            resources = kwargs["resources"]
+            if resources is not None and not isinstance(resources, (list, tuple)):
+                raise MPSTypeError(f"MPSState: resources={resources!r} must be a list of MTLBuffers")
+            resources = list(resources or [])
+            _check_resources(resources, "resources")
             self._init_state(resources[0].device if resources else None, [], resources, False)
         else:
             raise MPSTypeError(f"MPSState({', '.join(sorted(keys))}): valid initializers are MPSState(device=, "
@@ -56,7 +63,8 @@ class MPSState(Strict, CommandBufferTemporary):
             raise MPSTypeError(f"MPSState.temporaryState: commandBuffer={commandBuffer!r} must be an MTLCommandBuffer")
         commandBuffer._check_open("MPSState.temporaryState")
         state = cls.__new__(cls)
-        state._init_state(commandBuffer.device, [] if bufferSize is None else [int(bufferSize)], None, temporary=True)
+        sizes = [] if bufferSize is None else [as_int(bufferSize, "MPSState.temporaryState", "bufferSize", 1)]
+        state._init_state(commandBuffer.device, sizes, None, temporary=True)
         state._cb = commandBuffer
         return state
 
@@ -86,10 +94,8 @@ class MPSState(Strict, CommandBufferTemporary):
     def readCount(self, value: int) -> None:
         if self._temporary:
             self._set_read_count(value)
-        elif int(value) < 0:
-            raise MPSValueError(f"{type(self).__name__}.readCount={value} must be >= 0")
         else:  # no effect on a non-temporary state's lifetime
-            self._read_count = int(value)
+            self._read_count = as_int(value, type(self).__name__, "readCount", 0)
 
     def _release(self) -> None:
         self._resources = [None] * len(self._resources)
@@ -141,6 +147,14 @@ class MPSState(Strict, CommandBufferTemporary):
             super()._consume_read()
 
 
+def _check_resources(resources: list, prop: str) -> None:
+    for i, resource in enumerate(resources):
+        if not isinstance(resource, MTLBuffer):
+            where = f"[{i}]" if prop == "resources" else ""
+            raise MPSTypeError(f"MPSState: {prop}{where}={resource!r} must be an MTLBuffer (textures are not "
+                               "state resources here)")
+
+
 class MPSNNGradientState(MPSState):
     """``MPSNNGradientState``: a snapshot of a forward kernel for its gradient pass (made by the
     forward kernel's ``resultState…`` methods, never directly): an ``MPSCNNNeuron``'s is read by
@@ -187,9 +201,12 @@ class MPSImageSizeEncodingState(metaclass=abc.ABCMeta):
 
 def MPSStateBatchIncrementReadCount(batch, amount: int) -> int:
     """Adds ``amount`` once per distinct state; returns the number of distinct states."""
+    amount = as_int(amount, "MPSStateBatchIncrementReadCount", "amount")
     seen = {}
     for state in batch or ():
+        if not isinstance(state, MPSState):
+            raise MPSTypeError(f"MPSStateBatchIncrementReadCount: {state!r} is not an MPSState")
         seen.setdefault(id(state), state)
     for state in seen.values():
-        state.readCount = state.readCount + int(amount)
+        state.readCount = state.readCount + amount
     return len(seen)

@@ -9,7 +9,7 @@ from .core.geometry import ConvProblem, allocate, backwards_kernel_offset, sourc
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .kernel import MPSImageEdgeMode, MPSOrigin, MPSRegion, MPSSize, kernel_offset_property
 from .convolution_state import MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState
-from .types import MPSDataType, MPSOffset
+from .types import as_size, MPSDataType, MPSOffset
 
 
 @keywords("device", "weights", "coder")
@@ -72,7 +72,7 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
     def sourceRegion(self, destinationSize) -> MPSRegion:
         """``sourceRegion(destinationSize:)``: the source pixels a destination of that size reads (only
         every ``s``-th pixel of the zero-inserted source is one)."""
-        w, h, d = (int(v) for v in destinationSize)
+        w, h, d = as_size(destinationSize, self._owner("sourceRegion"), "destinationSize")
         kernel, stride, dilation = self._window()
         (oy, ox), (sh, sw) = source_region_backwards((self._offset.y, self._offset.x), self._kernel_offset, (h, w),
                                                      kernel, stride, dilation)

@@ -6,6 +6,7 @@ as a whole (``kernel.offset = MPSOffset(x=1, y=1, z=0)``), never mutated in plac
 from __future__ import annotations
 
 import enum
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -49,12 +50,12 @@ class MTLRegion(NamedTuple):
 
 def MTLRegionMake2D(x: int, y: int, width: int, height: int) -> MTLRegion:
     """``MTLRegionMake2D``: a region of depth 1 at z = 0."""
-    return MTLRegion(MTLOrigin(x, y, 0), MTLSize(width, height, 1))
+    return as_region(((x, y, 0), (width, height, 1)), "MTLRegionMake2D", "region")
 
 
 def MTLRegionMake3D(x: int, y: int, z: int, width: int, height: int, depth: int) -> MTLRegion:
     """``MTLRegionMake3D``."""
-    return MTLRegion(MTLOrigin(x, y, z), MTLSize(width, height, depth))
+    return as_region(((x, y, z), (width, height, depth)), "MTLRegionMake3D", "region")
 
 
 #: ``MPSRectNoClip``: the clip region that covers the whole destination.
@@ -88,25 +89,105 @@ class MPSDataType(enum.IntEnum):
     unorm8 = 0x40000008
 
 
+NSIntegerMax = 2**63 - 1
+
+
+# --------------------------------------------------------------------------------------------
+# The one coercion rule for numbers: every public argument and property setter goes through these.
+
+
+def is_integer(value) -> bool:
+    """An integer for the API: ``int``, a NumPy integer, or any object with ``__index__`` (a 0-d
+    integer array). Not a bool (Swift's ``Bool`` is no ``Int``), a float (truncating 1.5 or NaN would
+    hide a bug), a string or bytes."""
+    return not isinstance(value, (bool, np.bool_)) and hasattr(type(value), "__index__")
+
+
+def as_int(value, owner: str, prop: str, minimum: int = NSIntegerMin, maximum: int = NSIntegerMax) -> int:
+    """``value`` as a Python int in ``[minimum, maximum]`` (Swift ``Int``'s range unless narrower), or
+    an ``MPSTypeError`` / ``MPSValueError`` naming the owner, the property, the value and the range."""
+    if not is_integer(value):
+        raise MPSTypeError(f"{owner}: {prop}={value!r} must be an integer, not {type(value).__name__}")
+    number = value.__index__()
+    if number < minimum:
+        raise MPSValueError(f"{owner}: {prop}={number} must be >= {_bound(minimum)}")
+    if number > maximum:
+        raise MPSValueError(f"{owner}: {prop}={number} must be <= {_bound(maximum)}")
+    return number
+
+
+def _bound(n: int) -> str:
+    names = {NSIntegerMin: "-2**63", NSIntegerMax: "2**63 - 1", NSUIntegerMax: "2**64 - 1", 2**31 - 1: "2**31 - 1"}
+    return names.get(n, str(n))
+
+
+def as_enum(value, kind: type[enum.IntEnum], owner: str, prop: str):
+    """One of ``kind``'s cases, by its raw value (an integer, as ``as_int`` takes it)."""
+    number = as_int(value, owner, prop)
+    try:
+        return kind(number)
+    except ValueError:
+        cases = ", ".join(f"{case.name} ({int(case)})" for case in kind)
+        raise MPSValueError(f"{owner}: {prop}={number} is not an {kind.__name__} ({cases})") from None
+
+
+def as_flags(value, kind: type[enum.IntFlag], owner: str, prop: str, ignore_unknown: bool = False):
+    """An option set of ``kind``: a non-negative integer whose bits are ``kind``'s (``ignore_unknown``:
+    other bits are dropped, as Metal ignores bits it does not know)."""
+    number = as_int(value, owner, prop, 0, NSUIntegerMax)
+    known = 0
+    for case in kind:
+        known |= int(case)
+    if number & ~known and not ignore_unknown:
+        raise MPSValueError(f"{owner}: {prop}={number:#x} has bits that are not {kind.__name__} options "
+                            f"(known bits {known:#x})")
+    return kind(number & known)
+
+
+def as_float(value, owner: str, prop: str) -> float:
+    """A real number (``int``, ``float``, NumPy scalars; NaN and the infinities are values too).
+    Strings, bytes, bools, None and complex numbers are refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise MPSTypeError(f"{owner}: {prop}={value!r} must be a real number, not {type(value).__name__}")
+    return float(value)
+
+
+def as_bool(value, owner: str, prop: str) -> bool:
+    """A ``Bool``: ``True`` / ``False`` (or NumPy's); integers, strings and None are refused."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise MPSTypeError(f"{owner}: {prop}={value!r} must be True or False, not {type(value).__name__}")
+
+
 def _integers(value, count: int) -> tuple[int, ...] | None:
     """``value``'s ``count`` components as ints, or None unless each is an integer (not a bool, a
     float or a string: Metal's fields are integers, and truncating 1.5 or NaN would hide a bug)."""
     try:
         parts = tuple(value)
-    except TypeError:
+    except Exception:  # not a sequence, or one that fails while read: not an offset either way
         return None
-    if len(parts) != count or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in parts):
+    if len(parts) != count or not all(is_integer(v) for v in parts):
         return None
-    return tuple(int(v) for v in parts)
+    return tuple(v.__index__() for v in parts)
 
 
 def as_offset(value, owner: str) -> MPSOffset:
     parts = _integers(value, 3)
     if parts is None:
         raise MPSTypeError(f"{owner}: offset={value!r} must be an MPSOffset(x, y, z) of integers")
-    if not all(NSIntegerMin <= v <= -NSIntegerMin - 1 for v in parts):
+    if not all(NSIntegerMin <= v <= NSIntegerMax for v in parts):
         raise MPSValueError(f"{owner}: offset={value!r} has a component outside Int's range -2**63...2**63-1")
     return MPSOffset(*parts)
+
+
+def as_size(value, owner: str, prop: str) -> tuple[int, int, int]:
+    """An ``MTLSize`` ``(width, height, depth)`` of non-negative integers."""
+    parts = _integers(value, 3)
+    if parts is None:
+        raise MPSTypeError(f"{owner}: {prop}={value!r} must be an MTLSize(width, height, depth) of integers")
+    if min(parts) < 0 or max(parts) > NSUIntegerMax:
+        raise MPSValueError(f"{owner}: {prop}={value!r} has a component outside 0...2**64 - 1")
+    return parts
 
 
 def as_region(value, owner: str, prop: str = "clipRect") -> MTLRegion:

@@ -328,12 +328,12 @@ ROWS = [
     ("fully connected stride", lambda: make(lambda: conv(3, 3, 4, 2, cls=MPSCNNFullyConnected, strideInPixelsX=2)), E, "stride 1"),
     ("None neuron descriptor", lambda: make(set_attr(MPSCNNConvolutionDescriptor(), "fusedNeuronDescriptor", None)), T, "never None"),
     ("neuron type out of range", lambda: make(lambda: MPSNNNeuronDescriptor.cnnNeuronDescriptor(16)), E, "sentinel"),
-    ("image of zero width", lambda: make(lambda: MPSImage(device=DEVICE, imageDescriptor=MPSImageDescriptor(channelFormat=FMT.float32, width=0, height=1, featureChannels=1))), E, "width=0 must be an integer >= 1"),
+    ("image of zero width", lambda: make(lambda: MPSImage(device=DEVICE, imageDescriptor=MPSImageDescriptor(channelFormat=FMT.float32, width=0, height=1, featureChannels=1))), E, "width=0 must be >= 1"),
     ("reserved image format", lambda: make(lambda: MPSImage(device=DEVICE, imageDescriptor=MPSImageDescriptor(channelFormat=FMT._reserved0))), E, "cannot make an image"),
     # -- kernel properties
     ("negative clip", lambda: make(set_attr(box(), "clipRect", MTLRegion(MTLOrigin(-1, 0, 0), MTLSize(1, 1, 1)))), E, "negative component"),
     ("offset of strings", lambda: make(set_attr(box(), "offset", ("a", 0, 0))), T, "MPSOffset"),
-    ("negative channel offset", lambda: make(set_attr(box(), "destinationFeatureChannelOffset", -4)), E, "must be in 0...2\\*\\*64-1"),
+    ("negative channel offset", lambda: make(set_attr(box(), "destinationFeatureChannelOffset", -4)), E, "destinationFeatureChannelOffset=-4 must be >= 0"),
     ("None padding", lambda: make(set_attr(box(), "padding", None)), T, "never None"),
     ("None allocator", lambda: make(set_attr(box(), "destinationImageAllocator", None)), T, "never None"),
     # -- encode

@@ -20,6 +20,7 @@ import enum
 from dataclasses import dataclass, replace
 
 from ..errors import MPSValueError
+from ..types import as_int
 
 
 def tdiv(a: int, b: int) -> int:
@@ -113,7 +114,7 @@ class PaddingRule:
 
 def decode_padding_method(method: int, owner: str) -> PaddingRule:
     """Split the bit field; reserved alignment or size values are errors."""
-    method = int(method)
+    method = as_int(method, owner, "paddingMethod", 0)
     alignment = method & 3
     if alignment == 3:
         raise MPSValueError(
@@ -487,6 +488,11 @@ def gradient_window_shifts(kernel_offset: tuple[int, int], primary: tuple[int, i
 def torch_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1,
                       transposed: bool = False, output_padding: int = 0) -> int:
     """The output length PyTorch's ``Conv2d`` / ``ConvTranspose2d`` gives along one axis."""
+    owner = "torch_output_size"
+    size, padding, output_padding = (as_int(v, owner, name, 0) for v, name in (
+        (size, "size"), (padding, "padding"), (output_padding, "output_padding")))
+    kernel, stride, dilation = (as_int(v, owner, name, 1) for v, name in (
+        (kernel, "kernel"), (stride, "stride"), (dilation, "dilation")))
     kd = dilated_extent(kernel, dilation)
     if transposed:
         return (size - 1) * stride - 2 * padding + kd + output_padding

@@ -1,0 +1,185 @@
+"""Every property setter and a table of public calls under bad values: one coercion rule for the
+whole API (integers are ``int``, NumPy integers or ``__index__`` objects; real numbers are
+``numbers.Real``; bools are ``bool``), an ``MPSConvError`` naming the property, and the value kept."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import mpsconv
+from helpers import DEVICE, QUEUE, ArraySource, blank, descriptor
+from mpsconv import (
+    MPSCNNBinaryConvolution, MPSCNNBinaryConvolutionType, MPSCNNConvolution, MPSCNNConvolutionGradient,
+    MPSCNNConvolutionTranspose, MPSCNNConvolutionTransposeGradient, MPSCNNConvolutionWeights,
+    MPSCNNDepthWiseConvolutionDescriptor, MPSCNNFullyConnected, MPSCNNNeuron, MPSCNNNeuronGradient, MPSCNNNeuronType,
+    MPSCNNSubPixelConvolutionDescriptor, MPSCommandBuffer, MPSConvError, MPSDataLayout, MPSImage, MPSImageDescriptor,
+    MPSImageFeatureChannelFormat, MPSMemoryError, MPSNNDefaultPadding, MPSNNNeuronDescriptor, MPSNNPadding,
+    MPSNNPaddingMethod, MPSState, MPSTemporaryImage, MTLTextureDescriptor,
+)
+
+
+def objects():
+    """One of each public class with settable properties, fresh."""
+    d = descriptor(3, 3, 4, 4)
+    ds = ArraySource(d, np.ones(144))
+    relu = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
+    cb = QUEUE.makeCommandBuffer()
+    image_descriptor = MPSImageDescriptor(channelFormat=MPSImageFeatureChannelFormat.float32, width=3, height=3,
+                                          featureChannels=4)
+    return {
+        "descriptor": descriptor(3, 3, 4, 4),
+        "depthwise descriptor": MPSCNNDepthWiseConvolutionDescriptor(kernelWidth=3, kernelHeight=3,
+                                                                      inputFeatureChannels=4, outputFeatureChannels=4),
+        "subpixel descriptor": MPSCNNSubPixelConvolutionDescriptor(kernelWidth=3, kernelHeight=3,
+                                                                    inputFeatureChannels=4, outputFeatureChannels=16),
+        "neuron descriptor": MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.tanH),
+        "convolution": MPSCNNConvolution(device=DEVICE, weights=ds),
+        "fully connected": MPSCNNFullyConnected(device=DEVICE, weights=ds),
+        "transpose": MPSCNNConvolutionTranspose(device=DEVICE, weights=ds),
+        "binary": MPSCNNBinaryConvolution(device=DEVICE, convolutionData=ArraySource(d, np.ones(144)), scaleValue=1.0,
+                                          type=MPSCNNBinaryConvolutionType.xnor, flags=0),
+        "neuron": MPSCNNNeuron(device=DEVICE, neuronDescriptor=relu),
+        "gradient": MPSCNNConvolutionGradient(device=DEVICE, weights=ds),
+        "transpose gradient": MPSCNNConvolutionTransposeGradient(device=DEVICE, weights=ds),
+        "neuron gradient": MPSCNNNeuronGradient(device=DEVICE, neuronDescriptor=relu),
+        "image descriptor": image_descriptor,
+        "image": blank(3, 3, 4),
+        "temporary image": MPSTemporaryImage(commandBuffer=cb, imageDescriptor=image_descriptor),
+        "state": MPSState(device=DEVICE, bufferSize=16),
+        "temporary state": MPSState.temporaryState(commandBuffer=cb, bufferSize=16),
+        "mps command buffer": MPSCommandBuffer(QUEUE),
+        "weights": MPSCNNConvolutionWeights(d, np.ones((4, 3, 3, 4), np.float32), np.zeros(4, np.float32)),
+    }
+
+
+def setters(obj):
+    for name in sorted(dir(type(obj))):
+        if name.startswith("_"):
+            continue
+        attribute = next((vars(k)[name] for k in type(obj).__mro__ if name in vars(k)), None)
+        if isinstance(attribute, property) and attribute.fset is not None:
+            yield name
+
+
+#: Values no numeric, enum, option-set, flag or array property takes.
+NOT_NUMBERS = ["3", b"1", 1.5, math.nan, math.inf, [1], (1, 2), complex(1, 1), np.float32(1.0), object()]
+#: Integers beyond Swift's Int.
+OUT_OF_RANGE = [2**70, -(2**70)]
+#: Properties that take any object (Swift protocol types, strings) or None by design.
+ANY_OBJECT = {"label", "predicate", "heapProvider"}
+NONE_ALLOWED = {"label", "predicate", "heapProvider", "neuron", "bias_array"}
+BOOLEANS = {"serializeWeightsAndBiases"}
+#: Float properties: every real number is a value (NaN and the infinities too).
+FLOATS = {"a", "b", "c"}
+NOT_REAL = ["3", b"1", [1], (1, 2), complex(1, 1), object()]
+
+
+def _snapshot(obj, name):
+    try:
+        return repr(getattr(obj, name))
+    except Exception as exc:  # noqa: BLE001 - a getter that raises is compared by its class
+        return f"<{type(exc).__name__}>"
+
+
+def _cases():
+    for label, obj in objects().items():
+        for name in setters(obj):
+            yield pytest.param(label, name, id=f"{label}.{name}")
+
+
+@pytest.mark.parametrize("label, name", list(_cases()))
+def test_every_property_setter_refuses_what_it_cannot_hold_and_keeps_its_value(label, name):
+    obj = objects()[label]
+    if name in ANY_OBJECT:
+        return
+    bad = (NOT_REAL if name in FLOATS else NOT_NUMBERS + OUT_OF_RANGE) + ([] if name in NONE_ALLOWED else [None]) \
+        + ([] if name in BOOLEANS else [True])
+    for value in bad:
+        before = _snapshot(obj, name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                setattr(obj, name, value)
+            except MPSConvError as exc:
+                assert name in str(exc) or "sourceFeatureChannel" in str(exc), (value, str(exc))
+                assert _snapshot(obj, name) == before, (value, "changed by a refused set")
+                continue
+        pytest.fail(f"{label}.{name} = {value!r} was accepted (now {_snapshot(obj, name)})")
+
+
+class _Padding(MPSNNPadding):
+    def __init__(self, method):
+        self.method = method
+
+    def paddingMethod(self):
+        return self.method
+
+
+def _encode_with_padding(method):
+    kernel = MPSCNNConvolution(device=DEVICE, weights=ArraySource(descriptor(3, 3, 4, 4), np.ones(144)))
+    kernel.padding = _Padding(method)
+    return kernel.encode(commandBuffer=QUEUE.makeCommandBuffer(), sourceImage=blank(5, 5, 4))
+
+
+def _texture(**fields):
+    t = MTLTextureDescriptor()
+    for name, value in fields.items():
+        setattr(t, name, value)
+    return DEVICE.makeTexture(descriptor=t)
+
+
+def _image():
+    return blank(2, 2, 4)
+
+
+CALLS = [  # (what, call, error class, words the message has)
+    ("a padding policy's method that is a string", lambda: _encode_with_padding("x"), MPSConvError, "paddingMethod"),
+    ("a padding policy's method that is None", lambda: _encode_with_padding(None), MPSConvError, "paddingMethod"),
+    ("readBytes with a string layout", lambda: _image().readBytes(bytearray(64), dataLayout="hwc", imageIndex=0),
+     MPSConvError, "dataLayout"),
+    ("writeBytes with a float image index", lambda: _image().writeBytes(
+        np.zeros(16, np.float32), dataLayout=MPSDataLayout.HeightxWidthxFeatureChannels, imageIndex=0.0),
+     MPSConvError, "imageIndex"),
+    ("setPurgeableState(99)", lambda: _image().setPurgeableState(99), MPSConvError, "MPSPurgeableState"),
+    ("MPSState with a string size", lambda: MPSState(device=DEVICE, bufferSize="x"), MPSConvError, "bufferSize"),
+    ("MPSState with a string resource", lambda: MPSState(resource="buf"), MPSConvError, "resource"),
+    ("makeTexture of width -1", lambda: _texture(width=-1), MPSConvError, "width"),
+    ("makeTexture of width 0", lambda: _texture(width=0), MPSConvError, "width"),
+    ("makeTexture of 2**20 x 2**20", lambda: _texture(width=2**20, height=2**20), MPSMemoryError, "needs"),
+    ("torch_output_size with stride 0", lambda: mpsconv.torch_output_size(5, 3, stride=0), MPSConvError, "stride"),
+    ("use_backend('bogus')", lambda: mpsconv.use_backend("bogus"), MPSConvError, "bogus"),
+    ("use_memory_limit(0)", lambda: mpsconv.use_memory_limit(0), MPSConvError, "nbytes"),
+    ("makeBuffer(length=10**13)", lambda: DEVICE.makeBuffer(length=10**13), MPSMemoryError, "makeBuffer"),
+    ("from_numpy of a 149 GiB broadcast", lambda: MPSImage.from_numpy(np.broadcast_to(np.float32(0), (
+        100000, 100000, 4)), device=DEVICE), MPSMemoryError, "from_numpy"),
+    ("from_numpy of strings", lambda: MPSImage.from_numpy(np.full((2, 2, 1), "a")), MPSConvError, "dtype"),
+    ("makeCommandQueue with a string count", lambda: DEVICE.makeCommandQueue(maxCommandBufferCount="x"),
+     MPSConvError, "maxCommandBufferCount"),
+    ("MTLRegionMake2D of a string", lambda: mpsconv.MTLRegionMake2D("a", 0, 1, 1), MPSConvError, "MTLRegionMake2D"),
+    ("MPSImageBatchIncrementReadCount by a string", lambda: mpsconv.MPSImageBatchIncrementReadCount(
+        [_image()], "x"), MPSConvError, "amount"),
+    ("cnnNeuronDescriptor with a string parameter", lambda: MPSNNNeuronDescriptor.cnnNeuronDescriptor(
+        MPSCNNNeuronType.reLU, a="x"), MPSConvError, "a="),
+    ("a descriptor's batch norm with a string epsilon", lambda: descriptor(1, 1, 4, 4)
+     .setBatchNormalizationParametersForInferenceWithMean([0] * 4, variance=[1] * 4, gamma=[1] * 4, beta=[0] * 4,
+                                                          epsilon="x"), MPSConvError, "epsilon"),
+    ("addScheduledHandler(None)", lambda: QUEUE.makeCommandBuffer().addScheduledHandler(None), MPSConvError,
+     "callable"),
+    ("MPSCNNConvolutionWeights of complex numbers", lambda: MPSCNNConvolutionWeights(
+        descriptor(1, 1, 1, 1), np.array([1j])), MPSConvError, "real numbers"),
+    ("sourceRegion of a string", lambda: MPSCNNConvolution(device=DEVICE, weights=ArraySource(
+        descriptor(3, 3, 4, 4), np.ones(144))).sourceRegion("abc"), MPSConvError, "destinationSize"),
+    ("a padding method of the wrong kind", lambda: MPSNNDefaultPadding.padding(1.5), MPSConvError, "method"),
+    ("a padding method that is a string", lambda: MPSNNDefaultPadding.padding(str(int(MPSNNPaddingMethod.sizeSame))),
+     MPSConvError, "method"),
+]
+
+
+@pytest.mark.parametrize("what, call, error, words", CALLS, ids=[c[0] for c in CALLS])
+def test_bad_arguments_raise_the_library_error_that_names_them(what, call, error, words):
+    with pytest.raises(error) as caught:
+        call()
+    assert words in str(caught.value)
