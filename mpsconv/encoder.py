@@ -95,6 +95,11 @@ class _Repeat(NamedTuple):
 PLANS, BOUND, REPEATS = 64, 8, 8
 
 
+#: How many times more scratch than the reference's a backend may need before the reference runs the
+#: problem instead (only from ``memory.SMALL`` bytes of scratch up).
+SPARSE_FACTOR = 16
+
+
 class Encoder:
     """The encode engine of one kernel: its plan, prepared-weights, bound-view and repeat caches.
 
@@ -124,7 +129,15 @@ class Encoder:
         if entry is None:
             problem = kernel._resolve(source, destination, owner)
             backend, plan = backends.choose(problem, kernel._device)
-            entry = Planned(problem, backend, plan, 0 if problem.empty else backend.scratch_bytes(problem))
+            scratch = 0 if problem.empty else backend.scratch_bytes(problem)
+            if scratch > memory.SMALL and config.backend() == "auto":
+                # windows far apart (a huge stride or dilation on a small image): the fast backends
+                # work on the span the taps cover, the reference gathers only the taps themselves
+                reference = backends.REGISTRY["reference"]
+                if reference.scratch_bytes(problem) * SPARSE_FACTOR < scratch:
+                    backend, plan = reference, backends.plan(reference, problem, kernel._device)
+                    scratch = reference.scratch_bytes(problem)
+            entry = Planned(problem, backend, plan, scratch)
             self._put(self.plans, key, entry, PLANS)
         return entry
 

@@ -550,6 +550,9 @@ class MPSCNNKernel(MPSKernel):
             return None
         return self._new_states(list(sourceImage), commandBuffer, temporary=True)
 
+    #: What the padding policy of an allocating encode may set (restored when the encode is refused).
+    _placement_fields = ("_offset", "_edgeMode")
+
     #: Whether a batch's training encodes share one state (a convolution's sums its weight gradients).
     _state_reused_across_batch = True
 
@@ -651,7 +654,7 @@ class MPSCNNKernel(MPSKernel):
                                     f"{source.numberOfImages} (use batchRepresentation())")
         if len(sources) > 1:
             _check_uniform_batch(sources, owner, "sourceImages")
-        saved = (self._offset, self._edgeMode)
+        saved = {name: getattr(self, name) for name in self._placement_fields}
         destinations = []
         try:
             descriptor = self.destinationImageDescriptor(sourceImages=sources[:1])
@@ -666,7 +669,7 @@ class MPSCNNKernel(MPSKernel):
                 self._fill_states(states, sources, destinations,
                                   lambda source, destination: self._problem(source, destination, owner))
         except Exception:
-            self._offset, self._edgeMode = saved
+            self.__dict__.update(saved)  # a refused encode leaves the placement the policy set as it was
             for image in destinations:  # never used: release without a leak warning
                 if isinstance(image, MPSTemporaryImage) and image.readCount > 0:
                     image._read_count = 0

@@ -56,6 +56,8 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
     # -- properties
     isBackwards = property(lambda self: True)
 
+    _placement_fields = ("_offset", "_edgeMode", "_kernel_offset")
+
     kernelOffsetY = kernel_offset_property(0, "kernelOffsetY")
     kernelOffsetX = kernel_offset_property(1, "kernelOffsetX")
 
@@ -152,6 +154,23 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
             result_state._source_convolution = state._producer
         return allocated, result_state
 
+    def _check_state_batch(self, cb, sources, states, destinations, owner) -> None:
+        """Every element of a state-driven batch, checked before the first is encoded: a refused
+        element leaves the others unwritten and the kernel's offsets as they were."""
+        if destinations is not None and len(destinations) != len(sources):
+            raise MPSValueError(f"{owner}: {len(destinations)} destinationImages for {len(sources)} sourceImages")
+        saved = (self._offset, self._kernel_offset)
+        try:
+            for i, (source, state) in enumerate(zip(sources, states)):
+                self._apply_state(state, cb, owner)
+                if not isinstance(source, MPSImage):
+                    raise MPSTypeError(f"{owner}: sourceImages[{i}]={source!r} must be an MPSImage")
+                if destinations is not None:
+                    self._check_pair(cb, source, destinations[i], owner, f"[{i}]")
+                    self._problem(source, destinations[i], owner)
+        finally:
+            self._offset, self._kernel_offset = saved
+
     def encodeBatch(self, *, commandBuffer, sourceImages, destinationImages=None, convolutionGradientStates=None,
                     destinationStates=None, destinationStateIsTemporary=None):
         """``encodeBatch(commandBuffer:sourceImages:convolutionGradientStates:[destinationImages:])``."""
@@ -165,6 +184,8 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
             raise MPSValueError(f"{self._owner('encodeBatch')}: {len(states)} convolutionGradientStates for "
                                 f"{len(sources)} sourceImages")
         owner = self._owner("encodeBatch")
+        self._check_cb(commandBuffer, owner)
+        self._check_state_batch(commandBuffer, sources, states, destinationImages, owner)
         outputs = [self._encode_with_state(commandBuffer, src, state,
                                            None if destinationImages is None else destinationImages[i], owner)[0]
                    for i, (src, state) in enumerate(zip(sources, states))]

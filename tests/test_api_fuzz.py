@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mpsconv
-from helpers import DEVICE, QUEUE, ArraySource, blank, descriptor
+from helpers import DEVICE, QUEUE, ArraySource, blank, descriptor, values
 from mpsconv import (
     MPSCNNBinaryConvolution, MPSCNNBinaryConvolutionType, MPSCNNConvolution, MPSCNNConvolutionGradient,
     MPSCNNConvolutionTranspose, MPSCNNConvolutionTransposeGradient, MPSCNNConvolutionWeights,
@@ -183,3 +183,69 @@ def test_bad_arguments_raise_the_library_error_that_names_them(what, call, error
     with pytest.raises(error) as caught:
         call()
     assert words in str(caught.value)
+
+
+# -- nothing half-written, nothing changed by a refusal, valid sparse work runs
+
+
+def test_a_refused_state_driven_transpose_batch_writes_no_element():
+    rng = np.random.default_rng(0)
+    d = descriptor(3, 3, 4, 4)
+    conv = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, 144)))
+    transpose = MPSCNNConvolutionTranspose(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, 144)))
+    transpose.kernelOffsetX = 3
+    cb = QUEUE.makeCommandBuffer()
+    sources = [blank(5, 5, 4, rng=rng) for _ in range(2)]
+    states = conv.resultStateBatch(sourceImage=sources)
+    outs = [blank(5, 5, 4) for _ in range(2)]
+    conv.encodeBatch(commandBuffer=cb, sourceImages=sources, destinationImages=outs, destinationStates=states)
+    destinations = [blank(5, 5, 4, fill=7.0), blank(5, 5, 1, fill=7.0)]  # the second has too few channels
+    with pytest.raises(MPSConvError, match="feature channels"):
+        transpose.encodeBatch(commandBuffer=cb, sourceImages=outs, convolutionGradientStates=states,
+                              destinationImages=destinations)
+    assert transpose.kernelOffsetX == 3
+    cb.commit()
+    cb.waitUntilCompleted()
+    assert (values(destinations[0]) == 7.0).all()
+
+
+class _WrongSize(mpsconv.MPSImageAllocator):
+    def image(self, commandBuffer, imageDescriptor, kernel=None):
+        return blank(1, 1, 1)
+
+
+def test_a_refused_allocating_encode_leaves_the_placement_its_policy_set():
+    transpose = MPSCNNConvolutionTranspose(device=DEVICE, weights=ArraySource(descriptor(3, 3, 4, 4), np.ones(144)))
+    transpose.kernelOffsetX, transpose.offset = 5, mpsconv.MPSOffset(1, 2, 0)
+    transpose.destinationImageAllocator = _WrongSize()
+    with pytest.raises(MPSConvError, match="feature channels"):
+        transpose.encode(commandBuffer=QUEUE.makeCommandBuffer(), sourceImage=blank(5, 5, 4))
+    assert (transpose.kernelOffsetX, transpose.kernelOffsetY, transpose.offset) == (5, 0, mpsconv.MPSOffset(1, 2, 0))
+
+
+@pytest.mark.parametrize("stride, dilation", [(10**6, 1), (1, 10**6), (2**31 - 1, 2**31 - 1)])
+def test_windows_far_apart_run_in_the_memory_their_taps_need(stride, dilation):
+    """A huge stride or dilation on a 4x4 image: most taps read the zero edge, and the encode runs
+    (it once was refused for the scratch the span of the window would take); against the definition,
+    tap by tap, in Python integers."""
+    rng = np.random.default_rng(1)
+    w, b = rng.uniform(-1, 1, (4, 3, 3, 4)), rng.uniform(-1, 1, 4)
+    d = descriptor(3, 3, 4, 4, strideInPixelsX=stride, strideInPixelsY=stride, dilationRateX=dilation,
+                   dilationRateY=dilation)
+    kernel = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, w, b, kernel_type=mpsconv.MPSDataType.float32))
+    src, dst = blank(4, 4, 4, rng=rng), blank(4, 4, 4)
+    cb = QUEUE.makeCommandBuffer()
+    kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+    cb.commit()
+    cb.waitUntilCompleted()
+    x = values(src)[0]
+    want = np.empty((4, 4, 4))
+    for v in range(4):
+        for u in range(4):  # offset 0: the centre tap of output (u, v) reads (u·stride, v·stride)
+            want[v, u] = b
+            for q in range(3):
+                for p in range(3):
+                    y, xx = v * stride + (q - 1) * dilation, u * stride + (p - 1) * dilation
+                    if 0 <= y < 4 and 0 <= xx < 4:
+                        want[v, u] += w[:, q, p, :] @ x[y, xx]
+    np.testing.assert_allclose(values(dst)[0], want, rtol=1e-5, atol=1e-5)
