@@ -206,6 +206,31 @@ def save(obj, path: str | os.PathLike) -> None:
         raise MPSArchiveError(f"save: cannot write {os.fspath(path)!r}: {exc.strerror}") from None
 
 
+def _read_bounded(f, limit: int, name: str) -> bytes:
+    """An archive's bytes, as many as its header declares and no more (a device file or a pipe has no
+    size to check first: ``/dev/zero`` is refused after 8 bytes, not a gigabyte)."""
+    head = f.read(8)
+    if len(head) < 8:
+        return head  # too short: the parser says so
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > limit - 8:
+        raise MPSArchiveError(f"load: {name!r} declares a header of {header_len} bytes; the limit is {limit} "
+                              "(MPSCONV_MAX_ARCHIVE_BYTES)")
+    header = f.read(header_len)
+    try:
+        entries = json.loads(header)
+        ends = [int(entry["data_offsets"][1]) for key, entry in entries.items() if key != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+        ends = []  # not a valid header: the parser says what is wrong with it
+    total = 8 + len(header) + max(ends, default=0)
+    if total > limit:
+        raise MPSArchiveError(f"load: {name!r} declares {total} bytes; the limit is {limit} (MPSCONV_MAX_ARCHIVE_BYTES)")
+    rest = f.read(total - 8 - len(header))
+    if f.read(1):
+        raise MPSArchiveError(f"load: {name!r} holds more bytes than its header declares")
+    return head + header + rest
+
+
 def load(path: str | os.PathLike, *, ofClass=object, device=None):
     """Read a secure archive written by ``save`` (our addition)."""
     limit = config.max_archive_bytes()
@@ -215,7 +240,7 @@ def load(path: str | os.PathLike, *, ofClass=object, device=None):
             if size > limit:
                 raise MPSArchiveError(f"load: {os.fspath(path)!r} has {size} bytes; the limit is {limit} "
                                       "(MPSCONV_MAX_ARCHIVE_BYTES)")
-            data = f.read(limit + 1)
+            data = _read_bounded(f, limit, os.fspath(path))
     except OSError as exc:
         raise MPSArchiveError(f"load: cannot read {os.fspath(path)!r}: {exc.strerror}") from None
     return NSKeyedUnarchiver.unarchivedObject(ofClass, data, device=device)

@@ -226,3 +226,39 @@ def test_an_archive_over_the_size_limit_is_refused_before_it_is_read(monkeypatch
     monkeypatch.setenv("MPSCONV_MAX_ARCHIVE_BYTES", "1K")
     with pytest.raises(MPSArchiveError, match="the limit is 1024"):
         NSKeyedUnarchiver(data)
+
+
+class _Endless:
+    """A file that never ends (as ``/dev/zero`` or a pipe: no size to check first), counting reads."""
+
+    def __init__(self, prefix: bytes):
+        self.prefix, self.read_bytes = prefix, 0
+
+    def read(self, n=-1):
+        assert n >= 0, "an unbounded read"
+        out = (self.prefix + b"\0" * n)[:n]
+        self.prefix = self.prefix[n:]
+        self.read_bytes += n
+        return out
+
+
+def test_an_archive_without_a_size_is_read_only_as_far_as_its_header_declares(tmp_path):
+    from mpsconv import coding, load
+
+    data = hostile.base_archives()["convolution"]
+    endless = _Endless(data)
+    with pytest.raises(MPSArchiveError, match="more bytes than its header declares"):
+        coding._read_bounded(endless, 1 << 30, "pipe")
+    assert endless.read_bytes == len(data) + 1
+    zeros = _Endless(b"")
+    with pytest.raises(MPSArchiveError, match="more bytes than its header declares"):  # /dev/zero: 9 bytes read
+        coding._read_bounded(zeros, 1 << 30, "zeros")
+    assert zeros.read_bytes == 9
+    lying = _Endless((1 << 40).to_bytes(8, "little"))
+    with pytest.raises(MPSArchiveError, match="declares a header of"):
+        coding._read_bounded(lying, 1 << 30, "lying")
+    (tmp_path / "k.mpsconv").write_bytes(data + b"junk")
+    with pytest.raises(MPSArchiveError, match="more bytes than its header declares"):
+        load(tmp_path / "k.mpsconv")
+    (tmp_path / "k.mpsconv").write_bytes(data)
+    assert load(tmp_path / "k.mpsconv") is not None
