@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 import inspect
 
+from .errors import MPSTypeError
+
 
 class _Overload:
     """The default ``help()`` shows for a keyword that some overloads take and others do not."""
@@ -58,6 +60,18 @@ class Strict:
         if name[0] != "_" and self._strict and not hasattr(type(self), name) and name not in self.__dict__:
             raise AttributeError(misspelled(self, name))
         _set(self, name, value)
+
+
+def decode_with(coder, obj, device=None, *, with_device: bool = True) -> None:
+    """``init?(coder:[device:])``: ``coder`` (an ``NSKeyedUnarchiver``, or any object with
+    ``decodeInto``) fills ``obj``."""
+    decode = getattr(coder, "decodeInto", None)
+    if not callable(decode):
+        raise MPSTypeError(f"{type(obj).__name__}: coder={coder!r} must be an NSCoder (an NSKeyedUnarchiver)")
+    if with_device:
+        decode(obj, device)
+    else:
+        decode(obj)
 
 
 _USER_CODE = {"mpsconv.demo", "mpsconv.bench", "mpsconv.networks", "mpsconv.verify"}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._api import keywords
+from ._api import decode_with, keywords
 from .convolution import DescribedKernel
 from .datasource import check_protocol, read_array
 from .descriptor import (
@@ -53,7 +53,7 @@ class MPSCNNBinaryConvolution(DescribedKernel, MPSCNNKernel):
         elif keys == full_form:
             self._init_binary(kwargs, scale_value=None)
         elif keys in ({"coder", "device"}, {"coder"}):
-            kwargs["coder"].decodeInto(self, kwargs.get("device"))
+            decode_with(kwargs["coder"], self, kwargs.get("device"))
         else:
             unavailable = " (init(device:) alone is unavailable)" if keys == {"device"} else ""
             raise MPSTypeError(f"{owner}({', '.join(sorted(keys))}){unavailable}: valid initializers are "

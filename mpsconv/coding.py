@@ -198,12 +198,20 @@ class NSKeyedUnarchiver(NSCoder):
 
 def save(obj, path: str | os.PathLike) -> None:
     """Write ``obj``'s secure archive to ``path`` (our addition)."""
+    _check_path(path, "save")
     data = NSKeyedArchiver.archivedData(withRootObject=obj)
     try:
         with open(path, "wb") as f:
             f.write(data)
     except OSError as exc:
         raise MPSArchiveError(f"save: cannot write {os.fspath(path)!r}: {exc.strerror}") from None
+
+
+def _check_path(path, owner: str) -> None:
+    """A file name (``str``, ``bytes`` or ``os.PathLike``); not an integer, which ``open`` would take as
+    a file descriptor of the process (and close)."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise MPSTypeError(f"{owner}: path={path!r} must be a file name (str or os.PathLike)")
 
 
 def _read_bounded(f, limit: int, name: str) -> bytes:
@@ -233,6 +241,7 @@ def _read_bounded(f, limit: int, name: str) -> bytes:
 
 def load(path: str | os.PathLike, *, ofClass=object, device=None):
     """Read a secure archive written by ``save`` (our addition)."""
+    _check_path(path, "load")
     limit = config.max_archive_bytes()
     try:
         with open(path, "rb") as f:

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ._api import keywords
+from ._api import decode_with, keywords
 from .core.activations import MPSCNNNeuronType
 from .core.geometry import MPSNNPaddingMethod, NeuronSpec
 from .core.weights import round_weights
@@ -16,6 +16,7 @@ from .descriptor import (
     MPSCNNConvolutionDescriptor, MPSCNNConvolutionFlags, MPSNNConvolutionAccumulatorPrecisionOption,
 )
 from .errors import MPSTypeError, MPSValueError
+from .image import MPSImage
 from .kernel import MPSCNNKernel
 from .neuron import MPSNNNeuronDescriptor, _deprecated
 from .convolution_state import MPSCNNConvolutionGradientState, MPSCNNConvolutionWeightsAndBiasesState
@@ -168,6 +169,8 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
     def encodingStorageSize(self, *, sourceImage, sourceStates=None, destinationImage=None) -> int:
         """The float32 intermediate the backends allocate: ``O x H x W`` of the destination."""
         image = destinationImage if destinationImage is not None else sourceImage
+        if not isinstance(image, MPSImage):
+            raise MPSTypeError(f"{type(self).__name__}.encodingStorageSize: {image!r} is not an MPSImage")
         return 4 * self.outputFeatureChannels * image.width * image.height * image.numberOfImages
 
     # -- weights
@@ -284,7 +287,7 @@ class MPSCNNConvolution(_WeightedKernel):
             self._init_pointers(kwargs["device"], kwargs["convolutionDescriptor"], kwargs["kernelWeights"],
                                 kwargs["biasTerms"], kwargs.get("flags", MPSCNNConvolutionFlags.none))
         elif keys in ({"coder", "device"}, {"coder"}):
-            kwargs["coder"].decodeInto(self, kwargs.get("device"))
+            decode_with(kwargs["coder"], self, kwargs.get("device"))
         else:
             unavailable = " (init(device:) alone is unavailable)" if keys == {"device"} else ""
             raise MPSTypeError(f"{owner}({', '.join(sorted(keys))}){unavailable}: valid initializers are "

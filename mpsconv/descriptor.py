@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ._api import Strict, keywords
+from ._api import Strict, decode_with, keywords
 from .errors import MPSTypeError, MPSValueError
 from .types import as_float, as_int
 from .core.activations import MPSCNNNeuronType
@@ -108,7 +108,7 @@ class MPSCNNConvolutionDescriptor(Strict):
 
     def __init__(self, **kwargs):
         if set(kwargs) == {"coder"}:  # init?(coder:)
-            kwargs["coder"].decodeInto(self)
+            decode_with(kwargs["coder"], self, with_device=False)
             return
         four = {"kernelWidth", "kernelHeight", "inputFeatureChannels", "outputFeatureChannels"}
         if kwargs and set(kwargs) not in (four, four | {"neuronFilter"}):

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ._api import keywords
+from ._api import decode_with, keywords
 from .convolution import _WeightedKernel
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNConvolutionGradientOption
 from .encoder import GradientJob, NeuronGradientJob
@@ -19,13 +19,13 @@ from .core.geometry import (
 )
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .kernel import MPSCNNKernel, MPSImageEdgeMode, kernel_offset_property
-from .metal import MTLCommandBuffer
+from .metal import MTLCommandBuffer, check_open_buffer
 from .neuron import MPSCNNNeuron, NeuronKernel, _deprecated
 from .state import MPSNNGradientState
 from .convolution_state import (
     MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState,
 )
-from .types import as_bool, as_int, as_offset, MPSDataType, MPSOffset
+from .types import MPSDataType, MPSOffset, as_bool, as_int, as_list, as_offset
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
             self._serialize = False
             self._init_data_source(kwargs["device"], kwargs["weights"])
         elif keys in ({"coder", "device"}, {"coder"}):
-            kwargs["coder"].decodeInto(self, kwargs.get("device"))
+            decode_with(kwargs["coder"], self, kwargs.get("device"))
         else:
             unavailable = " (init(device:) alone is unavailable)" if keys == {"device"} else ""
             raise MPSTypeError(f"{name}({', '.join(sorted(keys))}){unavailable}: valid initializers are "
@@ -173,10 +173,10 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
         The descriptor is the forward source's size with ``destinationFeatureChannelOffset +
         inputFeatureChannels`` channels in its format."""
         owner = f"{type(self).__name__}.destinationImageDescriptor"
-        images = list(sourceImages)
+        images = as_list(sourceImages, owner, "sourceImages")
         if len(images) != 2 or not all(isinstance(image, MPSImage) for image in images):
             raise MPSTypeError(f"{owner}: sourceImages must be [sourceGradient, sourceImage], two MPSImages")
-        states = [s for s in (sourceStates or ()) if s is not None]
+        states = [s for s in (as_list(sourceStates, owner, "sourceStates", allow_none=True) or ()) if s is not None]
         if states and not isinstance(states[0], self._input_state_class):
             raise MPSTypeError(f"{owner}: sourceStates[0]={type(states[0]).__name__} must be an "
                                f"{self._input_state_class.__name__} from the forward kernel")
@@ -198,9 +198,9 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
     def encodeBatch(self, *, commandBuffer, sourceGradients, sourceImages, gradientStates,
                     destinationGradients=None):
         """``encodeBatch(commandBuffer:sourceGradients:sourceImages:gradientStates:[destinationGradients:])``."""
-        out = self._encode_gradient(commandBuffer, list(sourceGradients), list(sourceImages),
-                                    list(gradientStates), None if destinationGradients is None
-                                    else list(destinationGradients), self._owner("encodeBatch"))
+        out = self._encode_gradient(commandBuffer, *_batch_lists(self._owner("encodeBatch"), sourceGradients,
+                                                                 sourceImages, gradientStates, destinationGradients),
+                                    self._owner("encodeBatch"))
         return None if destinationGradients is not None else out
 
     def _encode_gradient(self, cb, gradients, sources, states, destinations, owner):
@@ -319,6 +319,12 @@ class MPSCNNConvolutionGradient(_WeightedKernel):
             raise MPSValueError(f"{owner}: destinationGradient shares storage with sourceImage")
 
 
+def _batch_lists(owner: str, gradients, sources, states, destinations) -> tuple:
+    """A gradient batch's four arrays as lists (``destinations`` may be None)."""
+    return (as_list(gradients, owner, "sourceGradients"), as_list(sources, owner, "sourceImages"),
+            as_list(states, owner, "gradientStates"), as_list(destinations, owner, "destinationGradients", True))
+
+
 def _check_images(kernel, cb, owner: str, images) -> None:
     """Each ``(image, role)`` is an MPSImage on the kernel's device that this command buffer may read."""
     for image, role in images:
@@ -361,9 +367,18 @@ def encode_data_source_update(commandBuffer, gradientState, forward, gradient) -
     Like every reload here, the GPU form's state is read when the reload is encoded: commit the
     gradient pass before calling this when the callback reads the gradients on the CPU.
     """
+    owner = "encode_data_source_update"
+    check_open_buffer(commandBuffer, owner)
+    if not isinstance(forward, _WeightedKernel) or isinstance(forward, MPSCNNConvolutionGradient):
+        raise MPSTypeError(f"{owner}: forward={forward!r} must be the forward convolution (an MPSCNNConvolution, "
+                           "MPSCNNFullyConnected or MPSCNNConvolutionTranspose)")
+    if not isinstance(gradient, MPSCNNConvolutionGradient):
+        raise MPSTypeError(f"{owner}: gradient={gradient!r} must be the forward kernel's gradient kernel")
+    if not isinstance(gradientState, MPSCNNConvolutionGradientState):
+        raise MPSTypeError(f"{owner}: gradientState={gradientState!r} must be the forward encode's "
+                           "MPSCNNConvolutionGradientState")
     ds = forward.dataSource
     update = getattr(ds, "update", None)
-    owner = "encode_data_source_update"
     if not callable(update):
         raise MPSTypeError(f"{owner}: the data source {type(ds).__name__} implements no update(...)")
     if gradientState._producer is not forward:
@@ -457,19 +472,19 @@ class MPSCNNNeuronGradient(NeuronKernel):
 
     def encodeBatch(self, *, commandBuffer, sourceGradients, sourceImages, gradientStates, destinationGradients=None):
         """``encodeBatch(commandBuffer:sourceGradients:sourceImages:gradientStates:[destinationGradients:])``."""
-        out = self._encode_neuron_gradient(commandBuffer, list(sourceGradients), list(sourceImages),
-                                           list(gradientStates), None if destinationGradients is None
-                                           else list(destinationGradients), self._owner("encodeBatch"))
+        out = self._encode_neuron_gradient(commandBuffer, *_batch_lists(
+            self._owner("encodeBatch"), sourceGradients, sourceImages, gradientStates, destinationGradients),
+            self._owner("encodeBatch"))
         return None if destinationGradients is not None else out
 
     def destinationImageDescriptor(self, *, sourceImages, sourceStates=None) -> MPSImageDescriptor:
         """``destinationImageDescriptor(sourceImages:sourceStates:)``: ``sourceImages`` are ``[E, S]``;
         the forward source's size and format, ``destinationFeatureChannelOffset`` + its channels."""
         owner = f"{type(self).__name__}.destinationImageDescriptor"
-        images = list(sourceImages)
+        images = as_list(sourceImages, owner, "sourceImages")
         if len(images) != 2 or not all(isinstance(image, MPSImage) for image in images):
             raise MPSTypeError(f"{owner}: sourceImages must be [sourceGradient, sourceImage], two MPSImages")
-        source, states = images[1], [s for s in (sourceStates or ()) if s is not None]
+        source, states = images[1], [s for s in (as_list(sourceStates, owner, "sourceStates", allow_none=True) or ()) if s is not None]
         problem = getattr(states[0], "_problem", None) if states else None
         channels = problem.in_channels if problem is not None else source.featureChannels - self._sfo
         return MPSImageDescriptor(channelFormat=source.featureChannelFormat, width=source.width,

@@ -23,9 +23,11 @@ from .errors import MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValu
 from .memory import allocation_failed, check_allocation, out_of_memory
 from .metal import (
     CommandBufferTemporary, MTLCommandBuffer, MTLCPUCacheMode, MTLDevice, MTLStorageMode, MTLTexture,
-    MTLTextureType, MTLTextureUsage, MTLCreateSystemDefaultDevice, _byte_view,
+    MTLTextureType, MTLTextureUsage, MTLCreateSystemDefaultDevice, _byte_view, check_open_buffer,
 )
-from .types import _integers, as_enum, as_flags, as_int, as_region, MTLOrigin, MTLRegion, MTLSize, NSIntegerMin
+from .types import (
+    NSIntegerMin, MTLOrigin, MTLRegion, MTLSize, _integers, as_enum, as_flags, as_int, as_list, as_region,
+)
 
 F = MPSImageFeatureChannelFormat
 
@@ -387,7 +389,7 @@ class MPSImage(Strict):
 
     def synchronize(self, on: MTLCommandBuffer) -> None:
         """``synchronize(on:)``: our storage needs no flush; accepted on any open command buffer."""
-        on._check_open("MPSImage.synchronize")
+        check_open_buffer(on, "MPSImage.synchronize", "on")
 
     # -- views
     def subImage(self, featureChannelRange) -> "MPSImage":
@@ -484,8 +486,11 @@ class MPSImage(Strict):
         if info is None:
             off, cnt = 0, self._c
         else:
-            off, cnt = (as_int(v, owner, name) for v, name in zip(
-                info, ("featureChannelInfo.featureChannelOffset", "featureChannelInfo.numberOfFeatureChannelsToReadWrite")))
+            pair = _integers(info, 2)
+            if pair is None:
+                raise MPSTypeError(f"{owner}: featureChannelInfo={info!r} must be an MPSImageReadWriteParams "
+                                   "(featureChannelOffset, numberOfFeatureChannelsToReadWrite) of integers")
+            off, cnt = pair
             if off % 4:
                 raise MPSValueError(f"{owner}: featureChannelInfo.featureChannelOffset={off} must be a multiple of 4")
             if cnt <= 0:
@@ -496,6 +501,8 @@ class MPSImage(Strict):
                 raise MPSValueError(f"{owner}: numberOfFeatureChannelsToReadWrite={cnt} must be a multiple of 4 "
                                     "when featureChannelOffset > 0 (unless it reaches the last channel)")
         e = np.dtype(NUMPY_DTYPE[self._format]).itemsize
+        bpc, bpr, bpi = (None if v is None else as_int(v, owner, name, 0, 2**48) for v, name in (
+            (bpc, "bytesPerColumn"), (bpr, "bytesPerRow"), (bpi, "bytesPerImage")))
         if bpc is None:
             bpc = cnt * e if hwc else e
         if bpr is None:
@@ -624,10 +631,10 @@ class MPSTemporaryImage(CommandBufferTemporary, MPSImage):
         keys = frozenset(kwargs)
         cb = kwargs.get("commandBuffer")
         if keys == {"commandBuffer", "imageDescriptor"}:
-            _check_cb(cb, "MPSTemporaryImage")
+            check_open_buffer(cb, "MPSTemporaryImage")
             self._init_descriptor(cb.device, kwargs["imageDescriptor"], "MPSTemporaryImage")
         elif keys in ({"commandBuffer", "textureDescriptor"}, {"commandBuffer", "textureDescriptor", "featureChannels"}):
-            _check_cb(cb, "MPSTemporaryImage")
+            check_open_buffer(cb, "MPSTemporaryImage")
             td = kwargs["textureDescriptor"]
             if td.textureType not in (MTLTextureType.type2D, MTLTextureType.type2DArray) or td.depth != 1:
                 raise MPSValueError("MPSTemporaryImage: textureDescriptor must be type2D or type2DArray with depth 1")
@@ -719,12 +726,6 @@ class MPSTemporaryImage(CommandBufferTemporary, MPSImage):
                               "committed: a leak on Metal", ResourceWarning, stacklevel=2)
 
 
-def _check_cb(cb, owner: str) -> None:
-    if not isinstance(cb, MTLCommandBuffer):
-        raise MPSTypeError(f"{owner}: commandBuffer={cb!r} must be an MTLCommandBuffer")
-    cb._check_open(owner)
-
-
 # --------------------------------------------------------------------------------------------
 # Allocators and batches
 
@@ -761,9 +762,12 @@ _TEMPORARY_ALLOCATOR = _DefaultAllocator(temporary=True)
 MPSImageBatch = list  # ``MPSImageBatch`` is ``[MPSImage]``
 
 
-def _distinct(batch: Sequence) -> list:
+def _distinct(batch: Sequence, owner: str) -> list:
+    """The distinct images of a batch, each checked to be an MPSImage."""
     seen, out = set(), []
-    for item in batch or ():
+    for item in as_list(batch, owner, "batch", allow_none=True) or ():
+        if not isinstance(item, MPSImage):
+            raise MPSTypeError(f"{owner}: batch holds {item!r}; an MPSImageBatch holds MPSImages")
         if id(item) not in seen:
             seen.add(id(item))
             out.append(item)
@@ -773,7 +777,7 @@ def _distinct(batch: Sequence) -> list:
 def MPSImageBatchIncrementReadCount(batch: Sequence[MPSImage], amount: int) -> int:
     """Adds ``amount`` to each distinct temporary image's ``readCount`` (skipping released ones)."""
     amount = as_int(amount, "MPSImageBatchIncrementReadCount", "amount")
-    distinct = _distinct(batch)
+    distinct = _distinct(batch, "MPSImageBatchIncrementReadCount")
     for image in distinct:
         if isinstance(image, MPSTemporaryImage) and image.readCount > 0:
             image.readCount = image.readCount + amount
@@ -781,16 +785,20 @@ def MPSImageBatchIncrementReadCount(batch: Sequence[MPSImage], amount: int) -> i
 
 
 def MPSImageBatchSynchronize(batch: Sequence[MPSImage], commandBuffer: MTLCommandBuffer) -> None:
-    for image in _distinct(batch):
+    check_open_buffer(commandBuffer, "MPSImageBatchSynchronize")
+    for image in _distinct(batch, "MPSImageBatchSynchronize"):
         image.synchronize(on=commandBuffer)
 
 
 def MPSImageBatchResourceSize(batch: Sequence[MPSImage]) -> int:
-    return sum(image.resourceSize() for image in _distinct(batch))
+    return sum(image.resourceSize() for image in _distinct(batch, "MPSImageBatchResourceSize"))
 
 
 def MPSImageBatchIterate(batch: Sequence[MPSImage], block: Callable[[MPSImage, int], int]) -> int:
     """Calls ``block(image, firstIndex)`` per distinct image; stops when it returns > ``NSIntegerMin``."""
+    if not callable(block):
+        raise MPSTypeError(f"MPSImageBatchIterate: block={block!r} is not callable")
+    _distinct(batch, "MPSImageBatchIterate")
     result = NSIntegerMin
     seen = set()
     for index, image in enumerate(batch or ()):

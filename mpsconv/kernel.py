@@ -24,9 +24,10 @@ from .core.geometry import (
 )
 from .encoder import Encoder
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
-from .metal import MTLCommandBuffer, MTLDevice
+from .metal import MTLCommandBuffer, MTLDevice, check_open_buffer
 from .types import (
-    as_enum, as_flags, as_int, as_offset, as_region, as_size, MPSKernelOptions, MPSOffset, MPSRectNoClip, MTLRegion, NSUIntegerMax,
+    NSUIntegerMax, MPSKernelOptions, MPSOffset, MPSRectNoClip, MTLRegion, as_bool, as_enum, as_flags, as_int, as_list,
+    as_offset, as_region, as_size,
 )
 
 
@@ -377,14 +378,15 @@ class MPSCNNKernel(MPSKernel):
         return 0
 
     def batchEncodingStorageSize(self, *, sourceImage, sourceStates=None, destinationImage=None) -> int:
-        return sum(self.encodingStorageSize(sourceImage=s) for s in sourceImage)
+        sources = as_list(sourceImage, self._owner("batchEncodingStorageSize"), "sourceImage")
+        return sum(self.encodingStorageSize(sourceImage=s) for s in sources)
 
     # -- descriptor pipeline
     def destinationImageDescriptor(self, *, sourceImages: Sequence[MPSImage], sourceStates=None) -> MPSImageDescriptor:
         """``destinationImageDescriptor(sourceImages:sourceStates:)``: runs the padding policy, **sets
         ``offset``** and returns the descriptor an allocating encode would use."""
         owner = f"{type(self).__name__}.destinationImageDescriptor"
-        sources = list(sourceImages) if sourceImages is not None else []
+        sources = as_list(sourceImages, owner, "sourceImages", allow_none=True) or []
         if len(sources) != 1 or not isinstance(sources[0], MPSImage):
             raise MPSValueError(f"{owner}: sourceImages must hold exactly one MPSImage for a unary kernel; "
                                 f"got {len(sources)}")
@@ -543,12 +545,14 @@ class MPSCNNKernel(MPSKernel):
         """One state per source; where ``isResultStateReusedAcrossBatch()``, one object for the batch."""
         if self._result_state_class() is None:
             return None
-        return self._new_states(list(sourceImage), None, temporary=False)
+        return self._new_states(as_list(sourceImage, self._owner("resultStateBatch"), "sourceImage"), None, False)
 
     def temporaryResultStateBatch(self, *, commandBuffer, sourceImage, sourceStates=None, destinationImage=None):
         if self._result_state_class() is None:
             return None
-        return self._new_states(list(sourceImage), commandBuffer, temporary=True)
+        check_open_buffer(commandBuffer, self._owner("temporaryResultStateBatch"))
+        return self._new_states(as_list(sourceImage, self._owner("temporaryResultStateBatch"), "sourceImage"),
+                                commandBuffer, True)
 
     #: What the padding policy of an allocating encode may set (restored when the encode is refused).
     _placement_fields = ("_offset", "_edgeMode")
@@ -560,6 +564,8 @@ class MPSCNNKernel(MPSKernel):
         return self._result_state_class() is not None and self._state_reused_across_batch
 
     def _new_states(self, sources: list, commandBuffer, temporary: bool) -> list:
+        if not sources:
+            raise MPSValueError(f"{type(self).__name__}: a batch of no source images has no states")
         if self.isResultStateReusedAcrossBatch():
             return [self._new_state(sources[0], commandBuffer, temporary)] * len(sources)
         return [self._new_state(source, commandBuffer, temporary) for source in sources]
@@ -590,6 +596,8 @@ class MPSCNNKernel(MPSKernel):
     def _encode_kw(self, *, commandBuffer, sourceImage, destinationImage=None, destinationState=None,
                    destinationStateIsTemporary=None):
         owner = self._owner()
+        if destinationStateIsTemporary is not None:
+            destinationStateIsTemporary = as_bool(destinationStateIsTemporary, owner, "destinationStateIsTemporary")
         if destinationImage is None:
             if destinationStateIsTemporary is None:
                 return self._encode_allocating(commandBuffer, [sourceImage], owner)[0]
@@ -611,7 +619,10 @@ class MPSCNNKernel(MPSKernel):
                     destinationStateIsTemporary=None):
         """``encodeBatch(commandBuffer:sourceImages:[destinationImages:])``."""
         owner = self._owner("encodeBatch")
-        sources = list(sourceImages)
+        sources = as_list(sourceImages, owner, "sourceImages")
+        if destinationStateIsTemporary is not None:
+            destinationStateIsTemporary = as_bool(destinationStateIsTemporary, owner, "destinationStateIsTemporary")
+        destinationStates = as_list(destinationStates, owner, "destinationStates", allow_none=True)
         if destinationImages is None:
             if destinationStateIsTemporary is None:
                 return self._encode_allocating(commandBuffer, sources, owner)
@@ -620,7 +631,7 @@ class MPSCNNKernel(MPSKernel):
         if destinationStateIsTemporary is not None:
             raise MPSTypeError(f"{owner}: destinationStateIsTemporary= goes with the allocating encode (no "
                                "destinationImages=); the manual form takes destinationStates=")
-        destinations = list(destinationImages)
+        destinations = as_list(destinationImages, owner, "destinationImages")
         if len(sources) != len(destinations):
             raise MPSValueError(f"{owner}: sourceImages has {len(sources)} images, destinationImages "
                                 f"{len(destinations)}; they must have the same length")

@@ -392,6 +392,9 @@ def to_torch(kernel):
     """The ``torch.nn`` layer computing what ``kernel`` computes (our addition; the inverse of
     :func:`from_torch`). The fused neuron is not part of the layer: apply it after. Raises when the
     kernel's placement has no PyTorch padding (asymmetric or negative)."""
+    if not isinstance(kernel, (MPSCNNConvolution, MPSCNNConvolutionTranspose)):
+        raise MPSTypeError(f"to_torch: kernel={kernel!r}; MPSCNNConvolution, MPSCNNFullyConnected and "
+                           "MPSCNNConvolutionTranspose are supported")
     loaded = kernel._loaded
     d = loaded.descriptor
     w, b = loaded.weights, loaded.bias

@@ -18,12 +18,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ._api import Strict
+from ._api import Strict, keywords
 from . import config
 from .backends import onnx as graph_engine
 from .core.formats import FORMAT_OF_PIXEL, STORAGE_DTYPE, MTLPixelFormat
 from .errors import MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValueError
-from .types import as_enum, as_flags, as_int
+from .types import as_enum, as_flags, as_float, as_int
 from .memory import allocation_failed, check_allocation, out_of_memory
 
 
@@ -130,12 +130,23 @@ class MPSDeviceOptions(enum.IntFlag):
 # Devices
 
 
+@keywords()  # unavailable: devices come from MTLCreateSystemDefaultDevice()
 class MTLDevice(Strict):
     """``MTLDevice``: a compute device, the CPU or one CUDA GPU. One object per device."""
 
     label = None
 
-    def __init__(self, kind: str, index: int = 0):
+    def __init__(self, *args, **kwargs):
+        raise MPSTypeError("MTLDevice() is unavailable: devices come from MTLCreateSystemDefaultDevice(), "
+                           "MTLCopyAllDevices() or MPSGetPreferredDevice()")
+
+    @classmethod
+    def _make(cls, kind: str, index: int = 0) -> "MTLDevice":
+        self = object.__new__(cls)
+        self._init(kind, index)
+        return self
+
+    def _init(self, kind: str, index: int) -> None:
         self._kind = kind
         self._index = index
         self._torch_device = torch.device("cpu") if kind == "cpu" else torch.device("cuda", index)
@@ -207,7 +218,7 @@ def _device(kind: str, index: int = 0) -> MTLDevice:
     key = "cpu" if kind == "cpu" else f"cuda:{index}"
     with _devices_lock:
         if key not in _devices:
-            _devices[key] = MTLDevice(kind, index)
+            _devices[key] = MTLDevice._make(kind, index)
         return _devices[key]
 
 
@@ -264,12 +275,21 @@ def MPSGetPreferredDevice(options: int = MPSDeviceOptions.default) -> MTLDevice:
 
 def MPSHintTemporaryMemoryHighWaterMark(cmdBuf: "MTLCommandBuffer", bytes: int) -> None:
     """``MPSHintTemporaryMemoryHighWaterMark``: a hint; no observable effect."""
-    cmdBuf._check_open("MPSHintTemporaryMemoryHighWaterMark")
+    check_open_buffer(cmdBuf, "MPSHintTemporaryMemoryHighWaterMark", "cmdBuf")
+    as_int(bytes, "MPSHintTemporaryMemoryHighWaterMark", "bytes", 0)
 
 
 def MPSSetHeapCacheDuration(cmdBuf: "MTLCommandBuffer", seconds: float) -> None:
     """``MPSSetHeapCacheDuration``: a hint; raises after commit (undefined on Metal)."""
-    cmdBuf._check_open("MPSSetHeapCacheDuration")
+    check_open_buffer(cmdBuf, "MPSSetHeapCacheDuration", "cmdBuf")
+    as_float(seconds, "MPSSetHeapCacheDuration", "seconds")
+
+
+def check_open_buffer(cb, owner: str, prop: str = "commandBuffer") -> None:
+    """``cb`` is a command buffer that can still be encoded into."""
+    if not isinstance(cb, MTLCommandBuffer):
+        raise MPSTypeError(f"{owner}: {prop}={cb!r} must be an MTLCommandBuffer")
+    cb._check_open(owner)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,6 +370,8 @@ class MTLBuffer(Strict):
             raise MPSValueError(f"{owner}: {count} floats from byte {offset} need {offset + 4 * count} bytes; "
                                 f"the buffer has {self.length}")
         return self._data[offset: offset + 4 * count].view(torch.float32)
+
+    _deallocator = None  # (a buffer whose initializer was refused has none either)
 
     def __del__(self):
         if self._deallocator is not None:
@@ -618,6 +640,9 @@ class MTLCommandBuffer(Strict):
         # one update, not Strict.__setattr__ per field: a command buffer is made for every encode in
         # many programs. _encoding is held by the one encode running into this buffer; _state_lock
         # makes enqueue / commit atomic against other threads.
+        if type(queue) is not MTLCommandQueue and not isinstance(queue, MTLCommandQueue):
+            raise MPSTypeError(f"MTLCommandBuffer: queue={queue!r} must be an MTLCommandQueue "
+                               "(command buffers come from queue.makeCommandBuffer())")
         self.__dict__.update(_queue=queue, _device=queue._device, _retained=retained, _status=_NOT_ENQUEUED,
                              _work=[], _encoding=threading.Lock(), _state_lock=threading.Lock())
 

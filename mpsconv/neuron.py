@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import torch
 
-from ._api import Strict, keywords
+from ._api import Strict, decode_with, keywords
 from .core.activations import MPSCNNNeuronType, default_parameters
 from .core.geometry import NeuronSpec
 from .errors import MPSTypeError, MPSValueError
@@ -152,7 +152,7 @@ class NeuronKernel(MPSCNNKernel):
     def __init__(self, **kwargs):
         name = type(self).__name__
         if set(kwargs) in ({"coder"}, {"coder", "device"}):  # init?(coder:device:)
-            kwargs["coder"].decodeInto(self, kwargs.get("device"))
+            decode_with(kwargs["coder"], self, kwargs.get("device"))
             return
         if set(kwargs) != {"device", "neuronDescriptor"}:
             raise MPSTypeError(f"{name}({', '.join(sorted(kwargs))}): use {name}(device=, neuronDescriptor=) "

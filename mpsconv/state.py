@@ -9,8 +9,8 @@ from typing import Sequence
 
 from ._api import Strict, keywords
 from .errors import MPSTypeError, MPSValueError
-from .types import as_int
-from .metal import CommandBufferTemporary, MTLBuffer, MTLCommandBuffer, MTLDevice
+from .types import as_bool, as_int, as_list
+from .metal import CommandBufferTemporary, MTLBuffer, MTLCommandBuffer, MTLDevice, check_open_buffer
 
 
 class MPSStateResourceType(enum.IntEnum):
@@ -104,25 +104,27 @@ class MPSState(Strict, CommandBufferTemporary):
     def resourceCount(self) -> int:
         return len(self._resources)
 
-    def _check_index(self, index: int, owner: str) -> None:
+    def _check_index(self, index: int, owner: str) -> int:
+        index = as_int(index, f"{type(self).__name__}.{owner}", "at")
         if not 0 <= index < len(self._resources):
             raise MPSValueError(f"{type(self).__name__}.{owner}: index {index} is outside its "
                                 f"{len(self._resources)} resources")
+        return index
 
     def resource(self, at: int = 0, allocateMemory: bool = True):
         """``resource(at:allocateMemory:)``: the buffer, allocated on request."""
-        self._check_index(at, "resource")
-        if self._resources[at] is None and allocateMemory:
+        at = self._check_index(at, "resource")
+        if self._resources[at] is None and as_bool(allocateMemory, f"{type(self).__name__}.resource", "allocateMemory"):
             self._resources[at] = self._device.makeBuffer(length=self._sizes[at])
         return self._resources[at]
 
     def bufferSize(self, at: int = 0) -> int:
         """``bufferSize(at:)``: bytes of a buffer resource; never allocates."""
-        self._check_index(at, "bufferSize")
+        at = self._check_index(at, "bufferSize")
         return self._sizes[at]
 
     def resourceType(self, at: int = 0) -> MPSStateResourceType:
-        self._check_index(at, "resourceType")
+        at = self._check_index(at, "resourceType")
         return MPSStateResourceType.buffer
 
     def resourceSize(self) -> int:
@@ -131,7 +133,7 @@ class MPSState(Strict, CommandBufferTemporary):
 
     def synchronize(self, on: MTLCommandBuffer) -> None:
         """``synchronize(on:)``: our buffers need no flush."""
-        on._check_open(f"{type(self).__name__}.synchronize")
+        check_open_buffer(on, f"{type(self).__name__}.synchronize", "on")
 
     def destinationImageDescriptor(self, sourceImages, sourceStates, kernel, suggestedDescriptor):
         """Hook of the descriptor pipeline (after the padding policy's size): the base state changes nothing."""
@@ -203,7 +205,7 @@ def MPSStateBatchIncrementReadCount(batch, amount: int) -> int:
     """Adds ``amount`` once per distinct state; returns the number of distinct states."""
     amount = as_int(amount, "MPSStateBatchIncrementReadCount", "amount")
     seen = {}
-    for state in batch or ():
+    for state in as_list(batch, "MPSStateBatchIncrementReadCount", "batch", allow_none=True) or ():
         if not isinstance(state, MPSState):
             raise MPSTypeError(f"MPSStateBatchIncrementReadCount: {state!r} is not an MPSState")
         seen.setdefault(id(state), state)

@@ -1,7 +1,7 @@
 """``MPSCNNConvolutionTranspose`` (docs/semantics.md, "Transposed convolution")."""
 from __future__ import annotations
 
-from ._api import keywords
+from ._api import decode_with, keywords
 from .convolution import MPSCNNConvolution, _WeightedKernel
 from .descriptor import MPSCNNConvolutionDescriptor
 from .errors import MPSTypeError, MPSValueError
@@ -9,7 +9,7 @@ from .core.geometry import ConvProblem, allocate, backwards_kernel_offset, sourc
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .kernel import MPSImageEdgeMode, MPSOrigin, MPSRegion, MPSSize, kernel_offset_property
 from .convolution_state import MPSCNNConvolutionGradientState, MPSCNNConvolutionTransposeGradientState
-from .types import as_size, MPSDataType, MPSOffset
+from .types import MPSDataType, MPSOffset, as_list, as_size
 
 
 @keywords("device", "weights", "coder")
@@ -41,7 +41,7 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
             self._kernel_offset = (0, 0)
             self._init_data_source(kwargs["device"], kwargs["weights"])
         elif keys in ({"coder", "device"}, {"coder"}):
-            kwargs["coder"].decodeInto(self, kwargs.get("device"))
+            decode_with(kwargs["coder"], self, kwargs.get("device"))
         else:
             unavailable = " (init(device:) alone is unavailable)" if keys == {"device"} else ""
             raise MPSTypeError(f"MPSCNNConvolutionTranspose({', '.join(sorted(keys))}){unavailable}: valid "
@@ -174,16 +174,16 @@ class MPSCNNConvolutionTranspose(_WeightedKernel):
     def encodeBatch(self, *, commandBuffer, sourceImages, destinationImages=None, convolutionGradientStates=None,
                     destinationStates=None, destinationStateIsTemporary=None):
         """``encodeBatch(commandBuffer:sourceImages:convolutionGradientStates:[destinationImages:])``."""
-        states = list(convolutionGradientStates) if convolutionGradientStates is not None else None
+        owner = self._owner("encodeBatch")
+        states = as_list(convolutionGradientStates, owner, "convolutionGradientStates", allow_none=True)
         if states is None or all(s is None for s in states):
             return super().encodeBatch(commandBuffer=commandBuffer, sourceImages=sourceImages,
                                        destinationImages=destinationImages, destinationStates=destinationStates,
                                        destinationStateIsTemporary=destinationStateIsTemporary)
-        sources = list(sourceImages)
+        sources = as_list(sourceImages, owner, "sourceImages")
+        destinationImages = as_list(destinationImages, owner, "destinationImages", allow_none=True)
         if len(states) != len(sources):
-            raise MPSValueError(f"{self._owner('encodeBatch')}: {len(states)} convolutionGradientStates for "
-                                f"{len(sources)} sourceImages")
-        owner = self._owner("encodeBatch")
+            raise MPSValueError(f"{owner}: {len(states)} convolutionGradientStates for {len(sources)} sourceImages")
         self._check_cb(commandBuffer, owner)
         self._check_state_batch(commandBuffer, sources, states, destinationImages, owner)
         outputs = [self._encode_with_state(commandBuffer, src, state,

@@ -152,6 +152,16 @@ def as_float(value, owner: str, prop: str) -> float:
     return float(value)
 
 
+def as_list(value, owner: str, prop: str, allow_none: bool = False) -> list | None:
+    """A Swift array argument as a list: a list, a tuple or another iterable of items (not a string,
+    bytes or a mapping); None only where ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (str, bytes, bytearray, memoryview, dict)) or not hasattr(type(value), "__iter__"):
+        raise MPSTypeError(f"{owner}: {prop}={value!r} must be a list, not {type(value).__name__}")
+    return list(value)
+
+
 def as_bool(value, owner: str, prop: str) -> bool:
     """A ``Bool``: ``True`` / ``False`` (or NumPy's); integers, strings and None are refused."""
     if isinstance(value, (bool, np.bool_)):

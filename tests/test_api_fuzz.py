@@ -249,3 +249,74 @@ def test_windows_far_apart_run_in_the_memory_their_taps_need(stride, dilation):
                     if 0 <= y < 4 and 0 <= xx < 4:
                         want[v, u] += w[:, q, p, :] @ x[y, xx]
     np.testing.assert_allclose(values(dst)[0], want, rtol=1e-5, atol=1e-5)
+
+
+# -- every public callable, each parameter in turn given each bad value
+
+#: Calls that would block or run work: their arguments are covered by the encode and command
+#: buffer tests.
+BLOCKING = {"waitUntilCompleted", "waitUntilScheduled", "commit", "replay", "enqueue", "commitAndContinue"}
+BAD_ARGUMENTS = [None, "x", b"1", 1.5, math.nan, -1, 0, True, 2**70, [1], object()]
+
+
+def _public_callables():
+    for label, obj in objects().items():
+        for name in dir(obj):
+            if name.startswith("_") or name in BLOCKING:
+                continue
+            try:
+                attribute = getattr(obj, name)
+            except Exception:  # noqa: BLE001 - a property that refuses to be read here is not a callable
+                continue
+            if callable(attribute) and not isinstance(attribute, type):
+                yield f"{label}.{name}", attribute
+    for name in mpsconv.__all__:
+        value = getattr(mpsconv, name)
+        if not callable(value) or (isinstance(value, type) and issubclass(value, (BaseException, int))):
+            continue
+        yield name, value
+
+
+def _calls(target):
+    """``(args, kwargs)``: each parameter in turn given each bad value, the others their defaults
+    (None where they have none); a class's keyword overloads get the bad value alone."""
+    import inspect
+
+    try:
+        parameters = [p for p in inspect.signature(target).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):
+        return
+    for p in parameters:
+        for value in BAD_ARGUMENTS:
+            if isinstance(target, type):
+                yield ([value], {}) if p.kind == p.POSITIONAL_ONLY else ([], {p.name: value})
+                continue
+            args, kwargs = [], {}
+            for q in parameters:
+                given = value if q is p else (None if q.default is inspect.Parameter.empty else q.default)
+                if isinstance(given, mpsconv._api._Overload):
+                    given = None
+                (args.append(given) if q.kind == q.POSITIONAL_ONLY else kwargs.__setitem__(q.name, given))
+            yield args, kwargs
+
+
+def test_every_public_callable_answers_bad_arguments_with_a_library_error():
+    """No bare ``TypeError``, ``AttributeError``, ``ValueError`` ... from inside the library: a call
+    either works or raises an ``MPSConvError`` (Python's own complaint about the call's shape, raised
+    before the library runs, is not the library's)."""
+    bare = []
+    for where, target in _public_callables():
+        for args, kwargs in _calls(target):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    target(*args, **kwargs)
+                except MPSConvError:
+                    pass
+                except TypeError as exc:
+                    if exc.__traceback__.tb_next is not None:  # raised inside the library
+                        bare.append(f"{where}{args}{kwargs}: TypeError: {exc}")
+                except Exception as exc:  # noqa: BLE001 - what the test looks for
+                    bare.append(f"{where}{args}{kwargs}: {type(exc).__name__}: {exc}")
+    assert not bare, f"{len(bare)} bare exceptions, e.g.\n" + "\n".join(bare[:10])

@@ -85,7 +85,7 @@ def temporary_case(released: bool):
 
 
 def other_device_case():
-    stranger = MTLDevice("cpu")  # a second device object: images on it are not the kernel's
+    stranger = MTLDevice._make("cpu")  # a second device object (users cannot make one): images on it are not the kernel's
     src = MPSImage(device=stranger, imageDescriptor=MPSImageDescriptor(
         channelFormat=FMT.float32, width=5, height=5, featureChannels=4))
     dst = blank(5, 5, 4, rng=rng)

@@ -221,7 +221,7 @@ def test_ki_checklist_112_results_correct_after_completion():
 def test_ki_checklist_118_other_device_raises():
     from mpsconv.metal import MTLDevice
 
-    other = MTLDevice("cpu")  # a second device object
+    other = MTLDevice._make("cpu")  # a second device object (users cannot make one)
     k = conv()
     foreign_cb = other.makeCommandQueue().makeCommandBuffer()
     with pytest.raises(MPSDeviceError, match="the command buffer is on"):
