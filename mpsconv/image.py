@@ -368,7 +368,7 @@ class MPSImage(Strict):
     @property
     def texture(self) -> MTLTexture:
         """The backing storage as a texture; requesting it allocates."""
-        return MTLTexture(self._device, self._ensure_storage(), self._n, self.textureType, self.pixelFormat,
+        return MTLTexture._make(self._device, self._ensure_storage(), self._n, self.textureType, self.pixelFormat,
                           self._usage, self._root, self._storage_mode)
 
     def resourceSize(self) -> int:

@@ -217,7 +217,13 @@ class MPSKernel(Strict):
                 return None
             raise MPSTypeError(f"{type(self).__name__}.encode: pass commandBuffer=, sourceImage=, ... as keywords "
                                "(or one NSCoder positionally to archive)")
-        return self._encode_kw(**kwargs)
+        try:
+            return self._encode_kw(**kwargs)
+        except TypeError as exc:
+            if exc.__traceback__.tb_next is None:  # the keywords fit no encode form (nothing ran)
+                raise MPSTypeError(f"{type(self).__name__}.encode: {str(exc).replace('_encode_kw()', 'encode()')}"
+                                   " (see the class's encode forms)") from None
+            raise
 
     def _encode_kw(self, **kwargs):
         raise MPSTypeError(f"{type(self).__name__} has no encode method")

@@ -19,14 +19,14 @@ from .datasource import _ArrayDataSource, check_weight_shape
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNDepthWiseConvolutionDescriptor
 from .errors import MPSTypeError, MPSValueError
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
-from .kernel import MPSImageEdgeMode
+from .kernel import MPSCNNKernel, MPSImageEdgeMode
 from .neuron import MPSCNNNeuron, MPSNNNeuronDescriptor
 from .core.geometry import (
     dilated_extent, kernel_offset_for_padding, offset_for_padding, padding_for_kernel_offset, padding_for_offset,
     torch_output_size,  # noqa: F401  (public, re-exported by the package)
 )
 from .transpose import MPSCNNConvolutionTranspose
-from .types import MPSDataType, MPSOffset
+from .types import MPSDataType, MPSOffset, as_list
 
 
 def weights_from_oihw(w) -> np.ndarray:
@@ -342,8 +342,13 @@ class TorchLayers(list):
     which runs them one after another into one command buffer."""
 
     def __init__(self, kernels, sizes):
+        kernels, sizes = as_list(kernels, "TorchLayers", "kernels"), as_list(sizes, "TorchLayers", "sizes")
+        if len(kernels) != len(sizes) or not all(isinstance(k, MPSCNNKernel) for k in kernels) \
+                or not all(callable(size) for size in sizes):
+            raise MPSTypeError("TorchLayers(kernels, sizes): a kernel and its output-size function (h, w) -> (h, w) "
+                               "per layer; from_torch makes it")
         super().__init__(kernels)
-        self._sizes = list(sizes)
+        self._sizes = sizes
 
     def output_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """``(C, H, W)`` of the last layer's output for a ``height x width`` input, as PyTorch gives it."""

@@ -58,13 +58,23 @@ class MTLCommandBufferError(enum.IntEnum):
 MTLCommandBufferErrorDomain = "MTLCommandBufferErrorDomain"
 
 
+@keywords()  # unavailable: errors come from a failed command buffer's error
 class NSError(Strict):
     """``NSError``: what a failed command buffer reports in ``error``."""
 
     domain = localizedDescription = underlyingError = None  # public fields, set in __init__
     code = 0
 
-    def __init__(self, domain: str, code: int, localizedDescription: str, underlying: BaseException | None = None):
+    def __init__(self, *args, **kwargs):
+        raise MPSTypeError("NSError() is unavailable: errors come from a failed command buffer's error")
+
+    @classmethod
+    def _make(cls, *args) -> "NSError":
+        self = object.__new__(cls)
+        self._init(*args)
+        return self
+
+    def _init(self, domain: str, code: int, localizedDescription: str, underlying: BaseException | None = None):
         self.domain = domain
         self.code = code
         self.localizedDescription = localizedDescription
@@ -177,7 +187,7 @@ class MTLDevice(Strict):
         """``makeCommandQueue()`` / ``makeCommandQueue(maxCommandBufferCount:)``."""
         if maxCommandBufferCount is not None:
             as_int(maxCommandBufferCount, "MTLDevice.makeCommandQueue", "maxCommandBufferCount", 1)
-        return MTLCommandQueue(self)
+        return MTLCommandQueue._make(self)
 
     def makeBuffer(self, *, length: int | None = None, bytes=None, bytesNoCopy=None,
                    options: int = MTLResourceOptions.storageModeShared, deallocator=None) -> "MTLBuffer":
@@ -192,7 +202,7 @@ class MTLDevice(Strict):
             view = _byte_view(bytesNoCopy, "MTLDevice.makeBuffer(bytesNoCopy:)", writable=True)
             if view.size < length:
                 raise MPSValueError(f"MTLDevice.makeBuffer: bytesNoCopy holds {view.size} bytes; length={length}")
-            return MTLBuffer(self, torch.from_numpy(view[:length]), options, deallocator)
+            return MTLBuffer._make(self, torch.from_numpy(view[:length]), options, deallocator)
         check_allocation("MTLDevice.makeBuffer", self, length)
         data = torch.zeros(length, dtype=torch.uint8)
         if bytes is not None:
@@ -200,7 +210,7 @@ class MTLDevice(Strict):
             if view.size < length:
                 raise MPSValueError(f"MTLDevice.makeBuffer: bytes holds {view.size} bytes; length={length}")
             data.copy_(torch.from_numpy(view[:length].copy()))
-        return MTLBuffer(self, data, options, None)
+        return MTLBuffer._make(self, data, options, None)
 
     def makeTexture(self, descriptor):
         """``makeTexture(descriptor:)``: a 2D or 2D-array texture (``MTLTextureDescriptor``)."""
@@ -321,12 +331,22 @@ def _byte_view(obj, owner: str, writable: bool = False) -> np.ndarray:
     return np.frombuffer(mv.cast("B"), dtype=np.uint8) if not mv.readonly else np.frombuffer(mv.tobytes(), np.uint8)
 
 
+@keywords()  # unavailable: buffers come from device.makeBuffer(...)
 class MTLBuffer(Strict):
     """``MTLBuffer``: bytes on a device. ``contents()`` is a writable host view (shared storage)."""
 
     label = None
 
-    def __init__(self, device: MTLDevice, data: torch.Tensor, options: int, deallocator: Callable | None):
+    def __init__(self, *args, **kwargs):
+        raise MPSTypeError("MTLBuffer() is unavailable: buffers come from device.makeBuffer(...)")
+
+    @classmethod
+    def _make(cls, *args) -> "MTLBuffer":
+        self = object.__new__(cls)
+        self._init(*args)
+        return self
+
+    def _init(self, device: MTLDevice, data: torch.Tensor, options: int, deallocator: Callable | None):
         self._device = device
         self._data = data
         self._options = MTLResourceOptions(int(options))
@@ -409,6 +429,7 @@ class MTLTextureDescriptor(Strict):
         return cls(pixelFormat=pixelFormat, width=width, height=height)
 
 
+@keywords()  # unavailable: textures come from makeTexture
 class MTLTexture(Strict):
     """``MTLTexture``: ``arrayLength`` slices of ``width x height`` pixels with up to 4 lanes.
 
@@ -416,10 +437,20 @@ class MTLTexture(Strict):
     an ``MPSImage`` made from it is a view of that tensor.
     """
 
-    label = textureType = pixelFormat = usage = storageMode = None  # public fields, set in __init__
+    label = textureType = pixelFormat = usage = storageMode = None  # public fields, set by _make
 
-    def __init__(self, device: MTLDevice, storage: torch.Tensor, images: int, textureType, pixelFormat, usage,
-                 root, storageMode=MTLStorageMode.shared):
+    def __init__(self, *args, **kwargs):
+        raise MPSTypeError("MTLTexture() is unavailable: textures come from device.makeTexture(descriptor:) or "
+                           "an image's texture")
+
+    @classmethod
+    def _make(cls, device: MTLDevice, storage: torch.Tensor, images: int, textureType, pixelFormat, usage,
+              root, storageMode=MTLStorageMode.shared) -> "MTLTexture":
+        self = object.__new__(cls)
+        self._init(device, storage, images, textureType, pixelFormat, usage, root, storageMode)
+        return self
+
+    def _init(self, device, storage, images, textureType, pixelFormat, usage, root, storageMode) -> None:
         self._device = device
         self._storage = storage  # [images, H, W, 4·slices_per_image]
         self._images = images
@@ -467,7 +498,7 @@ def make_texture(device: MTLDevice, descriptor: MTLTextureDescriptor) -> MTLText
     check_allocation(owner, device, height * width * 4 * slices * STORAGE_DTYPE[fmt].itemsize)
     storage = torch.zeros(1, height, width, 4 * slices, dtype=STORAGE_DTYPE[fmt],
                           device=device.torch_device)
-    tex = MTLTexture(device, storage, 1, descriptor.textureType, descriptor.pixelFormat, descriptor.usage, None,
+    tex = MTLTexture._make(device, storage, 1, descriptor.textureType, descriptor.pixelFormat, descriptor.usage, None,
                      descriptor.storageMode)
     tex._root = tex
     return tex
@@ -477,12 +508,22 @@ def make_texture(device: MTLDevice, descriptor: MTLTextureDescriptor) -> MTLText
 # Queues and command buffers
 
 
+@keywords()  # unavailable: queues come from device.makeCommandQueue()
 class MTLCommandQueue(Strict):
     """``MTLCommandQueue``: runs its command buffers in the order they were enqueued."""
 
     label = None
 
-    def __init__(self, device: MTLDevice):
+    def __init__(self, *args, **kwargs):
+        raise MPSTypeError("MTLCommandQueue() is unavailable: queues come from device.makeCommandQueue()")
+
+    @classmethod
+    def _make(cls, *args) -> "MTLCommandQueue":
+        self = object.__new__(cls)
+        self._init(*args)
+        return self
+
+    def _init(self, device: MTLDevice):
         self._device = device
         self.label = None
         self._lock = threading.RLock()
@@ -563,12 +604,22 @@ def _capture(work, stream):
     return graph
 
 
+@keywords()  # unavailable: encoders come from commandBuffer.makeComputeCommandEncoder()
 class MTLComputeCommandEncoder(Strict):
     """``MTLComputeCommandEncoder``: user work on a command buffer; end it before an MPS encode."""
 
     label = None
 
-    def __init__(self, cb: "MTLCommandBuffer"):
+    def __init__(self, *args, **kwargs):
+        raise MPSTypeError("MTLComputeCommandEncoder() is unavailable: encoders come from commandBuffer.makeComputeCommandEncoder()")
+
+    @classmethod
+    def _make(cls, *args) -> "MTLComputeCommandEncoder":
+        self = object.__new__(cls)
+        self._init(*args)
+        return self
+
+    def _init(self, cb: "MTLCommandBuffer"):
         self._cb = cb
         self.label = None
 
@@ -705,7 +756,7 @@ class MTLCommandBuffer(Strict):
         self._check_open("MTLCommandBuffer.computeCommandEncoder")
         if self._open_encoder is not None:
             raise MPSCommandBufferError("MTLCommandBuffer.computeCommandEncoder: another encoder is still open")
-        self._open_encoder = MTLComputeCommandEncoder(self)
+        self._open_encoder = MTLComputeCommandEncoder._make(self)
         return self._open_encoder
 
     makeComputeCommandEncoder = computeCommandEncoder
@@ -765,7 +816,7 @@ class MTLCommandBuffer(Strict):
             exc.__cause__ = cause
             if self._device.is_cuda:
                 torch.cuda.empty_cache()
-        self._error = NSError(MTLCommandBufferErrorDomain, code, f"{type(exc).__name__}: {exc}", exc)
+        self._error = NSError._make(MTLCommandBufferErrorDomain, code, f"{type(exc).__name__}: {exc}", exc)
         self._status = _ERROR
 
     def _complete(self) -> None:
