@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -32,6 +31,8 @@ from mpsconv import (
     MTLCreateSystemDefaultDevice,
 )
 from mpsconv.core.geometry import kernel_offset_for_padding, offset_for_padding, torch_output_size
+from mpsconv.networks import NETWORKS, compare
+from mpsconv.timing import busy, spread, spread_warning  # noqa: F401  (busy: re-exported)
 
 #: name, N, C, H, W, K, R, S, stride, pad, dilation, groups (ResNet-50 and MobileNetV2 layers at batch 32)
 
@@ -103,37 +104,6 @@ def paired_medians(a, b, budget_s: float) -> tuple[float, float]:
     """Medians of ``a`` and ``b`` timed in alternating rounds (seconds)."""
     ta, tb = paired_times(a, b, budget_s)
     return statistics.median(ta), statistics.median(tb)
-
-
-def spread(times: list[float]) -> tuple[float, float, float]:
-    """``(median, fastest, slowest)`` of per-call times; the quartiles' spread where there are many
-    (a scheduler step now and then is not the machine's speed)."""
-    ordered = sorted(times)
-    q = len(ordered) // 4
-    return statistics.median(ordered), ordered[q], ordered[-1 - q]
-
-
-def busy() -> float | None:
-    """The 1-minute load average beyond this process, as a share of the cores (None where unknown)."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return None
-    return max(0.0, load - 1.0) / (os.cpu_count() or 1)
-
-
-def spread_warning(times: dict, limit: float = 1.3) -> str | None:
-    """A warning when a contender's slowest (third quartile, round) took ``limit`` times its fastest,
-    or the machine is busy: the ratios may then be off. ``times``: ``{name: (median, fastest, slowest)}``."""
-    wide = [name for name, (_, lo, hi) in times.items() if hi > limit * lo]
-    load = busy()
-    notes = []
-    if wide:
-        notes.append(f"spread over {limit:.1f}x for {', '.join(wide)}")
-    if load is not None and load > 0.25:
-        notes.append(f"load average beyond this process is {load:.0%} of the cores")
-    return "; ".join(notes) + " (the machine may be busy; the ratios may be off)" if notes else None
-
 
 
 def operation_kernel(device, c, h, w, k, r, s, stride, pad, dil, groups, wt, bias):
@@ -396,11 +366,50 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--plot", default=None, help="write a PNG of the speed-ups here")
     parser.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
+    parser.add_argument("--networks", default=None,
+                        help=f"whole networks instead of the shape table: comma-separated from {', '.join(NETWORKS)}, "
+                             "or all (ours plain, replayed and with temporary images, against PyTorch eager)")
     return parser
+
+
+def run_networks(names: list[str], batch: int, device, budget: float) -> list[dict]:
+    """``--networks``: each network as one command buffer against eager, at ``batch``."""
+    print(f"{'network':<12} {'N':>2} {'layers':>6} " + " ".join(f"{c + ' ms (min..max)':>26}" for c in (
+        "ours", "ours replayed", "temporary+replay", "eager")) + f" {'eager/best':>10}")
+    rows = []
+    for name in names:
+        row = compare(name, batch, device, budget)
+        t = row["times"]
+        best = min(t["ours"][0], t["ours_replay"][0], t["ours_temporary_replay"][0])
+        cells = [f"{m * 1e3:.2f} ({lo * 1e3:.2f}..{hi * 1e3:.2f})" for m, lo, hi in (
+            t["ours"], t["ours_replay"], t["ours_temporary_replay"], t["eager"])]
+        print(f"{row['network']:<12} {batch:>2} {row['layers']:>6} " + " ".join(f"{c:>26}" for c in cells)
+              + f" {t['eager'][0] / best:>10.2f}", flush=True)
+        rows.append(dict(network=row["network"], batch=batch, layers=row["layers"], rel_err=row["rel_err"],
+                         times_ms={k: [v * 1e3 for v in times] for k, times in t.items()}))
+    warning = spread_warning({f"{row['network']} {k}": v for row in rows
+                              for k, v in ((k, [x / 1e3 for x in ms]) for k, ms in row["times_ms"].items())})
+    if warning:
+        print(f"WARNING: {warning}")
+    return rows
 
 
 def main(argv=None, device=None):
     args = parser().parse_args(argv)
+    if args.networks is not None:
+        names = list(NETWORKS) if args.networks == "all" else args.networks.split(",")
+        unknown = [name for name in names if name not in NETWORKS]
+        if unknown:
+            raise SystemExit(f"mpsconv bench: no network named {', '.join(unknown)}; known: {', '.join(NETWORKS)}")
+        device = device or MTLCreateSystemDefaultDevice()
+        print(f"mpsconv {mpsconv.__version__}, torch {torch.__version__}, {device.name}, {torch.get_num_threads()} "
+              f"threads, {platform.platform()}")
+        rows = run_networks(names, args.batch, device, 0.6 if args.quick else 2.0)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=device.name, torch=torch.__version__, mpsconv=mpsconv.__version__,
+                               threads=torch.get_num_threads(), networks=rows, command=" ".join(sys.argv)), f, indent=1)
+        return rows, []
     wanted = None if args.shapes is None else set(args.shapes.split(","))
     known = {row[0] for row in SHAPES + TRANSPOSE_SHAPES + BINARY_SHAPES + TRAINING_SHAPES}
     if wanted is not None and wanted - known:

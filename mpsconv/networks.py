@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bench import busy, spread_warning  # noqa: F401  (re-exported for benchmarks/networks.py)
+from .timing import busy, spread_warning  # noqa: F401  (re-exported for benchmarks/networks.py)
 from .convolution import MPSCNNConvolution
 from .core.activations import MPSCNNNeuronType
 from .core.formats import MPSImageFeatureChannelFormat
@@ -313,3 +313,33 @@ def timing(contenders: dict, rounds: int = 5, budget_s: float = 1.0, sync=lambda
                     break
             samples[name].append(elapsed / calls)
     return {name: (statistics.median(t), min(t), max(t)) for name, t in samples.items()}
+
+
+#: The largest ``max |ours - eager| / max |eager|`` that counts as the same network's output.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1e-1}
+
+
+def compare(name: str, batch: int, device, budget_s: float = 2.0, rounds: int = 5, dtype=torch.float32) -> dict:
+    """One network at one batch, ours against PyTorch eager on the same data and weights: the outputs
+    checked against each other first, then ours (plain, replayed, and with temporary images between
+    the layers, replayed) and eager timed in alternating rounds. ``{contender: (median, min, max)}``
+    in seconds, and the relative difference of the outputs (``mpsconv bench --networks``)."""
+    net = NETWORKS[name]()
+    weights = random_weights(net)
+    tdev = device.torch_device
+    rng = np.random.default_rng(1)
+    x_nhwc = torch.from_numpy(rng.standard_normal((batch, *net.size)).astype(np.float32)).to(tdev, dtype)
+    x = x_nhwc.permute(0, 3, 1, 2)
+    ours, temporary = Ours(net, weights, batch, device, dtype), Ours(net, weights, batch, device, dtype, True)
+    eager = Eager(net, weights, tdev, dtype)
+    ours.load(x_nhwc)
+    temporary.load(x_nhwc)
+    with torch.no_grad():
+        want = eager(x).float()
+        ours()
+        err = float((ours.output().permute(0, 3, 1, 2).float() - want).abs().max() / want.abs().max())
+        if not err <= TOLERANCE[dtype]:
+            raise ValueError(f"{name} batch {batch}: ours and eager differ by {err:.2e} (relative); not timed")
+        times = timing({"ours": ours, "ours_replay": ours.replay, "ours_temporary_replay": temporary.replay,
+                        "eager": lambda: eager(x)}, rounds, budget_s, synchronizer(tdev))
+    return dict(network=net.name, batch=batch, layers=len(net.layers), rel_err=err, times=times)

@@ -105,12 +105,22 @@ def test_bench_writes_its_files_by_default(tmp_path):
     assert png_size(tmp_path / "mpsconv-bench.png")[1] == 450
 
 
+def test_bench_runs_whole_networks_against_eager(tmp_path):
+    rc, out, err = mpsconv("bench", "--quick", "--networks", "inception", "--json", str(tmp_path / "n.json"))
+    assert rc == 0, err
+    row = json.loads((tmp_path / "n.json").read_text())["networks"][0]
+    assert row["network"] == "inception_28" and row["rel_err"] < 1e-4
+    assert set(row["times_ms"]) == {"ours", "ours_replay", "ours_temporary_replay", "eager"}
+    assert "inception_28" in out and "eager/best" in out
+
+
 @pytest.mark.parametrize("args, message", [
     (["demo", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
     (["demo", "--epochs", "0"], "--epochs 0; give at least 1"),
     (["demo", "--device", "cuda:7"], "device 'cuda:7' is not usable"),
     (["verify", "--device", "tpu"], "device 'tpu' is not cpu, cuda or cuda:N"),
     (["bench", "--shapes", "nope"], "no shape named nope"),
+    (["bench", "--networks", "vgg"], "no network named vgg"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], ""),
 ])
