@@ -525,7 +525,7 @@ def direct_rolling_nhwc(
             xs = ()
             # where, not &: Triton's interpreter makes scalar & block int32. The source's lines are kept in
             # L2 over the others: a row's shifted runs and the next band's rows read them again (H200: 11%
-            # off the 14x14 layer of benchmarks/RESULTS.md, level to 2% faster on the 56x56 one)
+            # off the 14x14 layer of benchmarks/history.md, level to 2% faster on the 56x56 one)
             for c in tl.static_range(KW * IG):
                 xs = xs + (tl.load(x_row + cols[c], mask=tl.where(row_ok, col_oks[c], False), other=0.0,
                                    eviction_policy="evict_last"),)

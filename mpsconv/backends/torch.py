@@ -482,7 +482,7 @@ def _full_fp32(op):
 # XNOR and AND sums are integers: Σ sgn(S')·(2·bit - 1) and Σ [S' >= 0]·bit. As a convolution of ±1
 # (or 0/1) values in float32 they are exact while |sum| < 2**24, i.e. bit for bit what popcounts over
 # packed words give, and oneDNN runs them 20-50x faster on the CPU than popcounts built from torch
-# operations (benchmarks/RESULTS.md). Layers with kH·kW·I >= 2**24 terms, where float32 could round,
+# operations (benchmarks/history.md). Layers with kH·kW·I >= 2**24 terms, where float32 could round,
 # count bits instead: popcounts over 32-bit words.
 
 #: Terms per output above which XNOR/AND sums are counted as popcounts (float32 is exact below 2**24).

@@ -98,7 +98,7 @@ SPLIT_BELOW_TILES = 264
 #: rolling one (``direct_rolling_nhwc``), which needs vertical stride and dilation 1, and whose
 #: programs walk ``bm`` source rows ``bk`` at a time: ``bm - KH + 1`` output rows (at least one). So a
 #: band of whole steps has no masked rows to compute: 3x3 bands of 30 rows instead of 32 took the
-#: H200's fp16 144-channel 56x56 layer from 30.3 to 27.4 us (benchmarks/RESULTS.md). Stages above 1
+#: H200's fp16 144-channel 56x56 layer from 30.3 to 27.4 us (benchmarks/history.md). Stages above 1
 #: pipeline the rolling kernel's row loop (``cp.async`` staging through shared memory), 4x slower there.
 DEPTHWISE_CONFIGS = [_direct(32, 256, 8, 2, 1), _direct(32, 512, 8, 4, 1), _direct(32, 128, 8, 1, 1),
                      _direct(16, 512, 8, 4, 1), _direct(16, 256, 8, 2, 1), _direct(16, 128, 8, 1, 1),
@@ -124,7 +124,7 @@ PACK_TILE = (128, 4)
 #: Persistent TMA GEMM tiles for 1x1 layers whose windows are strided matrices (``matrix``); ``tma``
 #: programs an SM. Where a bound pair's windows are not single matrices TMA can address, the
 #: implicit GEMM runs instead (``TMA_FALLBACK``). H200, fp16: ResNet-50's 56x56 64 -> 256 layer into a
-#: channel slice 0.026 ms against 0.038 ms for the best implicit-GEMM tile (benchmarks/RESULTS.md).
+#: channel slice 0.026 ms against 0.038 ms for the best implicit-GEMM tile (benchmarks/history.md).
 TMA_CONFIGS = [Config(256, 128, 64, 8, 3, tma=1), Config(128, 256, 64, 8, 3, tma=1),
                Config(128, 128, 64, 4, 3, tma=1), Config(128, 64, 64, 4, 3, tma=2), Config(64, 64, 64, 4, 3, tma=2),
                Config(128, 64, 32, 4, 3, tma=2), Config(128, 128, 128, 8, 3, tma=1), Config(128, 128, 64, 4, 5, tma=1)]

@@ -4,10 +4,10 @@ the rolling depthwise kernel's three fastest tiles, on gpu.py's depthwise shapes
 ``ROLL`` source rows at a time; each group loads a source row's ``PW + KW - 1`` pixels once
 (``[G, BC]`` tiles, channels contiguous) and every tap column reuses them from registers, where the
 rolling kernel loads one shifted run per tap column. Every variant is checked against float32
-F.conv2d. Results: benchmarks/RESULTS.md ("depthwise: two kernels that lost").
+F.conv2d. Results: benchmarks/history.md ("depthwise: two kernels that lost").
 
-    python benchmarks/depthwise_rows_probe.py mbv2_dw_56:fp16 mbv2_dw_14:fp16 mbv2_dw_56:fp32
-    TRITON_INTERPRET=1 python benchmarks/depthwise_rows_probe.py mbv2_dw_56:fp16   # index check, small shapes
+    python -m benchmarks.experiments.depthwise_rows_probe mbv2_dw_56:fp16 mbv2_dw_14:fp16 mbv2_dw_56:fp32
+    TRITON_INTERPRET=1 python -m benchmarks.experiments.depthwise_rows_probe mbv2_dw_56:fp16   # index check, small shapes
 """
 import os
 import sys
@@ -15,17 +15,15 @@ import sys
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ["MPSCONV_AUTOTUNE"] = "0"
 from mpsconv import MTLCreateSystemDefaultDevice
 from mpsconv.backends import triton as tb
 from mpsconv.backends._triton_kernels import _tap_axis, _epilogue, _index
 from mpsconv.bench import SHAPES
-from tiles import layer
+from benchmarks.experiments.tiles import layer
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERP:
-    from gpu import bench
+    from benchmarks.gpu import bench
 
 
 @triton.jit

@@ -2,7 +2,7 @@
 before each run by writing a 256 MB buffer, which leaves L2 full of dirty lines that the timed kernel
 then writes back to memory; a flush that only reads leaves clean lines, which cost nothing to evict.
 
-    python benchmarks/l2_flush.py mbv2_dw_56:fp16 mbv2_dw_56:fp32 mbv2_dw_14:fp16
+    python -m benchmarks.experiments.l2_flush mbv2_dw_56:fp16 mbv2_dw_56:fp32 mbv2_dw_14:fp16
 
 For each layer of gpu.py's shape table: a plain contiguous ``copy_`` of as many bytes, and our
 triton backend's first three depthwise candidates (no autotuning), each timed both ways (medians),
@@ -13,11 +13,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("MPSCONV_AUTOTUNE", "0")
-from gpu import bench, copy_bandwidth, copy_of  # noqa: E402
-from tiles import layer  # noqa: E402
+from benchmarks.gpu import bench, copy_bandwidth, copy_of  # noqa: E402
+from benchmarks.experiments.tiles import layer  # noqa: E402
 from mpsconv import MTLCreateSystemDefaultDevice  # noqa: E402
 from mpsconv.backends import triton as tb  # noqa: E402
 from mpsconv.bench import SHAPES  # noqa: E402

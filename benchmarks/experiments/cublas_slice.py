@@ -11,14 +11,14 @@
 Reduced-precision reductions are off, as the MPS numerics need. ``do_bench`` medians, ms; ``err``: the
 relative L2 error against eager PyTorch where the variant computes the whole operation.
 
-    python benchmarks/cublas_slice.py
+    python -m benchmarks.experiments.cublas_slice
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
-from gpu import bench  # this directory's benchmark: do_bench's median, 25 warm-up runs, 200 ms
+from benchmarks.gpu import bench  # this directory's benchmark: do_bench's median, 25 warm-up runs, 200 ms
 
 SHAPES = [("r50_1x1_56", 32, 64, 56, 56, 256), ("r50_1x1_14x", 32, 256, 14, 14, 1024),
           ("mbv2_pw_28", 32, 32, 28, 28, 192), ("b1_1x1_56", 1, 64, 56, 56, 256)]

@@ -3,7 +3,7 @@ copies (pipelined row loops) and instructions an output in its main loop, by opc
 sm_90 with the specialisation a CUDA launch of gpu.py's depthwise rows gets (``OG`` = ``sxc`` =
 ``syc`` = 1 constant; sizes and strides that are multiples of 16 marked so).
 
-    python benchmarks/sass_depthwise.py [fp16|bf16|fp32 ...]
+    python -m benchmarks.experiments.sass_depthwise [fp16|bf16|fp32 ...]
 
 Uses the ``nvdisasm`` and ``cuobjdump`` that come with Triton's NVIDIA backend.
 """
@@ -19,8 +19,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "mpsconv", "backends"))
-import _triton_kernels as kernels  # noqa: E402
+from mpsconv.backends import _triton_kernels as kernels  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 #: Integer arguments that are multiples of 16 on gpu.py's depthwise rows (144 and 384 channels).

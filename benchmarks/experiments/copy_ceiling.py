@@ -2,7 +2,7 @@
 as the layer moves, each timed with gpu.py's ``bench`` (``do_bench`` medians, L2 flushed), as a share
 of the same bytes floor (the bandwidth of a 4 GiB copy measured in the same run).
 
-    python benchmarks/copy_ceiling.py mbv2_dw_56:fp16 mbv2_dw_56:fp32
+    python -m benchmarks.experiments.copy_ceiling mbv2_dw_56:fp16 mbv2_dw_56:fp32
 
 For each layer of gpu.py's shape table (a depthwise one: as many output as input channels, output as
 large as the input): PyTorch's contiguous ``copy_``; Triton copies of the same contiguous bytes, over
@@ -11,16 +11,13 @@ of the source into channels ``[K, 2K)`` of a ``2K``-channel destination, as the 
 PyTorch's strided ``copy_`` and gpu.py's Triton one. Prints the best few of each kind.
 """
 import itertools
-import os
 import sys
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu import DTYPES, bench, copy_bandwidth, slice_copy_ms  # noqa: E402
+from benchmarks.gpu import DTYPES, bench, copy_bandwidth, slice_copy_ms  # noqa: E402
 from mpsconv.bench import SHAPES  # noqa: E402
 
 

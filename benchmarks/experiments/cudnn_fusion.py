@@ -10,11 +10,10 @@ ReLU as one graph. Timed here, per shape of ``mpsconv.bench.SHAPES``, against ba
 Every graph's execution plans are all built and timed; the fastest is kept. All times:
 ``triton.testing.do_bench`` medians (ms).
 
-    python benchmarks/cudnn_fusion.py fp16,bf16 [JSON]
+    python -m benchmarks.experiments.cudnn_fusion fp16,bf16 [JSON]
 """
 import json
 import math
-import os
 import sys
 
 import torch
@@ -23,8 +22,7 @@ from triton.testing import do_bench
 
 import cudnn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from gpu import bench  # noqa: E402  (this directory's benchmark: do_bench's median, 25 warm-up runs, 200 ms)
+from benchmarks.gpu import bench  # noqa: E402  (this directory's benchmark: do_bench's median, 25 warm-up runs, 200 ms)
 from mpsconv.bench import SHAPES  # noqa: E402
 
 DTYPES = {"fp16": (torch.float16, cudnn.data_type.HALF), "bf16": (torch.bfloat16, cudnn.data_type.BFLOAT16),

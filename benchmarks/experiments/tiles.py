@@ -4,7 +4,7 @@ gpu.py's (convolution + bias + ReLU into channels [K, 2K) of a 2K-channel destin
 configuration is checked against float32 F.conv2d, then timed twice with gpu.py's ``bench``
 (the better median is kept). ``lib`` stands for the candidates the autotuner would time.
 
-    python benchmarks/tiles.py 'r50_3x3_56:fp16:lib,128x64x64w4s3' 'r50_1x1_14x:fp16:128x128x64w4s5t1'
+    python -m benchmarks.experiments.tiles 'r50_3x3_56:fp16:lib,128x64x64w4s3' 'r50_1x1_14x:fp16:128x128x64w4s5t1'
 
 Prints the 16 fastest per layer, with the bytes floor at 4.3 TB/s (the H200's measured copy
 bandwidth); ``--json PATH`` writes every timing.
@@ -13,17 +13,14 @@ import argparse
 import json
 import math
 import os
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("MPSCONV_AUTOTUNE", "0")
-from gpu import DTYPES, bench  # noqa: E402
+from benchmarks.gpu import DTYPES, bench  # noqa: E402
 from mpsconv import MPSImage, MPSImageDescriptor, MTLCreateSystemDefaultDevice  # noqa: E402
 from mpsconv.backends import triton as tb  # noqa: E402
 from mpsconv.bench import SHAPES, operation_kernel  # noqa: E402

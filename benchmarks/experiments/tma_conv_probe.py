@@ -3,10 +3,10 @@ current kernels and cuDNN on gpu.py's shapes (fp16 / bf16), conv + bias + ReLU i
 [K, 2K) of a 2K-channel destination. A tile is a [1, BH, BW, BK] box of the NHWC source per tap
 (TMA zero-fills the edges), reshaped to [BH*BW, BK] for the dot; a persistent grid (p132 / p264:
 programs; F: tile loop flattened with the reduction) or one program a tile (pall). Each variant is
-checked against float32 F.conv2d first. Results: benchmarks/RESULTS.md ("1x1 layers through TMA").
+checked against float32 F.conv2d first. Results: benchmarks/history.md ("1x1 layers through TMA").
 
-    python benchmarks/tma_conv_probe.py r50_3x3_56,r50_3x3_28 fp16
-    TRITON_INTERPRET=1 python benchmarks/tma_conv_probe.py r50_3x3_56   # index check on small shapes
+    python -m benchmarks.experiments.tma_conv_probe r50_3x3_56,r50_3x3_28 fp16
+    TRITON_INTERPRET=1 python -m benchmarks.experiments.tma_conv_probe r50_3x3_56   # index check on small shapes
 """
 import json
 import math
@@ -18,9 +18,7 @@ import torch
 import triton
 import triton.language as tl
 import torch.nn.functional as F
-sys.path.insert(0, os.getcwd())
-sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
-from gpu import bench, DTYPES
+from benchmarks.gpu import bench, DTYPES
 from mpsconv import MPSImage, MPSImageDescriptor, MTLCreateSystemDefaultDevice
 from mpsconv.bench import SHAPES, operation_kernel
 
