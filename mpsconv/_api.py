@@ -62,6 +62,24 @@ class Strict:
         _set(self, name, value)
 
 
+class LibraryMade:
+    """Objects only the library makes (Metal's protocol objects: a device, a queue, a buffer...):
+    ``Class()`` is refused, saying where they come from (``_made_by``); the library makes them with
+    ``Class._make(...)``, which runs ``_init``."""
+
+    __slots__ = ()
+    _made_by = "the library makes them"
+
+    def __init__(self, *args, **kwargs):
+        raise MPSTypeError(f"{type(self).__name__}() is unavailable: {self._made_by}")
+
+    @classmethod
+    def _make(cls, *args):
+        self = object.__new__(cls)
+        self._init(*args)
+        return self
+
+
 def decode_with(coder, obj, device=None, *, with_device: bool = True) -> None:
     """``init?(coder:[device:])``: ``coder`` (an ``NSKeyedUnarchiver``, or any object with
     ``decodeInto``) fills ``obj``."""

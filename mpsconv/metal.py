@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ._api import Strict, keywords
+from ._api import LibraryMade, Strict, keywords
 from . import config
 from .backends import onnx as graph_engine
 from .core.formats import FORMAT_OF_PIXEL, STORAGE_DTYPE, MTLPixelFormat
@@ -59,20 +59,13 @@ MTLCommandBufferErrorDomain = "MTLCommandBufferErrorDomain"
 
 
 @keywords()  # unavailable: errors come from a failed command buffer's error
-class NSError(Strict):
+class NSError(LibraryMade, Strict):
     """``NSError``: what a failed command buffer reports in ``error``."""
 
     domain = localizedDescription = underlyingError = None  # public fields, set in __init__
     code = 0
 
-    def __init__(self, *args, **kwargs):
-        raise MPSTypeError("NSError() is unavailable: errors come from a failed command buffer's error")
-
-    @classmethod
-    def _make(cls, *args) -> "NSError":
-        self = object.__new__(cls)
-        self._init(*args)
-        return self
+    _made_by = "errors come from a failed command buffer's error"
 
     def _init(self, domain: str, code: int, localizedDescription: str, underlying: BaseException | None = None):
         self.domain = domain
@@ -141,22 +134,14 @@ class MPSDeviceOptions(enum.IntFlag):
 
 
 @keywords()  # unavailable: devices come from MTLCreateSystemDefaultDevice()
-class MTLDevice(Strict):
+class MTLDevice(LibraryMade, Strict):
     """``MTLDevice``: a compute device, the CPU or one CUDA GPU. One object per device."""
 
     label = None
 
-    def __init__(self, *args, **kwargs):
-        raise MPSTypeError("MTLDevice() is unavailable: devices come from MTLCreateSystemDefaultDevice(), "
-                           "MTLCopyAllDevices() or MPSGetPreferredDevice()")
+    _made_by = "devices come from MTLCreateSystemDefaultDevice(), MTLCopyAllDevices() or MPSGetPreferredDevice()"
 
-    @classmethod
-    def _make(cls, kind: str, index: int = 0) -> "MTLDevice":
-        self = object.__new__(cls)
-        self._init(kind, index)
-        return self
-
-    def _init(self, kind: str, index: int) -> None:
+    def _init(self, kind: str, index: int = 0) -> None:
         self._kind = kind
         self._index = index
         self._torch_device = torch.device("cpu") if kind == "cpu" else torch.device("cuda", index)
@@ -332,19 +317,12 @@ def _byte_view(obj, owner: str, writable: bool = False) -> np.ndarray:
 
 
 @keywords()  # unavailable: buffers come from device.makeBuffer(...)
-class MTLBuffer(Strict):
+class MTLBuffer(LibraryMade, Strict):
     """``MTLBuffer``: bytes on a device. ``contents()`` is a writable host view (shared storage)."""
 
     label = None
 
-    def __init__(self, *args, **kwargs):
-        raise MPSTypeError("MTLBuffer() is unavailable: buffers come from device.makeBuffer(...)")
-
-    @classmethod
-    def _make(cls, *args) -> "MTLBuffer":
-        self = object.__new__(cls)
-        self._init(*args)
-        return self
+    _made_by = "buffers come from device.makeBuffer(...)"
 
     def _init(self, device: MTLDevice, data: torch.Tensor, options: int, deallocator: Callable | None):
         self._device = device
@@ -430,7 +408,7 @@ class MTLTextureDescriptor(Strict):
 
 
 @keywords()  # unavailable: textures come from makeTexture
-class MTLTexture(Strict):
+class MTLTexture(LibraryMade, Strict):
     """``MTLTexture``: ``arrayLength`` slices of ``width x height`` pixels with up to 4 lanes.
 
     Its storage is one tensor ``[1, height, width, 4·arrayLength]`` or an image's NHWC tensor;
@@ -439,18 +417,10 @@ class MTLTexture(Strict):
 
     label = textureType = pixelFormat = usage = storageMode = None  # public fields, set by _make
 
-    def __init__(self, *args, **kwargs):
-        raise MPSTypeError("MTLTexture() is unavailable: textures come from device.makeTexture(descriptor:) or "
-                           "an image's texture")
+    _made_by = "textures come from device.makeTexture(descriptor:) or an image's texture"
 
-    @classmethod
-    def _make(cls, device: MTLDevice, storage: torch.Tensor, images: int, textureType, pixelFormat, usage,
-              root, storageMode=MTLStorageMode.shared) -> "MTLTexture":
-        self = object.__new__(cls)
-        self._init(device, storage, images, textureType, pixelFormat, usage, root, storageMode)
-        return self
-
-    def _init(self, device, storage, images, textureType, pixelFormat, usage, root, storageMode) -> None:
+    def _init(self, device: MTLDevice, storage: torch.Tensor, images: int, textureType, pixelFormat, usage, root,
+              storageMode=MTLStorageMode.shared) -> None:
         self._device = device
         self._storage = storage  # [images, H, W, 4·slices_per_image]
         self._images = images
@@ -509,19 +479,12 @@ def make_texture(device: MTLDevice, descriptor: MTLTextureDescriptor) -> MTLText
 
 
 @keywords()  # unavailable: queues come from device.makeCommandQueue()
-class MTLCommandQueue(Strict):
+class MTLCommandQueue(LibraryMade, Strict):
     """``MTLCommandQueue``: runs its command buffers in the order they were enqueued."""
 
     label = None
 
-    def __init__(self, *args, **kwargs):
-        raise MPSTypeError("MTLCommandQueue() is unavailable: queues come from device.makeCommandQueue()")
-
-    @classmethod
-    def _make(cls, *args) -> "MTLCommandQueue":
-        self = object.__new__(cls)
-        self._init(*args)
-        return self
+    _made_by = "queues come from device.makeCommandQueue()"
 
     def _init(self, device: MTLDevice):
         self._device = device
@@ -605,19 +568,12 @@ def _capture(work, stream):
 
 
 @keywords()  # unavailable: encoders come from commandBuffer.makeComputeCommandEncoder()
-class MTLComputeCommandEncoder(Strict):
+class MTLComputeCommandEncoder(LibraryMade, Strict):
     """``MTLComputeCommandEncoder``: user work on a command buffer; end it before an MPS encode."""
 
     label = None
 
-    def __init__(self, *args, **kwargs):
-        raise MPSTypeError("MTLComputeCommandEncoder() is unavailable: encoders come from commandBuffer.makeComputeCommandEncoder()")
-
-    @classmethod
-    def _make(cls, *args) -> "MTLComputeCommandEncoder":
-        self = object.__new__(cls)
-        self._init(*args)
-        return self
+    _made_by = "encoders come from commandBuffer.makeComputeCommandEncoder()"
 
     def _init(self, cb: "MTLCommandBuffer"):
         self._cb = cb
