@@ -43,11 +43,11 @@ import mpsconv  # noqa: E402
 from mpsconv import MTLCreateSystemDefaultDevice  # noqa: E402
 from mpsconv.metal import device_from_name  # noqa: E402
 from mpsconv.networks import (  # noqa: E402
-    NETWORKS, Eager, Ours, busy, random_weights, shapes, spread_warning, synchronizer, timing,
+    NETWORKS, TOLERANCE, Eager, Ours, busy, random_weights, shapes, spread_warning, synchronizer, timing,
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1e-1}  # max |ours - eager| / max |eager|
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def onnx_session(net, weights, threads: int):
@@ -170,9 +170,10 @@ def run_network(name, batch, dtype, args, device, tdev) -> dict:
                 torch.backends.cudnn.benchmark = True
                 contenders["bare"] = lambda f=bare_convolutions(net, eager): f(x)
         times = timing(contenders, args.rounds, args.budget, synchronizer(tdev))
+    scratch = memory_row(name, batch, dtype, args, device) if args.memory else None
     row = dict(network=net.name, batch=batch, dtype=str(dtype).replace("torch.", ""), layers=len(net.layers),
                rel_err=err, rel_err_ours_fp32=err_ours, rel_err_eager_fp32=err_eager,
-               times_ms={k: [v * 1e3 for v in t] for k, t in times.items()})
+               times_ms={k: [v * 1e3 for v in t] for k, t in times.items()}, scratch_bytes=scratch)
     warning = spread_warning(times)
     if warning:
         row["warning"] = warning
@@ -201,6 +202,98 @@ def per_layer(net, ours: Ours, eager: Eager, x, args, tdev) -> list:
     return out
 
 
+MEMORY_CONTENDERS = ("ours", "ours_temporary", "eager")
+
+
+def footprint(name: str, batch: int, dtype, who: str, device) -> int | None:
+    """The memory ``who`` (one of ``MEMORY_CONTENDERS``) needs beyond the network's weights and images:
+    made from nothing (kernels or parameters, images, plans) and run twice, its peak above what was in
+    use before, less the weights (in ``dtype``) and the images (those alive at once while it runs, as
+    MPS temporary images live; ours plain keeps them all). On CUDA the caching allocator's peak; on the
+    CPU the resident set's high-water mark, reset through ``/proc/self/clear_refs`` (Linux; None
+    elsewhere), so run it in a fresh process (``--footprint``): a process that has freed memory
+    before reuses it without its resident set growing."""
+    tdev = device.torch_device
+    net = NETWORKS[name]()
+    weights = random_weights(net)
+    rng = np.random.default_rng(1)
+    x_nhwc = torch.from_numpy(rng.standard_normal((batch, *net.size)).astype(np.float32)).to(tdev, dtype)
+    itemsize = x_nhwc.element_size()
+    weight_bytes = sum(w.size + b.size for w, b in weights.values()) * itemsize
+    if who == "ours":
+        images = sum(batch * math.prod(shape) * itemsize for image, shape in shapes(net).items() if image != net.input)
+    else:
+        images = live_images(net, batch, itemsize, {net.input})
+    if tdev.type == "cuda":
+        torch.cuda.synchronize(tdev)
+        base = torch.cuda.memory_allocated(tdev)
+        torch.cuda.reset_peak_memory_stats(tdev)
+    else:
+        try:
+            base = _proc_status("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return None
+    with torch.no_grad():
+        if who == "eager":
+            eager = Eager(net, weights, tdev, dtype)
+            x = x_nhwc.permute(0, 3, 1, 2)
+            run = lambda: eager(x)  # noqa: E731
+        else:
+            run = Ours(net, weights, batch, device, dtype, temporary=who == "ours_temporary")
+            run.load(x_nhwc)
+        run()
+        run()
+    if tdev.type == "cuda":
+        torch.cuda.synchronize(tdev)
+        peak = torch.cuda.max_memory_allocated(tdev)
+    else:
+        peak = _proc_status("VmHWM")
+    return peak - base - weight_bytes - images
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+def live_images(net, batch: int, itemsize: int, kept: set) -> int:
+    """The most bytes of images alive at once while the network runs, counting only the images not
+    in ``kept`` (those allocated before the run): an image lives from the layer that first writes it
+    to the last layer that reads it (the output to the end), as MPS temporary images do."""
+    size = shapes(net)
+    first, last = {}, {}
+    for i, layer in enumerate(net.layers):
+        first.setdefault(layer.dst, i)
+        last[layer.src] = i
+    last[net.output] = len(net.layers)
+    peak = 0
+    for i in range(len(net.layers)):
+        alive = [name for name, start in first.items() if name not in kept and start <= i <= last.get(name, start)]
+        peak = max(peak, sum(batch * math.prod(size[name]) * itemsize for name in alive))
+    return peak
+
+
+def memory_row(name: str, batch: int, dtype, args, device) -> dict:
+    """``footprint`` of each of ``MEMORY_CONTENDERS`` in bytes: on CUDA in this process, on the CPU
+    each in a fresh one."""
+    if device.torch_device.type == "cuda":
+        return {who: footprint(name, batch, dtype, who, device) for who in MEMORY_CONTENDERS}
+    out = {}
+    for who in MEMORY_CONTENDERS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--device", "cpu", "--footprint",
+               f"{name},{batch},{DTYPE_NAMES[dtype]},{who}"] + (["--threads", str(args.threads)] if args.threads else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"footprint of {who}, {name} batch {batch}, failed:\n{done.stderr}")
+        out[who] = json.loads(done.stdout)
+    return out
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -221,6 +314,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per network and batch")
     ap.add_argument("--per-layer", action="store_true")
+    ap.add_argument("--memory", action="store_true",
+                    help="also each one's memory beyond its weights and images (CPU: a fresh process each)")
+    ap.add_argument("--footprint", default=None, help=argparse.SUPPRESS)  # NETWORK,BATCH,DTYPE,WHO: print it
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = device_from_name(args.device) if args.device else MTLCreateSystemDefaultDevice()
@@ -228,6 +324,10 @@ def main(argv=None):
     cuda = tdev.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.footprint:
+        name, batch, dtype, who = args.footprint.split(",")
+        print(json.dumps(footprint(name, int(batch), DTYPES[dtype], who, device)))
+        return []
     batches = [int(b) for b in (args.batches or ("1,32" if cuda else "1,8")).split(",")]
     dtypes = [DTYPES[d] for d in (args.dtypes or ("fp16,bf16" if cuda else "fp32")).split(",")]
     args.peers = args.peers or ("temporary,eager,graph,compile,bare" if cuda else "temporary,eager,compile,ort")
@@ -244,17 +344,22 @@ def main(argv=None):
             for batch in batches:
                 row = run_network(name, batch, dtype, args, device, tdev)
                 rows.append(row)
+                if args.json:  # after every row, so a run cut short keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump(dict(header, rows=rows), f, indent=1)
                 t = row["times_ms"]
                 cells = "  ".join(f"{k} {v[0]:.3f} ({v[1]:.3f}..{v[2]:.3f})" for k, v in t.items())
                 print(f"{row['network']:<18} b{batch:<3} {row['dtype']:<8} ms: {cells}", flush=True)
                 for mine in (k for k in t if k.startswith("ours")):
                     ratios = "  ".join(f"x{k} {v[0] / t[mine][0]:.2f}" for k, v in t.items() if not k.startswith("ours"))
                     print(f"{'':<32} {mine[5:] or 'plain':<11} {ratios}", flush=True)
-                print(f"{'':<32} rel err {row['rel_err']:.1e}" + (f"  WARNING: {row['warning']}" if "warning" in row
-                                                                  else ""), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(header, rows=rows), f, indent=1)
+                print(f"{'':<32} rel err {row['rel_err']:.1e} (to fp32: ours {row['rel_err_ours_fp32']:.1e}, "
+                      f"eager {row['rel_err_eager_fp32']:.1e})"
+                      + (f"  WARNING: {row['warning']}" if "warning" in row else ""), flush=True)
+                if row["scratch_bytes"]:
+                    print(f"{'':<32} memory beyond weights and images, MiB: " + "  ".join(
+                        f"{k} {'?' if v is None else f'{v / 2**20:.1f}'}" for k, v in row["scratch_bytes"].items()),
+                        flush=True)
     return rows
 
 

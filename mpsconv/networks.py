@@ -241,8 +241,10 @@ class Eager:
         self.params = {name: (torch.from_numpy(w).to(device, dtype).contiguous(memory_format=torch.channels_last),
                               torch.from_numpy(b).to(device, dtype)) for name, (w, b) in weights.items()}
         writers: dict[str, int] = {}
-        for layer in net.layers:
+        self.last_read: dict[str, int] = {}  # a tensor is dropped after the last layer that reads it
+        for i, layer in enumerate(net.layers):
             writers[layer.dst] = writers.get(layer.dst, 0) + 1
+            self.last_read[layer.src] = i
         self.concatenated = {name for name, count in writers.items() if count > 1}
 
     def layer(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
@@ -257,11 +259,14 @@ class Eager:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: the input, NCHW (channels-last); returns the output, NCHW."""
         tensors, parts = {self.net.input: x}, {}
-        for layer in self.net.layers:
+        for i, layer in enumerate(self.net.layers):
             src = tensors.get(layer.src)
             if src is None:
                 src = tensors[layer.src] = _concatenated(parts.pop(layer.src))
+            if self.last_read[layer.src] == i:  # as a PyTorch user writes it, no tensor outlives its use
+                del tensors[layer.src]
             y = self.layer(layer, src)
+            del src
             if layer.dst in self.concatenated:
                 parts.setdefault(layer.dst, []).append((layer.offset, y))
             else:
