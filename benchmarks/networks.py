@@ -207,9 +207,10 @@ MEMORY_CONTENDERS = ("ours", "ours_temporary", "eager")
 
 def footprint(name: str, batch: int, dtype, who: str, device) -> int | None:
     """The memory ``who`` (one of ``MEMORY_CONTENDERS``) needs beyond the network's weights and images:
-    made from nothing (kernels or parameters, images, plans) and run twice, its peak above what was in
-    use before, less the weights (in ``dtype``) and the images (those alive at once while it runs, as
-    MPS temporary images live; ours plain keeps them all). On CUDA the caching allocator's peak; on the
+    made from the caller's float32 arrays (kernels or parameters, images, plans) and run twice, its
+    peak above what was in use before, less one copy of the weights (in ``dtype``: eager's parameters,
+    our data sources) and the images (those alive at once while it runs, as MPS temporary images
+    live; ours plain keeps them all). On CUDA the caching allocator's peak; on the
     CPU the resident set's high-water mark, reset through ``/proc/self/clear_refs`` (Linux; None
     elsewhere), so run it in a fresh process (``--footprint``): a process that has freed memory
     before reuses it without its resident set growing."""
@@ -322,8 +323,9 @@ def main(argv=None):
     device = device_from_name(args.device) if args.device else MTLCreateSystemDefaultDevice()
     tdev = device.torch_device
     cuda = tdev.type == "cuda"
-    if args.threads:
+    if args.threads:  # pinned for both: ours would otherwise give up threads to cores it sees busy
         torch.set_num_threads(args.threads)
+        os.environ["MPSCONV_NUM_THREADS"] = str(args.threads)
     if args.footprint:
         name, batch, dtype, who = args.footprint.split(",")
         print(json.dumps(footprint(name, int(batch), DTYPES[dtype], who, device)))

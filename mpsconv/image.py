@@ -298,14 +298,17 @@ class MPSImage(Strict):
             self._check_alive("MPSImage")
             layout = self._layout
             try:
-                self._storage = torch.zeros(layout.storage_shape, dtype=STORAGE_DTYPE[self._format],
-                                            device=self._device.torch_device)
+                self._storage = self._allocate(layout)
             except RuntimeError as exc:
                 if not out_of_memory(exc):
                     raise
                 raise allocation_failed(f"{type(self).__name__} ({self._w}x{self._h}, {self._c} channels, "
                                         f"{self._n} images)", layout.storage_bytes, exc) from exc
         return self._storage
+
+    def _allocate(self, layout) -> torch.Tensor:
+        """New storage, zeroed (its padding lanes stay zero: some backends read whole slices)."""
+        return torch.zeros(layout.storage_shape, dtype=STORAGE_DTYPE[self._format], device=self._device.torch_device)
 
     def _check_alive(self, owner: str) -> None:
         pass
@@ -616,6 +619,60 @@ def _as_range(value, owner: str) -> tuple[int, int]:
 # Temporary images
 
 
+class TemporaryHeap:
+    """The memory of one command buffer's temporary images, as MPS's heap behind them: when an image
+    is released (its ``readCount`` reaches 0), its bytes serve the next temporary image of the same
+    command buffer that fits in them. The work runs in the order it was encoded, so the later image's
+    writes come after every read of the earlier one: a network's temporaries take the memory of the
+    images alive at once, not of all of them."""
+
+    def __init__(self, cb):
+        self.cb = cb
+        self.free: list[torch.Tensor] = []  # released blocks, flat bytes
+        self.blocks: dict[int, torch.Tensor] = {}  # id(storage) -> the block it lies in
+
+    @staticmethod
+    def of(cb) -> "TemporaryHeap":
+        heap = cb.__dict__.get("_temporary_heap")
+        if heap is None:
+            heap = cb.__dict__["_temporary_heap"] = TemporaryHeap(cb)
+        return heap
+
+    def take(self, layout, device) -> torch.Tensor:
+        """Storage for ``layout``: the smallest released block it fits in, else a new zeroed one."""
+        dtype = STORAGE_DTYPE[layout.format]
+        need = layout.storage_bytes
+        fits = [i for i, block in enumerate(self.free) if block.numel() >= need and block.device == device.torch_device]
+        if fits:
+            block = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+            storage = block[:need].view(dtype).view(layout.storage_shape)
+            if layout.channels < storage.shape[3]:  # the padding lanes read zero, as in a new image
+                self.cb._record(_ZeroLanes(storage[..., layout.channels:]))
+        else:
+            block = torch.zeros(need, dtype=torch.uint8, device=device.torch_device)
+            storage = block.view(dtype).view(layout.storage_shape)
+        self.blocks[id(storage)] = block
+        return storage
+
+    def give(self, storage: torch.Tensor) -> None:
+        block = self.blocks.pop(id(storage), None)
+        if block is not None:
+            self.free.append(block)
+
+
+class _ZeroLanes:
+    """Recorded work: zero the padding lanes of a reused temporary image's storage."""
+
+    step = None
+
+    def __init__(self, lanes: torch.Tensor):
+        self.lanes = lanes
+
+    def __call__(self) -> None:
+        self.lanes.zero_()
+
+
+
 @keywords("commandBuffer", "imageDescriptor", "textureDescriptor", "featureChannels")
 class MPSTemporaryImage(CommandBufferTemporary, MPSImage):
     """``MPSTemporaryImage``: an image that lives inside one command buffer, read ``readCount`` times.
@@ -686,7 +743,12 @@ class MPSTemporaryImage(CommandBufferTemporary, MPSImage):
     def readCount(self, value: int) -> None:
         self._set_read_count(value)
 
+    def _allocate(self, layout) -> torch.Tensor:
+        return TemporaryHeap.of(self._cb).take(layout, self._device)
+
     def _release(self) -> None:
+        if self._storage is not None and self._owns_allocation:
+            TemporaryHeap.of(self._cb).give(self._storage)
         self._storage = None
         parent = self._lifetime_parent
         if parent is not None and parent._read_count > 0:

@@ -238,8 +238,9 @@ class Eager:
 
     def __init__(self, net: Network, weights: dict, device: torch.device, dtype=torch.float32):
         self.net = net
-        self.params = {name: (torch.from_numpy(w).to(device, dtype).contiguous(memory_format=torch.channels_last),
-                              torch.from_numpy(b).to(device, dtype)) for name, (w, b) in weights.items()}
+        # its own copy of the weights, as ours has in its kernels (not views of the caller's arrays)
+        self.params = {name: (torch.tensor(w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last),
+                              torch.tensor(b, device=device, dtype=dtype)) for name, (w, b) in weights.items()}
         writers: dict[str, int] = {}
         self.last_read: dict[str, int] = {}  # a tensor is dropped after the last layer that reads it
         for i, layer in enumerate(net.layers):

@@ -242,6 +242,61 @@ def test_temporary_views_hold_their_parent():
     t.readCount = 0
 
 
+def _temporary_chain(channels, rng):
+    """Kernels of a chain of 3x3 convolutions through ``channels`` (random weights and bias)."""
+    return [conv(3, 3, a, b, weights=rng.uniform(-1, 1, b * 9 * a), bias=rng.uniform(-1, 1, b))
+            for a, b in zip(channels, channels[1:])]
+
+
+def test_temporary_images_reuse_the_memory_of_released_ones():
+    # 5 -> t1 (8) -> t2 (6) -> t3 (3) -> out (4): t3 is made once t1 is released, in t1's bytes, and
+    # its padding lane (which held t1's values) reads zero again; the result is the same network's
+    # through MPSImages
+    rng = np.random.default_rng(11)
+    channels = [5, 8, 6, 3, 4]
+    kernels = _temporary_chain(channels, rng)
+    src = blank(7, 5, 5, rng=rng)
+
+    def network(temporary: bool):
+        cb, x, storages = QUEUE.makeCommandBuffer(), src, []
+        for i, (kernel, c) in enumerate(zip(kernels, channels[1:])):
+            d = MPSImageDescriptor(channelFormat=FMT.float32, width=7, height=5, featureChannels=c)
+            last = i == len(kernels) - 1
+            y = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d) if temporary and not last else \
+                MPSImage(device=DEVICE, imageDescriptor=d)
+            kernel.encode(commandBuffer=cb, sourceImage=x, destinationImage=y)
+            storages.append(y._storage)
+            x = y
+        cb.commit()
+        cb.waitUntilCompleted()
+        return values(x), storages
+
+    want, _ = network(False)
+    got, (t1, t2, t3, _) = network(True)
+    assert t3.data_ptr() == t1.data_ptr() and t2.data_ptr() != t1.data_ptr()
+    assert torch.count_nonzero(t3[..., 3:]) == 0
+    np.testing.assert_array_equal(got, want)
+
+
+def test_temporary_image_memory_is_not_reused_while_a_view_reads_it():
+    cb = QUEUE.makeCommandBuffer()
+    d = MPSImageDescriptor(channelFormat=FMT.float32, width=3, height=3, featureChannels=8)
+    parent = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d)
+    conv(cin=1, cout=8, weights=np.arange(72)).encode(commandBuffer=cb, sourceImage=blank(3, 3, 1, fill=1.0),
+                                                      destinationImage=parent)
+    view = parent.subImage(featureChannelRange=range(4, 8))
+    conv(cin=4, cout=1).encode(commandBuffer=cb, sourceImage=view, destinationImage=blank(3, 3, 1))
+    assert view.readCount == 0 and parent.readCount == 1
+    held = parent._storage.data_ptr()
+    other = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d)
+    assert other._ensure_storage().data_ptr() != held  # the parent still holds its bytes
+    parent.readCount = 0
+    again = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d)
+    assert again._ensure_storage().data_ptr() == held
+    other.readCount = again.readCount = 0
+    cb.commit()
+
+
 # -- conversions (§4.1)
 
 
