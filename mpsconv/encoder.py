@@ -164,8 +164,12 @@ class Encoder:
         return prepared
 
     def _bind(self, planned: Planned, source, destination):
-        """The backend's views of two storages; reused while the kernel encodes the same images."""
+        """The backend's views of two storages; reused while the kernel encodes the same images. Not
+        kept for temporary images: their storage is new in every command buffer, and a kept entry
+        would hold the memory of a finished one."""
         src, dst = source._ensure_storage(), destination._ensure_storage()
+        if isinstance(source, MPSTemporaryImage) or isinstance(destination, MPSTemporaryImage):
+            return planned.backend.bind(planned.plan, src, dst)
         key = (id(planned.plan), id(src), id(dst))
         entry = self.bound.get(key)
         if entry is None or entry[0] is not planned.plan:

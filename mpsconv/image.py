@@ -626,8 +626,7 @@ class TemporaryHeap:
     writes come after every read of the earlier one: a network's temporaries take the memory of the
     images alive at once, not of all of them."""
 
-    def __init__(self, cb):
-        self.cb = cb
+    def __init__(self):
         self.free: list[torch.Tensor] = []  # released blocks, flat bytes
         self.blocks: dict[int, torch.Tensor] = {}  # id(storage) -> the block it lies in
 
@@ -635,10 +634,10 @@ class TemporaryHeap:
     def of(cb) -> "TemporaryHeap":
         heap = cb.__dict__.get("_temporary_heap")
         if heap is None:
-            heap = cb.__dict__["_temporary_heap"] = TemporaryHeap(cb)
+            heap = cb.__dict__["_temporary_heap"] = TemporaryHeap()
         return heap
 
-    def take(self, layout, device) -> torch.Tensor:
+    def take(self, layout, device, cb) -> torch.Tensor:
         """Storage for ``layout``: the smallest released block it fits in, else a new zeroed one."""
         dtype = STORAGE_DTYPE[layout.format]
         need = layout.storage_bytes
@@ -647,7 +646,7 @@ class TemporaryHeap:
             block = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
             storage = block[:need].view(dtype).view(layout.storage_shape)
             if layout.channels < storage.shape[3]:  # the padding lanes read zero, as in a new image
-                self.cb._record(_ZeroLanes(storage[..., layout.channels:]))
+                cb._record(_ZeroLanes(storage[..., layout.channels:]))
         else:
             block = torch.zeros(need, dtype=torch.uint8, device=device.torch_device)
             storage = block.view(dtype).view(layout.storage_shape)
@@ -744,7 +743,7 @@ class MPSTemporaryImage(CommandBufferTemporary, MPSImage):
         self._set_read_count(value)
 
     def _allocate(self, layout) -> torch.Tensor:
-        return TemporaryHeap.of(self._cb).take(layout, self._device)
+        return TemporaryHeap.of(self._cb).take(layout, self._device, self._cb)
 
     def _release(self) -> None:
         if self._storage is not None and self._owns_allocation:

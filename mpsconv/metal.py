@@ -793,6 +793,7 @@ class MTLCommandBuffer(Strict):
         state = self.__dict__  # its fields, set without Strict.__setattr__ on the path of every commit
         state["_status"] = _SCHEDULED
         work, state["_work"] = self._work, []
+        state.pop("_temporary_heap", None)  # the work holds what its temporary images still need
         event = None
         try:
             if self._device.is_cuda:

@@ -77,12 +77,15 @@ class Prepared:
             weights = None
         self.weights = None
         if weights is not None:  # OHWI -> OIHW view, channels-last (OHWI is its memory order)
-            w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(dev).permute(0, 3, 1, 2)
-            if w.shape[1] == 1 or w.shape[2] * w.shape[3] == 1:
-                # Such strides read as both layouts, and PyTorch 2.13's CPU conv2d then gives wrong
-                # results for batches of 2 or more: use the canonical contiguous layout instead.
-                w = w.clone(memory_format=torch.contiguous_format)
-            self.weights = w
+            ohwi = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(dev)
+            o, h, w_, i = ohwi.shape
+            if i == 1 or h * w_ == 1:
+                # The permuted view's strides would read as both layouts, and PyTorch 2.13's CPU conv2d
+                # then gives wrong results for batches of 2 or more. Here OHWI's memory order is
+                # OIHW's, so the canonical contiguous view holds the same bytes, without a copy.
+                self.weights = ohwi.view(o, i, h, w_)
+            else:
+                self.weights = ohwi.permute(0, 3, 1, 2)
         self.bias = None if bias is None or not np.any(bias) else torch.from_numpy(
             np.asarray(bias, np.float32)).to(dev)
         self.prelu = None if prelu is None else torch.from_numpy(np.asarray(prelu, np.float32)).to(dev).view(-1, 1, 1)
