@@ -17,11 +17,13 @@ the input and the output, as MPS code written for speed has them; peer name ``te
 CPU a replay runs as one ONNX Runtime session where that is faster (``mpsconv/backends/onnx.py``). Every network's output is checked against eager's first.
 Medians over alternating rounds with their min..max; the thread count is pinned (``--threads``).
 ``--per-layer`` times every layer alone (encode + commit + wait of one layer into its own image)
-against eager's same layer.
+against eager's same layer. ``--memory`` adds each one's memory beyond the weights and the images
+(``footprint``): the CUDA allocator's peak, or on the CPU the resident set's high-water mark of a
+fresh process.
 
     python benchmarks/networks.py [--device cpu|cuda] [--networks mobilenetv2,resnet50,inception]
         [--batches 1,8] [--dtypes fp32] [--peers eager,compile,ort] [--threads N] [--rounds 5]
-        [--budget 2.0] [--per-layer] [--json PATH]
+        [--budget 2.0] [--per-layer] [--memory] [--json PATH]
 """
 from __future__ import annotations
 
