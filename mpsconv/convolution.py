@@ -157,6 +157,9 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
     def _subpixel(self) -> int:
         return self.subPixelScaleFactor
 
+    def _float32_weights(self) -> bool:
+        return self._loaded.kernel_weights_type == MPSDataType.float32
+
     def _allocated_geometry(self, source, kernel, stride, dilation, rule, owner):
         """Sub-pixel kernels allocate ``r ·`` the forward size (our reading); ``offset`` as forward."""
         (h, w), offset = super()._allocated_geometry(source, kernel, stride, dilation, rule, owner)

@@ -357,6 +357,10 @@ class MPSCNNKernel(MPSKernel):
         """``(MPSCNNBinaryConvolutionType, useBetaScaling)`` of a binary kernel, else ``(-1, False)``."""
         return -1, False
 
+    def _float32_weights(self) -> bool:
+        """Whether the weights stay float32 (``kernelWeightsDataType`` float32) instead of MPS's float16."""
+        return False
+
     def _params(self):
         """``(weights, bias, prelu)`` as effective float32 arrays (``None`` weights: identity)."""
         raise NotImplementedError
@@ -454,6 +458,7 @@ class MPSCNNKernel(MPSKernel):
             kernel_offset=kernel_offset,
             binary=self._binary(),
             reduced_precision=bool(self._options & MPSKernelOptions.allowReducedPrecision),
+            float32_weights=self._float32_weights(),
         )
 
     def _check_pair(self, cb, source, destination, owner: str, index: str = "") -> None:

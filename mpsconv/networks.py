@@ -34,7 +34,7 @@ from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNDepthWiseConvolutionD
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .layout import MPSCNNConvolutionWeights, weights_from_oihw
 from .neuron import MPSNNNeuronDescriptor
-from .types import MPSOffset
+from .types import MPSDataType, MPSOffset
 
 
 class Layer(NamedTuple):
@@ -141,10 +141,10 @@ FORMATS = {torch.float32: MPSImageFeatureChannelFormat.float32, torch.float16: M
            torch.bfloat16: MPSImageFeatureChannelFormat.bfloat16}
 
 
-def kernel_for(layer: Layer, weights, bias, device) -> MPSCNNConvolution:
+def kernel_for(layer: Layer, weights, bias, device, kernel_type=MPSDataType.float32) -> MPSCNNConvolution:
     """The MPS kernel of one layer: its descriptor (depthwise where each channel is a group), fused
-    neuron, float32 weights (as PyTorch has them), PyTorch's padding as an offset, and the channel
-    offset it writes at."""
+    neuron, float32 weights kept at ``kernel_type`` (``kernelWeightsDataType``), PyTorch's padding as
+    an offset, and the channel offset it writes at."""
     depthwise = layer.groups > 1 and layer.groups == layer.cin == layer.cout
     cls = MPSCNNDepthWiseConvolutionDescriptor if depthwise else MPSCNNConvolutionDescriptor
     d = cls(kernelWidth=layer.k, kernelHeight=layer.k, inputFeatureChannels=layer.cin, outputFeatureChannels=layer.cout)
@@ -154,7 +154,8 @@ def kernel_for(layer: Layer, weights, bias, device) -> MPSCNNConvolution:
     if layer.neuron is not None:
         kind, a, b = _NEURONS[layer.neuron]
         d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(kind, a=a, b=b)
-    kernel = MPSCNNConvolution(device=device, weights=MPSCNNConvolutionWeights(d, weights_from_oihw(weights), bias))
+    source = MPSCNNConvolutionWeights(d, weights_from_oihw(weights), bias, kernelWeightsDataType=kernel_type)
+    kernel = MPSCNNConvolution(device=device, weights=source)
     o = offset_for_padding(layer.k, 1, layer.k // 2)
     kernel.offset = MPSOffset(o, o, 0)
     kernel.destinationFeatureChannelOffset = layer.offset
@@ -176,7 +177,12 @@ class Ours:
                                                      numberOfImages=batch) for name, (h, w, c) in shapes(net).items()}
         kept = {net.input, net.output} if temporary else set(self.descriptors)
         self.images = {name: MPSImage(device=device, imageDescriptor=self.descriptors[name]) for name in kept}
-        self.kernels = [(kernel_for(layer, *weights[layer.name], device), layer.src, layer.dst) for layer in net.layers]
+        # float16 networks keep MPS's default float16 kernel weights, as ported MPS code has them (and
+        # eager's float16 copy holds the same values); float32 ones keep PyTorch's float32 weights, and
+        # bfloat16 kernels round those to bfloat16 as eager's cast does
+        kernel_type = MPSDataType.float16 if dtype == torch.float16 else MPSDataType.float32
+        self.kernels = [(kernel_for(layer, *weights[layer.name], device, kernel_type), layer.src, layer.dst)
+                        for layer in net.layers]
         self.reads = {}
         for layer in net.layers:
             self.reads[layer.src] = self.reads.get(layer.src, 0) + 1

@@ -51,6 +51,38 @@ def test_the_signature_separates_what_decides_speed_and_ignores_where_the_window
     assert tuning.signature(problem(formats=(3, 3)), DEVICE) != base
     assert tuning.signature(problem(kernel=(1, 1)), DEVICE) != base
     assert tuning.signature(problem(reduced_precision=True), DEVICE) != base
+    assert tuning.signature(problem(float32_weights=True), DEVICE) != base
+
+
+@pytest.mark.parametrize("kernel_type", ["float16", "float32"])
+def test_the_tuner_times_weights_of_the_kernels_precision(monkeypatch, kernel_type):
+    """float16 images with float32 kernel weights take float32 products, another speed: the choice for
+    them must be timed on such weights, and a kernel's problem must say which it has."""
+    from mpsconv import MPSDataType
+    from mpsconv.metal import device_from_name
+
+    rng = np.random.default_rng(3)
+    source = ArraySource(descriptor(3, 3, 4, 4), rng.uniform(-1, 1, 144), rng.uniform(-1, 1, 4))
+    source.kernelWeightsDataType = lambda: getattr(MPSDataType, kernel_type)
+    k = MPSCNNConvolution(device=DEVICE, weights=source)
+    p = k._problem(image(rng.uniform(-1, 1, (6, 6, 4))), blank(6, 6, 4), "test")
+    assert p.float32_weights == (kernel_type == "float32")
+    seen = []
+
+    class Fake:
+        name = "fake"
+        plan = staticmethod(lambda problem, device, variant: variant)
+        prepare = staticmethod(lambda weights, bias, prelu, device: seen.append(weights))
+        bind = staticmethod(lambda plan, src, dst: plan)
+        run = staticmethod(lambda bound, prepared: None)
+        variants = staticmethod(lambda problem: ["a", "b"])
+
+    monkeypatch.setattr(tuning.torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(tuning, "_streamed", lambda backend, bound, prepared, reps: 1.0)
+    monkeypatch.setattr(tuning, "_capture", lambda *args: None)
+    tuning.measure(p, device_from_name("cpu"), tuning._options([Fake()], p))
+    exact = [np.array_equal(w.astype(np.float16).astype(np.float32), w) for w in seen]
+    assert exact == [kernel_type == "float16"] * 2
 
 
 def test_cpu_dispatch_never_times_and_never_picks_triton():

@@ -41,7 +41,7 @@ def signature(problem, device) -> str:
         triton_version = "-"
     fields = (device.name, torch.__version__, triton_version, __version__, p.n_images, p.src_size, p.grid, p.kernel,
               p.stride, p.dilation, p.in_channels, p.out_channels, p.groups, int(p.edge), int(p.neuron.type),
-              p.src_format, p.dst_format, p.subpixel, p.upsample, p.reduced_precision)
+              p.src_format, p.dst_format, p.subpixel, p.upsample, p.reduced_precision, p.float32_weights)
     return "|".join(map(str, fields))
 
 
@@ -152,10 +152,11 @@ def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds
     rng = np.random.default_rng(0)
     g = torch.Generator().manual_seed(0)
     ig = p.in_channels // p.groups
-    # Weights exact in the type the kernel would give them (MPS's float16; bfloat16 for bfloat16
-    # sources), so that every candidate takes the product type it will take for real.
+    # Weights of the precision the kernel gives them (MPS's float16 unless they stay float32; bfloat16
+    # for bfloat16 sources), so that every candidate takes the product type it will take for real.
+    kernel_type = MPSDataType.float32 if p.float32_weights else MPSDataType.float16
     weights = round_for_source(round_weights(rng.standard_normal((p.out_channels, *p.kernel, ig)) * 0.1,
-                                             MPSDataType.float16), p.src_format)
+                                             kernel_type), p.src_format)
     bias = rng.standard_normal(p.out_channels).astype(np.float32)
     prelu = rng.random(p.out_channels).astype(np.float32)
     src, dst = _scratch(problem, device, g)

@@ -226,6 +226,9 @@ class ConvProblem:
     binary: int = -1  # MPSCNNBinaryConvolutionType raw value for binary kernels, else -1
     beta: bool = False  # binary kernels: MPSCNNBinaryConvolutionFlags.useBetaScaling
     reduced_precision: bool = False  # MPSKernelOptions.allowReducedPrecision: TF32 products allowed
+    # kernelWeightsDataType float32: the weights are not rounded to float16, so a 16-bit source's
+    # products may need float32 (another speed: the autotuner times such weights apart)
+    float32_weights: bool = False
 
     @property
     def expanded_size(self) -> tuple[int, int]:
@@ -550,6 +553,7 @@ def resolve_forward(
     kernel_offset: tuple[int, int] | None = None,
     binary: tuple[int, bool] = (-1, False),
     reduced_precision: bool = False,
+    float32_weights: bool = False,
 ) -> ConvProblem:
     """Resolve a forward encode (docs/semantics.md, "Window placement") or raise naming
     what is wrong.
@@ -653,4 +657,5 @@ def resolve_forward(
         binary=binary[0],
         beta=binary[1],
         reduced_precision=reduced_precision,
+        float32_weights=float32_weights,
     )
