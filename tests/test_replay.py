@@ -123,7 +123,7 @@ def test_values_that_could_make_nan_or_infinity_take_the_recorded_work(special):
     storage[0, 4, 5, 1] = special
     cb.replay().waitUntilCompleted()
     replay = cb._cpu_replay
-    assert isinstance(replay, engine.Replay) and not replay.safe()
+    assert isinstance(replay, engine.Replay) and not replay.ran_session
     for got, want in zip(images, _reference(kernels, src, False)):
         np.testing.assert_array_equal(np.isnan(values(got)), np.isnan(want))
         assert_close(values(got), want, "float32", f"source with {special}")
@@ -180,7 +180,8 @@ def test_an_image_read_from_outside_and_written_runs_as_recorded():
 
 def test_the_safety_bound_follows_the_layers():
     """A source of 1e3 through weights whose rows sum to 1e17 stays finite in float32 but could reach
-    1e20 · 1e17 after two layers: the first replay goes through the session, the second not."""
+    1e20 · 1e17 after two layers: the first replay runs the recorded work, the second, from a source of
+    1e-30, the session."""
     d = descriptor(1, 1, 4, 4)
     big = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, np.full(16, 2.5e16, np.float32),
                                                                kernel_type=MPSDataType.float32))
@@ -192,9 +193,81 @@ def test_the_safety_bound_follows_the_layers():
     cb.commit()
     cb.waitUntilCompleted()
     cb.replay().waitUntilCompleted()
-    assert isinstance(cb._cpu_replay, engine.Replay) and not cb._cpu_replay.safe()  # 1e3·1e17·1e17 > LIMIT
+    assert isinstance(cb._cpu_replay, engine.Replay) and not cb._cpu_replay.ran_session  # 1e3·1e17·1e17 > LIMIT
     src.torch().fill_(1e-30)
-    assert cb._cpu_replay.safe()
+    cb.replay().waitUntilCompleted()
+    assert cb._cpu_replay.ran_session
+    np.testing.assert_allclose(values(out), np.full((1, 2, 2, 4), 1e-30 * 1e17 * 1e17), rtol=1e-5)
+
+
+def _deep_chain(rng, layers: int, tail: tuple = ()):
+    """``layers`` 1x1 ReLU layers through temporary images, weights ±1.5 (rows summing to 6: a bound
+    of 6**48 ≈ 2e37 over 48 layers, while the values themselves stay far smaller), then layers whose
+    weights are ±``tail``."""
+    relu = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
+    scales = [1.5] * layers + list(tail)
+    kernels = []
+    for scale in scales:
+        d = descriptor(1, 1, 4, 4)
+        d.fusedNeuronDescriptor = relu
+        w = (scale * np.sign(rng.uniform(-1, 1, 16))).astype(np.float32)
+        kernels.append(MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, w, rng.uniform(-1, 1, 4).astype(
+            np.float32), kernel_type=MPSDataType.float32)))
+    return kernels
+
+
+def _chain_encode(kernels, cb, src, out):
+    x = src
+    for i, k in enumerate(kernels):
+        y = out if i == len(kernels) - 1 else _temporary(cb, 5, 5, 4, 1)
+        k.encode(commandBuffer=cb, sourceImage=x, destinationImage=y)
+        x = y
+
+
+def _chain_replay(kernels, src, backend: str = "reference"):
+    """The chain replayed (through the engine where it can), and the same chain committed once with
+    ``backend``: ``(replay, replayed values, backend's values)``."""
+    out = blank(5, 5, 4)
+    cb = QUEUE.makeCommandBuffer()
+    _chain_encode(kernels, cb, src, out)
+    cb.make_replayable()
+    cb.commit()
+    cb.waitUntilCompleted()
+    out.torch().fill_(float("nan"))
+    cb.replay().waitUntilCompleted()
+    with use_backend(backend):
+        want = blank(5, 5, 4)
+        once = QUEUE.makeCommandBuffer()
+        _chain_encode(kernels, once, src, want)
+        once.commit()
+        once.waitUntilCompleted()
+    return cb._cpu_replay, values(out), values(want)
+
+
+def test_checkpoints_let_deep_networks_through_the_session():
+    """48 ReLU layers whose bound from the source alone passes LIMIT (as ResNet-50's does): the
+    session reports images between them, the bound starts again from their values, and the replay
+    runs in the session with the reference's numbers."""
+    rng = np.random.default_rng(6)
+    kernels = _deep_chain(rng, 48)
+    replay, got, want = _chain_replay(kernels, image(rng.uniform(-1, 1, (5, 5, 4))))
+    assert isinstance(replay, engine.Replay) and replay.ran_session and len(replay.checks) >= 2
+    assert replay.checks[0][1] is None  # ReLU outputs: no negative value to report
+    assert np.abs(want).max() > 1.0  # values of some size, not zeros
+    assert_close(got, want, "float32", "48 layers")
+
+
+def test_a_checkpoint_too_large_for_the_layers_after_it_runs_the_recorded_work():
+    """The same chain and two layers of weights ±1e20: the values reported after the first (about
+    1e20) could overflow in the second (they do: infinities, and NaN from 0·(-inf) where the float32
+    sum overflowed), so the recorded work runs after the session and writes what it writes when
+    committed without a replay, bit for bit."""
+    rng = np.random.default_rng(7)
+    kernels = _deep_chain(rng, 48, tail=(1e20, 1e20))
+    replay, got, want = _chain_replay(kernels, image(rng.uniform(-1, 1, (5, 5, 4))), backend="torch")
+    assert isinstance(replay, engine.Replay) and not replay.ran_session
+    assert np.isnan(want).any() and np.isinf(want).any()
+    np.testing.assert_array_equal(got, want)
 
 
 def test_images_the_session_does_not_know_keep_their_contents():

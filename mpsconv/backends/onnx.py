@@ -17,10 +17,15 @@ onnxruntime / onnx installed: the recorded work runs.
 
 The same numbers: ONNX Runtime sums in another order (within the float32 tolerance of the float64
 reference, as every fast path), and its Relu and Clip map NaN to 0 where the neuron formulas keep
-NaN and -inf. So before each replay the inputs are checked: finite, and small enough that no layer
-can overflow (each layer's largest possible output, from the largest input, the weights' absolute
-row sums and the bias, stays far below float32's limit). With finite values that cannot overflow,
-no NaN or infinity arises and the two computations agree; otherwise the recorded work runs, exactly.
+NaN and -inf. So every replay is checked: the inputs must be finite, and no layer may be able to
+overflow (each layer's largest possible output, from the largest value it reads, the weights'
+absolute row sums and the bias, stays far below float32's limit). That bound grows with every layer
+(about 30x a layer in ResNet-50, 1e71 over its 48), so the session also reports the largest and
+smallest value of some images between layers (checkpoints, placed where the bound has grown by
+``SEGMENT`` since the last one), and the bound starts again from those. With finite values that
+cannot overflow, no NaN or infinity arises and the two computations agree; where the inputs are not
+finite the recorded work runs instead of the session, and where a bound fails after the session ran,
+the recorded work runs after it and writes every image again, exactly.
 """
 from __future__ import annotations
 
@@ -38,6 +43,20 @@ from ..core.geometry import ConvProblem, EdgeMode
 #: The largest value any layer may be able to produce for a replay to go through ONNX Runtime: far
 #: below float32's 3.4e38, so that sums rounded in any order stay finite.
 LIMIT = 1e36
+#: Growth of the bound after which an image between layers becomes a checkpoint, and the magnitude
+#: assumed of inputs and checkpoints when placing them: checkpoints come about every 11 layers of
+#: ResNet-50, and values up to about 1e16 pass.
+SEGMENT, ASSUMED = 1e20, 1e4
+
+
+def _bound(src: float, gain: float, bias: float, ceiling, slope: float) -> tuple[float, float]:
+    """``(before, after)`` the neuron's ceiling: the largest magnitude one layer can produce from
+    sources of magnitude at most ``src``."""
+    before = (src * gain + bias) * max(1.0, abs(slope))  # the sums, and a·x for x < 0
+    after = before
+    if ceiling is not None:  # min(f(x), b): at most b above, f's own bound below
+        after = min(before, ceiling) if slope == 0.0 and ceiling >= 0 else max(before, abs(ceiling))
+    return before, after
 
 
 class Step(NamedTuple):
@@ -83,11 +102,13 @@ def expressible(step: Step | None) -> bool:
 
 
 class Replay:
-    """One compiled command buffer: the session, its bindings, the input checks; ``fallback`` runs the
-    recorded work where the checks fail."""
+    """One compiled command buffer: the session, its bindings, the checks; ``fallback`` runs the
+    recorded work where they fail. ``ran_session`` says which of the two computed the last replay."""
 
-    def __init__(self, session, binding, inputs: list, gains: list, fallback: list):
-        self.session, self.binding, self.inputs, self.gains, self.fallback = session, binding, inputs, gains, fallback
+    def __init__(self, session, binding, inputs: list, gains: list, checks: list, fallback: list):
+        self.session, self.binding, self.inputs, self.gains = session, binding, inputs, gains
+        self.checks, self.fallback = checks, fallback
+        self.ran_session = False
 
     def faster(self, rounds: int = 3, runs: int = 4) -> bool:
         """Whether the session beats the recorded work on this machine: ``runs`` back to back, as
@@ -110,28 +131,42 @@ class Replay:
         for work in self.fallback:
             work()
 
-    def safe(self) -> bool:
-        """Whether the inputs are finite and no layer can reach ``LIMIT`` from them."""
+    def finite_inputs(self) -> dict | None:
+        """``{input: largest magnitude}``, or None where an input holds NaN or an infinity."""
         bounds = {}
         for key, values in self.inputs:  # NumPy: a torch operation here would wake its thread pool,
             lo, hi = float(values.min()), float(values.max())  # whose spinning then slows the session
             if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN reaches min and max
-                return False
+                return None
             bounds[key] = max(-lo, hi)
-        for src, dst, gain, bias, ceiling, slope in self.gains:
-            bound = (bounds[src] * gain + bias) * max(1.0, abs(slope))  # the sums, and a·x for x < 0
-            if not bound < LIMIT:  # before the ceiling: a sum that overflowed to -inf gives NaN there
+        return bounds
+
+    def bounded(self, bounds: dict) -> bool:
+        """Whether no layer can reach ``LIMIT`` from inputs of the magnitudes ``bounds`` and the
+        checkpoints the last session run reported. Each checkpoint's values are exact when every layer
+        before it passed, so the bound may start again from them."""
+        for src, dst, gain, bias, ceiling, slope, check in self.gains:
+            before, after = _bound(bounds[src], gain, bias, ceiling, slope)
+            if not before < LIMIT:  # before the ceiling: a sum that overflowed to -inf gives NaN there
                 return False
-            if ceiling is not None:  # min(f(x), b): at most b above, f's own bound below
-                bound = min(bound, ceiling) if slope == 0.0 and ceiling >= 0 else max(bound, abs(ceiling))
-            bounds[dst] = max(bounds.get(dst, 0.0), bound)
+            bounds[dst] = max(bounds.get(dst, 0.0), after)
+            if check is not None:  # the last writer of a checkpoint: its values are known now
+                top, bottom = self.checks[check]
+                measured = max(float(top.reshape(-1)[0]), 0.0 if bottom is None else -float(bottom.reshape(-1)[0]))
+                if not np.isfinite(measured):
+                    return False
+                bounds[dst] = measured
         return True
 
     def __call__(self) -> None:
-        if self.safe():
+        bounds = self.finite_inputs()
+        self.ran_session = bounds is not None
+        if self.ran_session:
             self.session.run_with_iobinding(self.binding)
-        else:
-            self._recorded()
+            if self.bounded(bounds):
+                return
+            self.ran_session = False  # overflow was possible: every image is written again
+        self._recorded()
 
 
 def compile(steps: list, fallback: list, threads: int) -> Replay | None:
@@ -167,7 +202,10 @@ class _Graph:
         self.parts: dict[int, list] = {}  # storage -> (channel offset, channels, value) written so far
         self.inputs: list[int] = []
         self.written: dict[int, bool] = {}  # storage -> temporary
-        self.gains: list = []
+        self.gains: list = []  # per step: (src, dst, gain, bias, ceiling, slope, checkpoint index or None)
+        self.planned: dict[int, float] = {}  # storage -> its bound from ASSUMED inputs and checkpoints
+        self.nonnegative: dict[int, bool] = {}  # storage -> no part written so far can be negative
+        self.checks: list[tuple[str, str | None]] = []  # checkpoints: (max output, min output or None)
         self.count = 0
 
     def name(self, what: str) -> str:
@@ -194,6 +232,7 @@ class _Graph:
                 raise _Unsupported("storage changed identity")
             self.storages[key] = storage
             self.inputs.append(key)
+            self.planned[key] = ASSUMED
             self.values[key] = self.node("Transpose", [f"in{key}"], perm=[0, 3, 1, 2])
         return self.values[key]
 
@@ -234,8 +273,14 @@ class _Graph:
                 y = self.node("LeakyRelu", [y], alpha=slope)
                 if ceiling is not None:
                     y = self.node("Min", [y, bound])
+        if id(dst) not in self.parts:  # a new value of dst begins: its bound is this value's
+            self.planned.pop(id(dst), None)
         gain = float(np.abs(step.weights).reshape(p.out_channels, -1).sum(axis=1).max())
-        self.gains.append((id(src), id(dst), gain, float(np.abs(bias).max(initial=0.0)), ceiling, slope))
+        self.gains.append([id(src), id(dst), gain, float(np.abs(bias).max(initial=0.0)), ceiling, slope, None])
+        planned = _bound(self.planned[id(src)], *self.gains[-1][2:6])[1]
+        self.planned[id(dst)] = max(self.planned.get(id(dst), 0.0), planned)
+        relu = neuron.type != MPSCNNNeuronType.none and slope == 0.0 and (ceiling is None or ceiling >= 0)
+        self.nonnegative[id(dst)] = self.nonnegative.get(id(dst), True) and relu
         self.write(dst, p.dst_channel0, p.out_channels, y, step.dst_channels, step.dst_temporary)
 
     def write(self, dst: torch.Tensor, offset: int, channels: int, value: str, real: int, temporary: bool) -> None:
@@ -264,6 +309,18 @@ class _Graph:
             full = self.node("Pad", [full, self.constant(np.array([0, 0, 0, 0, 0, lanes - end, 0, 0], np.int64))])
         self.values[key] = full
         self.written[key] = temporary
+        if self.planned[key] > SEGMENT:
+            self.checkpoint(key, full)
+        del self.nonnegative[key]
+
+    def checkpoint(self, key: int, value: str) -> None:
+        """Report ``value``'s largest (and, unless no part of it can be negative, smallest) element,
+        so that the bound starts again from it after the step that completed it."""
+        top = self.node("ReduceMax", [value], keepdims=1)
+        bottom = None if self.nonnegative[key] else self.node("ReduceMin", [value], keepdims=1)
+        self.gains[-1][6] = len(self.checks)
+        self.checks.append((top, bottom))
+        self.planned[key] = ASSUMED
 
     def build(self, fallback: list, threads: int) -> Replay:
         import onnxruntime as ort
@@ -272,14 +329,14 @@ class _Graph:
         if self.parts:
             raise _Unsupported("an image is left with some channels unwritten")
         outputs = [key for key, temporary in self.written.items() if not temporary]
-        out_names = []
         for key in outputs:
-            out_names.append(f"out{key}")
             self.nodes.append(self.helper.make_node("Transpose", [self.values[key]], [f"out{key}"], perm=[0, 2, 3, 1]))
-        info = lambda name, key: self.helper.make_tensor_value_info(  # noqa: E731
-            name, TensorProto.FLOAT, list(self.storages[key].shape))
-        graph = self.helper.make_graph(self.nodes, "mpsconv", [info(f"in{k}", k) for k in self.inputs],
-                                       [info(f"out{k}", k) for k in outputs], self.initializers)
+        info = lambda name, shape: self.helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+        scalars = [name for check in self.checks for name in check if name is not None]
+        graph = self.helper.make_graph(
+            self.nodes, "mpsconv", [info(f"in{k}", list(self.storages[k].shape)) for k in self.inputs],
+            [info(f"out{k}", list(self.storages[k].shape)) for k in outputs] + [info(n, [1] * 4) for n in scalars],
+            self.initializers)
         model = self.helper.make_model(graph, opset_imports=[self.helper.make_opsetid("", 17)])
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -296,5 +353,9 @@ class _Graph:
         for key in outputs:
             s = self.storages[key]
             binding.bind_output(f"out{key}", "cpu", 0, np.float32, list(s.shape), s.data_ptr())
+        reported = {name: np.zeros((1, 1, 1, 1), np.float32) for name in scalars}
+        for name, array in reported.items():
+            binding.bind_output(name, "cpu", 0, np.float32, [1] * 4, array.ctypes.data)
+        checks = [(reported[top], None if bottom is None else reported[bottom]) for top, bottom in self.checks]
         inputs = [(key, self.storages[key].numpy()) for key in self.inputs]
-        return Replay(session, binding, inputs, self.gains, fallback)
+        return Replay(session, binding, inputs, [tuple(g) for g in self.gains], checks, fallback)
