@@ -37,3 +37,21 @@ def onednn_everywhere(monkeypatch):
     if not torch_backend.onednn_usable():
         pytest.skip("this PyTorch build has no usable oneDNN pointwise convolution; conv2d runs instead")
     monkeypatch.setattr(torch_backend, "ONEDNN_MIN_WEIGHTS", 0)
+
+
+@pytest.fixture
+def in_place_everywhere(monkeypatch):
+    """Route every eligible CPU problem through oneDNN's convolution into the destination itself
+    (normally only large outputs), and count the runs that take it: ``calls[0]``."""
+    from mpsconv.backends import torch as torch_backend
+
+    if not torch_backend.onednn_usable():
+        pytest.skip("this PyTorch build has no usable oneDNN pointwise convolution; conv2d runs instead")
+    monkeypatch.setattr(torch_backend, "IN_PLACE_MIN_BYTES", 0)
+    calls, run = [0], torch_backend._in_place
+
+    def counted(*args):
+        calls[0] += 1
+        run(*args)
+    monkeypatch.setattr(torch_backend, "_in_place", counted)
+    return calls

@@ -32,6 +32,14 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
+def test_pytorch_layout_regressions_in_place(name, in_place_everywhere):
+    p = CASES[name]
+    cls = MPSCNNFullyConnected if name == "pointwise_ambiguous_output" else None
+    kernel, src, prior = build(p, cls) if cls else build(p)
+    check_against_reference(p, kernel, src, prior, "torch")
+
+
+@pytest.mark.parametrize("name", list(CASES))
 def test_pytorch_layout_regressions(name, onednn_everywhere):
     p = CASES[name]
     cls = MPSCNNFullyConnected if name == "pointwise_ambiguous_output" else None

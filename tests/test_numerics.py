@@ -171,6 +171,24 @@ def test_onednn_path_keeps_nan_through_relu(onednn_everywhere):
     np.testing.assert_array_equal(got, [np.nan, np.nan, np.inf, 0.0])
 
 
+def test_in_place_path_keeps_nan_and_infinities_through_relun(in_place_everywhere):
+    """Into the destination itself: the zeroed destination plus the convolution is the convolution,
+    NaN and infinities included (0·inf = NaN reaches the other channels of a pixel), and the neuron
+    after it keeps the formulas' NaN, as the reference has them."""
+    d = descriptor(1, 1, 4, 4)
+    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(T.reLUN, a=0.0, b=6.0)
+    kernel = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, np.eye(4, dtype=np.float32).reshape(-1)))
+    x = np.zeros((2, 4, 4))
+    x[0, :, 0] = [-np.inf, np.nan, np.inf, -2.0]
+    x[1] = np.random.default_rng(5).uniform(-8, 8, (4, 4))
+    got = values(run(kernel, image(x), blank(4, 2, 4, fill=9.0), "torch"))
+    assert in_place_everywhere[0] == 1
+    np.testing.assert_array_equal(got[0, 0, :, 0], [np.nan, np.nan, 6.0, 0.0])
+    want = values(run(kernel, image(x), blank(4, 2, 4, fill=9.0), "reference"))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert_close(got, want, "float32", "in place")
+
+
 def test_non_finite_weights_are_refused_when_the_kernel_is_made():
     """A NaN or infinite weight would meet the zero edge as inf·0 = NaN on backends that multiply the
     padding and not at all on those that skip it; so weights must be finite (docs/reliability.md)."""

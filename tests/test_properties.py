@@ -239,6 +239,30 @@ def test_onednn_path_matches_reference(onednn_everywhere, p):
     check_against_reference(p, kernel, src, prior, "torch")
 
 
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(p=problems())
+def test_in_place_path_matches_reference(in_place_everywhere, p):
+    kernel, src, prior = build(p)
+    check_against_reference(p, kernel, src, prior, "torch")
+
+
+def test_in_place_path_runs_and_leaves_what_it_does_not_write(in_place_everywhere):
+    """Into a channel slice of a destination holding other values: only the slice changes, to the
+    reference's values."""
+    rng = np.random.default_rng(11)
+    d = descriptor(3, 3, 4, 8)
+    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(T.reLUN, a=0.0, b=0.5)
+    kernel = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, 8 * 9 * 4), rng.uniform(
+        -1, 1, 8)))
+    kernel.destinationFeatureChannelOffset = 4
+    src = image(rng.uniform(-1, 1, (2, 6, 7, 4)))
+    prior = rng.uniform(-1, 1, (2, 6, 7, 16))
+    got = run(kernel, src, image(prior), "torch")
+    assert in_place_everywhere[0] == 1
+    want = run(kernel, src, image(prior), "reference")
+    assert_close(values(got), values(want), "float32", "channel slice")
+
+
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(p=problems(fully_connected=True))
 def test_onednn_path_fully_connected_matches_reference(onednn_everywhere, p):
@@ -279,7 +303,7 @@ def test_view_images_match_reference(seed, fast_backend):
 EPILOGUES = {"none": (T.none, ()), "relu": (T.reLU, (0.0,)), "leaky": (T.reLU, (0.1,)), "sigmoid": (T.sigmoid, ())}
 
 
-@pytest.mark.parametrize("path", ["conv2d", "onednn"])
+@pytest.mark.parametrize("path", ["conv2d", "onednn", "in_place"])
 @pytest.mark.parametrize("epilogue", list(EPILOGUES))
 @pytest.mark.parametrize("dst_fmt", [FMT.float32, FMT.float16, FMT.unorm8, FMT.unorm16])
 def test_epilogue_paths_match_reference(path, epilogue, dst_fmt, monkeypatch):
@@ -290,6 +314,10 @@ def test_epilogue_paths_match_reference(path, epilogue, dst_fmt, monkeypatch):
         if not torch_backend.onednn_usable():
             pytest.skip("no usable oneDNN pointwise convolution in this PyTorch build")
         monkeypatch.setattr(torch_backend, "ONEDNN_MIN_WEIGHTS", 0)
+    if path == "in_place":
+        if not torch_backend.onednn_usable():
+            pytest.skip("no usable oneDNN pointwise convolution in this PyTorch build")
+        monkeypatch.setattr(torch_backend, "IN_PLACE_MIN_BYTES", 0)
     neuron_type, params = EPILOGUES[epilogue]
     p = dict(g=1, cin=4, cout=8, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), src=(2, 6, 5, 4), dst=(2, 6, 5, 12),
              sfo=0, dfo=4, clip=MPSRectNoClip, offset=MPSOffset(0, 0, 0), edge=MPSImageEdgeMode.zero,
