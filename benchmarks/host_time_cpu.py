@@ -2,7 +2,8 @@
 
 A 3x3x8 float32 convolution on a 4x4 image, one thread: encode + commit + waitUntilCompleted, so the
 loop times the host path (validation, recording, the command buffer), not arithmetic. Prints the
-median of 7 loops of 2000 operations, with the fastest and slowest loop.
+median of 7 loops of 2000 operations, with the fastest and slowest loop, and the same for PyTorch
+eager's ``conv2d`` of the same layer (channels-last, its weights' own copy), in alternating loops.
 
     python benchmarks/host_time_cpu.py [ROOT]   (ROOT: the checkout whose mpsconv to import; default this one)
 
@@ -68,16 +69,26 @@ def main():
         cb.commit()
         cb.waitUntilCompleted()
 
+    x = torch.from_numpy(src.numpy()).permute(0, 3, 1, 2)
+    w = torch.from_numpy(conv._params()[0]).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+    def eager():
+        torch.nn.functional.conv2d(x, w, None, 1, 1)
+
     for _ in range(500):
         one()
-    loops = []
+        eager()
+    loops = {one: [], eager: []}
     for _ in range(7):
-        start = time.perf_counter()
-        for _ in range(2000):
-            one()
-        loops.append((time.perf_counter() - start) / 2000 * 1e6)
-    print(f"{ROOT}: median {np.median(loops):.2f} us per operation (fastest loop {min(loops):.2f}, "
-          f"slowest {max(loops):.2f}); load average {os.getloadavg()[0]:.2f}")
+        for fn, times in loops.items():
+            start = time.perf_counter()
+            for _ in range(2000):
+                fn()
+            times.append((time.perf_counter() - start) / 2000 * 1e6)
+    ours, theirs = loops[one], loops[eager]
+    print(f"{ROOT}: median {np.median(ours):.2f} us per operation (fastest loop {min(ours):.2f}, "
+          f"slowest {max(ours):.2f}); eager conv2d {np.median(theirs):.2f} us ({min(theirs):.2f}..{max(theirs):.2f}), "
+          f"ours / eager {np.median(ours) / np.median(theirs):.2f}; load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
