@@ -11,6 +11,10 @@ encodes into whole images, against, on the same NHWC data and weights:
 - graph (CUDA): eager captured as a CUDA graph and replayed;
 - bare (CUDA): the convolutions alone (``conv2d``, no bias, no activation, cuDNN benchmark mode).
 
+Weights: float32 as PyTorch has them; a float16 network's kernels take MPS's default float16
+kernel weights (``kernelWeightsDataType``), as ported MPS code has them, and eager's float16 copy
+holds the same values.
+
 Ours: ``plain`` (encode every layer, commit, wait), ``replay`` (the command buffer recorded once
 with ``make_replayable``, replayed) and ``tmp_replay`` (the same with ``MPSTemporaryImage``s between
 the input and the output, as MPS code written for speed has them; peer name ``temporary``). On the
