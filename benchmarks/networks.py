@@ -49,7 +49,7 @@ import mpsconv  # noqa: E402
 from mpsconv import MTLCreateSystemDefaultDevice  # noqa: E402
 from mpsconv.metal import device_from_name  # noqa: E402
 from mpsconv.networks import (  # noqa: E402
-    NETWORKS, TOLERANCE, Eager, Ours, busy, random_weights, shapes, spread_warning, synchronizer, timing,
+    NETWORKS, Eager, Ours, busy, checked, random_weights, shapes, spread_warning, synchronizer, timing,
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -139,13 +139,10 @@ def run_network(name, batch, dtype, args, device, tdev) -> dict:
     with torch.no_grad():
         want = eager(x)
         ours()
-        got = ours.output().permute(0, 3, 1, 2)
-        err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
-        exact = Eager(net, weights, tdev, torch.float32)(x.float()) if dtype != torch.float32 else want
-        err_ours = float((got.float() - exact).abs().max() / exact.abs().max())
-        err_eager = float((want.float() - exact).abs().max() / exact.abs().max())
-    if not err <= TOLERANCE[dtype]:
-        raise SystemExit(f"{name} batch {batch}: ours and eager differ by {err:.2e} (relative); not timed")
+        try:
+            errors = checked(name, batch, net, weights, ours.output().permute(0, 3, 1, 2), want, x)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
     peers = args.peers.split(",")
     contenders = {"ours": ours, "ours_replay": ours.replay}
     if "temporary" in peers:  # the images between input and output as MPSTemporaryImages, replayed
@@ -178,8 +175,7 @@ def run_network(name, batch, dtype, args, device, tdev) -> dict:
         times = timing(contenders, args.rounds, args.budget, synchronizer(tdev))
     scratch = memory_row(name, batch, dtype, args, device) if args.memory else None
     row = dict(network=net.name, batch=batch, dtype=str(dtype).replace("torch.", ""), layers=len(net.layers),
-               rel_err=err, rel_err_ours_fp32=err_ours, rel_err_eager_fp32=err_eager,
-               times_ms={k: [v * 1e3 for v in t] for k, t in times.items()}, scratch_bytes=scratch)
+               **errors, times_ms={k: [v * 1e3 for v in t] for k, t in times.items()}, scratch_bytes=scratch)
     warning = spread_warning(times)
     if warning:
         row["warning"] = warning

@@ -327,8 +327,33 @@ def timing(contenders: dict, rounds: int = 5, budget_s: float = 1.0, sync=lambda
     return {name: (statistics.median(t), min(t), max(t)) for name, t in samples.items()}
 
 
-#: The largest ``max |ours - eager| / max |eager|`` that counts as the same network's output.
+#: The largest ``max |ours - eager| / max |eager|`` that counts as the same network's output in
+#: float32; in 16-bit types the floor under ``checked``'s comparison with the float32 network.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1e-1}
+
+
+def checked(name: str, batch: int, net: Network, weights: dict, ours: torch.Tensor, eager: torch.Tensor,
+            x: torch.Tensor) -> dict:
+    """The errors of ``ours`` and ``eager`` (NCHW outputs of ``net`` on ``x``): ``rel_err`` between them,
+    ``rel_err_ours_fp32`` and ``rel_err_eager_fp32`` against the float32 network (eager in float32),
+    each ``max |a - b| / max |b|``. Raises ValueError where ours is not the same network's output: in
+    float32 further than ``TOLERANCE`` from eager; in 16-bit types, where both round every layer's
+    output (MobileNetV2's 52 layers in float16 at batch 32: about 5% from float32, both of them),
+    further from the float32 network than ``TOLERANCE`` or 1.5x eager's own error, whichever is
+    larger."""
+    ours, eager = ours.float(), eager.float()
+    exact = eager if x.dtype == torch.float32 else Eager(net, weights, x.device, torch.float32)(x.float())
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
+    errors = dict(rel_err=rel(ours, eager), rel_err_ours_fp32=rel(ours, exact), rel_err_eager_fp32=rel(eager, exact))
+    if x.dtype == torch.float32:
+        ok = errors["rel_err"] <= TOLERANCE[x.dtype]
+    else:
+        ok = errors["rel_err_ours_fp32"] <= max(TOLERANCE[x.dtype], 1.5 * errors["rel_err_eager_fp32"])
+    if not ok:
+        raise ValueError(f"{name} batch {batch}: ours and eager differ by {errors['rel_err']:.2e} (relative; from "
+                         f"the float32 network: ours {errors['rel_err_ours_fp32']:.2e}, eager "
+                         f"{errors['rel_err_eager_fp32']:.2e}); not timed")
+    return errors
 
 
 def compare(name: str, batch: int, device, budget_s: float = 2.0, rounds: int = 5, dtype=torch.float32) -> dict:
@@ -347,11 +372,8 @@ def compare(name: str, batch: int, device, budget_s: float = 2.0, rounds: int = 
     ours.load(x_nhwc)
     temporary.load(x_nhwc)
     with torch.no_grad():
-        want = eager(x).float()
         ours()
-        err = float((ours.output().permute(0, 3, 1, 2).float() - want).abs().max() / want.abs().max())
-        if not err <= TOLERANCE[dtype]:
-            raise ValueError(f"{name} batch {batch}: ours and eager differ by {err:.2e} (relative); not timed")
+        errors = checked(name, batch, net, weights, ours.output().permute(0, 3, 1, 2), eager(x), x)
         times = timing({"ours": ours, "ours_replay": ours.replay, "ours_temporary_replay": temporary.replay,
                         "eager": lambda: eager(x)}, rounds, budget_s, synchronizer(tdev))
-    return dict(network=net.name, batch=batch, layers=len(net.layers), rel_err=err, times=times)
+    return dict(network=net.name, batch=batch, layers=len(net.layers), rel_err=errors["rel_err"], times=times)

@@ -114,6 +114,30 @@ def test_bench_runs_whole_networks_against_eager(tmp_path):
     assert "inception_28" in out and "eager/best" in out
 
 
+def test_a_network_output_is_checked_against_eager_or_the_float32_network():
+    """float32: within TOLERANCE of eager. bfloat16, where both round every layer: no further from
+    the float32 network than 1.5x eager's own error (or TOLERANCE, whichever is larger)."""
+    import torch
+
+    from mpsconv.networks import NETWORKS, TOLERANCE, Eager, checked, random_weights
+
+    net, cpu = NETWORKS["inception"](), torch.device("cpu")
+    weights = random_weights(net)
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((1, 28, 28, 192)).astype(np.float32)).permute(0, 3, 1, 2)
+    exact = Eager(net, weights, cpu)(x)
+    assert checked("inception", 1, net, weights, exact * (1 + 1e-6), exact, x)["rel_err"] < 2e-6
+    with pytest.raises(ValueError, match="ours and eager differ by 1.00e-03"):
+        checked("inception", 1, net, weights, exact * (1 + 1e-3), exact, x)
+    x16 = x.to(torch.bfloat16)
+    eager = Eager(net, weights, cpu, torch.bfloat16)(x16)
+    errors = checked("inception", 1, net, weights, eager.clone(), eager, x16)
+    own = errors["rel_err_eager_fp32"]
+    assert 0 < own < TOLERANCE[torch.bfloat16] and errors["rel_err_ours_fp32"] == own
+    scale = 2 * TOLERANCE[torch.bfloat16] / own  # ours that far from float32: beyond both bounds
+    with pytest.raises(ValueError, match="from the float32 network"):
+        checked("inception", 1, net, weights, exact + scale * (eager.float() - exact), eager, x16)
+
+
 @pytest.mark.parametrize("args, message", [
     (["demo", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
     (["demo", "--epochs", "0"], "--epochs 0; give at least 1"),
