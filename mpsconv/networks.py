@@ -30,9 +30,10 @@ from .convolution import MPSCNNConvolution
 from .core.activations import MPSCNNNeuronType
 from .core.formats import MPSImageFeatureChannelFormat
 from .core.geometry import offset_for_padding, torch_output_size
+from .datasource import MPSCNNConvolutionDataSource
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNDepthWiseConvolutionDescriptor
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
-from .layout import MPSCNNConvolutionWeights, weights_from_oihw
+from .layout import weights_from_oihw
 from .neuron import MPSNNNeuronDescriptor
 from .types import MPSDataType, MPSOffset
 
@@ -141,6 +142,41 @@ FORMATS = {torch.float32: MPSImageFeatureChannelFormat.float32, torch.float16: M
            torch.bfloat16: MPSImageFeatureChannelFormat.bfloat16}
 
 
+class LayerWeights(MPSCNNConvolutionDataSource):
+    """One layer's parameters as MPS code supplies them: the ``[O][kH][kW][I/G]`` weights made from the
+    caller's OIHW array in ``load()`` and dropped in ``purge()`` (Apple's samples read them from a
+    file there), so that the kernel holds the only copy of its own."""
+
+    def __init__(self, descriptor, oihw: np.ndarray, bias: np.ndarray, kernel_type: MPSDataType, label: str):
+        self._descriptor, self._oihw, self._bias = descriptor, oihw, bias
+        self._kernel_type, self._label, self._weights = kernel_type, label, None
+
+    def dataType(self):
+        return MPSDataType.float32
+
+    def descriptor(self):
+        return self._descriptor
+
+    def load(self):
+        self._weights = weights_from_oihw(self._oihw)
+        return True
+
+    def purge(self):
+        self._weights = None
+
+    def weights(self):
+        return self._weights
+
+    def biasTerms(self):
+        return self._bias
+
+    def label(self):
+        return self._label
+
+    def kernelWeightsDataType(self):
+        return self._kernel_type
+
+
 def kernel_for(layer: Layer, weights, bias, device, kernel_type=MPSDataType.float32) -> MPSCNNConvolution:
     """The MPS kernel of one layer: its descriptor (depthwise where each channel is a group), fused
     neuron, float32 weights kept at ``kernel_type`` (``kernelWeightsDataType``), PyTorch's padding as
@@ -154,12 +190,10 @@ def kernel_for(layer: Layer, weights, bias, device, kernel_type=MPSDataType.floa
     if layer.neuron is not None:
         kind, a, b = _NEURONS[layer.neuron]
         d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(kind, a=a, b=b)
-    source = MPSCNNConvolutionWeights(d, weights_from_oihw(weights), bias, kernelWeightsDataType=kernel_type)
-    kernel = MPSCNNConvolution(device=device, weights=source)
+    kernel = MPSCNNConvolution(device=device, weights=LayerWeights(d, weights, bias, kernel_type, layer.name))
     o = offset_for_padding(layer.k, 1, layer.k // 2)
     kernel.offset = MPSOffset(o, o, 0)
     kernel.destinationFeatureChannelOffset = layer.offset
-    kernel.label = layer.name
     return kernel
 
 
