@@ -129,6 +129,28 @@ def test_values_that_could_make_nan_or_infinity_take_the_recorded_work(special):
         assert_close(values(got), want, "float32", f"source with {special}")
 
 
+@pytest.mark.parametrize("lane", [5.0, math.nan], ids=["finite", "nan"])
+def test_a_padding_lane_the_first_layer_does_not_read_changes_nothing(lane):
+    """The session reads a 3-channel image's whole 4-lane storage with a zero weight for the fourth
+    lane (no copy of the three): a finite value there (as a wrapped texture's fourth component may
+    hold) adds exactly nothing, a NaN sends the replay to the recorded work; either way the reference's
+    numbers."""
+    rng = np.random.default_rng(8)
+    kernels = _network(rng)
+    src = image(rng.uniform(-1, 1, (9, 11, 3)))
+    cb = QUEUE.makeCommandBuffer()
+    images = _encode(kernels, cb, src, True)
+    cb.make_replayable()
+    cb.commit()
+    cb.waitUntilCompleted()
+    src._ensure_storage()[..., 3] = lane
+    cb.replay().waitUntilCompleted()
+    assert cb._cpu_replay.ran_session == math.isfinite(lane)
+    for got, want in zip(images, _reference(kernels, src, True)):
+        assert np.isfinite(values(got)).all()
+        assert_close(values(got), want, "float32", f"padding lane {lane}")
+
+
 def _replayed(kernel, src, dst):
     cb = QUEUE.makeCommandBuffer()
     kernel.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)

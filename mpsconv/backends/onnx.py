@@ -246,7 +246,15 @@ class _Graph:
         p, src, dst = step.problem, step.src, step.dst
         self.storages[id(dst)] = dst
         x = self.read(src)
-        x = self.slice(x, 1, p.src_channel0, p.src_channel0 + p.in_channels, src.shape[3])
+        w = np.ascontiguousarray(step.weights.transpose(0, 3, 1, 2), np.float32)  # OHWI -> OIHW
+        lanes = src.shape[3]
+        if p.groups == 1 and p.src_channel0 == 0 and lanes - p.in_channels < 4:
+            # All the image's channels, not its padding lanes (an RGB image's 3 of 4): zero weights for
+            # those rather than a copy of the rest, exact since every value the session reads is
+            # finite (``Replay``)
+            w = np.pad(w, [(0, 0), (0, lanes - p.in_channels), (0, 0), (0, 0)])
+        else:
+            x = self.slice(x, 1, p.src_channel0, p.src_channel0 + p.in_channels, lanes)
         pads = [[0, 0], [0, 0]]
         for axis in (0, 1):
             first, last = p.read_range(axis)
@@ -254,7 +262,6 @@ class _Graph:
             lo, hi = max(first, 0), min(last, size - 1)
             x = self.slice(x, 2 + axis, lo, hi + 1, size)
             pads[axis] = [lo - first, last - hi]
-        w = np.ascontiguousarray(step.weights.transpose(0, 3, 1, 2), np.float32)  # OHWI -> OIHW
         bias = np.zeros(p.out_channels, np.float32) if step.bias is None else np.asarray(step.bias, np.float32)
         y = self.node("Conv", [x, self.constant(w), self.constant(bias)], kernel_shape=list(p.kernel),
                       strides=list(p.stride), dilations=list(p.dilation), group=p.groups,
