@@ -30,7 +30,7 @@ from .convolution import MPSCNNConvolution
 from .core.activations import MPSCNNNeuronType
 from .core.formats import MPSImageFeatureChannelFormat
 from .core.geometry import offset_for_padding, torch_output_size
-from .datasource import MPSCNNConvolutionDataSource
+from .datasource import _ArrayDataSource
 from .descriptor import MPSCNNConvolutionDescriptor, MPSCNNDepthWiseConvolutionDescriptor
 from .image import MPSImage, MPSImageDescriptor, MPSTemporaryImage
 from .layout import weights_from_oihw
@@ -142,20 +142,14 @@ FORMATS = {torch.float32: MPSImageFeatureChannelFormat.float32, torch.float16: M
            torch.bfloat16: MPSImageFeatureChannelFormat.bfloat16}
 
 
-class LayerWeights(MPSCNNConvolutionDataSource):
+class LayerWeights(_ArrayDataSource):
     """One layer's parameters as MPS code supplies them: the ``[O][kH][kW][I/G]`` weights made from the
     caller's OIHW array in ``load()`` and dropped in ``purge()`` (Apple's samples read them from a
     file there), so that the kernel holds the only copy of its own."""
 
     def __init__(self, descriptor, oihw: np.ndarray, bias: np.ndarray, kernel_type: MPSDataType, label: str):
-        self._descriptor, self._oihw, self._bias = descriptor, oihw, bias
-        self._kernel_type, self._label, self._weights = kernel_type, label, None
-
-    def dataType(self):
-        return MPSDataType.float32
-
-    def descriptor(self):
-        return self._descriptor
+        super().__init__(descriptor, None, bias, kernel_type, label)
+        self._oihw = oihw
 
     def load(self):
         self._weights = weights_from_oihw(self._oihw)
@@ -163,18 +157,6 @@ class LayerWeights(MPSCNNConvolutionDataSource):
 
     def purge(self):
         self._weights = None
-
-    def weights(self):
-        return self._weights
-
-    def biasTerms(self):
-        return self._bias
-
-    def label(self):
-        return self._label
-
-    def kernelWeightsDataType(self):
-        return self._kernel_type
 
 
 def kernel_for(layer: Layer, weights, bias, device, kernel_type=MPSDataType.float32) -> MPSCNNConvolution:

@@ -31,16 +31,10 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("path", ["onednn_everywhere", "in_place_everywhere"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_pytorch_layout_regressions_in_place(name, in_place_everywhere):
-    p = CASES[name]
-    cls = MPSCNNFullyConnected if name == "pointwise_ambiguous_output" else None
-    kernel, src, prior = build(p, cls) if cls else build(p)
-    check_against_reference(p, kernel, src, prior, "torch")
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_pytorch_layout_regressions(name, onednn_everywhere):
+def test_pytorch_layout_regressions(name, path, request):
+    request.getfixturevalue(path)  # the oneDNN path, or the one into the destination itself
     p = CASES[name]
     cls = MPSCNNFullyConnected if name == "pointwise_ambiguous_output" else None
     kernel, src, prior = build(p, cls) if cls else build(p)

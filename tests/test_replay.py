@@ -75,6 +75,16 @@ def _encode(kernels, cb, src, temporary: bool):
     return (out,) if temporary else (a, b, joined, out)
 
 
+def _recorded(kernels, src, temporary: bool):
+    """``(command buffer, images)``: ``_network``'s encodes made replayable, committed and completed."""
+    cb = QUEUE.makeCommandBuffer()
+    images = _encode(kernels, cb, src, temporary)
+    cb.make_replayable()
+    cb.commit()
+    cb.waitUntilCompleted()
+    return cb, images
+
+
 def _reference(kernels, src, temporary):
     with use_backend("reference"):
         cb = QUEUE.makeCommandBuffer()
@@ -90,11 +100,7 @@ def test_replays_through_the_engine_match_the_reference(temporary):
     kernels = _network(rng)
     src = image(rng.uniform(-1, 1, (9, 11, 3)))
     with use_backend("torch"):
-        cb = QUEUE.makeCommandBuffer()
-        images = _encode(kernels, cb, src, temporary)
-        cb.make_replayable()
-        cb.commit()
-        cb.waitUntilCompleted()
+        cb, images = _recorded(kernels, src, temporary)
     for round_ in range(2):  # new contents each time: the replay reads the source as it is then
         x = rng.uniform(-1, 1, (1, 9, 11, 3))
         src.torch().copy_(torch.from_numpy(x))
@@ -114,11 +120,7 @@ def test_values_that_could_make_nan_or_infinity_take_the_recorded_work(special):
     rng = np.random.default_rng(2)
     kernels = _network(rng)
     src = image(rng.uniform(-1, 1, (9, 11, 3)))
-    cb = QUEUE.makeCommandBuffer()
-    images = _encode(kernels, cb, src, False)
-    cb.make_replayable()
-    cb.commit()
-    cb.waitUntilCompleted()
+    cb, images = _recorded(kernels, src, False)
     storage = src.torch()
     storage[0, 4, 5, 1] = special
     cb.replay().waitUntilCompleted()
@@ -138,11 +140,7 @@ def test_a_padding_lane_the_first_layer_does_not_read_changes_nothing(lane):
     rng = np.random.default_rng(8)
     kernels = _network(rng)
     src = image(rng.uniform(-1, 1, (9, 11, 3)))
-    cb = QUEUE.makeCommandBuffer()
-    images = _encode(kernels, cb, src, True)
-    cb.make_replayable()
-    cb.commit()
-    cb.waitUntilCompleted()
+    cb, images = _recorded(kernels, src, True)
     src._ensure_storage()[..., 3] = lane
     cb.replay().waitUntilCompleted()
     assert cb._cpu_replay.ran_session == math.isfinite(lane)
