@@ -297,3 +297,33 @@ def test_images_the_session_does_not_know_keep_their_contents():
     src, dst, other = image(rng.uniform(-1, 1, (5, 5, 4))), blank(5, 5, 4), blank(5, 5, 4, fill=0.25)
     assert isinstance(_replayed(k, src, dst), engine.Replay)
     np.testing.assert_array_equal(values(other), np.full((1, 5, 5, 4), 0.25))
+
+
+class _Clocked:
+    """A stand-in for the session and the recorded work: each call takes ``seconds``, or ``disturbed``
+    while the other ran less than ``spin_s`` ago (as PyTorch's threads spin after its work)."""
+
+    def __init__(self, seconds: float, disturbed: float = 0.0, spin_s: float = 0.0):
+        self.seconds, self.disturbed, self.spin_s = seconds, disturbed, spin_s
+        self.other, self.ended = None, -math.inf
+
+    def __call__(self, *args) -> None:
+        import time
+
+        near = self.other is not None and time.perf_counter() - self.other.ended < self.spin_s
+        time.sleep(self.disturbed if near else self.seconds)
+        self.ended = time.perf_counter()
+
+    run_with_iobinding = __call__
+
+
+@pytest.mark.parametrize("session_s, recorded_s, want", [(0.0005, 0.002, True), (0.002, 0.0005, False)])
+def test_the_engine_is_kept_where_its_session_is_faster(monkeypatch, session_s, recorded_s, want):
+    """``faster`` times each side after the other's threads have stopped spinning: a session slowed
+    for 15 ms after the recorded work still wins where it is faster alone."""
+    monkeypatch.undo()  # the real ``faster``, not the fixture's
+    recorded = _Clocked(recorded_s)
+    session = _Clocked(session_s, disturbed=0.003, spin_s=0.015)
+    session.other = recorded
+    replay = engine.Replay(session, None, [], [], [], [recorded])
+    assert replay.faster() is want

@@ -47,6 +47,9 @@ LIMIT = 1e36
 #: assumed of inputs and checkpoints when placing them: checkpoints come about every 11 layers of
 #: ResNet-50, and values up to about 1e16 pass.
 SEGMENT, ASSUMED = 1e20, 1e4
+#: How long each contender runs in ``Replay.faster`` before it is timed, so that the other's threads
+#: have stopped spinning.
+SETTLE_S = 0.02
 
 
 def _bound(src: float, gain: float, bias: float, ceiling, slope: float) -> tuple[float, float]:
@@ -113,14 +116,21 @@ class Replay:
     def faster(self, rounds: int = 3, runs: int = 4) -> bool:
         """Whether the session beats the recorded work on this machine: ``runs`` back to back, as
         replays in a loop run, in alternating rounds (both compute the same images, so running them
-        changes nothing). Images written and read
-        afterwards must leave the session through a layout change each, which can cost it more than
-        it gains on networks of many small layers."""
+        changes nothing). Images written and read afterwards must leave the session through a layout
+        change each, which can cost it more than it gains on networks of many small layers.
+
+        Each round first runs the contender for ``SETTLE_S``: PyTorch's OpenMP threads spin for
+        several milliseconds after the recorded work, and a session timed among them would lose to
+        the work that made them spin (small networks then took the slower path, about one compile in
+        four). A pause instead of the runs would let the cores idle, which slows the next runs more."""
         mine, theirs = [], []
         self()  # the session's first runs set up its memory
         for _ in range(rounds):
             for times, run in ((mine, self.__call__), (theirs, self._recorded)):
-                run()  # the other's thread pool settles, this one's wakes up
+                start = time.perf_counter()
+                run()
+                while time.perf_counter() - start < SETTLE_S:
+                    run()
                 for _ in range(runs):
                     start = time.perf_counter()
                     run()
