@@ -315,10 +315,16 @@ def synchronizer(device: torch.device):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
-def timing(contenders: dict, rounds: int = 5, budget_s: float = 1.0, sync=lambda: None) -> dict:
+def timing(contenders: dict, rounds: int = 5, budget_s: float = 1.0, sync=lambda: None,
+           settle_s: float = 0.05) -> dict:
     """Seconds per call of each contender (a callable), timed in alternating rounds: per round, each
-    runs as many calls as fit in ``budget_s / rounds`` and its mean per call is one sample. Returns
-    ``{name: (median, min, max)}`` over the rounds."""
+    runs untimed for ``settle_s``, then as many calls as fit in ``budget_s / rounds`` and its mean
+    per call is one sample. Returns ``{name: (median, min, max)}`` over the rounds.
+
+    The untimed calls let the thread pools of the contender before (OpenMP's, ONNX Runtime's) stop
+    spinning on the cores this one needs, and this one's threads wake up: busy rather than asleep,
+    since cores left idle for a while run the next calls up to twice as slowly, most of all those
+    of a pool that parks its threads between calls (as our replay engine's session does)."""
     samples = {name: [] for name in contenders}
     for fn in contenders.values():  # warm-up: compiles, plans, autotunes, first allocations
         fn()
@@ -328,9 +334,12 @@ def timing(contenders: dict, rounds: int = 5, budget_s: float = 1.0, sync=lambda
     for _ in range(rounds):
         for name, fn in contenders.items():
             sync()
-            time.sleep(0.05)  # thread pools that spin after their work (OpenMP's, ONNX Runtime's) settle
-            fn()  # and their threads wake up, on this contender's time
-            sync()
+            start = time.perf_counter()
+            while True:
+                fn()
+                sync()
+                if time.perf_counter() - start >= settle_s:
+                    break
             start, calls = time.perf_counter(), 0
             while True:
                 fn()
