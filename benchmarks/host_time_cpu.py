@@ -58,7 +58,8 @@ def main():
     queue = device.makeCommandQueue()
     d = MPSCNNConvolutionDescriptor(kernelWidth=3, kernelHeight=3, inputFeatureChannels=8, outputFeatureChannels=8)
     rng = np.random.default_rng(0)
-    conv = MPSCNNConvolution(device=device, weights=Weights(d, rng.uniform(-1, 1, 576).astype(np.float32)))
+    ohwi = rng.uniform(-1, 1, (8, 3, 3, 8)).astype(np.float32)  # MPS's [O][kH][kW][I]
+    conv = MPSCNNConvolution(device=device, weights=Weights(d, ohwi.reshape(-1)))
     src = MPSImage.from_numpy(rng.uniform(-1, 1, (1, 4, 4, 8)).astype(np.float32), device=device)
     dst = MPSImage(device=device, imageDescriptor=MPSImageDescriptor(
         channelFormat=MPSImageFeatureChannelFormat.float32, width=4, height=4, featureChannels=8))
@@ -70,7 +71,7 @@ def main():
         cb.waitUntilCompleted()
 
     x = torch.from_numpy(src.numpy()).permute(0, 3, 1, 2)
-    w = torch.from_numpy(conv._params()[0]).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    w = torch.from_numpy(ohwi).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
     def eager():
         torch.nn.functional.conv2d(x, w, None, 1, 1)
