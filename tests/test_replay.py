@@ -4,6 +4,7 @@ arise, and leaves alone what it cannot express."""
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -308,8 +309,6 @@ class _Clocked:
         self.other, self.ended = None, -math.inf
 
     def __call__(self, *args) -> None:
-        import time
-
         near = self.other is not None and time.perf_counter() - self.other.ended < self.spin_s
         time.sleep(self.disturbed if near else self.seconds)
         self.ended = time.perf_counter()
