@@ -322,12 +322,7 @@ def run(bound: Bound, prepared: Prepared) -> None:
     if plan.epilogue == _COPY:
         out.copy_(y)
     elif plan.epilogue == _RELU:
-        # ReLU and the write into the slice in one pass; leaky_relu, not clamp_min, so that -inf gives
-        # the formula's a·(-inf) = NaN for a = 0 (docs/reliability.md "Numerics"); ReLUN's ceiling
-        # after, in place (clamp keeps NaN)
-        torch.ops.aten.leaky_relu.out(y, p.neuron.a, out=out)
-        if plan.ceiling is not None:
-            out.clamp_(max=plan.ceiling)
+        _relu_into(y, out, plan)
     else:
         if plan.apply_neuron:
             y = _neuron(y, p, prepared)
@@ -345,10 +340,18 @@ def _in_place(bound: Bound, prepared: Prepared, x: torch.Tensor) -> None:
     out.zero_()
     torch.ops.mkldnn._convolution_pointwise_.binary(out, x, prepared.packed(plan), prepared.bias, plan.conv_padding,
                                                     p.stride, p.dilation, p.groups, "add", 1.0, None, [], None)
-    if plan.epilogue == _RELU:  # as run's epilogue: leaky_relu keeps NaN and gives NaN for -inf
-        torch.ops.aten.leaky_relu_(out, p.neuron.a)
-        if plan.ceiling is not None:
-            out.clamp_(max=plan.ceiling)
+    if plan.epilogue == _RELU:
+        _relu_into(out, out, plan)
+
+
+def _relu_into(y: torch.Tensor, out: torch.Tensor, plan: Plan) -> None:
+    """The ``_RELU`` epilogue: ReLU (and ReLUN's ceiling) of ``y`` written into ``out`` (``y`` itself
+    in place), the write into the slice in the same pass. leaky_relu, not clamp_min, so that -inf
+    gives the formula's a·(-inf) = NaN for a = 0 (docs/reliability.md "Numerics"); the ceiling after,
+    in place (clamp keeps NaN)."""
+    torch.ops.aten.leaky_relu.out(y, plan.problem.neuron.a, out=out)
+    if plan.ceiling is not None:
+        out.clamp_(max=plan.ceiling)
 
 
 def _run_fused(bound: Bound, prepared: Prepared) -> None:
