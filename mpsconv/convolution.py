@@ -10,7 +10,7 @@ import torch
 from ._api import decode_with, keywords
 from .core.activations import MPSCNNNeuronType
 from .core.geometry import MPSNNPaddingMethod, NeuronSpec
-from .core.weights import round_weights
+from .core.weights import KeptWeights, round_weights
 from .datasource import LoadedWeights, _ArrayDataSource, load_weights, read_array
 from .descriptor import (
     MPSCNNConvolutionDescriptor, MPSCNNConvolutionFlags, MPSNNConvolutionAccumulatorPrecisionOption,
@@ -81,7 +81,7 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
 
     def _install(self, loaded: LoadedWeights) -> None:
         self._loaded = loaded
-        self._param_tuple = (loaded.weights, loaded.bias, loaded.prelu)
+        self._param_tuple = (loaded.kept, loaded.bias, loaded.prelu)
         self._drop_caches()
 
     def _check_descriptor(self, descriptor: MPSCNNConvolutionDescriptor) -> None:
@@ -217,7 +217,7 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
         weights = state.weight_values(int(np.prod(shape)), owner).numpy().reshape(shape).copy()
         biases = state.bias_values(shape[0], owner)
         bias = np.zeros(shape[0], np.float32) if biases is None else biases.numpy().copy()
-        self._install(replace(self._loaded, weights=round_weights(weights, self._loaded.kernel_weights_type),
+        self._install(replace(self._loaded, kept=KeptWeights(round_weights(weights, self._loaded.kernel_weights_type)),
                               bias=bias))
         state._consume_read()
 
@@ -232,7 +232,8 @@ class _WeightedKernel(DescribedKernel, MPSCNNKernel):
                 commandBuffer=commandBuffer, cnnConvolutionDescriptor=self._desc)
         else:
             state = MPSCNNConvolutionWeightsAndBiasesState(device=self._device, cnnConvolutionDescriptor=self._desc)
-        state.weight_values(self._loaded.weights.size, owner).copy_(torch.from_numpy(self._loaded.weights.reshape(-1)))
+        weights = self._loaded.weights
+        state.weight_values(weights.size, owner).copy_(torch.from_numpy(weights.reshape(-1)))
         state.bias_values(self._loaded.bias.size, owner).copy_(torch.from_numpy(self._loaded.bias))
         return state
 

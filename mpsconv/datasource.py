@@ -20,7 +20,7 @@ from .descriptor import (
 )
 from .errors import MPSTypeError, MPSValueError
 from .core.geometry import NeuronSpec
-from .core.weights import round_weights
+from .core.weights import KeptWeights, round_weights
 from .types import as_enum, MPSDataType
 
 _REQUIRED = ("dataType", "descriptor", "weights", "biasTerms", "load", "purge", "label")
@@ -68,12 +68,17 @@ class LoadedWeights:
     """What a kernel keeps from its data source: effective parameters and a descriptor snapshot."""
 
     descriptor: MPSCNNConvolutionDescriptor
-    weights: np.ndarray  # float32 [O, kH, kW, Ig], effective (folded, rounded)
+    kept: KeptWeights  # float32 [O, kH, kW, Ig], effective (folded, rounded)
     bias: np.ndarray  # float32 [O]
     neuron: NeuronSpec
     prelu: np.ndarray | None  # float32 [O] for pReLU
     label: str | None
     kernel_weights_type: MPSDataType  # float16 or float32
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The effective weights as a float32 array ``[O, kH, kW, Ig]`` (``KeptWeights.array``)."""
+        return self.kept.array()
 
 
 _NUMPY = {MPSDataType.float32: np.float32, MPSDataType.float16: np.float16, MPSDataType.uInt8: np.uint8}
@@ -202,7 +207,7 @@ def load_weights(ds, owner: str, *, accumulator: MPSNNConvolutionAccumulatorPrec
         bias = bias * scale + shift
     weights = round_weights(weights, kernel_type)
     _check_finite(weights, owner, desc._batch_norm is not None)
-    return LoadedWeights(desc, weights, bias.astype(np.float32), neuron, prelu, label, kernel_type)
+    return LoadedWeights(desc, KeptWeights(weights), bias.astype(np.float32), neuron, prelu, label, kernel_type)
 
 
 def _check_finite(weights: np.ndarray, owner: str, folded: bool) -> None:

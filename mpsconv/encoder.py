@@ -16,8 +16,8 @@ validated, it
 
 What the engine asks of a kernel: ``_device``, ``_resolve(source, destination, owner)`` (the
 ``ConvProblem``, or an error naming what is wrong), ``_settings()`` (every property an encode reads
-that can change without dropping the caches), ``_params()`` (weights, bias, PReLU coefficients as
-float32 arrays), ``label`` and ``_options``. Of an image: its ``_layout``, its storage
+that can change without dropping the caches), ``_params()`` (weights as ``KeptWeights`` or a binary
+kernel's ``BinaryParams``, bias and PReLU coefficients as float32 arrays), ``label`` and ``_options``. Of an image: its ``_layout``, its storage
 (``_storage``, ``_ensure_storage()``) and ``_consume_read()``.
 """
 from __future__ import annotations
@@ -26,14 +26,13 @@ import os
 import sys
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from . import backends, config, memory
 from .backends import onnx
 from .core.formats import MPSImageFeatureChannelFormat as F, storage_to_values, values_to_storage
 from .core.geometry import ConvProblem
-from .core.weights import round_for_source
+from .core.weights import KeptWeights, round_for_source
 from .image import MPSTemporaryImage, unallocated
 from .types import MPSKernelOptions
 
@@ -158,8 +157,8 @@ class Encoder:
         prepared = self.prepared_weights.get(key)
         if prepared is None:
             weights, *rest = kernel._params()
-            if isinstance(weights, np.ndarray):
-                weights = round_for_source(weights, src_format)
+            if isinstance(weights, KeptWeights) and src_format == F.bfloat16:
+                weights = KeptWeights(round_for_source(weights.array(), src_format))
             prepared = self.prepared_weights[key] = backend.prepare(weights, *rest, kernel._device)
         return prepared
 
@@ -337,10 +336,10 @@ def _step(kernel, problem: ConvProblem, source, destination) -> onnx.Step | None
     """A recorded encode as the CPU replay engine sees it: the kernel's effective weights now, and the
     two images' whole storages (None for views of other images and for weightless kernels)."""
     weights, bias, _ = kernel._params()
-    if not isinstance(weights, np.ndarray) or source._root is not source or destination._root is not destination:
+    if not isinstance(weights, KeptWeights) or source._root is not source or destination._root is not destination:
         return None
-    return onnx.Step(problem, round_for_source(weights, problem.src_format), bias, source._storage,
-                     destination._storage, destination._c, isinstance(destination, MPSTemporaryImage))
+    return onnx.Step(problem, weights, bias, source._storage, destination._storage, destination._c,
+                     isinstance(destination, MPSTemporaryImage))
 
 
 class _LabelledWork:
@@ -365,7 +364,8 @@ class _GradientWork(_LabelledWork):
     __slots__ = ("planned", "job", "weights", "device", "storages", "label")
 
     def __init__(self, planned: Planned, job: GradientJob, kernel):
-        self.planned, self.job, self.weights, self.device = planned, job, kernel._params()[0], kernel._device
+        self.planned, self.job, self.device = planned, job, kernel._device
+        self.weights = kernel._params()[0].array()
         self.storages = (job.gradient._ensure_storage(), job.source._ensure_storage(),
                          None if job.destination is None else job.destination._ensure_storage())
         self.label = _label(kernel, f"gradient on {planned.backend.name}")

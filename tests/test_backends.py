@@ -2,11 +2,16 @@
 tests. Each runs the torch backend against the reference on the exact failing geometry."""
 from __future__ import annotations
 
+import weakref
+
+import numpy as np
 import pytest
 
-from mpsconv import MPSCNNFullyConnected, MPSCNNNeuronType, MPSImageEdgeMode, MPSOffset, MPSRectNoClip
-from mpsconv import MPSImageFeatureChannelFormat as FMT
+from helpers import DEVICE, QUEUE, blank, conv, image, run, values
+from mpsconv import MPSCNNFullyConnected, MPSCNNNeuronType, MPSDataType, MPSImageEdgeMode, MPSOffset, MPSRectNoClip
+from mpsconv import MPSImageFeatureChannelFormat as FMT, load, save
 from test_properties import build, check_against_reference
+from tolerances import assert_close
 
 
 def problem(**changes):
@@ -39,3 +44,35 @@ def test_pytorch_layout_regressions(name, path, request):
     cls = MPSCNNFullyConnected if name == "pointwise_ambiguous_output" else None
     kernel, src, prior = build(p, cls) if cls else build(p)
     check_against_reference(p, kernel, src, prior, "torch")
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_kernel_keeps_only_onednns_copy_of_its_weights(onednn_everywhere, groups, tmp_path):
+    """Once oneDNN holds a kernel's weights in its blocked layout, the kernel drops its own float32
+    array (a network's weights take one copy's memory, not two). Every reader still gets the same
+    values, read back from oneDNN's copy: another geometry, the reference backend, an exported state,
+    an archive, and a reload from that state."""
+    rng = np.random.default_rng(11)
+    w = rng.uniform(-1, 1, 16 * 3 * 3 * (8 // groups)).astype(np.float32)
+    k = conv(3, 3, 8, 16, weights=w, bias=rng.uniform(-1, 1, 16).astype(np.float32), groups=groups,
+             kernel_type=MPSDataType.float32)
+    effective = k._loaded.weights.copy()
+    array = weakref.ref(k._loaded.kept._array)
+    src = image(rng.uniform(-1, 1, (2, 9, 7, 8)))
+    fast = values(run(k, src, blank(7, 9, 16, images=2), backend="torch"))
+    assert array() is None, "the kernel still holds its float32 weights beside oneDNN's copy"
+    np.testing.assert_array_equal(k._loaded.weights, effective)
+    assert_close(fast, values(run(k, src, blank(7, 9, 16, images=2), backend="reference")), "float32")
+    other = image(rng.uniform(-1, 1, (1, 5, 11, 8)))  # another geometry: reordered from oneDNN's copy
+    assert_close(values(run(k, other, blank(11, 5, 16), backend="torch")),
+                 values(run(k, other, blank(11, 5, 16), backend="reference")), "float32")
+
+    state = k.exportWeightsAndBiases(QUEUE.makeCommandBuffer())
+    np.testing.assert_array_equal(np.frombuffer(state.weights.contents().tobytes(), np.float32),
+                                  effective.reshape(-1))
+    save(k, tmp_path / "k.mpsconv")
+    np.testing.assert_array_equal(load(tmp_path / "k.mpsconv", device=DEVICE)._loaded.weights, effective)
+    cb = QUEUE.makeCommandBuffer()
+    k.reloadWeightsAndBiases(cb, state=state)
+    cb.commit()
+    np.testing.assert_array_equal(values(run(k, src, blank(7, 9, 16, images=2), backend="torch")), fast)

@@ -72,7 +72,7 @@ def test_the_tuner_times_weights_of_the_kernels_precision(monkeypatch, kernel_ty
     class Fake:
         name = "fake"
         plan = staticmethod(lambda problem, device, variant: variant)
-        prepare = staticmethod(lambda weights, bias, prelu, device: seen.append(weights))
+        prepare = staticmethod(lambda weights, bias, prelu, device: seen.append(weights.array()))
         bind = staticmethod(lambda plan, src, dst: plan)
         run = staticmethod(lambda bound, prepared: None)
         variants = staticmethod(lambda problem: ["a", "b"])

@@ -1,7 +1,8 @@
 """Backends: functions of a ``ConvProblem`` and tensors. ``choose`` / ``select`` are the dispatch points.
 
 A backend has ``name``, ``supports(problem, device) -> bool``, ``prepare(weights, bias, prelu,
-device)`` (converts a kernel's effective parameters once into its layout), ``plan(problem, device)``
+device)`` (converts a kernel's effective parameters once into its layout; ``weights`` is a
+``KeptWeights``, a ``BinaryParams`` or None), ``plan(problem, device)``
 (whatever it can work out once per problem), ``bind(plan, src, dst)`` (whatever it can work out
 once per encode: views of the source and destination storage), ``run(bound, prepared)`` (at
 commit: reads the source storage, writes the destination storage), ``scratch_bytes(problem)``

@@ -39,6 +39,7 @@ import torch
 from ..core.activations import MPSCNNNeuronType
 from ..core.formats import MPSImageFeatureChannelFormat as F
 from ..core.geometry import ConvProblem, EdgeMode
+from ..core.weights import KeptWeights, round_for_source
 
 #: The largest value any layer may be able to produce for a replay to go through ONNX Runtime: far
 #: below float32's 3.4e38, so that sums rounded in any order stay finite.
@@ -64,11 +65,11 @@ def _bound(src: float, gain: float, bias: float, ceiling, slope: float) -> tuple
 
 class Step(NamedTuple):
     """What one recorded encode did, as the engine needs it: the problem, the kernel's effective
-    float32 weights ``[O, kH, kW, I/G]`` and bias, the source and destination storages (NHWC, whole
+    float32 weights ``[O, kH, kW, I/G]`` (read when a graph is built) and bias, the source and destination storages (NHWC, whole
     images), and whether the destination is temporary (unreadable after the command buffer)."""
 
     problem: ConvProblem
-    weights: np.ndarray
+    weights: KeptWeights
     bias: np.ndarray | None
     src: torch.Tensor
     dst: torch.Tensor
@@ -256,7 +257,8 @@ class _Graph:
         p, src, dst = step.problem, step.src, step.dst
         self.storages[id(dst)] = dst
         x = self.read(src)
-        w = np.ascontiguousarray(step.weights.transpose(0, 3, 1, 2), np.float32)  # OHWI -> OIHW
+        ohwi = round_for_source(step.weights.array(), p.src_format)
+        w = np.ascontiguousarray(ohwi.transpose(0, 3, 1, 2), np.float32)  # OHWI -> OIHW
         lanes = src.shape[3]
         if p.groups == 1 and p.src_channel0 == 0 and lanes - p.in_channels < 4:
             # All the image's channels, not its padding lanes (an RGB image's 3 of 4): zero weights for
@@ -292,7 +294,7 @@ class _Graph:
                     y = self.node("Min", [y, bound])
         if id(dst) not in self.parts:  # a new value of dst begins: its bound is this value's
             self.planned.pop(id(dst), None)
-        gain = float(np.abs(step.weights).reshape(p.out_channels, -1).sum(axis=1).max())
+        gain = float(np.abs(ohwi).reshape(p.out_channels, -1).sum(axis=1).max())
         self.gains.append([id(src), id(dst), gain, float(np.abs(bias).max(initial=0.0)), ceiling, slope, None])
         planned = _bound(self.planned[id(src)], *self.gains[-1][2:6])[1]
         self.planned[id(dst)] = max(self.planned.get(id(dst), 0.0), planned)

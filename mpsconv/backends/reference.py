@@ -22,7 +22,7 @@ class Prepared:
         self.binary = weights if isinstance(weights, BinaryParams) else None
         if self.binary is not None:
             weights = None
-        self.weights = None if weights is None else np.asarray(weights, np.float64)  # [O, kH, kW, Ig]
+        self.weights = None if weights is None else np.asarray(weights.array(), np.float64)  # [O, kH, kW, Ig]
         self.bias = None if bias is None else np.asarray(bias, np.float64)
         self.prelu = None if prelu is None else np.asarray(prelu, np.float64)
 

@@ -8,14 +8,17 @@ conversion write straight into the destination's channel slice and clip region, 
 ReLU. Everything that depends only on the problem is worked out once, in ``Plan``.
 
 On the CPU, when PyTorch's oneDNN operators are there, weights are reordered once into oneDNN's
-blocked layout per geometry (``mkldnn_reorder_conv2d_weight``) and the convolution runs through
+blocked layout per geometry (``mkldnn._reorder_convolution_weight``) and the convolution runs through
 ``mkldnn._convolution_pointwise``: the same oneDNN kernels as
 ``conv2d``, bit for bit, without reordering the weights on every call (what inductor does for
-frozen CPU models). Elsewhere ``torch.nn.functional.conv2d`` runs.
+frozen CPU models). The kernel then keeps that copy of its weights alone (``Prepared.packed``).
+Elsewhere ``torch.nn.functional.conv2d`` runs.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
 import threading
 
@@ -68,8 +71,51 @@ def onednn_usable() -> bool:
 
 
 def _reorder(weights, padding, stride, dilation, groups, input_shape):
-    return torch._C._nn.mkldnn_reorder_conv2d_weight(weights.contiguous().to_mkldnn(), list(padding), list(stride),
-                                                      list(dilation), groups, list(input_shape))
+    # from the dense (channels-last) weights directly: ``to_mkldnn`` first would hold two more copies
+    # of the layer's weights at once
+    return torch.ops.mkldnn._reorder_convolution_weight(weights, list(padding), list(stride), list(dilation), groups,
+                                                        list(input_shape))
+
+
+#: Dropping float32 weights of at least this size gives the freed pages back to the system at once.
+TRIM_MIN_BYTES = 1 << 20
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def _give_back_freed_memory() -> None:
+    """Return freed heap pages to the system (glibc's ``malloc_trim``; nothing elsewhere). The weights
+    a kernel drops once oneDNN holds its copy (``Prepared.packed``) are a large block in the middle of
+    the heap, which ``free`` keeps resident: the process would keep two copies' worth of memory.
+    About 0.1 ms a call."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _oihw(ohwi: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``[O][kH][kW][I]`` weights as the OIHW tensor ``conv2d`` takes, channels-last (OHWI is its
+    memory order): on the CPU a view of ``ohwi``, without a copy."""
+    t = torch.from_numpy(np.ascontiguousarray(ohwi, dtype=np.float32)).to(device)
+    o, h, w, i = t.shape
+    if i == 1 or h * w == 1:
+        # The permuted view's strides would read as both layouts, and PyTorch 2.13's CPU conv2d then
+        # gives wrong results for batches of 2 or more. Here OHWI's memory order is OIHW's, so the
+        # canonical contiguous view holds the same bytes, without a copy.
+        return t.view(o, i, h, w)
+    return t.permute(0, 3, 1, 2)
+
+
+def _ohwi_of_packed(packed: torch.Tensor) -> np.ndarray:
+    """The float32 ``[O][kH][kW][I]`` weights back from oneDNN's reordered copy (exact: a reorder
+    moves values)."""
+    return packed.to_dense().permute(0, 2, 3, 1).contiguous().numpy()
 
 
 class Prepared:
@@ -81,22 +127,23 @@ class Prepared:
         if isinstance(weights, BinaryParams):
             self.binary = _BinaryTensors(weights, dev)
             weights = None
-        self.weights = None
-        if weights is not None:  # OHWI -> OIHW view, channels-last (OHWI is its memory order)
-            ohwi = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(dev)
-            o, h, w_, i = ohwi.shape
-            if i == 1 or h * w_ == 1:
-                # The permuted view's strides would read as both layouts, and PyTorch 2.13's CPU conv2d
-                # then gives wrong results for batches of 2 or more. Here OHWI's memory order is
-                # OIHW's, so the canonical contiguous view holds the same bytes, without a copy.
-                self.weights = ohwi.view(o, i, h, w_)
-            else:
-                self.weights = ohwi.permute(0, 3, 1, 2)
+        self.device = dev
+        self._kept = weights  # KeptWeights or None
+        # On CUDA the device copy is made now; on the CPU the tensor views the kept array, made on
+        # first use, and goes once oneDNN holds the weights (``packed``)
+        self._weights = None if weights is None or dev.type != "cuda" else _oihw(weights.array(), dev)
         self.bias = None if bias is None or not np.any(bias) else torch.from_numpy(
             np.asarray(bias, np.float32)).to(dev)
         self.prelu = None if prelu is None else torch.from_numpy(np.asarray(prelu, np.float32)).to(dev).view(-1, 1, 1)
         self._packed: dict = {}
         self._operands: dict = {}
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        """The weights ``[O][I/G][kH][kW]``, float32, as ``conv2d`` takes them (channels-last)."""
+        if self._weights is None and self._kept is not None:
+            self._weights = _oihw(self._kept.array(), self.device)
+        return self._weights
 
     def operand(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The weights in a 16-bit ``dtype`` for cuDNN, or None where that type would round them."""
@@ -115,12 +162,19 @@ class Prepared:
         return self._transposed
 
     def packed(self, plan: "Plan"):
-        """The weights in oneDNN's layout for ``plan``'s geometry, reordered once."""
+        """The weights in oneDNN's layout for ``plan``'s geometry, reordered once. Then the kernel keeps
+        that copy alone (``KeptWeights.rely_on``): ``to_dense`` gives the float32 values back exactly,
+        and a network's weights take the memory of one copy, not two."""
         weights = self._packed.get(plan.pack_key)
         if weights is None:
             if len(self._packed) >= 16:
                 self._packed.clear()
             weights = self._packed[plan.pack_key] = _reorder(self.weights, *plan.pack_key)
+            dropped = 4 * math.prod(self._kept.shape)
+            self._kept.rely_on(functools.partial(_ohwi_of_packed, weights))
+            self._weights = None
+            if dropped >= TRIM_MIN_BYTES:
+                _give_back_freed_memory()
         return weights
 
 

@@ -248,7 +248,7 @@ class Prepared:
 
     def __init__(self, weights, bias, prelu, device):
         dev = device.torch_device
-        self.weights = np.ascontiguousarray(weights, dtype=np.float32)  # [O, kH, kW, Ig]
+        self.weights = np.ascontiguousarray(weights.array(), dtype=np.float32)  # [O, kH, kW, Ig]
         self.bias = None if bias is None else torch.from_numpy(np.asarray(bias, np.float32)).to(dev)
         self.prelu = None if prelu is None else torch.from_numpy(np.asarray(prelu, np.float32)).to(dev)
         self.device = dev

@@ -21,7 +21,7 @@ import torch
 from .. import config
 from .._version import __version__
 from ..core.formats import STORAGE_DTYPE, MPSImageFeatureChannelFormat as F
-from ..core.weights import round_for_source, round_weights
+from ..core.weights import KeptWeights, round_for_source, round_weights
 from ..types import MPSDataType
 
 #: The version changes when a variant name comes to mean another kernel (v2: the depthwise tiles), so
@@ -155,8 +155,8 @@ def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds
     # Weights of the precision the kernel gives them (MPS's float16 unless they stay float32; bfloat16
     # for bfloat16 sources), so that every candidate takes the product type it will take for real.
     kernel_type = MPSDataType.float32 if p.float32_weights else MPSDataType.float16
-    weights = round_for_source(round_weights(rng.standard_normal((p.out_channels, *p.kernel, ig)) * 0.1,
-                                             kernel_type), p.src_format)
+    weights = KeptWeights(round_for_source(round_weights(rng.standard_normal((p.out_channels, *p.kernel, ig)) * 0.1,
+                                                         kernel_type), p.src_format))
     bias = rng.standard_normal(p.out_channels).astype(np.float32)
     prelu = rng.random(p.out_channels).astype(np.float32)
     src, dst = _scratch(problem, device, g)

@@ -3,11 +3,12 @@
 A kernel's weights are converted once, when it is made (``datasource.load_weights``): dequantized,
 batch norm folded, then rounded to the kernel weight type by ``round_weights`` (float16
 round-to-nearest-even unless the data source asks for float32). Kernels reading bfloat16 images
-multiply weights rounded to bfloat16 (``round_for_source``).
+multiply weights rounded to bfloat16 (``round_for_source``). ``KeptWeights`` holds them once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,6 +33,34 @@ def round_for_source(weights: np.ndarray, src_format: int) -> np.ndarray:
     if src_format != MPSImageFeatureChannelFormat.bfloat16:
         return weights
     return torch.from_numpy(np.asarray(weights, np.float32)).to(torch.bfloat16).float().numpy()
+
+
+class KeptWeights:
+    """A kernel's effective float32 weights ``[O, kH, kW, I/G]``, held once.
+
+    The array is what the kernel computes with until a backend keeps an exact copy in a layout of its
+    own (oneDNN's blocked one, on the CPU) and says so (``rely_on``): the array is then dropped, and
+    ``array()`` reads the values back from that copy, for the few readers that need them as an array
+    (archives, exported states, other backends, the replay engine's graph). A kernel's weights then
+    take the memory of one copy, as MPS's do once the kernel is made. The values never change: new
+    weights (a reload) are a new ``KeptWeights``."""
+
+    __slots__ = ("_array", "_restore", "shape")
+
+    def __init__(self, array: np.ndarray):
+        self._array = array
+        self._restore: Callable[[], np.ndarray] | None = None
+        self.shape: tuple = array.shape
+
+    def array(self) -> np.ndarray:
+        """The weights as a float32 array (read back, new, when only a backend's copy is kept)."""
+        array = self._array
+        return array if array is not None else self._restore()
+
+    def rely_on(self, restore: Callable[[], np.ndarray]) -> None:
+        """Drop the array: ``restore()`` gives the same values, exactly, from a copy a backend keeps."""
+        self._restore = restore  # before the array goes: a reader on another thread finds one of them
+        self._array = None
 
 
 @dataclass(frozen=True)
