@@ -246,6 +246,22 @@ def test_in_place_path_matches_reference(in_place_everywhere, p):
     check_against_reference(p, kernel, src, prior, "torch")
 
 
+@pytest.mark.parametrize("size", [8, 9])
+def test_a_stride_2_same_layer_runs_in_place(in_place_everywhere, size):
+    """A stride-2 3x3 layer with MPS's default padding reads one more row and column of zeros before
+    the image than after it on an even size; the convolution's symmetric padding then makes no extra
+    output, so nothing is cropped and the layer runs in place (MobileNetV2's stride-2 layers)."""
+    rng = np.random.default_rng(size)
+    d = descriptor(3, 3, 4, 8, strideInPixelsX=2, strideInPixelsY=2)
+    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(T.reLUN, a=0.0, b=0.5)
+    kernel = MPSCNNConvolution(device=DEVICE, weights=ArraySource(d, rng.uniform(-1, 1, 8 * 9 * 4),
+                                                                  rng.uniform(-1, 1, 8)))
+    src, out = image(rng.uniform(-1, 1, (2, size, size, 4))), (size + 1) // 2
+    got = run(kernel, src, blank(out, out, 8, images=2), "torch")
+    assert in_place_everywhere[0] == 1
+    assert_close(values(got), values(run(kernel, src, blank(out, out, 8, images=2), "reference")), "float32")
+
+
 def test_in_place_path_runs_and_leaves_what_it_does_not_write(in_place_everywhere):
     """Into a channel slice of a destination holding other values: only the slice changes, to the
     reference's values."""

@@ -353,9 +353,11 @@ def framework_window(p: ConvProblem) -> FrameworkWindow:
     if implicit and shift[0] % p.stride[0] == 0 and shift[1] % p.stride[1] == 0:
         # Pad both sides by the larger pad and drop the outputs the extra rows/columns make: output j
         # of the padded convolution starts at j·s - P, ours at v·s - before, so j = v + (P - before)/s;
-        # the last one needed exists because after <= P.
+        # the last one needed exists because after <= P. The padded convolution has
+        # grid + (P - before + P - after) // s outputs: a larger pad after the window than before makes
+        # no extra output when it is less than a stride (a stride-2 "same" layer of an even size).
         padding = symmetric
-        if shift != (0, 0) or symmetric[0] > bottom or symmetric[1] > right:
+        if shift != (0, 0) or symmetric[0] - bottom >= p.stride[0] or symmetric[1] - right >= p.stride[1]:
             out_crop = (shift[0] // p.stride[0], shift[1] // p.stride[1])
     elif any((left, right, top, bottom)):
         pad = (left, right, top, bottom)
