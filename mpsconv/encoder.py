@@ -17,8 +17,9 @@ validated, it
 What the engine asks of a kernel: ``_device``, ``_resolve(source, destination, owner)`` (the
 ``ConvProblem``, or an error naming what is wrong), ``_settings()`` (every property an encode reads
 that can change without dropping the caches), ``_params()`` (weights as ``KeptWeights`` or a binary
-kernel's ``BinaryParams``, bias and PReLU coefficients as float32 arrays), ``label`` and ``_options``. Of an image: its ``_layout``, its storage
-(``_storage``, ``_ensure_storage()``) and ``_consume_read()``.
+kernel's ``BinaryParams``, bias and PReLU coefficients as float32 arrays), ``label`` and
+``_options``. Of an image: its ``_layout``, its storage (``_storage``, ``_ensure_storage()``) and
+``_consume_read()``.
 """
 from __future__ import annotations
 

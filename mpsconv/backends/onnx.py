@@ -65,8 +65,9 @@ def _bound(src: float, gain: float, bias: float, ceiling, slope: float) -> tuple
 
 class Step(NamedTuple):
     """What one recorded encode did, as the engine needs it: the problem, the kernel's effective
-    float32 weights ``[O, kH, kW, I/G]`` (read when a graph is built) and bias, the source and destination storages (NHWC, whole
-    images), and whether the destination is temporary (unreadable after the command buffer)."""
+    float32 weights ``[O, kH, kW, I/G]`` (read when a graph is built) and bias, the source and
+    destination storages (NHWC, whole images), and whether the destination is temporary (unreadable
+    after the command buffer)."""
 
     problem: ConvProblem
     weights: KeptWeights
