@@ -85,7 +85,7 @@ TRIM_MIN_BYTES = 1 << 20
 def _malloc_trim():
     try:
         return ctypes.CDLL(None).malloc_trim  # glibc
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # another C library, or no process handle (Windows)
         return None
 
 
