@@ -141,9 +141,10 @@ class Prepared:
     @property
     def weights(self) -> torch.Tensor | None:
         """The weights ``[O][I/G][kH][kW]``, float32, as ``conv2d`` takes them (channels-last)."""
-        if self._weights is None and self._kept is not None:
-            self._weights = _oihw(self._kept.array(), self.device)
-        return self._weights
+        weights = self._weights  # read once: ``packed`` on another queue's thread may drop it meanwhile
+        if weights is None and self._kept is not None:
+            weights = self._weights = _oihw(self._kept.array(), self.device)
+        return weights
 
     def operand(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The weights in a 16-bit ``dtype`` for cuDNN, or None where that type would round them."""
