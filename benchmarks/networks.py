@@ -56,17 +56,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def onnx_session(net, weights, threads: int):
-    """An ONNX Runtime session running ``net`` (NCHW float32), or None where onnx / onnxruntime are
-    missing."""
-    try:
-        import onnx
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError:
-        return None
+def onnx_layers(net, weights) -> tuple[list, list]:
+    """``(nodes, initializers)`` of ``net``'s layers as an ONNX graph (Conv + Clip/Relu, NCHW float32):
+    they read the value named ``net.input`` and leave each image as the value of its name."""
+    from onnx import helper, numpy_helper
+
     nodes, inits, concat = [], [], {}
-    size = shapes(net)
     inits += [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
               numpy_helper.from_array(np.array(6.0, np.float32), "six")]
     for layer in net.layers:
@@ -85,6 +80,20 @@ def onnx_session(net, weights, threads: int):
     for name, parts in concat.items():
         nodes.append(helper.make_node("Concat", [p for _, p in sorted(parts)], [name], axis=1) if len(parts) > 1
                      else helper.make_node("Identity", [parts[0][1]], [name]))
+    return nodes, inits
+
+
+def onnx_session(net, weights, threads: int):
+    """An ONNX Runtime session running ``net`` (NCHW float32), or None where onnx / onnxruntime are
+    missing."""
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    nodes, inits = onnx_layers(net, weights)
+    size = shapes(net)
     h, w, c = net.size
     oh, ow, oc = size[net.output]
     graph = helper.make_graph(nodes, net.name, [helper.make_tensor_value_info(net.input, TensorProto.FLOAT,

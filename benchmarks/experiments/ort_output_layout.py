@@ -28,39 +28,18 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from mpsconv.networks import mobilenet_v2, random_weights, resnet50_body, inception, shapes
+from benchmarks.networks import onnx_layers
+from mpsconv.networks import NETWORKS, random_weights, shapes
 
-NETWORKS = {"mobilenetv2": mobilenet_v2, "resnet50": resnet50_body, "inception": inception}
 VARIANTS = ("nhwc4", "nhwc3", "output")
 
 
 def session(net, weights, batch: int, variant: str, threads: int):
     """The session and the NHWC arrays bound to its input and outputs."""
     size = shapes(net)
-    nodes, inits, parts = [], [], {}
-    inits += [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
-              numpy_helper.from_array(np.array(6.0, np.float32), "six")]
-    nodes.append(helper.make_node("Transpose", ["in"], [net.input], perm=[0, 3, 1, 2]))
-    for layer in net.layers:
-        w, b = weights[layer.name]
-        inits += [numpy_helper.from_array(w, f"{layer.name}_w"), numpy_helper.from_array(b, f"{layer.name}_b")]
-        conv = f"{layer.name}_conv"
-        pad = layer.k // 2
-        nodes.append(helper.make_node("Conv", [layer.src, f"{layer.name}_w", f"{layer.name}_b"], [conv],
-                                      kernel_shape=[layer.k] * 2, strides=[layer.stride] * 2, pads=[pad] * 4,
-                                      group=layer.groups))
-        out = f"{layer.name}_out"
-        if layer.neuron == "relu6":
-            nodes.append(helper.make_node("Clip", [conv, "zero", "six"], [out]))
-        elif layer.neuron == "relu":
-            nodes.append(helper.make_node("Relu", [conv], [out]))
-        else:
-            out = conv
-        parts.setdefault(layer.dst, []).append((layer.offset, out))
-    for name, written in parts.items():
-        nodes.append(helper.make_node("Concat", [p for _, p in sorted(written)], [name], axis=1)
-                     if len(written) > 1 else helper.make_node("Identity", [written[0][1]], [name]))
-    images = [net.output] if variant == "output" else list(parts)
+    nodes, inits = onnx_layers(net, weights)
+    nodes.insert(0, helper.make_node("Transpose", ["in"], [net.input], perm=[0, 3, 1, 2]))
+    images = [net.output] if variant == "output" else [name for name in size if name != net.input]
     outputs, arrays = [], {}
     for name in images:
         h, w, c = size[name]
