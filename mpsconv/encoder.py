@@ -33,7 +33,7 @@ from . import backends, config, memory
 from .backends import onnx
 from .core.formats import MPSImageFeatureChannelFormat as F, storage_to_values, values_to_storage
 from .core.geometry import ConvProblem
-from .core.weights import KeptWeights, round_for_source
+from .core.weights import KeptWeights
 from .image import MPSTemporaryImage, unallocated
 from .types import MPSKernelOptions
 
@@ -153,13 +153,13 @@ class Encoder:
 
     def prepared(self, kernel, backend, src_format: int):
         """The kernel's parameters in ``backend``'s layout for sources of ``src_format``: bfloat16
-        sources take bfloat16-rounded weights (``round_for_source``)."""
+        sources take bfloat16-rounded weights (``KeptWeights.for_source``)."""
         key = (backend.name, src_format == F.bfloat16)
         prepared = self.prepared_weights.get(key)
         if prepared is None:
             weights, *rest = kernel._params()
-            if isinstance(weights, KeptWeights) and src_format == F.bfloat16:
-                weights = KeptWeights(round_for_source(weights.array(), src_format))
+            if isinstance(weights, KeptWeights):
+                weights = weights.for_source(src_format)
             prepared = self.prepared_weights[key] = backend.prepare(weights, *rest, kernel._device)
         return prepared
 

@@ -57,6 +57,13 @@ class KeptWeights:
         array = self._array
         return array if array is not None else self._restore()
 
+    def for_source(self, src_format: int) -> "KeptWeights":
+        """The weights a kernel multiplies for sources of ``src_format`` (``round_for_source``): these
+        same ones, or for bfloat16 sources a new holder of the rounded values."""
+        if src_format != MPSImageFeatureChannelFormat.bfloat16:
+            return self  # not round_for_source(self.array()): that would read a dropped array back
+        return KeptWeights(round_for_source(self.array(), src_format))
+
     def rely_on(self, restore: Callable[[], np.ndarray]) -> None:
         """Drop the array: ``restore()`` gives the same values, exactly, from a copy a backend keeps."""
         self._restore = restore  # before the array goes: a reader on another thread finds one of them
