@@ -80,6 +80,18 @@ class LibraryMade:
         return self
 
 
+class Uncopyable:
+    """Objects that stand for work and its order (a queue, a command buffer): Metal has no copy of
+    them, and a copy would split one queue's order in two. ``copy``, ``deepcopy`` and pickle are
+    refused at once, saying what to make instead (``_copy_instead``)."""
+
+    __slots__ = ()
+    _copy_instead = "make a new one"
+
+    def __reduce_ex__(self, protocol):
+        raise MPSTypeError(f"{type(self).__name__} cannot be copied or pickled; {self._copy_instead}")
+
+
 def decode_with(coder, obj, device=None, *, with_device: bool = True) -> None:
     """``init?(coder:[device:])``: ``coder`` (an ``NSKeyedUnarchiver``, or any object with
     ``decodeInto``) fills ``obj``."""

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ._api import LibraryMade, Strict, keywords
+from ._api import LibraryMade, Strict, Uncopyable, keywords
 from . import config
 from .backends import onnx as graph_engine
 from .core.formats import FORMAT_OF_PIXEL, STORAGE_DTYPE, MTLPixelFormat
@@ -203,6 +203,17 @@ class MTLDevice(LibraryMade, Strict):
 
     def __repr__(self) -> str:
         return f"<MTLDevice {self._torch_device} {self._name!r}>"
+
+    # One object per device: a copied or unpickled kernel, image or buffer must name the same
+    # device as the original, or its encodes would be refused as coming from another device.
+    def __copy__(self) -> "MTLDevice":
+        return self
+
+    def __deepcopy__(self, memo) -> "MTLDevice":
+        return self
+
+    def __reduce__(self):
+        return device_from_name, (str(self._torch_device),)
 
 
 _devices_lock = threading.Lock()
@@ -479,10 +490,11 @@ def make_texture(device: MTLDevice, descriptor: MTLTextureDescriptor) -> MTLText
 
 
 @keywords()  # unavailable: queues come from device.makeCommandQueue()
-class MTLCommandQueue(LibraryMade, Strict):
+class MTLCommandQueue(LibraryMade, Uncopyable, Strict):
     """``MTLCommandQueue``: runs its command buffers in the order they were enqueued."""
 
     label = None
+    _copy_instead = "make another queue with device.makeCommandQueue()"
 
     _made_by = "queues come from device.makeCommandQueue()"
 
@@ -625,8 +637,10 @@ _handler_thread = threading.local()
 _NOT_ENQUEUED, _ENQUEUED, _COMMITTED, _SCHEDULED, _COMPLETED, _ERROR = MTLCommandBufferStatus
 
 
-class MTLCommandBuffer(Strict):
+class MTLCommandBuffer(Uncopyable, Strict):
     """``MTLCommandBuffer``: encodes record work here; ``commit`` runs it."""
+
+    _copy_instead = "make another with queue.makeCommandBuffer(), or replay this one (make_replayable)"
 
     # What most command buffers never change: class-level values until they do (a command buffer a
     # layer is made per encode in many programs, so its construction is part of the host path).

@@ -292,3 +292,22 @@ def test_ki_checklist_38_batch_destination_aliases_any_source():
     with pytest.raises(MPSValueError, match=r"destinationImage\[1\] shares storage with a source image of the batch"):
         identity().encodeBatch(commandBuffer=cb, sourceImages=[a, b], destinationImages=[blank(2, 2, 4), a])
     assert cb._work == []
+
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("kind", ["neuron", "convolution"])
+def test_a_kernel_copied_by_python_runs_like_the_original(kind, how):
+    """``copy.deepcopy`` and pickle (a model's layers copied whole, or sent to a worker) keep the one
+    device object, so the copy's encodes are accepted and compute what the original's do, also
+    after the original has run (its weights then live in the backend's reordered copy)."""
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(15)
+    kernel = identity() if kind == "neuron" else conv(weights=rng.uniform(-1, 1, 9), bias=[0.25])
+    src = image(rng.uniform(-2, 2, (5, 5, 1)))
+    expected = values(run(kernel, src, blank(5, 5, 1)))
+    other = copy.deepcopy(kernel) if how == "deepcopy" else pickle.loads(pickle.dumps(kernel))
+    assert other is not kernel and other.device is kernel.device is DEVICE
+    np.testing.assert_array_equal(values(run(other, src, blank(5, 5, 1))), expected)

@@ -259,3 +259,24 @@ def test_auto_threads_leave_the_cores_other_processes_use(monkeypatch):
     assert _threads_during_work() == 1
     monkeypatch.setattr(config._LOAD, "busy_cores", lambda: 0)
     assert _threads_during_work() == min(torch.get_num_threads(), config._LOAD.cores)
+
+
+@pytest.mark.parametrize("make", [lambda: DEVICE.makeCommandQueue(), lambda: QUEUE.makeCommandBuffer()],
+                         ids=["queue", "command buffer"])
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle"])
+def test_queues_and_command_buffers_refuse_copies_by_name(make, how):
+    import copy
+    import pickle
+
+    obj = make()
+    f = {"copy": copy.copy, "deepcopy": copy.deepcopy, "pickle": pickle.dumps}[how]
+    with pytest.raises(MPSTypeError, match=f"{type(obj).__name__} cannot be copied or pickled; make another"):
+        f(obj)
+
+
+def test_a_device_copied_or_unpickled_is_the_same_object():
+    import copy
+    import pickle
+
+    for device in MTLCopyAllDevices():
+        assert copy.copy(device) is copy.deepcopy(device) is pickle.loads(pickle.dumps(device)) is device
