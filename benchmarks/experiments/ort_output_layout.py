@@ -10,6 +10,8 @@ activation per layer, the same graph the engine builds for them), sessions that 
 
 - ``nhwc4``: every image, through the 4-D transpose (the engine today),
 - ``nhwc3``: every image, through the reshape and the 3-D transpose,
+- ``nchw+copy``: every image NCHW (ONNX Runtime's parallel reorder, no transpose), then moved into
+  its NHWC array by PyTorch's parallel strided copy, outside the session (two passes),
 - ``output``: only the network's output, NHWC (the floor: what temporary images leave),
 
 bound to preallocated NHWC arrays as the engine binds them, in alternating rounds. On 2 cores
@@ -26,24 +28,30 @@ import time
 
 import numpy as np
 import onnxruntime as ort
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks.networks import onnx_layers
 from mpsconv.networks import NETWORKS, random_weights, shapes
 
-VARIANTS = ("nhwc4", "nhwc3", "output")
+VARIANTS = ("nhwc4", "nhwc3", "nchw+copy", "output")
 
 
 def session(net, weights, batch: int, variant: str, threads: int):
-    """The session and the NHWC arrays bound to its input and outputs."""
+    """A function that runs the session once, and the NHWC arrays it fills."""
     size = shapes(net)
     nodes, inits = onnx_layers(net, weights)
     nodes.insert(0, helper.make_node("Transpose", ["in"], [net.input], perm=[0, 3, 1, 2]))
     images = [net.output] if variant == "output" else [name for name in size if name != net.input]
-    outputs, arrays = [], {}
+    outputs, arrays, bound = [], {}, {}
     for name in images:
         h, w, c = size[name]
         arrays[name] = np.zeros((batch, h, w, c), np.float32)
+        if variant == "nchw+copy":
+            bound[name] = np.zeros((batch, c, h, w), np.float32)
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(bound[name].shape)))
+            continue
+        bound[f"{name}_nhwc"] = arrays[name]
         if variant == "nhwc3":
             inits.append(numpy_helper.from_array(np.array([batch, c, h * w], np.int64), f"{name}_rows"))
             nodes.append(helper.make_node("Reshape", [name, f"{name}_rows"], [f"{name}_r"]))
@@ -65,10 +73,17 @@ def session(net, weights, batch: int, variant: str, threads: int):
     x = np.random.default_rng(0).standard_normal((batch, h, w, c)).astype(np.float32)
     binding = s.io_binding()
     binding.bind_input("in", "cpu", 0, np.float32, list(x.shape), x.ctypes.data)
-    for name, array in arrays.items():
+    for name, array in bound.items():
         shape = [batch, array.shape[1] * array.shape[2], array.shape[3]] if variant == "nhwc3" else list(array.shape)
-        binding.bind_output(f"{name}_nhwc", "cpu", 0, np.float32, shape, array.ctypes.data)
-    return s, binding, x, arrays
+        binding.bind_output(name, "cpu", 0, np.float32, shape, array.ctypes.data)
+    moves = [(torch.from_numpy(arrays[name]), torch.from_numpy(bound[name]).permute(0, 2, 3, 1))
+             for name in arrays if variant == "nchw+copy"]
+
+    def run(keep=(x, bound)):  # the session reads and writes these arrays through bare pointers
+        s.run_with_iobinding(binding)
+        for nhwc, nchw in moves:
+            nhwc.copy_(nchw)
+    return run, arrays
 
 
 def main():
@@ -78,22 +93,24 @@ def main():
     ap.add_argument("--networks", default="mobilenetv2,resnet50,inception")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"ONNX Runtime {ort.__version__}, {args.threads} threads of {os.cpu_count()} cores")
     for name in args.networks.split(","):
         net = NETWORKS[name]()
         weights = random_weights(net)
         for batch in (int(b) for b in args.batches.split(",")):
             runs = {v: session(net, weights, batch, v, args.threads) for v in VARIANTS}
-            for s, binding, _, _ in runs.values():
-                s.run_with_iobinding(binding)
-            four, three = runs["nhwc4"][3], runs["nhwc3"][3]
-            assert all(np.array_equal(four[k], three[k]) for k in four), "the two layouts disagree"
+            for run, _ in runs.values():
+                run()
+            four = runs["nhwc4"][1]
+            for v in ("nhwc3", "nchw+copy"):
+                assert all(np.array_equal(four[k], runs[v][1][k]) for k in four), f"nhwc4 and {v} disagree"
             times = {v: [] for v in VARIANTS}
             for _ in range(args.rounds):
-                for v, (s, binding, _, _) in runs.items():
+                for v, (run, _) in runs.items():
                     end, count, start = time.perf_counter() + 0.3, 0, time.perf_counter()
                     while time.perf_counter() < end:
-                        s.run_with_iobinding(binding)
+                        run()
                         count += 1
                     times[v].append((time.perf_counter() - start) / count * 1e3)
             cells = "  ".join(f"{v} {statistics.median(t):8.3f} ms ({min(t):.3f}..{max(t):.3f})" for v, t in times.items())
