@@ -326,3 +326,29 @@ def test_the_engine_is_kept_where_its_session_is_faster(monkeypatch, session_s, 
     session.other = recorded
     replay = engine.Replay(session, None, [], [], [], [recorded])
     assert replay.faster() is want
+
+
+def test_a_large_source_after_small_ones_still_takes_the_recorded_work():
+    """The bound's answer for small sources is remembered (``Replay.within``); a larger source is
+    judged again: 1e35 through rows summing to about 10 could pass LIMIT."""
+    rng = np.random.default_rng(8)
+    k = _conv(rng, 4, 4, 3)
+    src, dst = image(rng.uniform(-1, 1, (5, 5, 4))), blank(5, 5, 4)
+    cb = QUEUE.makeCommandBuffer()
+    k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+    cb.make_replayable()
+    cb.commit()
+    cb.waitUntilCompleted()
+    for scale, session in ((1.0, True), (0.5, True), (1e35, False), (2.0, True)):
+        src.torch().copy_(torch.from_numpy(rng.uniform(-1, 1, (1, 5, 5, 4)) * scale))
+        dst.torch().fill_(float("nan"))
+        cb.replay().waitUntilCompleted()
+        assert isinstance(cb._cpu_replay, engine.Replay) and not cb._cpu_replay.checks
+        assert cb._cpu_replay.ran_session is session, scale
+        with use_backend("reference"):
+            want = blank(5, 5, 4)
+            once = QUEUE.makeCommandBuffer()
+            k.encode(commandBuffer=once, sourceImage=src, destinationImage=want)
+            once.commit()
+            once.waitUntilCompleted()
+        assert_close(values(dst) / scale, values(want) / scale, "float32", f"source scaled by {scale:g}")

@@ -114,6 +114,7 @@ class Replay:
         self.session, self.binding, self.inputs, self.gains = session, binding, inputs, gains
         self.checks, self.fallback = checks, fallback
         self.ran_session = False
+        self._passed = None  # without checkpoints: the input bounds ``bounded`` last let through
 
     def faster(self, rounds: int = 3, runs: int = 4) -> bool:
         """Whether the session beats the recorded work on this machine: ``runs`` back to back, as
@@ -170,12 +171,27 @@ class Replay:
                 bounds[dst] = measured
         return True
 
+    def within(self, bounds: dict) -> bool:
+        """``bounded``, remembered where it depends on the inputs alone (no checkpoints): every bound
+        grows with the inputs' magnitudes, so inputs no larger than ones that passed pass too. Replays
+        of one network see inputs of one range, and the walk over the layers costs about 0.7 µs a
+        layer (MobileNetV2: 2% of its session at batch 1)."""
+        passed = self._passed
+        if passed is not None and all(bounds[key] <= top for key, top in passed.items()):
+            return True
+        inputs = dict(bounds)
+        if not self.bounded(bounds):
+            return False
+        if not self.checks:
+            self._passed = inputs
+        return True
+
     def __call__(self) -> None:
         bounds = self.finite_inputs()
         self.ran_session = bounds is not None
         if self.ran_session:
             self.session.run_with_iobinding(self.binding)
-            if self.bounded(bounds):
+            if self.within(bounds):
                 return
             self.ran_session = False  # overflow was possible: every image is written again
         self._recorded()
