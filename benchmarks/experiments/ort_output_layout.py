@@ -16,8 +16,11 @@ activation per layer, the same graph the engine builds for them), sessions that 
 
 bound to preallocated NHWC arrays as the engine binds them, in alternating rounds. On 2 cores
 (2026-12-07, 2-core AMD EPYC) ``nhwc3`` loses everywhere: MobileNetV2 at batch 1 5.34 ms against
-3.31 (``output`` 1.74), ResNet-50 at batch 8 144 against 134 (116); the question is the many-core
-host, where ``nhwc4``'s one-thread pass weighs more.
+3.31 (``output`` 1.74), ResNet-50 at batch 8 144 against 134 (116), and ``nchw+copy`` loses by more
+(MobileNetV2 at batch 1: 13.6 against 5.4 in a later, slower run). With 16 threads (the 16-core Xeon
+host of the GPU machines) ``nhwc3`` wins on ResNet-50 (12.7 against 15.0 ms at batch 1, 76 against
+110 at batch 8) and loses on MobileNetV2 (9.0 against 7.7, 52 against 50); ``nchw+copy`` loses
+everywhere (``benchmarks/RESULTS.md``).
 
     python -m benchmarks.experiments.ort_output_layout [--threads N] [--batches 1,8] [--networks ...]
 """
