@@ -117,6 +117,12 @@ class Encoder:
         self.bound: dict = {}
         self.repeats: dict = {}
 
+    def __reduce__(self):
+        # A copied kernel (copy.deepcopy, pickle) starts with an empty engine, as ``copy()`` does: the
+        # caches hold backend objects (oneDNN's weights, CUDA graphs, compiled launches) that cannot
+        # be copied, and resolving again gives the same.
+        return Encoder, ()
+
     # -- planning
     def plan(self, kernel, source, destination, owner: str) -> Planned:
         """The ``Planned`` encode of ``source`` into ``destination``, resolved once per configuration.

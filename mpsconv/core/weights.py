@@ -64,6 +64,10 @@ class KeptWeights:
             return self  # not round_for_source(self.array()): that would read a dropped array back
         return KeptWeights(round_for_source(self.array(), src_format))
 
+    def __reduce__(self):
+        # a copy (copy.deepcopy, pickle) holds the values, not the backend's copy they may live in
+        return KeptWeights, (self.array(),)
+
     def rely_on(self, restore: Callable[[], np.ndarray]) -> None:
         """Drop the array: ``restore()`` gives the same values, exactly, from a copy a backend keeps."""
         self._restore = restore  # before the array goes: a reader on another thread finds one of them
