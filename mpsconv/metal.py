@@ -621,6 +621,13 @@ class CommandBufferTemporary:
     def _release(self) -> None:
         raise NotImplementedError
 
+    def __reduce_ex__(self, protocol):
+        # a temporary lives and dies with one command buffer, which is not copied either
+        if self._temporary:
+            raise MPSTypeError(f"{type(self).__name__} cannot be copied or pickled: a {self._kind} lives inside "
+                               "one command buffer; read what it holds (or write it into an MPSImage) instead")
+        return super().__reduce_ex__(protocol)
+
     def _check_temporary(self, cb: "MTLCommandBuffer", owner: str, role: str) -> None:
         if cb is not self._cb:
             raise MPSCommandBufferError(f"{owner}: {role} is a {self._kind} of another command buffer")

@@ -274,6 +274,25 @@ def test_queues_and_command_buffers_refuse_copies_by_name(make, how):
         f(obj)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_temporaries_refuse_copies_by_name_and_states_that_are_not_temporary_copy(how):
+    import copy
+    import pickle
+
+    f = copy.deepcopy if how == "deepcopy" else (lambda o: pickle.loads(pickle.dumps(o)))
+    src, cb = image(np.random.default_rng(4).uniform(-1, 1, (4, 4, 1))), QUEUE.makeCommandBuffer()
+    kernel = conv(weights=np.random.default_rng(5).uniform(-1, 1, 9))
+    temporaries = [MPSTemporaryImage(commandBuffer=cb, imageDescriptor=MPSImageDescriptor(
+                       channelFormat=MPSImageFeatureChannelFormat.float32, width=4, height=4, featureChannels=1)),
+                   kernel.temporaryResultState(commandBuffer=cb, sourceImage=src)]
+    for obj in temporaries:
+        with pytest.raises(MPSTypeError, match=f"{type(obj).__name__} cannot be copied or pickled: a temporary"):
+            f(obj)
+    state = kernel.resultState(sourceImage=src)
+    assert f(state).isTemporary is False
+    cb.commit()
+
+
 def test_a_device_copied_or_unpickled_is_the_same_object():
     import copy
     import pickle
