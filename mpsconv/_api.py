@@ -81,14 +81,20 @@ class LibraryMade:
 
 
 class Uncopyable:
-    """Objects that stand for work and its order (a queue, a command buffer): Metal has no copy of
-    them, and a copy would split one queue's order in two. ``copy``, ``deepcopy`` and pickle are
-    refused at once, saying what to make instead (``_copy_instead``)."""
+    """Objects that stand for work and its order (a queue, a command buffer, what lives inside one):
+    Metal has no copy of them, and a copy would split one queue's order in two. ``copy``, ``deepcopy``
+    and pickle are refused at once, saying what to do instead (``_copy_instead``), unless
+    ``_copyable()`` says this one may be copied."""
 
     __slots__ = ()
     _copy_instead = "make a new one"
 
+    def _copyable(self) -> bool:
+        return False
+
     def __reduce_ex__(self, protocol):
+        if self._copyable():
+            return super().__reduce_ex__(protocol)
         raise MPSTypeError(f"{type(self).__name__} cannot be copied or pickled; {self._copy_instead}")
 
 

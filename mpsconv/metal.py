@@ -204,15 +204,9 @@ class MTLDevice(LibraryMade, Strict):
     def __repr__(self) -> str:
         return f"<MTLDevice {self._torch_device} {self._name!r}>"
 
-    # One object per device: a copied or unpickled kernel, image or buffer must name the same
-    # device as the original, or its encodes would be refused as coming from another device.
-    def __copy__(self) -> "MTLDevice":
-        return self
-
-    def __deepcopy__(self, memo) -> "MTLDevice":
-        return self
-
     def __reduce__(self):
+        # One object per device: a copied, deep-copied or unpickled kernel, image or buffer must name
+        # the same device as the original, or its encodes would be refused as coming from another one.
         return device_from_name, (str(self._torch_device),)
 
 
@@ -600,7 +594,7 @@ class MTLComputeCommandEncoder(LibraryMade, Strict):
             self._cb._open_encoder = None
 
 
-class CommandBufferTemporary:
+class CommandBufferTemporary(Uncopyable):
     """Read-count rules of temporary images and states : bound to
     one command buffer (``_cb``), read ``readCount`` times, released at 0, frozen after that.
     Subclasses say what they are (``_kind``) and what releasing frees (``_release``)."""
@@ -621,12 +615,13 @@ class CommandBufferTemporary:
     def _release(self) -> None:
         raise NotImplementedError
 
-    def __reduce_ex__(self, protocol):
-        # a temporary lives and dies with one command buffer, which is not copied either
-        if self._temporary:
-            raise MPSTypeError(f"{type(self).__name__} cannot be copied or pickled: a {self._kind} lives inside "
-                               "one command buffer; read what it holds (or write it into an MPSImage) instead")
-        return super().__reduce_ex__(protocol)
+    def _copyable(self) -> bool:
+        return not self._temporary  # a temporary lives and dies with one command buffer, not copied either
+
+    @property
+    def _copy_instead(self) -> str:
+        return (f"a {self._kind} lives inside one command buffer: read what it holds (or write it into an "
+                "MPSImage) instead")
 
     def _check_temporary(self, cb: "MTLCommandBuffer", owner: str, role: str) -> None:
         if cb is not self._cb:

@@ -294,7 +294,6 @@ def test_ki_checklist_38_batch_destination_aliases_any_source():
     assert cb._work == []
 
 
-
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("kind", ["neuron", "convolution"])
 def test_a_kernel_copied_by_python_runs_like_the_original(kind, how):

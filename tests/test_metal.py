@@ -286,7 +286,7 @@ def test_temporaries_refuse_copies_by_name_and_states_that_are_not_temporary_cop
                        channelFormat=MPSImageFeatureChannelFormat.float32, width=4, height=4, featureChannels=1)),
                    kernel.temporaryResultState(commandBuffer=cb, sourceImage=src)]
     for obj in temporaries:
-        with pytest.raises(MPSTypeError, match=f"{type(obj).__name__} cannot be copied or pickled: a temporary"):
+        with pytest.raises(MPSTypeError, match=f"{type(obj).__name__} cannot be copied or pickled; a temporary"):
             f(obj)
     state = kernel.resultState(sourceImage=src)
     assert f(state).isTemporary is False
