@@ -150,8 +150,8 @@ def launched_kernels():
 
     names, launch = [], triton._launch
 
-    def spy(bound, prepared):
-        launches = launch(bound, prepared)
+    def spy(bound, prepared, scratch):
+        launches = launch(bound, prepared, scratch)
         names.extend(f"{launcher.kernel.fn.__name__} g{bound.plan.config.merge}" for launcher, _, _ in launches)
         return launches
 

@@ -12,6 +12,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
 from helpers import FMT, DEVICE, QUEUE, ArraySource, blank, descriptor, image, launched_kernels, run, values
@@ -329,6 +330,15 @@ def test_split_k_replays_on_new_contents():
             src.writeBytes(new[i], dataLayout=0, imageIndex=i)
         cb.replay().waitUntilCompleted()
     assert_close(values(dst), values(run(k, image(new), blank(6, 7, 12, 2), "reference")), "float32", "replay")
+
+
+def test_scratch_holes_are_the_views_of_the_runs_scratch():
+    """A repeated launch fills in each run's scratch where the first run's views of it were: every view
+    of the scratch (at its byte offset), nothing else, even a tensor of the same shape and type."""
+    scratch, other = torch.empty(3, 4, 8), torch.empty(3, 4, 8)
+    args = (other, scratch.view(3, 32)[1], 7, scratch, scratch[2, 1:], 2.5)
+    assert triton_backend._holes(args, scratch) == ((1, 128), (3, 0), (4, 288))
+    assert triton_backend._holes(args, None) == ()
 
 
 def test_config_names_round_trip():

@@ -322,7 +322,7 @@ class Bound:
     """A plan bound to one source and one destination storage. The launch (kernel, grid, arguments)
     is assembled on the first run and reused: Python work per launch is what small layers pay."""
 
-    __slots__ = ("plan", "x", "y", "launch", "workspace", "packed")
+    __slots__ = ("plan", "x", "y", "launch", "scratch")
 
     def __init__(self, plan: Plan, src: torch.Tensor, dst: torch.Tensor):
         p = plan.problem
@@ -331,36 +331,63 @@ class Bound:
         (y0, x0) = p.out_origin
         self.y = dst[p.dst_image0:, y0:, x0:, p.dst_channel0:]
         self.launch = None
-        self.workspace = self.packed = None
-        # one per bound encode: fixed addresses, so graphs can capture them
+        # ``(shape, dtype)`` of the run's scratch: split-K partial sums or the packed image (never both)
+        self.scratch = None
         if plan.config.split > 1:
-            self.workspace = torch.empty(plan.config.split, plan.rows, p.out_channels, dtype=torch.float32,
-                                         device=src.device)
-        if plan.packing is not None:
-            self.packed = torch.empty(plan.packing.shape(p.n_images), dtype=src.dtype, device=src.device)
+            self.scratch = (plan.config.split, plan.rows, p.out_channels), torch.float32
+        elif plan.packing is not None:
+            self.scratch = plan.packing.shape(p.n_images), src.dtype
+
+    def new_scratch(self) -> torch.Tensor | None:
+        """This run's scratch, from the caching allocator on the current stream. Drawn per run, not kept
+        per bound: the layers of a command buffer then share the same memory, as eager's temporaries
+        do (the allocator hands a block back to the same stream only after the work queued before),
+        and a replay's capture takes it from the graph's pool."""
+        if self.scratch is None:
+            return None
+        shape, dtype = self.scratch
+        return torch.empty(shape, dtype=dtype, device=self.x.device)
 
 
 def run(bound: Bound, prepared: Prepared) -> None:
+    scratch = bound.new_scratch()
     launch = bound.launch
-    if launch is None or launch[0] is not prepared:
-        launches = _launch(bound, prepared)
-        for launcher, grid, args in launches:  # the first run compiles and specialises
+    if launch is not None and launch[0] is prepared:
+        base = 0 if scratch is None else scratch.data_ptr()
+        for launcher, grid, args, holes in launch[1]:
+            if holes:  # this run's scratch in the places the first run's was
+                args = list(args)
+                for i, offset in holes:
+                    args[i] = base + offset
             launcher(grid, args)
-        # later runs give the tensors' addresses: the bound and ``prepared`` keep the tensors alive
-        bound.launch = (prepared, [(launcher, grid, launcher.addresses(args)) for launcher, grid, args in launches])
         return
-    for launcher, grid, args in launch[1]:
+    launches = _launch(bound, prepared, scratch)
+    for launcher, grid, args in launches:  # the first run compiles and specialises
         launcher(grid, args)
+    if scratch is None or all(launcher.compiled is not None for launcher, _, _ in launches):
+        # later runs give the tensors' addresses: the bound and ``prepared`` keep the tensors alive,
+        # and the scratch's (new each run) go in at the ``holes``
+        bound.launch = (prepared, [(launcher, grid, launcher.addresses(args), _holes(args, scratch))
+                                   for launcher, grid, args in launches])
 
 
-def _launch(bound: Bound, prepared: Prepared) -> list:
-    """The launches of one run: ``[(Launcher, grid, args)]``."""
+def _holes(args: tuple, scratch: torch.Tensor | None) -> tuple:
+    """``((index, byte offset), ...)``: where ``args`` hold views of ``scratch``."""
+    if scratch is None:
+        return ()
+    storage, base = scratch.untyped_storage().data_ptr(), scratch.data_ptr()
+    return tuple((i, a.data_ptr() - base) for i, a in enumerate(args)
+                 if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == storage)
+
+
+def _launch(bound: Bound, prepared: Prepared, scratch: torch.Tensor | None) -> list:
+    """The launches of one run with its ``scratch`` (``Bound.new_scratch``): ``[(Launcher, grid, args)]``."""
     plan, x, y = bound.plan, bound.x, bound.y
     p, cfg, k = plan.problem, plan.config, kernels()
     rows, gh, gw, he, we = plan.sizes
     bias = prepared.bias if prepared.bias is not None else y  # never read when HAS_BIAS is False
     prelu = prepared.prelu if prepared.prelu is not None else y
-    wide = needs_wide_index(x, y, bound.workspace, bound.packed)
+    wide = needs_wide_index(x, y, scratch)
     kwargs = dict(plan.constexprs, HAS_BIAS=prepared.bias is not None, WIDE=wide, num_warps=cfg.warps)
     if plan.direct:
         # Products are float32 here. Weights exact in the source's 16-bit type are stored in it: half the
@@ -392,7 +419,8 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     dot = torch.float32 if interpreting() else operand
     precision = "tf32" if (p.reduced_precision and operand == torch.float32) else "ieee"
     if cfg.pack:
-        return _packed_launches(bound, w, bias, prelu, dict(kwargs, DOT_DTYPE=tl_dtype(dot), PRECISION=precision))
+        kwargs.update(DOT_DTYPE=tl_dtype(dot), PRECISION=precision)
+        return _packed_launches(bound, scratch, w, bias, prelu, kwargs)
     if cfg.tma:
         matrices = _matrices(p, x, y, w, wide)
         if matrices is not None and _fits(cfg, x.element_size(), w.element_size(), y.element_size()):
@@ -407,7 +435,7 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
         cfg = INTERPRET_CONFIG[False] if interpreting() else TMA_FALLBACK
         kwargs["num_warps"] = cfg.warps
     grid = (-(-rows // cfg.bm), -(-og // cfg.bn), groups * cfg.split)
-    out = y if cfg.split == 1 else bound.workspace
+    out = y if cfg.split == 1 else scratch
     args = (x, w, bias, prelu, out, rows, gh, gw, he, we, cg, og, *x.stride(), *y.stride(), *p.out_size,
             p.out_channels, *plan.scalars)
     conv = (Launcher(k.conv2d_nhwc, dict(kwargs, DOT_DTYPE=tl_dtype(dot), PRECISION=precision, BM=cfg.bm,
@@ -416,16 +444,16 @@ def _launch(bound: Bound, prepared: Prepared) -> list:
     if cfg.split == 1:
         return [conv]
     n = p.n_images
-    z = bound.workspace.view(cfg.split, n, gh, gw, p.out_channels)[0]  # part 0; the others szp further
+    z = scratch.view(cfg.split, n, gh, gw, p.out_channels)[0]  # part 0; the others szp further
     launcher, tile = epilogue_launcher(p, prepared.bias is not None, wide, cfg.split)
     return [conv, (launcher, *epilogue_args(tile, z, y, p, prepared.bias, prepared.prelu, plan.neuron_args,
                                              rows * p.out_channels))]
 
 
-def _packed_launches(bound: Bound, w: torch.Tensor, bias, prelu, kwargs: dict) -> list:
-    """The space-to-depth launch into ``bound.packed``, then the implicit GEMM over it (``Packing``) with
+def _packed_launches(bound: Bound, packed: torch.Tensor, w: torch.Tensor, bias, prelu, kwargs: dict) -> list:
+    """The space-to-depth launch into ``packed`` (the run's scratch), then the implicit GEMM over it (``Packing``) with
     the packed weights ``w``; ``kwargs`` are ``_launch``'s constexprs."""
-    plan, x, y, packed, k = bound.plan, bound.x, bound.y, bound.packed, kernels()
+    plan, x, y, k = bound.plan, bound.x, bound.y, kernels()
     p, cfg, pk = plan.problem, plan.config, plan.packing
     rows, gh, gw, he, we = plan.sizes
     (ty, tx, sy, sx, *_), neuron = plan.scalars, plan.neuron_args[1:]
@@ -586,8 +614,8 @@ class _Triton:
 
     @staticmethod
     def scratch_bytes(problem: ConvProblem) -> int:
-        """The most any candidate for ``problem`` allocates per bound encode: the split-K workspace of
-        the widest split (float32), or the packed image (the source's type)."""
+        """The most any candidate for ``problem`` allocates for a run: the split-K workspace of the
+        widest split (float32), or the packed image (the source's type)."""
         offered = configs(problem)
         split = max(c.split for c in offered)
         most = 0 if split == 1 else 4 * split * problem.out_elements()

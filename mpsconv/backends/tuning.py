@@ -146,8 +146,8 @@ def measure(problem, device, options, reps: int = 10, finalists: int = 3, rounds
     ``finalists`` fastest by streamed time are timed again in alternating ``rounds`` (so that drift
     hits them alike); the winner is the lowest median streamed time, and among finalists within 10%
     of it (host time makes ties on small problems) the lowest graphed time. Options that fail to
-    compile or run are skipped. Only the finalists so far keep their bound encodes, so that tuning
-    holds the scratch (split-K workspaces, packed images) of a few options, not of all."""
+    compile or run are skipped. Only the finalists so far keep their bound encodes and prepared
+    weights, so that tuning holds the memory of a few options, not of all."""
     p = problem
     rng = np.random.default_rng(0)
     g = torch.Generator().manual_seed(0)
