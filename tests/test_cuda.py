@@ -262,6 +262,44 @@ def test_every_tma_configuration_on_gpu(config, monkeypatch):
     check_replay(k, img(gpu(), rng.uniform(-1, 1, (2, 23, 29, 112)), fmt), prior, fmt, rng, f"{config} replayed")
 
 
+@pytest.mark.parametrize("config", [str(triton_backend.SPLIT_CONFIGS[1]), str(triton_backend.PACKED_TILES[0])])
+def test_scratch_is_drawn_for_each_run_and_given_back(config, monkeypatch):
+    """Split-K partial sums and packed images come from the caching allocator for each run, not kept
+    per bound encode: a repeated encode (the direct launch path, scratch addresses filled in per run)
+    stays right when its scratch lands elsewhere, and leaves no memory behind after a run."""
+    cfg = triton_backend.Config.parse(config)
+    for name in ("FLAT_TILES", "GEMM_CONFIGS", "SPLIT_CONFIGS", "PACKED_TILES"):
+        monkeypatch.setattr(triton_backend, name, [])
+    monkeypatch.setattr(triton_backend, "SPLIT_CONFIGS" if cfg.split > 1 else "PACKED_TILES", [cfg])
+    monkeypatch.setattr(triton_backend, "SPLIT_BELOW_TILES", 10 ** 9)
+    rng = np.random.default_rng(16)
+    cin, kw = (200, 3) if cfg.split > 1 else (3, 7)
+    d = descriptor(kw, kw, cin, 96)
+    d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
+    k = MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (96, kw, kw, cin)) / kw,
+                                                            rng.uniform(-1, 1, 96)))
+    src, dst = img(gpu(), np.zeros((2, 29, 31, cin)), FMT.float16), img(gpu(), np.zeros((2, 29, 31, 96)), FMT.float16)
+    with use_backend("triton"):
+        scratch = triton_backend.BACKEND.scratch_bytes(k._encoder.plan(k, src, dst, "test").problem)
+    assert scratch > 0
+    for i in range(4):
+        values = rng.uniform(-1, 1, (2, 29, 31, cin))
+        src.torch().copy_(torch.from_numpy(values).cuda().half())
+        blocker = torch.empty(scratch, dtype=torch.int8, device="cuda") if i % 2 else None  # memory taken meanwhile
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with launched_kernels() as names:
+            got = run(k, src, dst, "triton")
+        torch.cuda.synchronize()
+        if i:  # the first run also prepares the weights, which stay
+            assert names == [] and torch.cuda.memory_allocated() == held, i  # the direct launch path, nothing kept
+            assert torch.cuda.max_memory_allocated() >= held + scratch, i  # it was drawn for the run
+        del blocker
+        want = run(k, img(gpu(), values, FMT.float16), img(gpu(), np.zeros((2, 29, 31, 96)), FMT.float16), "reference")
+        assert_close(got, want, "float16", f"{config} run {i}")
+
+
 def check_replay(k, src, prior, fmt, rng, context):
     """``k`` encoded from ``src`` into a destination holding ``prior``, captured as a CUDA graph, then
     replayed after ``src``'s contents change: the destination holds the result for the new contents."""
@@ -445,7 +483,8 @@ def test_repeated_encodes_take_the_direct_launch_path_and_stay_right(backend):
 
 def test_small_torch_runs_replay_a_graph_that_follows_contents_and_weights():
     """The torch backend captures a small bound run as a CUDA graph on its second run and replays it
-    after: new source contents and reloaded weights give the new results."""
+    after: new source contents and reloaded weights give the new results. Each stream (command
+    queue) replays a graph of its own, whose memory it shares with its other graphs."""
     from mpsconv.backends import torch as torch_backend
 
     rng = np.random.default_rng(10)
@@ -456,7 +495,10 @@ def test_small_torch_runs_replay_a_graph_that_follows_contents_and_weights():
     k.destinationFeatureChannelOffset = 4
     dst = img(gpu(), np.zeros((2, 10, 12, 40)), FMT.float16)
     src = img(gpu(), np.zeros((2, 10, 12, 16)), FMT.float16)
-    for i in range(5):
+    queues = [gpu().makeCommandQueue(), gpu().makeCommandQueue()]
+    # runs 0-4 and 6 on one queue, 5 on another: its stream gets a graph (and a memory pool) of its own
+    graphs = [0, 1, 1, 0, 1, 2, 2]
+    for i, queue in enumerate([queues[0]] * 5 + [queues[1], queues[0]]):
         if i == 3:  # new weights drop the cached encodes: this run goes without a graph, the next captures
             source.w = rng.uniform(-1, 1, (32, 3, 3, 16))
             k.reloadWeightsAndBiasesFromDataSource()
@@ -464,10 +506,15 @@ def test_small_torch_runs_replay_a_graph_that_follows_contents_and_weights():
         src.torch().copy_(torch.from_numpy(values).cuda().half())
         want = run(k, img(gpu(), values, FMT.float16), img(gpu(), np.zeros((2, 10, 12, 40)), FMT.float16),
                    "reference")
-        assert_close(run(k, src, dst, "torch"), want, "float16", f"run {i}")
+        cb = queue.makeCommandBuffer()
+        with use_backend("torch"):
+            k.encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+        cb.commit()
+        cb.waitUntilCompleted()
+        assert_close(dst.numpy().astype(np.float64), want, "float16", f"run {i}")
         bound = next(b for _, b, *_ in k._encoder.bound.values()
                      if isinstance(b, torch_backend.Bound) and b.x.data_ptr() == src.torch().data_ptr())
-        assert bound.plan.graphed and (bool(bound.graph) == (i in (1, 2, 4))), i
+        assert bound.plan.graphed and sum(map(bool, bound.graphs.values())) == graphs[i], i
 
 
 @pytest.mark.parametrize("formats", [(FMT.float16, FMT.float32), (FMT.bfloat16, FMT.float16),

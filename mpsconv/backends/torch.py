@@ -311,13 +311,14 @@ def _nchw_view(storage: torch.Tensor, images: slice, rows: slice, cols: slice, c
 class Bound:
     """A plan bound to one source and one destination storage: the views, made once per encode."""
 
-    __slots__ = ("plan", "x", "ready", "out", "epilogue", "ran", "graph")
+    __slots__ = ("plan", "x", "ready", "out", "epilogue", "ran", "graphs")
 
     def __init__(self, plan: Plan, src: torch.Tensor, dst: torch.Tensor):
         self.plan = plan
         self.epilogue = None  # CUDA: the Triton epilogue's launch (launch.Epilogue)
         self.ran = None  # the weights (Prepared) of the last run made without a graph
-        self.graph = None  # plan.graphed: (prepared, torch.cuda.CUDAGraph of a run), or False if capture failed
+        # plan.graphed: raw stream -> (prepared, torch.cuda.CUDAGraph of a run), or False if capture failed
+        self.graphs = {}
         if plan.zeros_shape is not None:  # the window misses the source: the input is zeros, always
             self.x, self.ready = _canonical(src.new_zeros(plan.zeros_shape, dtype=torch.float32)), True
         else:  # backwards kernels crop after expanding the source, at run time
@@ -415,13 +416,15 @@ def _run_fused(bound: Bound, prepared: Prepared) -> None:
     (``plan.graphed``) run it as a CUDA graph from their second run with the same weights on: one
     launch instead of cuDNN's host work and the epilogue's. Inside someone else's capture
     (``make_replayable``, the autotuner) the kernels themselves run, to be captured there."""
-    graph = bound.graph
-    if bound.plan.graphed and graph is not False and not torch.cuda.is_current_stream_capturing():
-        if graph is None or graph[0] is not prepared:
-            graph = bound.graph = _captured(bound, prepared) if bound.ran is prepared else None
-        if graph:
-            graph[1].replay()
-            return
+    if bound.plan.graphed and not torch.cuda.is_current_stream_capturing():
+        stream = torch._C._cuda_getCurrentRawStream(bound.out.device.index)
+        graph = bound.graphs.get(stream)
+        if graph is not False:
+            if (graph is None or graph[0] is not prepared) and bound.ran is prepared:
+                graph = bound.graphs[stream] = _captured(bound, prepared, stream)
+            if graph and graph[0] is prepared:
+                graph[1].replay()
+                return
     _fused_once(bound, prepared)
     bound.ran = prepared
 
@@ -429,21 +432,29 @@ def _run_fused(bound: Bound, prepared: Prepared) -> None:
 _CAPTURE = threading.local()  # .on while _captured records a run: cuDNN then takes its cached algorithm
 _CAPTURE_LOCK = threading.Lock()
 _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_POOLS: dict[tuple[int, int], tuple] = {}  # (device, stream replayed on) -> the graphs' shared memory pool
 
 
-def _captured(bound: Bound, prepared: Prepared):
+def _captured(bound: Bound, prepared: Prepared, stream: int):
     """``(prepared, graph)``: one run of ``bound`` captured as a CUDA graph on a side stream (captures
-    record, they do not run), or False where the run cannot be captured."""
+    record, they do not run), to be replayed on ``stream`` (a raw CUDA stream), or False where the
+    run cannot be captured. The graphs replayed on one stream share one memory pool: each one's
+    memory (cuDNN's output and workspace) is free again when its run ends, and runs on one stream
+    never overlap, so a network's layers hold the memory of the largest, not of all. Runs on
+    different streams can overlap, so each stream has its pool and its own graph of a bound."""
     device = bound.out.device
     with _CAPTURE_LOCK:  # one capture at a time on the side stream
-        stream = _CAPTURE_STREAMS.get(device.index)
-        if stream is None:
-            stream = _CAPTURE_STREAMS[device.index] = torch.cuda.Stream(device)
+        side = _CAPTURE_STREAMS.get(device.index)
+        if side is None:
+            side = _CAPTURE_STREAMS[device.index] = torch.cuda.Stream(device)
+        pool = _POOLS.get((device.index, stream))
+        if pool is None:
+            pool = _POOLS[device.index, stream] = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         _CAPTURE.on = True
         try:
-            with torch.cuda.stream(stream):
-                graph.capture_begin(capture_error_mode="thread_local")
+            with torch.cuda.stream(side):
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
                 try:
                     _fused_once(bound, prepared)
                 finally:
