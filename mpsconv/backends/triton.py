@@ -331,12 +331,13 @@ class Bound:
         (y0, x0) = p.out_origin
         self.y = dst[p.dst_image0:, y0:, x0:, p.dst_channel0:]
         self.launch = None
-        # ``(shape, dtype)`` of the run's scratch: split-K partial sums or the packed image (never both)
+        # ``(shape, dtype)`` of the run's scratch: the packed image, or split-K partial sums (packed
+        # launches take no split, as in ``_launch``)
         self.scratch = None
-        if plan.config.split > 1:
-            self.scratch = (plan.config.split, plan.rows, p.out_channels), torch.float32
-        elif plan.packing is not None:
+        if plan.packing is not None:
             self.scratch = plan.packing.shape(p.n_images), src.dtype
+        elif plan.config.split > 1:
+            self.scratch = (plan.config.split, plan.rows, p.out_channels), torch.float32
 
     def new_scratch(self) -> torch.Tensor | None:
         """This run's scratch, from the caching allocator on the current stream. Drawn per run, not kept
