@@ -311,6 +311,53 @@ def test_tma_scratch_allocator_leaves_a_callers_own_in_place():
     assert launch._scratch(64, 16, None).numel() == 64
 
 
+def test_repeated_launches_take_each_runs_scratch(monkeypatch):
+    """The direct launch path (compiled kernels given addresses: CUDA only, so imitated here) of a
+    split-K encode: from the second run on, every launch gets the new run's scratch address where the
+    first run had a view of its scratch (the partial sums, then the epilogue reading them), and the
+    first run's addresses everywhere else."""
+    from mpsconv import use_backend
+    from mpsconv.backends import launch as launch_module
+
+    calls, drawn = [], []
+    interpret = launch_module.Launcher.__call__
+
+    def call(self, grid, args):
+        if self.compiled is None:  # the interpreter runs it; later launches only record their arguments
+            interpret(self, grid, args)
+            self.compiled = True
+        calls.append((self, tuple(args)))
+
+    def new_scratch(bound, draw=triton_backend.Bound.new_scratch):
+        drawn.append(draw(bound))
+        return drawn[-1]
+
+    monkeypatch.setattr(launch_module.Launcher, "__call__", call)
+    monkeypatch.setattr(launch_module.Launcher, "addresses", lambda self, args: tuple(
+        a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args))
+    monkeypatch.setattr(triton_backend.Bound, "new_scratch", new_scratch)
+    monkeypatch.setattr(triton_backend, "INTERPRET_CHOICE", lambda p: INTERPRET_SPLIT)
+    rng = np.random.default_rng(17)
+    k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(descriptor(3, 3, 8, 12), rng.uniform(-1, 1, (12, 3, 3, 8)),
+                                                             rng.uniform(-1, 1, 12)))
+    src, dst = image(rng.uniform(-1, 1, (2, 7, 6, 8))), blank(6, 7, 12, 2)
+    with use_backend("triton"):
+        for _ in range(3):
+            run(k, src, dst)  # ``drawn`` keeps each run's scratch, so the next one lands elsewhere
+    first, *later = [calls[i:i + 2] for i in range(0, len(calls), 2)]
+    assert len(later) == 2 and len({t.data_ptr() for t in drawn}) == 3
+    for scratch, launches in zip(drawn[1:], later):
+        for (launcher, args), (same, before) in zip(launches, first):
+            assert launcher is same
+            holes = [i for i, a in enumerate(before)
+                     if isinstance(a, torch.Tensor) and a.data_ptr() == drawn[0].data_ptr()]
+            assert len(holes) == 1
+            for i, a in enumerate(args):
+                want = scratch.data_ptr() if i in holes else (
+                    before[i].data_ptr() if isinstance(before[i], torch.Tensor) else before[i])
+                assert a == want, i
+
+
 def test_split_k_replays_on_new_contents():
     """A replay of a split-K launch (the same workspace, parts and epilogue) on new source contents."""
     from mpsconv import use_backend
