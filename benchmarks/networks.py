@@ -221,7 +221,7 @@ def footprint(name: str, batch: int, dtype, who: str, device) -> int | None:
     made from the caller's float32 arrays (kernels or parameters, images, plans) and run twice, its
     peak above what was in use before, less one copy of the weights (in ``dtype``: eager's parameters,
     our data sources) and the images (those alive at once while it runs, as MPS temporary images
-    live; ours plain keeps them all). On CUDA the caching allocator's peak; on the
+    live; ours plain keeps them all; ours also its own input image). On CUDA the caching allocator's peak; on the
     CPU the resident set's high-water mark, reset through ``/proc/self/clear_refs`` (Linux; None
     elsewhere), so run it in a fresh process (``--footprint``): a process that has freed memory
     before reuses it without its resident set growing."""
@@ -232,10 +232,14 @@ def footprint(name: str, batch: int, dtype, who: str, device) -> int | None:
     x_nhwc = torch.from_numpy(rng.standard_normal((batch, *net.size)).astype(np.float32)).to(tdev, dtype)
     itemsize = x_nhwc.element_size()
     weight_bytes = sum(w.size + b.size for w, b in weights.values()) * itemsize
+    # Eager's input is the tensor made above; ours is an image of its own that the data is copied into
+    # (channels in lanes of four, as MPS stores them): one of our images, not memory beyond them.
+    size = shapes(net)
+    stored = batch * math.prod(size[net.input][:2]) * -(-size[net.input][2] // 4) * 4 * itemsize
     if who == "ours":
-        images = sum(batch * math.prod(shape) * itemsize for image, shape in shapes(net).items() if image != net.input)
+        images = stored + sum(batch * math.prod(shape) * itemsize for image, shape in size.items() if image != net.input)
     else:
-        images = live_images(net, batch, itemsize, {net.input})
+        images = live_images(net, batch, itemsize, {net.input}) + (stored if who == "ours_temporary" else 0)
     if tdev.type == "cuda":
         torch.cuda.synchronize(tdev)
         base = torch.cuda.memory_allocated(tdev)
