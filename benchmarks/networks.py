@@ -232,14 +232,7 @@ def footprint(name: str, batch: int, dtype, who: str, device) -> int | None:
     x_nhwc = torch.from_numpy(rng.standard_normal((batch, *net.size)).astype(np.float32)).to(tdev, dtype)
     itemsize = x_nhwc.element_size()
     weight_bytes = sum(w.size + b.size for w, b in weights.values()) * itemsize
-    # Eager's input is the tensor made above; ours is an image of its own that the data is copied into
-    # (channels in lanes of four, as MPS stores them): one of our images, not memory beyond them.
-    size = shapes(net)
-    stored = batch * math.prod(size[net.input][:2]) * -(-size[net.input][2] // 4) * 4 * itemsize
-    if who == "ours":
-        images = stored + sum(batch * math.prod(shape) * itemsize for image, shape in size.items() if image != net.input)
-    else:
-        images = live_images(net, batch, itemsize, {net.input}) + (stored if who == "ours_temporary" else 0)
+    images = image_bytes(net, batch, itemsize, who)
     if tdev.type == "cuda":
         torch.cuda.synchronize(tdev)
         base = torch.cuda.memory_allocated(tdev)
@@ -267,6 +260,19 @@ def footprint(name: str, batch: int, dtype, who: str, device) -> int | None:
     else:
         peak = _proc_status("VmHWM")
     return peak - base - weight_bytes - images
+
+
+def image_bytes(net, batch: int, itemsize: int, who: str) -> int:
+    """The bytes of images that ``footprint`` does not count against ``who``: eager's images alive at
+    once, less its input (the caller's tensor); ours plain, every image; ours with temporary images,
+    those alive at once and the input. Eager's input is the tensor made before the count, ours an
+    image of its own that the data is copied into (channels in lanes of four, as MPS stores them)."""
+    size = shapes(net)
+    h, w, c = size[net.input]
+    own_input = batch * h * w * -(-c // 4) * 4 * itemsize
+    if who == "ours":
+        return own_input + sum(batch * math.prod(shape) * itemsize for image, shape in size.items() if image != net.input)
+    return live_images(net, batch, itemsize, {net.input}) + (own_input if who == "ours_temporary" else 0)
 
 
 def _proc_status(key: str) -> int:

@@ -114,6 +114,28 @@ def test_bench_runs_whole_networks_against_eager(tmp_path):
     assert "inception_28" in out and "eager/best" in out
 
 
+def test_network_memory_counts_every_image_ours_allocates():
+    """`networks.py --memory` takes our images off our peak: exactly the storage our run allocates for
+    them, the input image (three channels in four lanes) included; with temporary images, the input
+    image on top of the images alive at once, which is all eager is given."""
+    import torch
+
+    from benchmarks.networks import image_bytes, live_images
+    from mpsconv import MTLCreateSystemDefaultDevice
+    from mpsconv.networks import NETWORKS, Ours, random_weights
+
+    net = NETWORKS["mobilenetv2"]()
+    ours = Ours(net, random_weights(net), 1, MTLCreateSystemDefaultDevice())
+    ours.load(torch.from_numpy(np.random.default_rng(3).standard_normal((1, *net.size)).astype(np.float32)))
+    ours()
+    allocated = sum(image.torch().untyped_storage().nbytes() for image in ours.images.values())
+    assert image_bytes(net, 1, 4, "ours") == allocated
+    own_input = ours.images[net.input].torch().untyped_storage().nbytes()
+    assert own_input == 224 * 224 * 4 * 4
+    assert image_bytes(net, 1, 4, "ours_temporary") == live_images(net, 1, 4, {net.input}) + own_input
+    assert image_bytes(net, 1, 4, "eager") == live_images(net, 1, 4, {net.input})
+
+
 def test_a_network_output_is_checked_against_eager_or_the_float32_network():
     """float32: within TOLERANCE of eager. bfloat16, where both round every layer: no further from
     the float32 network than 1.5x eager's own error (or TOLERANCE, whichever is larger)."""
