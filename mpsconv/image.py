@@ -621,14 +621,20 @@ def _as_range(value, owner: str) -> tuple[int, int]:
 
 class TemporaryHeap:
     """The memory of one command buffer's temporary images, as MPS's heap behind them: when an image
-    is released (its ``readCount`` reaches 0), its bytes serve the next temporary image of the same
-    command buffer that fits in them. The work runs in the order it was encoded, so the later image's
-    writes come after every read of the earlier one: a network's temporaries take the memory of the
-    images alive at once, not of all of them."""
+    is released (its ``readCount`` reaches 0), its bytes serve the later temporary images of the same
+    command buffer. The work runs in the order it was encoded, so a later image's writes come after
+    every read of the earlier one: a network's temporaries take about the memory of the images alive
+    at once, not of all of them. A later image takes the smallest released piece it fits in, and what
+    it leaves of that piece stays free; released neighbours join, so that two small images' bytes can
+    serve one larger one (MobileNetV2's images grow and shrink by six along its blocks)."""
+
+    #: Where a piece may start, in bytes: the caching allocator's own alignment, which vector and TMA
+    #: loads rely on.
+    ALIGN = 512
 
     def __init__(self):
-        self.free: list[torch.Tensor] = []  # released blocks, flat bytes
-        self.blocks: dict[int, torch.Tensor] = {}  # id(storage) -> the block it lies in
+        self.free: list[tuple[torch.Tensor, int, int]] = []  # released pieces: (block, start, bytes)
+        self.used: dict[int, tuple[torch.Tensor, int, int]] = {}  # id(storage) -> the piece it lies in
 
     @staticmethod
     def of(cb) -> "TemporaryHeap":
@@ -638,25 +644,36 @@ class TemporaryHeap:
         return heap
 
     def take(self, layout, device, cb) -> torch.Tensor:
-        """Storage for ``layout``: the smallest released block it fits in, else a new zeroed one."""
+        """Storage for ``layout``: the front of the smallest released piece it fits in, else a new
+        zeroed block."""
         dtype = STORAGE_DTYPE[layout.format]
-        need = layout.storage_bytes
-        fits = [i for i, block in enumerate(self.free) if block.numel() >= need and block.device == device.torch_device]
+        need = -(-layout.storage_bytes // self.ALIGN) * self.ALIGN
+        fits = [i for i, (block, _, size) in enumerate(self.free) if size >= need and block.device == device.torch_device]
         if fits:
-            block = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
-            storage = block[:need].view(dtype).view(layout.storage_shape)
+            block, start, size = self.free.pop(min(fits, key=lambda i: self.free[i][2]))
+            if size > need:
+                self.free.append((block, start + need, size - need))
+            storage = block[start:start + layout.storage_bytes].view(dtype).view(layout.storage_shape)
             if layout.channels < storage.shape[3]:  # the padding lanes read zero, as in a new image
                 cb._record(_ZeroLanes(storage[..., layout.channels:]))
         else:
-            block = torch.zeros(need, dtype=torch.uint8, device=device.torch_device)
-            storage = block.view(dtype).view(layout.storage_shape)
-        self.blocks[id(storage)] = block
+            block, start = torch.zeros(need, dtype=torch.uint8, device=device.torch_device), 0
+            storage = block[:layout.storage_bytes].view(dtype).view(layout.storage_shape)
+        self.used[id(storage)] = (block, start, need)
         return storage
 
     def give(self, storage: torch.Tensor) -> None:
-        block = self.blocks.pop(id(storage), None)
-        if block is not None:
-            self.free.append(block)
+        piece = self.used.pop(id(storage), None)
+        if piece is None:
+            return
+        block, start, size = piece
+        kept = []
+        for other in self.free:  # (by identity: tensors compare by value)
+            if other[0] is block and (other[1] + other[2] == start or start + size == other[1]):
+                start, size = min(start, other[1]), size + other[2]
+            else:
+                kept.append(other)
+        self.free = kept + [(block, start, size)]
 
 
 class _ZeroLanes:

@@ -278,6 +278,26 @@ def test_temporary_images_reuse_the_memory_of_released_ones():
     np.testing.assert_array_equal(got, want)
 
 
+def test_temporary_images_split_released_memory_and_join_released_neighbours():
+    # one released image of 8 channels serves two of 4 side by side; once both are released, their
+    # joined bytes serve one of 8 again, where without joining it would take a new block
+    cb = QUEUE.makeCommandBuffer()
+    d8, d4 = (MPSImageDescriptor(channelFormat=FMT.float32, width=16, height=16, featureChannels=c) for c in (8, 4))
+    big = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d8)
+    base = big._ensure_storage().data_ptr()
+    big.readCount = 0
+    a, b = (MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d4) for _ in range(2))
+    assert [a._ensure_storage().data_ptr(), b._ensure_storage().data_ptr()] == [base, base + 16 * 16 * 4 * 4]
+    a.readCount = 0
+    apart = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d8)  # a's bytes alone are too few
+    assert apart._ensure_storage().data_ptr() not in (base, base + 16 * 16 * 4 * 4)
+    b.readCount = 0
+    joined = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d8)
+    assert joined._ensure_storage().data_ptr() == base
+    apart.readCount = joined.readCount = 0
+    cb.commit()
+
+
 def test_temporary_image_memory_is_not_reused_while_a_view_reads_it():
     cb = QUEUE.makeCommandBuffer()
     d = MPSImageDescriptor(channelFormat=FMT.float32, width=3, height=3, featureChannels=8)
