@@ -222,9 +222,10 @@ def footprint(name: str, batch: int, dtype, who: str, device) -> int | None:
     peak above what was in use before, less one copy of the weights (in ``dtype``: eager's parameters,
     our data sources) and the images (those alive at once while it runs, as MPS temporary images
     live; ours plain keeps them all; ours also its own input image: ``image_bytes``). On CUDA the
-    caching allocator's peak; on the CPU the resident set's high-water mark, reset through ``/proc/self/clear_refs`` (Linux; None
-    elsewhere), so run it in a fresh process (``--footprint``): a process that has freed memory
-    before reuses it without its resident set growing."""
+    caching allocator's peak; on the CPU the resident set's high-water mark, reset through
+    ``/proc/self/clear_refs`` (Linux; None elsewhere), so run it in a fresh process
+    (``--footprint``): a process that has freed memory before reuses it without its resident set
+    growing."""
     tdev = device.torch_device
     net = NETWORKS[name]()
     weights = random_weights(net)
