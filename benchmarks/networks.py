@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import mpsconv  # noqa: E402
 from mpsconv import MTLCreateSystemDefaultDevice  # noqa: E402
 from mpsconv.metal import device_from_name  # noqa: E402
+from mpsconv.core.formats import slices_for  # noqa: E402
 from mpsconv.networks import (  # noqa: E402
     NETWORKS, Eager, Ours, busy, checked, random_weights, shapes, spread_warning, synchronizer, timing,
 )
@@ -266,14 +267,13 @@ def footprint(name: str, batch: int, dtype, who: str, device) -> int | None:
 def image_bytes(net, batch: int, itemsize: int, who: str) -> int:
     """The bytes of images that ``footprint`` does not count against ``who``: eager's images alive at
     once, less its input (the caller's tensor); ours plain, every image; ours with temporary images,
-    those alive at once and the input. Eager's input is the tensor made before the count, ours an
-    image of its own that the data is copied into (channels in lanes of four, as MPS stores them)."""
+    those alive at once and the input. Ours as stored, in lanes of four: eager's input is the tensor
+    made before the count, ours an image of its own that the data is copied into."""
     size = shapes(net)
-    h, w, c = size[net.input]
-    own_input = batch * h * w * -(-c // 4) * 4 * itemsize
+    stored = lambda h, w, c: batch * h * w * 4 * slices_for(c) * itemsize  # noqa: E731
     if who == "ours":
-        return own_input + sum(batch * math.prod(shape) * itemsize for image, shape in size.items() if image != net.input)
-    return live_images(net, batch, itemsize, {net.input}) + (own_input if who == "ours_temporary" else 0)
+        return sum(stored(*shape) for shape in size.values())
+    return live_images(net, batch, itemsize, {net.input}) + (stored(*size[net.input]) if who == "ours_temporary" else 0)
 
 
 def _proc_status(key: str) -> int:
