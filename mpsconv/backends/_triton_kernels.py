@@ -19,6 +19,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _follow(GDC: tl.constexpr):
+    """Programmatic dependent launch (``launch.Launcher``, Hopper on): every kernel may be scheduled
+    before the kernel ahead of it in the stream has finished, so each waits here, before it touches
+    memory, until that one has finished and its writes are visible; then it lets the kernel behind it
+    be scheduled in turn. What is saved is the launch gap between consecutive kernels."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _tanh(z):
     return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)  # saturates to +-1, never inf / inf
 
@@ -141,10 +152,12 @@ def neuron_gradient_nhwc(
     TY, TX, OUT_H, OUT_W,
     na, nb, nc, np2,
     NEURON: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, WIDE: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     """A neuron's gradient, one pass over the forward source's pixels: pixel ``(y, x)`` was read by the
     clip pixel ``(y - TY, x - TX)`` (a 1x1 window, stride 1, no pixel read twice); ``dS = E·f'(S)``
     there and 0 where no clip pixel read it. Grid: ``(cdiv(M, BP), cdiv(C, BC))``, ``M = n·H·W``."""
+    _follow(GDC)
     rows = tl.program_id(0) * BP + tl.arange(0, BP)
     ch = tl.program_id(1) * BC + tl.arange(0, BC)
     row_ok = rows < M
@@ -246,6 +259,7 @@ def conv2d_nhwc(
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, FLAT: tl.constexpr,
     WIDE: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     """Implicit-GEMM convolution: rows are output pixels ``(img, v, u)`` of the grid, columns the
     group's output channels, the reduction runs over taps x input channels of the group. Weights are
@@ -258,6 +272,7 @@ def conv2d_nhwc(
     ``SPLIT > 1`` (split-K, for problems too small to fill the GPU): program ``(.., g·SPLIT + part)``
     reduces its part of the steps and stores the float32 partial sum at ``ws[part][row][channel]``
     (``y_ptr`` is then the workspace); ``epilogue_nhwc`` adds the parts and finishes."""
+    _follow(GDC)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2) // SPLIT
@@ -319,12 +334,14 @@ def pack_nhwc(
     tap0y, tap0x,
     C: tl.constexpr, SY: tl.constexpr, SX: tl.constexpr, CP: tl.constexpr,
     CLAMP: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, WIDE: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     """Space-to-depth for ``packed_conv_nhwc``: packed pixel ``(img, by, bx)``, channel ``(py·SX + px)·C
     + c`` is the source value a tap at ``(tap0y + by·SY + py, tap0x + bx·SX + px)`` reads, channel
     ``c`` (edges applied: zero or clamped); channels ``SY·SX·C`` to ``CP`` are zero. The packed image
     ``[n, PH, PW, CP]`` is dense. The channel split is constexpr: divisions by run-time values cost
     more than the copy. Grid: ``cdiv(PIX, BP)``, ``PIX = n·PH·PW``."""
+    _follow(GDC)
     pix = tl.program_id(0) * BP + tl.arange(0, BP)[:, None]
     ch = tl.arange(0, BC)[None, :]
     pix_ok = pix < PIX
@@ -345,12 +362,14 @@ def packed_conv_nhwc(
     KH: tl.constexpr, RUN: tl.constexpr, SUBPIXEL: tl.constexpr, NEURON: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, WIDE: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     """Implicit GEMM over a packed image (``pack_nhwc``): a stride-1 convolution with no edges, whose
     ``KH`` tap rows each read one contiguous run of ``RUN`` = packed taps x packed channels elements
     from the packed pixel ``(v + r, u)`` on. So a step's loads are whole aligned runs, masked per row
     only, where the unpacked layer's (a few channels, a stride) would gather 2-byte values. Weights
     ``[KH][RUN][OC]``. Grid: ``(cdiv(M, BM), cdiv(OC, BN))``."""
+    _follow(GDC)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     ks = tl.arange(0, BK)
@@ -380,6 +399,7 @@ def gemm_tma_nhwc(
     M, CG, OG, sx, sy, na, nb, nc, np2, PROGRAMS,
     NEURON: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     """A 1x1 convolution whose source and destination windows are each one strided matrix (``M``
     pixels by channels, rows ``sx`` / ``sy`` elements apart): ``y = x @ w``, weights ``[CG][OG]``.
@@ -389,6 +409,7 @@ def gemm_tma_nhwc(
     untouched. ``PROGRAMS`` programs walk the ``BM x BN`` tiles in turn, the tile loop flattened with
     the reduction so that one tile's loads are in flight while the previous tile is stored: these
     layers move far more bytes than they multiply."""
+    _follow(GDC)
     xd = tl.make_tensor_descriptor(x_ptr, shape=[M, CG], strides=[sx, 1], block_shape=[BM, BK])
     wd = tl.make_tensor_descriptor(w_ptr, shape=[CG, OG], strides=[OG, 1], block_shape=[BK, BN])
     yd = tl.make_tensor_descriptor(y_ptr, shape=[M, OG], strides=[sy, 1], block_shape=[BM, BN])
@@ -447,6 +468,7 @@ def direct_nhwc(
     KH: tl.constexpr, KW: tl.constexpr, IG: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr,
     SUBPIXEL: tl.constexpr, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr,
     BH: tl.constexpr, BF: tl.constexpr, WIDE: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     """Depthwise and narrow grouped convolution (groups of ``IG`` input channels, ``OG`` outputs each;
     depthwise: ``IG = 1``): a direct float32 multiply-add over the taps and the group's input channels.
@@ -456,6 +478,7 @@ def direct_nhwc(
     per-column part, worked out once per tile, and its loads are runs of whole rows. Weights are
     ``[KH][KW][IG][OC]`` (float32, or the source's type where exact). Grid: ``cdiv(GW·OC, BF) ·
     cdiv(ROWS, BH)``, the tiles of one row band next to each other (they share the band's source rows)."""
+    _follow(GDC)
     band, u, oc, cols_ok, x_chan = _row_run(GW, OC, OG, sxc, BF, IG)
     rows = band * BH + tl.arange(0, BH)[:, None]  # [BH, 1]: per-row work stays in the tile's own layout
     rows_ok = rows < ROWS
@@ -488,6 +511,7 @@ def direct_rolling_nhwc(
     KH: tl.constexpr, KW: tl.constexpr, IG: tl.constexpr, CLAMP: tl.constexpr, UPSAMPLE: tl.constexpr,
     SUBPIXEL: tl.constexpr, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr,
     BH: tl.constexpr, BF: tl.constexpr, ROLL: tl.constexpr, STAGES: tl.constexpr, WIDE: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     """``direct_nhwc`` for vertical stride and dilation 1, rolling down the rows: a program takes ``BF``
     consecutive (column, channel) positions ``f = u·OC + oc`` of ``BH`` output rows of one image, and
@@ -498,6 +522,7 @@ def direct_rolling_nhwc(
     worked out once per program. ``STAGES`` > 1 software-pipelines the row loop (Triton copies the
     next ``STAGES - 1`` steps' rows into shared memory while this one computes). Grid: ``cdiv(GW·OC,
     BF) · BANDS · images``, ``BANDS = cdiv(GH, BH)``."""
+    _follow(GDC)
     rest, u, oc, cols_ok, x_chan = _row_run(GW, OC, OG, sxc, BF, IG)
     img = rest // BANDS
     v0 = (rest - img * BANDS) * BH
@@ -561,10 +586,12 @@ def epilogue_nhwc(
     na, nb, nc, np2, szp,
     SUBPIXEL: tl.constexpr, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr,
     BP: tl.constexpr, BC: tl.constexpr, PARTS: tl.constexpr, WIDE: tl.constexpr,
+    GDC: tl.constexpr,
 ):
     """The epilogue alone, for a convolution computed elsewhere (cuDNN, or the parts of a split-K
     launch, ``PARTS`` of them ``szp`` elements apart): reads its ``[n, GH, GW, OC]`` output ``z`` once
     and writes the destination once. Grid: ``(cdiv(M, BP), cdiv(OC, BC))``."""
+    _follow(GDC)
     rows = tl.program_id(0) * BP + tl.arange(0, BP)
     oc = tl.program_id(1) * BC + tl.arange(0, BC)
     row_ok = rows < M
