@@ -517,6 +517,52 @@ def test_small_torch_runs_replay_a_graph_that_follows_contents_and_weights():
         assert bound.plan.graphed and sum(map(bool, bound.graphs.values())) == graphs[i], i
 
 
+@pytest.mark.parametrize("follows", [True, False])
+def test_chained_layers_wait_for_the_kernel_before_them(follows, monkeypatch):
+    """With programmatic dependent launch (``launch.dependent_launch``) a kernel may be scheduled
+    before the one ahead of it has finished: a chain in which each layer reads what the one before
+    wrote and overwrites what it read (a -> b -> a -> b -> c, each layer split-K parts and their
+    epilogue) gives the reference's values, plain and replayed with new source contents."""
+    from mpsconv.backends import launch
+
+    monkeypatch.setattr(launch, "DEPENDENT_LAUNCH", follows)
+    assert launch.dependent_launch(torch.device("cuda")) == (follows and torch.cuda.get_device_capability()[0] >= 9)
+    monkeypatch.setattr(triton_backend, "GEMM_CONFIGS", [])
+    monkeypatch.setattr(triton_backend, "SPLIT_CONFIGS", [triton_backend.Config(64, 64, 64, 4, 4, 2)])
+    monkeypatch.setattr(triton_backend, "SPLIT_BELOW_TILES", 10 ** 9)
+    rng = np.random.default_rng(11)
+    kernels = []
+    for neuron in (MPSCNNNeuronType.reLU, MPSCNNNeuronType.tanH):
+        d = descriptor(3, 3, 64, 64)
+        d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(neuron, a=0.1)
+        kernels.append(MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (64, 3, 3, 64)) / 12,
+                                                                           rng.uniform(-1, 1, 64))))
+    shape = (2, 12, 12, 64)
+    a, b, c = (img(gpu(), np.zeros(shape), FMT.float16) for _ in range(3))
+    chain = [(0, a, b), (1, b, a), (0, a, b), (1, b, c)]
+    queue = gpu().makeCommandQueue()
+    cb = queue.makeCommandBuffer()
+    values = rng.uniform(-1, 1, shape)
+    a.torch().copy_(torch.from_numpy(values).cuda().half())
+    with use_backend("triton"), launched_kernels() as names:
+        for i, src, dst in chain:
+            kernels[i].encode(commandBuffer=cb, sourceImage=src, destinationImage=dst)
+        cb.make_replayable()
+        cb.commit()
+        cb.waitUntilCompleted()
+    assert names == ["conv2d_nhwc g1"] * 4, names
+    for replay in range(2):
+        want = img(gpu(), values, FMT.float16)
+        for i, _, _ in chain:
+            want = img(gpu(), run(kernels[i], want, img(gpu(), np.zeros(shape), FMT.float16), "reference"), FMT.float16)
+        expect = want.numpy().astype(np.float64)
+        got = c.numpy().astype(np.float64)  # four float16 layers: one-ulp differences carry
+        assert np.linalg.norm(got - expect) / np.linalg.norm(expect) < 3e-3, replay
+        values = rng.uniform(-1, 1, shape)
+        a.torch().copy_(torch.from_numpy(values).cuda().half())
+        cb.replay().waitUntilCompleted()
+
+
 @pytest.mark.parametrize("formats", [(FMT.float16, FMT.float32), (FMT.bfloat16, FMT.float16),
                                      (FMT.float32, FMT.bfloat16)])
 @pytest.mark.parametrize("backend", [None, "triton", "torch"])
