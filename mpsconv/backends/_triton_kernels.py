@@ -23,7 +23,7 @@ def _follow(GDC: tl.constexpr):
     """Programmatic dependent launch (``launch.Launcher``, Hopper on): every kernel may be scheduled
     before the kernel ahead of it in the stream has finished, so each waits here, before it touches
     memory, until that one has finished and its writes are visible; then it lets the kernel behind it
-    be scheduled in turn. What is saved is the launch gap between consecutive kernels."""
+    be scheduled in turn. What it can save is the gap between consecutive kernels."""
     if GDC:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -128,7 +128,9 @@ def _allocator_var() -> tuple | None:
 
 #: Direct launches of compiled kernels after the first (``Launcher``); False: always through Triton.
 FAST_LAUNCH = True
-#: Programmatic dependent launch where the GPU has it (``dependent_launch``); False: never.
+#: Programmatic dependent launch where the GPU has it (``dependent_launch``). Off until it has been
+#: timed on a GPU against launches without it (``tests/test_cuda.py`` checks both ways give the
+#: reference's values); True turns it on.
 DEPENDENT_LAUNCH = False
 
 
@@ -140,9 +142,9 @@ def _hopper_or_later(index: int) -> bool:
 def dependent_launch(device: torch.device) -> bool:
     """Whether kernels on ``device`` launch as programmatic dependents of the kernel before them
     (``_triton_kernels._follow``): CUDA devices of compute capability 9.0 on (Hopper), not under the
-    interpreter. Each kernel then waits on the GPU for the one before it instead of being launched
-    after it, which at batch 1, where a network's layers take a few µs each, saves a share of each
-    launch gap."""
+    interpreter, while ``DEPENDENT_LAUNCH`` is on. Each kernel then waits on the GPU for the one before
+    it instead of being launched after it: meant for batch 1, where a network's layers take a few µs
+    each and the gaps between launches are a large share of a replay."""
     return (DEPENDENT_LAUNCH and device.type == "cuda" and not interpreting()
             and _hopper_or_later(device.index if device.index is not None else torch.cuda.current_device()))
 
