@@ -379,6 +379,33 @@ def test_split_k_replays_on_new_contents():
     assert_close(values(dst), values(run(k, image(new), blank(6, 7, 12, 2), "reference")), "float32", "replay")
 
 
+def test_dependent_launch_stays_off_where_the_device_has_none(monkeypatch):
+    """``launch.DEPENDENT_LAUNCH`` on: the CPU (under the interpreter) launches every kernel as before,
+    without the wait of ``_follow`` and without ``launch_pdl``, split-K parts and epilogue included."""
+    from mpsconv import use_backend
+    from mpsconv.backends import launch
+
+    monkeypatch.setattr(launch, "DEPENDENT_LAUNCH", True)
+    assert not launch.dependent_launch(torch.device("cpu"))
+    rng = np.random.default_rng(15)
+    k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(descriptor(3, 3, 8, 12), rng.uniform(-1, 1, (12, 3, 3, 8)),
+                                                             rng.uniform(-1, 1, 12)))
+    src = image(rng.uniform(-1, 1, (2, 7, 6, 8)))
+    launchers, spy = [], triton_backend._launch
+
+    def launches(*args):
+        out = spy(*args)
+        launchers.extend(launcher for launcher, _, _ in out)
+        return out
+
+    with mock.patch.object(triton_backend, "INTERPRET_CHOICE", lambda p: INTERPRET_SPLIT), \
+            mock.patch.object(triton_backend, "_launch", launches):
+        got = run(k, src, blank(6, 7, 12, 2), "triton")
+    assert len(launchers) == 2
+    assert all(launcher.kwargs["GDC"] is False and "launch_pdl" not in launcher.kwargs for launcher in launchers)
+    assert_close(values(got), values(run(k, src, blank(6, 7, 12, 2), "reference")), "float32", "split-K")
+
+
 def test_scratch_holes_are_the_views_of_the_runs_scratch():
     """A repeated launch fills in each run's scratch where the first run's views of it were: every view
     of the scratch (at its byte offset), nothing else, even a tensor of the same shape and type."""
