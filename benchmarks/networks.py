@@ -48,9 +48,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import mpsconv  # noqa: E402
 from mpsconv import MTLCreateSystemDefaultDevice  # noqa: E402
 from mpsconv.metal import device_from_name  # noqa: E402
-from mpsconv.core.formats import slices_for  # noqa: E402
+from mpsconv.core.formats import ImageLayout  # noqa: E402
 from mpsconv.networks import (  # noqa: E402
-    NETWORKS, Eager, Ours, busy, checked, random_weights, shapes, spread_warning, synchronizer, timing,
+    FORMATS, NETWORKS, Eager, Ours, busy, checked, random_weights, shapes, spread_warning, synchronizer, timing,
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -234,7 +234,7 @@ def footprint(name: str, batch: int, dtype, who: str, device) -> int | None:
     x_nhwc = torch.from_numpy(rng.standard_normal((batch, *net.size)).astype(np.float32)).to(tdev, dtype)
     itemsize = x_nhwc.element_size()
     weight_bytes = sum(w.size + b.size for w, b in weights.values()) * itemsize
-    images = image_bytes(net, batch, itemsize, who)
+    images = image_bytes(net, batch, dtype, who)
     if tdev.type == "cuda":
         torch.cuda.synchronize(tdev)
         base = torch.cuda.memory_allocated(tdev)
@@ -264,16 +264,18 @@ def footprint(name: str, batch: int, dtype, who: str, device) -> int | None:
     return peak - base - weight_bytes - images
 
 
-def image_bytes(net, batch: int, itemsize: int, who: str) -> int:
+def image_bytes(net, batch: int, dtype, who: str) -> int:
     """The bytes of images that ``footprint`` does not count against ``who``: eager's images alive at
     once, less its input (the caller's tensor); ours plain, every image; ours with temporary images,
-    those alive at once and the input. Ours as stored, in lanes of four: eager's input is the tensor
-    made before the count, ours an image of its own that the data is copied into."""
+    those alive at once and the input. Ours as stored (``ImageLayout``, channels in lanes of four):
+    eager's input is the tensor made before the count, ours an image of its own that the data is
+    copied into."""
     size = shapes(net)
-    stored = lambda h, w, c: batch * h * w * 4 * slices_for(c) * itemsize  # noqa: E731
+    stored = lambda name: ImageLayout(batch, *size[name], FORMATS[dtype]).storage_bytes  # noqa: E731
     if who == "ours":
-        return sum(stored(*shape) for shape in size.values())
-    return live_images(net, batch, itemsize, {net.input}) + (stored(*size[net.input]) if who == "ours_temporary" else 0)
+        return sum(map(stored, size))
+    live = live_images(net, batch, dtype.itemsize, {net.input})
+    return live + (stored(net.input) if who == "ours_temporary" else 0)
 
 
 def _proc_status(key: str) -> int:

@@ -129,11 +129,11 @@ def test_network_memory_counts_every_image_ours_allocates():
     ours.load(torch.from_numpy(np.random.default_rng(3).standard_normal((1, *net.size)).astype(np.float32)))
     ours()
     allocated = sum(image.torch().untyped_storage().nbytes() for image in ours.images.values())
-    assert image_bytes(net, 1, 4, "ours") == allocated
+    assert image_bytes(net, 1, torch.float32, "ours") == allocated
     own_input = ours.images[net.input].torch().untyped_storage().nbytes()
     assert own_input == 224 * 224 * 4 * 4
-    assert image_bytes(net, 1, 4, "ours_temporary") == live_images(net, 1, 4, {net.input}) + own_input
-    assert image_bytes(net, 1, 4, "eager") == live_images(net, 1, 4, {net.input})
+    assert image_bytes(net, 1, torch.float32, "ours_temporary") == live_images(net, 1, 4, {net.input}) + own_input
+    assert image_bytes(net, 1, torch.float32, "eager") == live_images(net, 1, 4, {net.input})
 
 
 def test_a_network_output_is_checked_against_eager_or_the_float32_network():
