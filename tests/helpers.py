@@ -143,9 +143,9 @@ def quiet(fn, *args, **kwargs):
 
 
 @contextlib.contextmanager
-def launched_kernels():
+def launched_kernels(launchers: list | None = None):
     """The Triton kernels the triton backend launches meanwhile, as ``"<kernel> g<groups merged>"`` (a
-    list, filled in)."""
+    list, filled in); their ``launch.Launcher``s go into ``launchers`` where one is given."""
     from mpsconv.backends import triton
 
     names, launch = [], triton._launch
@@ -153,6 +153,8 @@ def launched_kernels():
     def spy(bound, prepared, scratch):
         launches = launch(bound, prepared, scratch)
         names.extend(f"{launcher.kernel.fn.__name__} g{bound.plan.config.merge}" for launcher, _, _ in launches)
+        if launchers is not None:
+            launchers.extend(launcher for launcher, _, _ in launches)
         return launches
 
     with mock.patch.object(triton, "_launch", spy):

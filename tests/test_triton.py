@@ -391,15 +391,9 @@ def test_dependent_launch_stays_off_where_the_device_has_none(monkeypatch):
     k = MPSCNNConvolution(device=DEVICE, weights=ArraySource(descriptor(3, 3, 8, 12), rng.uniform(-1, 1, (12, 3, 3, 8)),
                                                              rng.uniform(-1, 1, 12)))
     src = image(rng.uniform(-1, 1, (2, 7, 6, 8)))
-    launchers, spy = [], triton_backend._launch
-
-    def launches(*args):
-        out = spy(*args)
-        launchers.extend(launcher for launcher, _, _ in out)
-        return out
-
+    launchers = []
     with mock.patch.object(triton_backend, "INTERPRET_CHOICE", lambda p: INTERPRET_SPLIT), \
-            mock.patch.object(triton_backend, "_launch", launches):
+            launched_kernels(launchers):
         got = run(k, src, blank(6, 7, 12, 2), "triton")
     assert len(launchers) == 2
     assert all(launcher.kwargs["GDC"] is False and "launch_pdl" not in launcher.kwargs for launcher in launchers)
