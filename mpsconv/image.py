@@ -20,6 +20,7 @@ from .core.formats import (
     MTLPixelFormat, check_format, lanes_for, slices_for, storage_to_values, values_to_storage,
 )
 from .errors import MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValueError
+from . import memory
 from .memory import allocation_failed, check_allocation, out_of_memory
 from .metal import (
     CommandBufferTemporary, MTLCommandBuffer, MTLCPUCacheMode, MTLDevice, MTLStorageMode, MTLTexture,
@@ -624,56 +625,141 @@ class TemporaryHeap:
     is released (its ``readCount`` reaches 0), its bytes serve the later temporary images of the same
     command buffer. The work runs in the order it was encoded, so a later image's writes come after
     every read of the earlier one: a network's temporaries take about the memory of the images alive
-    at once, not of all of them. A later image takes the smallest released piece it fits in, and what
-    it leaves of that piece stays free; released neighbours join, so that two small images' bytes can
-    serve one larger one (MobileNetV2's images grow and shrink by six along its blocks)."""
+    at once, not of all of them.
+
+    One block (``arena``) holds them all. It grows in place: its storage is reallocated under the
+    images already placed, whose views (and everything bound to them) follow it, since nothing has
+    been written to them before the commit; so released images' bytes merge with the free end of the
+    block, where separate blocks could not.
+
+    A new image goes where the last command buffer of the queue with the same sequence of images
+    (``TemporaryPlan``: the same sizes made and released in the same order, as a network encoded
+    again for each frame makes them) had them packed, once it had run, with every lifetime known
+    (``memory.packed``): a block of the bytes alive at once, made once. Images placed that way keep
+    clear of each other for as long as the sequence repeats; from the first image made or released
+    out of it, the rest are placed as they come: in the smallest gap between the images still alive
+    that fits, else after the highest of them."""
 
     #: Where a piece may start, in bytes: the caching allocator's own alignment, which vector and TMA
     #: loads rely on.
     ALIGN = 512
 
-    def __init__(self):
-        self.free: list[tuple[torch.Tensor, int, int]] = []  # released pieces: (block, start, bytes)
-        self.used: dict[int, tuple[torch.Tensor, int, int]] = {}  # id(storage) -> the piece it lies in
+    def __init__(self, plans: dict):
+        self.arena: torch.Tensor | None = None  # uint8, the bytes of every temporary image of the buffer
+        self.live: dict[int, tuple[int, int, int]] = {}  # id(storage) -> (start, bytes, take) of those not released
+        self.top = 0  # the end of the highest piece handed out: the bytes above it were never written
+        self.events: list[tuple[str, int]] = []  # ("take", bytes) and ("give", which take), in order
+        self.offsets: list[int] = []  # where each take went
+        self.plans = plans  # the queue's, by their first event
+        self.plan: TemporaryPlan | None = None  # followed while this buffer repeats its events
 
     @staticmethod
     def of(cb) -> "TemporaryHeap":
         heap = cb.__dict__.get("_temporary_heap")
         if heap is None:
-            heap = cb.__dict__["_temporary_heap"] = TemporaryHeap()
+            heap = cb.__dict__["_temporary_heap"] = TemporaryHeap(cb._queue._temporary_plans)
         return heap
 
     def take(self, layout, device, cb) -> torch.Tensor:
-        """Storage for ``layout``: the front of the smallest released piece it fits in, else a new
-        zeroed block."""
-        dtype = STORAGE_DTYPE[layout.format]
+        """Storage for ``layout`` in the block (zeroed where no image has been before)."""
         need = -(-layout.storage_bytes // self.ALIGN) * self.ALIGN
-        fits = [i for i, (block, _, size) in enumerate(self.free) if size >= need and block.device == device.torch_device]
-        if fits:
-            block, start, size = self.free.pop(min(fits, key=lambda i: self.free[i][2]))
-            if size > need:
-                self.free.append((block, start + need, size - need))
-            storage = block[start:start + layout.storage_bytes].view(dtype).view(layout.storage_shape)
-            if layout.channels < storage.shape[3]:  # the padding lanes read zero, as in a new image
-                cb._record(_ZeroLanes(storage[..., layout.channels:]))
+        take = len(self.offsets)
+        if self._follows(("take", need)):
+            start, size = self.plan.offsets[take], self.plan.size
         else:
-            block, start = torch.zeros(need, dtype=torch.uint8, device=device.torch_device), 0
-            storage = block[:layout.storage_bytes].view(dtype).view(layout.storage_shape)
-        self.used[id(storage)] = (block, start, need)
+            start = self._place(need)
+            size = start + need
+        if self.arena is None or start + need > self.arena.numel():
+            self._grow(max(size, start + need), device.torch_device)
+        storage = self.arena[start:start + layout.storage_bytes].view(STORAGE_DTYPE[layout.format])
+        storage = storage.view(layout.storage_shape)
+        if start < self.top and layout.channels < storage.shape[3]:  # the padding lanes read zero, as in a new image
+            cb._record(_ZeroLanes(storage[..., layout.channels:]))
+        self.top = max(self.top, start + need)
+        self.live[id(storage)] = (start, need, take)
+        self.offsets.append(start)
         return storage
 
     def give(self, storage: torch.Tensor) -> None:
-        piece = self.used.pop(id(storage), None)
-        if piece is None:
+        piece = self.live.pop(id(storage), None)
+        if piece is not None:
+            self._follows(("give", piece[2]))
+
+    def _follows(self, event: tuple[str, int]) -> bool:
+        """Record ``event``; whether the plan still holds with it."""
+        step = len(self.events)
+        self.events.append(event)
+        if step == 0:
+            self.plan = self.plans.get(event)
+        plan = self.plan
+        if plan is not None and step < len(plan.events) and plan.events[step] == event:
+            return True
+        self.plan = None
+        return False
+
+    def _place(self, need: int) -> int:
+        """The start of the smallest gap of ``need`` bytes or more between the live images, else the
+        end of the highest one."""
+        end, best, best_gap = 0, None, None
+        for start, size, _ in sorted(self.live.values()):
+            gap = start - end
+            if gap >= need and (best_gap is None or gap < best_gap):
+                best, best_gap = end, gap
+            end = max(end, start + size)
+        return end if best is None else best
+
+    def _grow(self, nbytes: int, device: torch.device) -> None:
+        """The block at ``nbytes``, zeroed. Freed before it is allocated again (so that growing never
+        holds both), which is safe as nothing placed in it holds values yet; if the new size cannot be
+        had, the old one comes back and the error goes on."""
+        if self.arena is None:
+            self.arena = torch.zeros(nbytes, dtype=torch.uint8, device=device)
             return
-        block, start, size = piece
-        kept = []
-        for other in self.free:  # (by identity: tensors compare by value)
-            if other[0] is block and (other[1] + other[2] == start or start + size == other[1]):
-                start, size = min(start, other[1]), size + other[2]
+        storage = self.arena.untyped_storage()
+        old = storage.nbytes()
+        storage.resize_(0)
+        try:
+            storage.resize_(nbytes)
+        except BaseException:
+            storage.resize_(old)
+            self.arena.zero_()
+            raise
+        self.arena = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
+        self.arena.zero_()
+
+    def finish(self) -> None:
+        """The buffer has been committed: its sequence, packed now that every lifetime is known,
+        becomes the plan of the queue's next buffers that begin as it did (unless it followed the
+        plan there is to the end, or made no temporary image). The packing is kept only where it
+        takes fewer bytes than the places this buffer's images had."""
+        if not self.events or (self.plan is not None and len(self.events) == len(self.plan.events)):
+            return
+        first, last = [], []
+        for step, (kind, value) in enumerate(self.events):
+            if kind == "take":
+                first.append(step)
+                last.append(len(self.events))  # alive to the end unless released
             else:
-                kept.append(other)
-        self.free = kept + [(block, start, size)]
+                last[value] = step
+        sizes = [value for kind, value in self.events if kind == "take"]
+        offsets, size = memory.packed(list(zip(sizes, first, last)))
+        if size >= self.arena.numel():
+            offsets, size = self.offsets, self.arena.numel()
+        if len(self.plans) >= TemporaryPlan.KEPT and self.events[0] not in self.plans:
+            del self.plans[next(iter(self.plans))]  # the oldest
+        self.plans[self.events[0]] = TemporaryPlan(tuple(self.events), tuple(offsets), size)
+
+
+class TemporaryPlan(NamedTuple):
+    """Where a command buffer's temporary images went, for the next buffers that make the same ones
+    (``TemporaryHeap``)."""
+
+    events: tuple  # ("take", bytes) and ("give", which take), in order
+    offsets: tuple  # the block offset of each take
+    size: int  # the block's bytes
+
+    #: Plans a queue keeps (by their first image's bytes): the networks it runs in turn.
+    KEPT = 4
 
 
 class _ZeroLanes:

@@ -501,6 +501,7 @@ class MTLCommandQueue(LibraryMade, Uncopyable, Strict):
         self._pending: list[MTLCommandBuffer] = []
         self._handlers: concurrent.futures.ThreadPoolExecutor | None = None
         self._stream = None  # CUDA: the queue's own stream, made on first commit
+        self._temporary_plans: dict = {}  # where its buffers' temporary images go (image.TemporaryHeap)
 
     @property
     def stream(self):
@@ -809,7 +810,9 @@ class MTLCommandBuffer(Uncopyable, Strict):
         state = self.__dict__  # its fields, set without Strict.__setattr__ on the path of every commit
         state["_status"] = _SCHEDULED
         work, state["_work"] = self._work, []
-        state.pop("_temporary_heap", None)  # the work holds what its temporary images still need
+        heap = state.pop("_temporary_heap", None)  # the work holds what its temporary images still need
+        if heap is not None:
+            heap.finish()
         event = None
         try:
             if self._device.is_cuda:

@@ -672,3 +672,56 @@ def test_threads_with_their_own_queues_on_the_gpu(backend):
         thread.join()
     assert not errors, errors[0]
     assert handled == [100] * 4
+
+
+def test_temporary_images_in_a_block_that_grows_and_in_a_packed_one():
+    """MPSTemporaryImages between layers on the GPU: the first command buffer's block grows under the
+    images (and the kernels bound to them) already encoded, the queue's next one places them as packed
+    (``image.TemporaryHeap``), and a replay of that one reads new source contents; each gives the
+    reference's values, layer by layer through MPSImages."""
+    from mpsconv import MPSImageDescriptor, MPSTemporaryImage
+
+    rng = np.random.default_rng(14)
+    channels = [8, 16, 32, 24, 8, 4]
+    kernels = []
+    for a, b in zip(channels, channels[1:]):
+        d = descriptor(3, 3, a, b)
+        d.fusedNeuronDescriptor = MPSNNNeuronDescriptor.cnnNeuronDescriptor(MPSCNNNeuronType.reLU)
+        kernels.append(MPSCNNConvolution(device=gpu(), weights=ArraySource(d, rng.uniform(-1, 1, (b, 3, 3, a)) / 6,
+                                                                           rng.uniform(-1, 1, b))))
+    shape = (2, 10, 12)
+    src = img(gpu(), rng.uniform(-1, 1, (*shape, channels[0])), FMT.float16)
+    out = img(gpu(), np.zeros((*shape, channels[-1])), FMT.float16)
+    queue = gpu().makeCommandQueue()
+
+    def encode(replayable=False):
+        cb, x, blocks = queue.makeCommandBuffer(), src, set()
+        for kernel, c in zip(kernels[:-1], channels[1:-1]):
+            y = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=MPSImageDescriptor(
+                channelFormat=FMT.float16, width=shape[2], height=shape[1], featureChannels=c, numberOfImages=shape[0]))
+            kernel.encode(commandBuffer=cb, sourceImage=x, destinationImage=y)
+            blocks.add(y._storage.untyped_storage().data_ptr())
+            x = y
+        kernels[-1].encode(commandBuffer=cb, sourceImage=x, destinationImage=out)
+        if replayable:
+            cb.make_replayable()
+        cb.commit()
+        cb.waitUntilCompleted()
+        assert len(blocks) >= 1 and cb.status == MTLCommandBufferStatus.completed
+        return cb
+
+    def reference():
+        x = src
+        for kernel, c in zip(kernels, channels[1:]):
+            x = img(gpu(), run(kernel, x, img(gpu(), np.zeros((*shape, c)), FMT.float16), "reference"), FMT.float16)
+        return x.numpy().astype(np.float64)
+
+    for replayable in (False, False, True):
+        cb = encode(replayable)
+        want = reference()
+        got = out.numpy().astype(np.float64)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 3e-3, replayable
+    src.torch().copy_(torch.from_numpy(rng.uniform(-1, 1, (*shape, channels[0]))).cuda().half())
+    cb.replay().waitUntilCompleted()
+    want = reference()
+    assert np.linalg.norm(out.numpy().astype(np.float64) - want) / np.linalg.norm(want) < 3e-3

@@ -278,23 +278,142 @@ def test_temporary_images_reuse_the_memory_of_released_ones():
     np.testing.assert_array_equal(got, want)
 
 
+def _placed(image) -> int:
+    """Where a temporary image's bytes start in its command buffer's block (placing it now)."""
+    storage = image._ensure_storage()
+    return storage.data_ptr() - storage.untyped_storage().data_ptr()
+
+
 def test_temporary_images_split_released_memory_and_join_released_neighbours():
     # one released image of 8 channels serves two of 4 side by side; once both are released, their
-    # joined bytes serve one of 8 again, where without joining it would take a new block
+    # joined bytes serve one of 8 again, where a's bytes alone could not
     cb = QUEUE.makeCommandBuffer()
     d8, d4 = (MPSImageDescriptor(channelFormat=FMT.float32, width=16, height=16, featureChannels=c) for c in (8, 4))
+    four = 16 * 16 * 4 * 4
     big = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d8)
-    base = big._ensure_storage().data_ptr()
+    assert _placed(big) == 0
     big.readCount = 0
     a, b = (MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d4) for _ in range(2))
-    assert [a._ensure_storage().data_ptr(), b._ensure_storage().data_ptr()] == [base, base + 16 * 16 * 4 * 4]
+    assert (_placed(a), _placed(b)) == (0, four)
     a.readCount = 0
     apart = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d8)  # a's bytes alone are too few
-    assert apart._ensure_storage().data_ptr() not in (base, base + 16 * 16 * 4 * 4)
+    assert _placed(apart) == 2 * four
     b.readCount = 0
     joined = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d8)
-    assert joined._ensure_storage().data_ptr() == base
+    assert _placed(joined) == 0
+    assert joined._storage.untyped_storage().nbytes() == 4 * four  # the block grew once, for apart
     apart.readCount = joined.readCount = 0
+    cb.commit()
+
+
+def test_temporary_images_grow_one_block_under_the_images_placed_in_it():
+    # 5 -> 8 -> 16 -> 32 -> 12 -> 3 channels (1024, 2048, 4096 and 3072 bytes of temporaries): the
+    # 16- and 32-channel images fit no released gap, so the block grows under images already encoded
+    # (their views and the work bound to them follow it); the 12-channel one takes the bytes of the
+    # first two. The block ends at the most bytes alive at once, and the result is the same network's
+    # through MPSImages
+    rng = np.random.default_rng(12)
+    channels = [5, 8, 16, 32, 12, 3]
+    kernels = _temporary_chain(channels, rng)
+    src = blank(6, 5, 5, rng=rng)
+
+    def network(temporary: bool):
+        cb, x, made = QUEUE.makeCommandBuffer(), src, []
+        for i, (kernel, c) in enumerate(zip(kernels, channels[1:])):
+            d = MPSImageDescriptor(channelFormat=FMT.float32, width=6, height=5, featureChannels=c)
+            y = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d) if temporary and i < len(kernels) - 1 else \
+                MPSImage(device=DEVICE, imageDescriptor=d)
+            kernel.encode(commandBuffer=cb, sourceImage=x, destinationImage=y)
+            made.append(y._storage)  # (a temporary's is dropped once the next layer has read it)
+            x = y
+        storages = made[:-1]
+        cb.commit()
+        cb.waitUntilCompleted()
+        return values(x), storages
+
+    want, _ = network(False)
+    got, storages = network(True)
+    np.testing.assert_array_equal(got, want)
+    block = storages[0].untyped_storage()
+    assert all(s.untyped_storage().data_ptr() == block.data_ptr() for s in storages)
+    assert [s.data_ptr() - block.data_ptr() for s in storages] == [0, 1024, 3072, 0]
+    assert block.nbytes() == 4096 + 3072
+
+
+def _chain_network(channels, kernels, src, temporary: bool, queue=None):
+    """``src`` through ``kernels`` in one command buffer, the images between as temporaries (or
+    MPSImages); the result's values and the byte offsets of the temporaries in their block."""
+    cb, x, offsets = (queue or QUEUE).makeCommandBuffer(), src, []
+    for i, (kernel, c) in enumerate(zip(kernels, channels[1:])):
+        d = MPSImageDescriptor(channelFormat=FMT.float32, width=src.width, height=src.height, featureChannels=c)
+        y = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d) if temporary and i < len(kernels) - 1 else \
+            MPSImage(device=DEVICE, imageDescriptor=d)
+        kernel.encode(commandBuffer=cb, sourceImage=x, destinationImage=y)
+        if isinstance(y, MPSTemporaryImage):
+            offsets.append((y._storage.data_ptr() - y._storage.untyped_storage().data_ptr(), y._storage))
+        x = y
+    block = offsets[0][1].untyped_storage() if offsets else None
+    cb.commit()
+    cb.waitUntilCompleted()
+    return values(x), [o for o, _ in offsets], block.nbytes() if block is not None else 0
+
+
+def test_temporary_images_of_a_network_encoded_again_go_where_packing_them_puts_them():
+    # 3 -> 4 -> 8 -> 12 -> 4 -> 2 channels on 8x8 (1, 2, 3 and 1 KiB of temporaries). Placed as they
+    # come, the 12-channel image fits no released gap and goes above the 8-channel one: 6 KiB. The
+    # queue's next buffer with the same images places them as packed with every lifetime known: the
+    # largest first, the rest around it, 5 KiB (the bytes alive at once, 8 and 12 channels)
+    rng = np.random.default_rng(13)
+    channels = [3, 4, 8, 12, 4, 2]
+    kernels = _temporary_chain(channels, rng)
+    src = blank(8, 8, 3, rng=rng)
+    queue = DEVICE.makeCommandQueue()
+    want, _, _ = _chain_network(channels, kernels, src, False)
+    first = _chain_network(channels, kernels, src, True, queue)
+    again = _chain_network(channels, kernels, src, True, queue)
+    assert first[1:] == ([0, 1024, 3072, 0], 6144)
+    assert again[1:] == ([0, 3072, 0, 3072], 5120)
+    np.testing.assert_array_equal(first[0], want)
+    np.testing.assert_array_equal(again[0], want)
+    # another network on the queue keeps its own plan; one that begins as this one and then makes
+    # other images follows the plan as far as it holds, then places them as they come
+    other = [3, 8, 4]
+    _chain_network(other, _temporary_chain(other, rng), src, True, queue)
+    assert _chain_network(channels, kernels, src, True, queue)[1:] == ([0, 3072, 0, 3072], 5120)
+    changed = [3, 4, 8, 16, 4, 2]
+    kernels_changed = _temporary_chain(changed, rng)
+    want_changed, _, _ = _chain_network(changed, kernels_changed, src, False)
+    got, offsets, size = _chain_network(changed, kernels_changed, src, True, queue)
+    assert offsets == [0, 3072, 5120, 0] and size == 5120 + 4096  # 16 channels fit no gap
+    np.testing.assert_array_equal(got, want_changed)
+    assert _chain_network(changed, kernels_changed, src, True, queue)[1:] == ([0, 4096, 0, 4096], 6144)
+
+
+def test_temporary_block_that_cannot_grow_keeps_the_images_placed_in_it(monkeypatch):
+    cb = QUEUE.makeCommandBuffer()
+    small, large = (MPSImageDescriptor(channelFormat=FMT.float32, width=8, height=8, featureChannels=c)
+                    for c in (4, 64))
+    first = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=small)
+    kept = first._ensure_storage()
+    block = kept.untyped_storage()
+    before = block.nbytes()
+    resize = torch.UntypedStorage.resize_
+
+    def refuse(storage, nbytes):
+        if nbytes > before:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate (test)")
+        return resize(storage, nbytes)
+
+    monkeypatch.setattr(torch.UntypedStorage, "resize_", refuse)
+    second = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=large)
+    with pytest.raises(MPSMemoryError, match="MPSTemporaryImage"):
+        second._ensure_storage()
+    monkeypatch.undo()
+    assert second._storage is None and block.nbytes() == before
+    kept.copy_(torch.arange(kept.numel(), dtype=torch.float32).view(kept.shape))  # its bytes are still there
+    assert float(first._storage[0, 7, 7, 3]) == kept.numel() - 1
+    assert second._ensure_storage().untyped_storage().data_ptr() == first._storage.untyped_storage().data_ptr()
+    first.readCount = second.readCount = 0
     cb.commit()
 
 
@@ -307,12 +426,12 @@ def test_temporary_image_memory_is_not_reused_while_a_view_reads_it():
     view = parent.subImage(featureChannelRange=range(4, 8))
     conv(cin=4, cout=1).encode(commandBuffer=cb, sourceImage=view, destinationImage=blank(3, 3, 1))
     assert view.readCount == 0 and parent.readCount == 1
-    held = parent._storage.data_ptr()
+    held = _placed(parent)
     other = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d)
-    assert other._ensure_storage().data_ptr() != held  # the parent still holds its bytes
+    assert _placed(other) != held  # the parent still holds its bytes
     parent.readCount = 0
     again = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d)
-    assert again._ensure_storage().data_ptr() == held
+    assert _placed(again) == held
     other.readCount = again.readCount = 0
     cb.commit()
 

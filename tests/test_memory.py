@@ -17,6 +17,7 @@ from mpsconv import (
     MPSImage, MPSImageDescriptor, MPSImageEdgeMode, MPSMemoryError, MPSNNNeuronDescriptor, MPSOffset, MTLOrigin,
     MTLRegion, MTLSize, MTLCommandBufferStatus, use_backend, use_memory_limit,
 )
+from mpsconv import memory
 from mpsconv.backends import REGISTRY
 from mpsconv.core.geometry import tiles
 from tolerances import assert_close
@@ -172,3 +173,28 @@ def test_a_window_spanning_a_billion_rows_is_refused_not_allocated():
         with pytest.raises(MPSMemoryError, match=r"GiB of scratch\); 1.0 GiB is available"):
             kernel.encode(commandBuffer=cb, sourceImage=blank(1, 1, 1, rng=RNG), destinationImage=dst)
     assert torch.equal(dst._storage, before) and cb._work == []
+
+
+def test_packed_pieces_in_use_together_never_overlap():
+    # random lifetimes and sizes: every two pieces in use at a same step lie apart, the total is at
+    # least the bytes in use at once and at most all of them; a chain of layers (each image in use
+    # while the next is made) packs into exactly the bytes in use at once
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        count = int(rng.integers(1, 12))
+        pieces = []
+        for _ in range(count):
+            first = int(rng.integers(0, 20))
+            pieces.append((512 * int(rng.integers(1, 9)), first, first + int(rng.integers(0, 6))))
+        offsets, total = memory.packed(pieces)
+        for i, (size, first, last) in enumerate(pieces):
+            assert 0 <= offsets[i] and offsets[i] + size <= total
+            for j, (size2, first2, last2) in enumerate(pieces[:i]):
+                if first <= last2 and first2 <= last:
+                    assert offsets[i] + size <= offsets[j] or offsets[j] + size2 <= offsets[i]
+        at_once = max(sum(s for s, a, b in pieces if a <= step <= b) for step in range(26))
+        assert at_once <= total <= sum(s for s, _, _ in pieces)
+    assert memory.packed([]) == ([], 0)
+    sizes = [1, 2, 3, 1, 6, 6, 1, 4]
+    chain = [(512 * s, i, i + 1) for i, s in enumerate(sizes)]
+    assert memory.packed(chain)[1] == 512 * max(a + b for a, b in zip(sizes, sizes[1:]))
