@@ -23,7 +23,7 @@ from .errors import MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValu
 from . import memory
 from .memory import allocation_failed, check_allocation, out_of_memory
 from .metal import (
-    CommandBufferTemporary, MTLCommandBuffer, MTLCPUCacheMode, MTLDevice, MTLStorageMode, MTLTexture,
+    CommandBufferTemporary, MPSCommandBuffer, MTLCommandBuffer, MTLCPUCacheMode, MTLDevice, MTLStorageMode, MTLTexture,
     MTLTextureType, MTLTextureUsage, MTLCreateSystemDefaultDevice, _byte_view, check_open_buffer,
 )
 from .types import (
@@ -655,6 +655,11 @@ class TemporaryHeap:
 
     @staticmethod
     def of(cb) -> "TemporaryHeap":
+        """The heap of the command buffer the next encodes into ``cb`` go into: an MPSCommandBuffer's
+        current underlying one, so that images made after a ``commitAndContinue`` never grow a block
+        whose work has run (those made before keep their bytes, which later images do not reuse)."""
+        if isinstance(cb, MPSCommandBuffer):
+            cb = cb.commandBuffer
         heap = cb.__dict__.get("_temporary_heap")
         if heap is None:
             heap = cb.__dict__["_temporary_heap"] = TemporaryHeap(cb._queue._temporary_plans)

@@ -128,6 +128,32 @@ def test_temporary_images_live_across_commit_and_continue():
     assert_close(values(dst), values(want), "float16")
 
 
+def test_temporary_images_made_after_commit_and_continue_leave_the_earlier_ones_intact():
+    # tmp is written by the first underlying buffer's work; a larger temporary made after the
+    # commitAndContinue must not take (or move) tmp's bytes, which the second buffer still reads
+    rng = np.random.default_rng(4)
+    first, widen, second = _conv(rng, 3, 8), _conv(rng, 3, 32), _conv(rng, 8, 4)
+    src = image(rng.uniform(-1, 1, (9, 7, 3)))
+    cb = MPSCommandBuffer(QUEUE)
+    tmp = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=MPSImageDescriptor(
+        channelFormat=MPSImageFeatureChannelFormat.float32, width=7, height=9, featureChannels=8))
+    first.encode(commandBuffer=cb, sourceImage=src, destinationImage=tmp)
+    cb.commitAndContinue()
+    cb.rootCommandBuffer.waitUntilCompleted()
+    big = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=MPSImageDescriptor(
+        channelFormat=MPSImageFeatureChannelFormat.float32, width=7, height=9, featureChannels=32))
+    widen.encode(commandBuffer=cb, sourceImage=src, destinationImage=big)
+    big.readCount = 0
+    dst = blank(7, 9, 4)
+    second.encode(commandBuffer=cb, sourceImage=tmp, destinationImage=dst)
+    cb.commit()
+    cb.waitUntilCompleted()
+    mid, want = blank(7, 9, 8), blank(7, 9, 4)
+    run(first, src, mid, "reference")
+    run(second, mid, want, "reference")
+    assert_close(values(dst), values(want), "float32")
+
+
 def test_a_command_buffer_wrapping_an_existing_one():
     rng = np.random.default_rng(2)
     k = _conv(rng, 4, 4)
