@@ -675,7 +675,7 @@ class TemporaryHeap:
             start = self._place(need)
             size = start + need
         if self.arena is None or start + need > self.arena.numel():
-            self._grow(max(size, start + need), device.torch_device)
+            self._grow(max(size, start + need, self._hinted(cb, device, start + need)), device.torch_device)
         storage = self.arena[start:start + layout.storage_bytes].view(STORAGE_DTYPE[layout.format])
         storage = storage.view(layout.storage_shape)
         if start < self.top and layout.channels < storage.shape[3]:  # the padding lanes read zero, as in a new image
@@ -684,6 +684,18 @@ class TemporaryHeap:
         self.live[id(storage)] = (start, need, take)
         self.offsets.append(start)
         return storage
+
+    @staticmethod
+    def _hinted(cb, device, nbytes: int) -> int:
+        """The size ``MPSHintTemporaryMemoryHighWaterMark`` asked of the block, where it is more than
+        ``nbytes`` and the memory is there; else 0."""
+        if isinstance(cb, MPSCommandBuffer):
+            cb = cb.commandBuffer
+        hint = cb.__dict__.get("_temporary_reserve", 0)
+        if hint <= nbytes:
+            return 0
+        room = memory.available(device, hint, 0)
+        return hint if room is None or hint <= room else 0
 
     def give(self, storage: torch.Tensor) -> None:
         piece = self.live.pop(id(storage), None)

@@ -274,9 +274,14 @@ def MPSGetPreferredDevice(options: int = MPSDeviceOptions.default) -> MTLDevice:
 
 
 def MPSHintTemporaryMemoryHighWaterMark(cmdBuf: "MTLCommandBuffer", bytes: int) -> None:
-    """``MPSHintTemporaryMemoryHighWaterMark``: a hint; no observable effect."""
+    """``MPSHintTemporaryMemoryHighWaterMark``: the block that the command buffer's temporary images
+    take their bytes from (``image.TemporaryHeap``) is made at least ``bytes`` large when it is first
+    made or next grows, so that it need not grow as the images come. A hint: where that much memory
+    is not available, the block grows as it would have."""
     check_open_buffer(cmdBuf, "MPSHintTemporaryMemoryHighWaterMark", "cmdBuf")
-    as_int(bytes, "MPSHintTemporaryMemoryHighWaterMark", "bytes", 0)
+    nbytes = as_int(bytes, "MPSHintTemporaryMemoryHighWaterMark", "bytes", 0)
+    target = cmdBuf.commandBuffer if isinstance(cmdBuf, MPSCommandBuffer) else cmdBuf
+    target.__dict__["_temporary_reserve"] = nbytes
 
 
 def MPSSetHeapCacheDuration(cmdBuf: "MTLCommandBuffer", seconds: float) -> None:
@@ -1044,8 +1049,11 @@ class MPSCommandBuffer(MTLCommandBuffer):
         self._heap_provider = value
 
     def prefetchHeap(self, forWorkloadSize: int = 0) -> None:
-        """``prefetchHeap(forWorkloadSize:)``: a hint; no effect."""
+        """``prefetchHeap(forWorkloadSize:)``: as ``MPSHintTemporaryMemoryHighWaterMark`` on the
+        current underlying buffer (a hint)."""
         self._current._check_open("MPSCommandBuffer.prefetchHeap")
+        nbytes = as_int(forWorkloadSize, "MPSCommandBuffer.prefetchHeap", "forWorkloadSize", 0)
+        self._current.__dict__["_temporary_reserve"] = nbytes
 
     def commitAndContinue(self) -> None:
         """``commitAndContinue()``: commit the work encoded so far and go on encoding into a new

@@ -389,6 +389,48 @@ def test_temporary_images_of_a_network_encoded_again_go_where_packing_them_puts_
     assert _chain_network(changed, kernels_changed, src, True, queue)[1:] == ([0, 4096, 0, 4096], 6144)
 
 
+def test_a_hinted_high_water_mark_makes_the_temporary_block_that_large_at_once():
+    # the chain above grows its block twice as the images come; with the hint it is made once, as
+    # large as asked, and gives the same values. A hint beyond the memory there is is left aside,
+    # and MPSCommandBuffer.prefetchHeap asks the same of its current buffer
+    rng = np.random.default_rng(12)
+    channels = [5, 8, 16, 32, 12, 3]
+    kernels = _temporary_chain(channels, rng)
+    src = blank(6, 5, 5, rng=rng)
+    want, _, _ = _chain_network(channels, kernels, src, False)
+
+    def hinted(nbytes, wrap=False, limit=None):
+        queue = DEVICE.makeCommandQueue()  # (no plan from an earlier buffer)
+        cb, x, blocks = queue.makeCommandBuffer(), src, []
+        if wrap:
+            cb = MPSCommandBuffer(commandBuffer=cb)
+            cb.prefetchHeap(forWorkloadSize=nbytes)
+        else:
+            MPSHintTemporaryMemoryHighWaterMark(cb, nbytes)
+        for i, (kernel, c) in enumerate(zip(kernels, channels[1:])):
+            d = MPSImageDescriptor(channelFormat=FMT.float32, width=6, height=5, featureChannels=c)
+            y = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d) if i < len(kernels) - 1 else \
+                MPSImage(device=DEVICE, imageDescriptor=d)
+            if limit is None:
+                kernel.encode(commandBuffer=cb, sourceImage=x, destinationImage=y)
+            else:
+                with use_memory_limit(limit):
+                    kernel.encode(commandBuffer=cb, sourceImage=x, destinationImage=y)
+            if isinstance(y, MPSTemporaryImage):
+                blocks.append((y._storage.untyped_storage().data_ptr(), y._storage.untyped_storage().nbytes()))
+            x = y
+        cb.commit()
+        cb.waitUntilCompleted()
+        np.testing.assert_array_equal(values(x), want)
+        return blocks
+
+    blocks = hinted(10000)
+    assert set(blocks) == {blocks[0]} and blocks[0][1] == 10000  # made once, never moved
+    assert hinted(10000, wrap=True)[0][1] == 10000
+    assert [size for _, size in hinted(1 << 40)] == [1024, 3072, 7168, 7168]  # as without the hint
+    assert [size for _, size in hinted(2_000_000, limit=1_000_000)] == [1024, 3072, 7168, 7168]
+
+
 def test_temporary_block_that_cannot_grow_keeps_the_images_placed_in_it(monkeypatch):
     cb = QUEUE.makeCommandBuffer()
     small, large = (MPSImageDescriptor(channelFormat=FMT.float32, width=8, height=8, featureChannels=c)
