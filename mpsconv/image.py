@@ -668,9 +668,10 @@ class TemporaryHeap:
     def take(self, layout, device, cb) -> torch.Tensor:
         """Storage for ``layout`` in the block (zeroed where no image has been before)."""
         need = -(-layout.storage_bytes // self.ALIGN) * self.ALIGN
-        take = len(self.offsets)
-        if self._follows(("take", need)):
-            start, size = self.plan.offsets[take], self.plan.size
+        event = ("take", need)
+        plan = self._plan_with(event)
+        if plan is not None:
+            start, size = plan.offsets[len(self.offsets)], plan.size
         else:
             start = self._place(need)
             size = start + need
@@ -681,8 +682,9 @@ class TemporaryHeap:
         if start < self.top and layout.channels < storage.shape[3]:  # the padding lanes read zero, as in a new image
             cb._record(_ZeroLanes(storage[..., layout.channels:]))
         self.top = max(self.top, start + need)
-        self.live[id(storage)] = (start, need, take)
+        self.live[id(storage)] = (start, need, len(self.offsets))
         self.offsets.append(start)
+        self._note(event, plan)
         return storage
 
     @staticmethod
@@ -700,19 +702,19 @@ class TemporaryHeap:
     def give(self, storage: torch.Tensor) -> None:
         piece = self.live.pop(id(storage), None)
         if piece is not None:
-            self._follows(("give", piece[2]))
+            event = ("give", piece[2])
+            self._note(event, self._plan_with(event))
 
-    def _follows(self, event: tuple[str, int]) -> bool:
-        """Record ``event``; whether the plan still holds with it."""
+    def _plan_with(self, event: tuple[str, int]) -> "TemporaryPlan | None":
+        """The plan, if it still holds with ``event`` next (the first event picks it)."""
         step = len(self.events)
+        plan = self.plans.get(event) if step == 0 else self.plan
+        return plan if plan is not None and step < len(plan.events) and plan.events[step] == event else None
+
+    def _note(self, event: tuple[str, int], plan: "TemporaryPlan | None") -> None:
+        """``event`` happened (only once it has: a take that failed made no image)."""
         self.events.append(event)
-        if step == 0:
-            self.plan = self.plans.get(event)
-        plan = self.plan
-        if plan is not None and step < len(plan.events) and plan.events[step] == event:
-            return True
-        self.plan = None
-        return False
+        self.plan = plan
 
     def _place(self, need: int) -> int:
         """The start of the smallest gap of ``need`` bytes or more between the live images, else the
@@ -762,8 +764,9 @@ class TemporaryHeap:
         offsets, size = memory.packed(list(zip(sizes, first, last)))
         if size >= self.arena.numel():
             offsets, size = self.offsets, self.arena.numel()
-        if len(self.plans) >= TemporaryPlan.KEPT and self.events[0] not in self.plans:
-            del self.plans[next(iter(self.plans))]  # the oldest
+        self.plans.pop(self.events[0], None)
+        if len(self.plans) >= TemporaryPlan.KEPT:
+            del self.plans[next(iter(self.plans))]  # the one least recently made
         self.plans[self.events[0]] = TemporaryPlan(tuple(self.events), tuple(offsets), size)
 
 

@@ -457,6 +457,24 @@ def test_temporary_block_that_cannot_grow_keeps_the_images_placed_in_it(monkeypa
     assert second._ensure_storage().untyped_storage().data_ptr() == first._storage.untyped_storage().data_ptr()
     first.readCount = second.readCount = 0
     cb.commit()
+    # a buffer whose first temporary image got no block at all commits as one that made none
+    cb = QUEUE.makeCommandBuffer()
+    zeros = torch.zeros
+
+    def no_block(*args, **kwargs):
+        if kwargs.get("dtype") is torch.uint8:  # (the block; images' own storages are typed)
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate (test)")
+        return zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", no_block)
+    lone = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=small)
+    with pytest.raises(MPSMemoryError, match="MPSTemporaryImage"):
+        lone._ensure_storage()
+    monkeypatch.undo()
+    lone.readCount = 0
+    cb.commit()
+    cb.waitUntilCompleted()
+    assert cb.status == MTLCommandBufferStatus.completed
 
 
 def test_temporary_image_memory_is_not_reused_while_a_view_reads_it():
