@@ -12,6 +12,8 @@
 ``MPSCONV_NUM_THREADS``  threads the CPU runs a command buffer's work with: a number, or ``auto``
                        (default): PyTorch's own count, less the cores other processes kept busy
                        over the last second or so.
+``MPSCONV_REPLAY_SPIN``  ``0`` (default) or ``1``: whether the CPU replay engine's threads (ONNX
+                       Runtime's) keep spinning after a replay, as ONNX Runtime's do by default.
 """
 from __future__ import annotations
 
@@ -95,6 +97,24 @@ def device_override() -> str | None:
 
 def autotune() -> bool:
     return os.environ.get("MPSCONV_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+_FLAGS = {"": False, "0": False, "false": False, "no": False, "off": False,
+          "1": True, "true": True, "yes": True, "on": True}
+
+
+def replay_spin() -> bool:
+    """``MPSCONV_REPLAY_SPIN``: whether the threads of a CPU replay's ONNX Runtime session keep
+    spinning after the replay returns, ready for the next one. Off (default), they stop when it
+    returns, so that PyTorch work right after it has its cores: a 3x3 convolution run after each
+    replay of MobileNetV2 took 1.5 ms where it takes 0.9 alone, and 2-11 ms with them spinning (2
+    cores). On, replays run back to back 7-13% faster (``benchmarks/RESULTS.md``). Read when a
+    replayable command buffer is first replayed."""
+    raw = os.environ.get("MPSCONV_REPLAY_SPIN", "")
+    value = _FLAGS.get(raw.strip().lower())
+    if value is None:
+        raise MPSValueError(f"MPSCONV_REPLAY_SPIN={raw!r}: give 1 (spin after a replay) or 0 (stop, the default)")
+    return value
 
 
 def cache_dir() -> Path:

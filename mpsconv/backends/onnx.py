@@ -36,6 +36,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .. import config
 from ..core.activations import MPSCNNNeuronType
 from ..core.formats import MPSImageFeatureChannelFormat as F
 from ..core.geometry import ConvProblem, EdgeMode
@@ -378,9 +379,10 @@ class _Graph:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        # its threads spin while a run lasts, not after it: spinning threads would take the cores from
-        # whatever runs next (PyTorch's own thread pool, on the same cores)
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+        if not config.replay_spin():
+            # its threads spin while a run lasts, not after it: spinning threads would take the cores
+            # from whatever runs next (PyTorch's own thread pool, on the same cores)
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         binding = session.io_binding()
         for key in self.inputs:
