@@ -107,9 +107,10 @@ def replay_spin() -> bool:
     """``MPSCONV_REPLAY_SPIN``: whether the threads of a CPU replay's ONNX Runtime session keep
     spinning after the replay returns, ready for the next one. Off (default), they stop when it
     returns, so that PyTorch work right after it has its cores: a 3x3 convolution run after each
-    replay of MobileNetV2 took 1.5 ms where it takes 0.9 alone, and 2-11 ms with them spinning (2
-    cores). On, replays run back to back 7-13% faster (``benchmarks/RESULTS.md``). Read when a
-    replayable command buffer is first replayed."""
+    replay of MobileNetV2 took 1.3-1.6 ms where it takes 0.8-1.0 alone, and 3.8-5.8 ms with them
+    spinning (2 cores). On, replays run back to back 10-15% faster there
+    (``benchmarks/experiments/replay_spin.py``). Read when a replayable command buffer is first
+    replayed."""
     raw = os.environ.get("MPSCONV_REPLAY_SPIN", "")
     value = _FLAGS.get(raw.strip().lower())
     if value is None:
