@@ -284,10 +284,19 @@ def MPSHintTemporaryMemoryHighWaterMark(cmdBuf: "MTLCommandBuffer", bytes: int) 
     target.__dict__["_temporary_reserve"] = nbytes
 
 
+#: How long the CPU keeps a command buffer's temporary-image block for the queue's next command
+#: buffer once the work has run (``MPSSetHeapCacheDuration`` sets it per buffer).
+HEAP_CACHE_S = 5.0
+
+
 def MPSSetHeapCacheDuration(cmdBuf: "MTLCommandBuffer", seconds: float) -> None:
-    """``MPSSetHeapCacheDuration``: a hint; raises after commit (undefined on Metal)."""
+    """``MPSSetHeapCacheDuration``: how long, once the command buffer's work has run, the block its
+    temporary images took (``image.TemporaryHeap``) stays with its queue for the next command buffer's
+    (CPU; ``HEAP_CACHE_S`` unless set; 0 or less: not kept). Raises after commit (undefined on Metal)."""
     check_open_buffer(cmdBuf, "MPSSetHeapCacheDuration", "cmdBuf")
-    as_float(seconds, "MPSSetHeapCacheDuration", "seconds")
+    value = as_float(seconds, "MPSSetHeapCacheDuration", "seconds")
+    target = cmdBuf.commandBuffer if isinstance(cmdBuf, MPSCommandBuffer) else cmdBuf
+    target.__dict__["_heap_cache_s"] = value
 
 
 def check_open_buffer(cb, owner: str, prop: str = "commandBuffer") -> None:
@@ -507,6 +516,7 @@ class MTLCommandQueue(LibraryMade, Uncopyable, Strict):
         self._handlers: concurrent.futures.ThreadPoolExecutor | None = None
         self._stream = None  # CUDA: the queue's own stream, made on first commit
         self._temporary_plans: dict = {}  # where its buffers' temporary images go (image.TemporaryHeap)
+        self._temporary_block = None  # CPU: (block, until) a finished buffer's temporary images left free
 
     @property
     def stream(self):
@@ -826,6 +836,8 @@ class MTLCommandBuffer(Uncopyable, Strict):
                 _run_on_cpu(work)
         except Exception as exc:
             self._fail(exc)
+        if heap is not None and not self._device.is_cuda:  # the work has run: its block may serve the next buffer
+            heap.keep(self._queue, state.get("_heap_cache_s", HEAP_CACHE_S))
         if event is None:
             self._complete()
             self._finish(work)

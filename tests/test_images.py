@@ -1,6 +1,8 @@
 """kernel-image.md checklist: images (65–88) and Metal's format conversions (§4.1)."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -286,8 +288,9 @@ def _placed(image) -> int:
 
 def test_temporary_images_split_released_memory_and_join_released_neighbours():
     # one released image of 8 channels serves two of 4 side by side; once both are released, their
-    # joined bytes serve one of 8 again, where a's bytes alone could not
-    cb = QUEUE.makeCommandBuffer()
+    # joined bytes serve one of 8 again, where a's bytes alone could not (a queue of its own: no block
+    # or plan from other buffers)
+    cb = DEVICE.makeCommandQueue().makeCommandBuffer()
     d8, d4 = (MPSImageDescriptor(channelFormat=FMT.float32, width=16, height=16, featureChannels=c) for c in (8, 4))
     four = 16 * 16 * 4 * 4
     big = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d8)
@@ -318,7 +321,7 @@ def test_temporary_images_grow_one_block_under_the_images_placed_in_it():
     src = blank(6, 5, 5, rng=rng)
 
     def network(temporary: bool):
-        cb, x, made = QUEUE.makeCommandBuffer(), src, []
+        cb, x, made = DEVICE.makeCommandQueue().makeCommandBuffer(), src, []
         for i, (kernel, c) in enumerate(zip(kernels, channels[1:])):
             d = MPSImageDescriptor(channelFormat=FMT.float32, width=6, height=5, featureChannels=c)
             y = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d) if temporary and i < len(kernels) - 1 else \
@@ -429,6 +432,73 @@ def test_a_hinted_high_water_mark_makes_the_temporary_block_that_large_at_once()
     assert hinted(10000, wrap=True)[0][1] == 10000
     assert [size for _, size in hinted(1 << 40)] == [1024, 3072, 7168, 7168]  # as without the hint
     assert [size for _, size in hinted(2_000_000, limit=1_000_000)] == [1024, 3072, 7168, 7168]
+
+
+def test_a_finished_buffers_temporary_block_serves_the_queues_next_one():
+    # CPU: once a buffer's work has run, its block stays with the queue (MPSSetHeapCacheDuration, 5 s
+    # unless set) and the next buffer's temporary images take it instead of new memory, where nothing
+    # holds it and it has the size the next buffer's plan asks. The 6-channel images' padding lanes,
+    # which held the last buffer's values, read zero again, and every buffer gives the MPSImage
+    # network's values
+    rng = np.random.default_rng(15)
+    channels = [5, 6, 16, 6, 3]
+    kernels = _temporary_chain(channels, rng)
+    src = blank(7, 6, 5, rng=rng)
+    want, _, _ = _chain_network(channels, kernels, src, False)
+    queue = DEVICE.makeCommandQueue()
+
+    def frame(replayable=False, seconds=None, network=(channels, kernels, want)):
+        chans, kerns, expected = network
+        cb, x, lanes = queue.makeCommandBuffer(), src, []
+        if seconds is not None:
+            MPSSetHeapCacheDuration(cb, seconds)
+        for i, (kernel, c) in enumerate(zip(kerns, chans[1:])):
+            d = MPSImageDescriptor(channelFormat=FMT.float32, width=7, height=6, featureChannels=c)
+            y = MPSTemporaryImage(commandBuffer=cb, imageDescriptor=d) if i < len(kerns) - 1 else \
+                MPSImage(device=DEVICE, imageDescriptor=d)
+            kernel.encode(commandBuffer=cb, sourceImage=x, destinationImage=y)
+            if c % 4 and isinstance(y, MPSTemporaryImage):
+                lanes.append(y._storage[..., c:])
+            x = y
+        block = cb._temporary_heap.arena
+        if replayable:
+            cb.make_replayable()
+        cb.commit()
+        cb.waitUntilCompleted()
+        np.testing.assert_array_equal(values(x), expected)
+        assert lanes and all(torch.count_nonzero(lane) == 0 for lane in lanes)
+        return cb, block, x
+
+    frame()
+    _, second, _ = frame()  # its plan's size, which the first buffer's block may not have
+    kept = queue._temporary_block[0]
+    assert kept is second
+    del second
+    _, third, _ = frame()
+    assert third is kept  # the same memory, made once
+    del third
+    # another network, without a plan yet, takes any larger block: its 14-channel image lies where the
+    # 16-channel one wrote, so its padding lanes must be zeroed again
+    other = [5, 14, 3]
+    other_kernels = _temporary_chain(other, rng)
+    other_want, _, _ = _chain_network(other, other_kernels, src, False)
+    _, fourth, _ = frame(network=(other, other_kernels, other_want))
+    assert fourth is kept
+    del kept, fourth
+    replayed, held, out = frame(replayable=True)
+    _, after, _ = frame()
+    assert after is not held  # the replay still reads and writes its block
+    out.torch().zero_()
+    replayed.replay().waitUntilCompleted()
+    np.testing.assert_array_equal(values(out), want)
+    del after
+    frame(seconds=0)
+    assert queue._temporary_block is None
+    frame(seconds=0.01)
+    kept = queue._temporary_block[0]
+    time.sleep(0.05)
+    _, fifth, _ = frame()
+    assert fifth is not kept  # kept too long: freed, and a new one made
 
 
 def test_temporary_block_that_cannot_grow_keeps_the_images_placed_in_it(monkeypatch):
