@@ -639,7 +639,10 @@ class TemporaryHeap:
     (``memory.packed``): a block of the bytes alive at once, made once. Images placed that way keep
     clear of each other for as long as the sequence repeats; from the first image made or released
     out of it, the rest are placed as they come: in the smallest gap between the images still alive
-    that fits, else after the highest of them."""
+    that fits, else after the highest of them.
+
+    On the CPU the block outlives its buffer for a while (``keep``): the queue's next buffer takes it
+    instead of new memory where nothing holds it any more and it has the size asked."""
 
     #: Where a piece may start, in bytes: the caching allocator's own alignment, which vector and TMA
     #: loads rely on.
@@ -731,7 +734,8 @@ class TemporaryHeap:
         return end if best is None else best
 
     def _grow(self, nbytes: int, device: torch.device, exact: bool = False) -> None:
-        """The block at ``nbytes``, zeroed. Freed before it is allocated again (so that growing never
+        """The block at ``nbytes``: at first the one the queue kept where it serves (``_kept``), else a
+        new zeroed one. Grown zeroed, and freed before it is allocated again (so that growing never
         holds both), which is safe as nothing placed in it holds values yet; if the new size cannot be
         had, the old one comes back and the error goes on."""
         if self.arena is None:
@@ -770,15 +774,15 @@ class TemporaryHeap:
             return block
         return None
 
-    def keep(self, queue, seconds: float) -> None:
+    def keep(self, seconds: float) -> None:
         """The buffer's work has run (CPU): its block stays with the queue for ``seconds``
         (``MPSSetHeapCacheDuration``), for the next buffer's temporary images, which then need not
         allocate and touch new memory (a 6 MiB block took 1.8 ms to make on a 2-core CPU, 46 MiB 13
         ms: most of that the first touch of fresh pages)."""
         block, self.arena = self.arena, None
         if block is not None and seconds > 0:
-            with queue._lock:
-                queue._temporary_block = (block, time.monotonic() + seconds)
+            with self.queue._lock:
+                self.queue._temporary_block = (block, time.monotonic() + seconds)
 
     def finish(self) -> None:
         """The buffer has been committed: its sequence, packed now that every lifetime is known,

@@ -837,7 +837,7 @@ class MTLCommandBuffer(Uncopyable, Strict):
         except Exception as exc:
             self._fail(exc)
         if heap is not None and not self._device.is_cuda:  # the work has run: its block may serve the next buffer
-            heap.keep(self._queue, state.get("_heap_cache_s", HEAP_CACHE_S))
+            heap.keep(state.get("_heap_cache_s", HEAP_CACHE_S))
         if event is None:
             self._complete()
             self._finish(work)
