@@ -24,8 +24,8 @@ from .errors import MPSCommandBufferError, MPSDeviceError, MPSTypeError, MPSValu
 from . import memory
 from .memory import allocation_failed, check_allocation, out_of_memory
 from .metal import (
-    CommandBufferTemporary, MPSCommandBuffer, MTLCommandBuffer, MTLCPUCacheMode, MTLDevice, MTLStorageMode, MTLTexture,
-    MTLTextureType, MTLTextureUsage, MTLCreateSystemDefaultDevice, _byte_view, check_open_buffer,
+    CommandBufferTemporary, MTLCommandBuffer, MTLCPUCacheMode, MTLDevice, MTLStorageMode, MTLTexture,
+    MTLTextureType, MTLTextureUsage, MTLCreateSystemDefaultDevice, _byte_view, check_open_buffer, underlying,
 )
 from .types import (
     NSIntegerMin, MTLOrigin, MTLRegion, MTLSize, _integers, as_enum, as_flags, as_int, as_list, as_region,
@@ -663,8 +663,7 @@ class TemporaryHeap:
         """The heap of the command buffer the next encodes into ``cb`` go into: an MPSCommandBuffer's
         current underlying one, so that images made after a ``commitAndContinue`` never grow a block
         whose work has run (those made before keep their bytes, which later images do not reuse)."""
-        if isinstance(cb, MPSCommandBuffer):
-            cb = cb.commandBuffer
+        cb = underlying(cb)
         heap = cb.__dict__.get("_temporary_heap")
         if heap is None:
             heap = cb.__dict__["_temporary_heap"] = TemporaryHeap(cb._queue)
@@ -697,9 +696,7 @@ class TemporaryHeap:
     def _hinted(cb, device, nbytes: int) -> int:
         """The size ``MPSHintTemporaryMemoryHighWaterMark`` asked of the block, where it is more than
         ``nbytes`` and the memory is there; else 0."""
-        if isinstance(cb, MPSCommandBuffer):
-            cb = cb.commandBuffer
-        hint = cb.__dict__.get("_temporary_reserve", 0)
+        hint = underlying(cb).__dict__.get("_temporary_reserve", 0)
         if hint <= nbytes:
             return 0
         room = memory.available(device, hint, 0)
@@ -791,15 +788,13 @@ class TemporaryHeap:
         takes fewer bytes than the places this buffer's images had."""
         if not self.events or (self.plan is not None and len(self.events) == len(self.plan.events)):
             return
-        first, last = [], []
+        pieces = []  # [bytes, first step, last step] of each take
         for step, (kind, value) in enumerate(self.events):
             if kind == "take":
-                first.append(step)
-                last.append(len(self.events))  # alive to the end unless released
+                pieces.append([value, step, len(self.events)])  # alive to the end unless released
             else:
-                last[value] = step
-        sizes = [value for kind, value in self.events if kind == "take"]
-        offsets, size = memory.packed(list(zip(sizes, first, last)))
+                pieces[value][2] = step
+        offsets, size = memory.packed([tuple(piece) for piece in pieces])
         if size >= self.arena.numel():
             offsets, size = self.offsets, self.arena.numel()
         self.plans.pop(self.events[0], None)

@@ -280,8 +280,7 @@ def MPSHintTemporaryMemoryHighWaterMark(cmdBuf: "MTLCommandBuffer", bytes: int) 
     is not available, the block grows as it would have."""
     check_open_buffer(cmdBuf, "MPSHintTemporaryMemoryHighWaterMark", "cmdBuf")
     nbytes = as_int(bytes, "MPSHintTemporaryMemoryHighWaterMark", "bytes", 0)
-    target = cmdBuf.commandBuffer if isinstance(cmdBuf, MPSCommandBuffer) else cmdBuf
-    target.__dict__["_temporary_reserve"] = nbytes
+    underlying(cmdBuf).__dict__["_temporary_reserve"] = nbytes
 
 
 #: How long the CPU keeps a command buffer's temporary-image block for the queue's next command
@@ -295,8 +294,13 @@ def MPSSetHeapCacheDuration(cmdBuf: "MTLCommandBuffer", seconds: float) -> None:
     (CPU; ``HEAP_CACHE_S`` unless set; 0 or less: not kept). Raises after commit (undefined on Metal)."""
     check_open_buffer(cmdBuf, "MPSSetHeapCacheDuration", "cmdBuf")
     value = as_float(seconds, "MPSSetHeapCacheDuration", "seconds")
-    target = cmdBuf.commandBuffer if isinstance(cmdBuf, MPSCommandBuffer) else cmdBuf
-    target.__dict__["_heap_cache_s"] = value
+    underlying(cmdBuf).__dict__["_heap_cache_s"] = value
+
+
+def underlying(cb: "MTLCommandBuffer") -> "MTLCommandBuffer":
+    """The command buffer the next encodes into ``cb`` go into: an MPSCommandBuffer's current
+    underlying one, else ``cb`` itself."""
+    return cb.commandBuffer if isinstance(cb, MPSCommandBuffer) else cb
 
 
 def check_open_buffer(cb, owner: str, prop: str = "commandBuffer") -> None:
