@@ -3,6 +3,7 @@ reference's numbers, keeps NaN and infinities exact by running the recorded work
 arise, and leaves alone what it cannot express."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -95,13 +96,20 @@ def _reference(kernels, src, temporary):
     return [values(i) for i in images]
 
 
-@pytest.mark.parametrize("temporary", [False, True], ids=["images", "temporary images"])
-def test_replays_through_the_engine_match_the_reference(temporary):
-    rng = np.random.default_rng(1)
+def _recorded_network(seed: int, temporary: bool, backend: str | None = None):
+    """``(rng, kernels, source, command buffer, images)``: ``_network`` made from ``seed`` with a random
+    source, recorded (``_recorded``, on ``backend`` where one is given); ``rng`` goes on from there."""
+    rng = np.random.default_rng(seed)
     kernels = _network(rng)
     src = image(rng.uniform(-1, 1, (9, 11, 3)))
-    with use_backend("torch"):
+    with use_backend(backend) if backend else contextlib.nullcontext():
         cb, images = _recorded(kernels, src, temporary)
+    return rng, kernels, src, cb, images
+
+
+@pytest.mark.parametrize("temporary", [False, True], ids=["images", "temporary images"])
+def test_replays_through_the_engine_match_the_reference(temporary):
+    rng, kernels, src, cb, images = _recorded_network(1, temporary, "torch")
     for round_ in range(2):  # new contents each time: the replay reads the source as it is then
         x = rng.uniform(-1, 1, (1, 9, 11, 3))
         src.torch().copy_(torch.from_numpy(x))
@@ -118,10 +126,7 @@ def test_values_that_could_make_nan_or_infinity_take_the_recorded_work(special):
     """ONNX Runtime's Relu and Clip map NaN to 0; the neuron formulas keep NaN and give NaN for
     0·(-inf). A source with a non-finite value, or one large enough that a layer could overflow,
     runs the recorded work: the results are the reference's, NaN and infinities where it has them."""
-    rng = np.random.default_rng(2)
-    kernels = _network(rng)
-    src = image(rng.uniform(-1, 1, (9, 11, 3)))
-    cb, images = _recorded(kernels, src, False)
+    _, kernels, src, cb, images = _recorded_network(2, False)
     storage = src.torch()
     storage[0, 4, 5, 1] = special
     cb.replay().waitUntilCompleted()
@@ -138,10 +143,7 @@ def test_a_padding_lane_the_first_layer_does_not_read_changes_nothing(lane):
     lane (no copy of the three): a finite value there (as a wrapped texture's fourth component may
     hold) adds exactly nothing, a NaN sends the replay to the recorded work; either way the reference's
     numbers."""
-    rng = np.random.default_rng(8)
-    kernels = _network(rng)
-    src = image(rng.uniform(-1, 1, (9, 11, 3)))
-    cb, images = _recorded(kernels, src, True)
+    _, kernels, src, cb, images = _recorded_network(8, True)
     src._ensure_storage()[..., 3] = lane
     cb.replay().waitUntilCompleted()
     assert cb._cpu_replay.ran_session == math.isfinite(lane)
@@ -365,11 +367,7 @@ def test_the_engine_threads_stop_spinning_after_a_replay_unless_asked(monkeypatc
         monkeypatch.delenv("MPSCONV_REPLAY_SPIN", raising=False)
     else:
         monkeypatch.setenv("MPSCONV_REPLAY_SPIN", raw)
-    rng = np.random.default_rng(5)
-    kernels = _network(rng)
-    src = image(rng.uniform(-1, 1, (9, 11, 3)))
-    with use_backend("torch"):
-        cb, images = _recorded(kernels, src, True)
+    _, kernels, src, cb, images = _recorded_network(5, True, "torch")
     cb.replay().waitUntilCompleted()
     options = cb._cpu_replay.session.get_session_options()
     if stops:
@@ -381,11 +379,7 @@ def test_the_engine_threads_stop_spinning_after_a_replay_unless_asked(monkeypatc
 
 
 def test_a_replay_spin_setting_that_is_not_a_flag_is_refused(monkeypatch):
-    rng = np.random.default_rng(6)
-    kernels = _network(rng)
-    src = image(rng.uniform(-1, 1, (9, 11, 3)))
-    with use_backend("torch"):
-        cb, images = _recorded(kernels, src, True)
+    _, kernels, src, cb, images = _recorded_network(6, True, "torch")
     monkeypatch.setenv("MPSCONV_REPLAY_SPIN", "sometimes")
     with pytest.raises(MPSValueError, match="MPSCONV_REPLAY_SPIN='sometimes'"):
         cb.replay()
